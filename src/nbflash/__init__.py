@@ -1,0 +1,11 @@
+"""nbflash: exact FlashAttention for CuPy and Numba."""
+
+from . import device  # first: chooses GPU or simulator before numba.cuda loads
+from . import reference
+from .api import attention
+from .spec import ForwardSpec
+
+__version__ = "0.1.0"
+SIMULATOR = device.SIMULATOR
+
+__all__ = ["attention", "reference", "ForwardSpec", "SIMULATOR", "__version__"]

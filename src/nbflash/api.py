@@ -1,0 +1,253 @@
+"""The public functions: validate every argument, normalize layouts, dispatch.
+
+Nothing is launched and nothing is written until every argument has been checked.
+Kernels see (batch, seqlen, heads, head_dim) views; "bhsd" inputs are transposed
+views, never copies.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import arrays, device, launch, tuning
+from .spec import ForwardSpec
+
+LAYOUTS = ("bshd", "bhsd")
+MAX_HEAD_DIM = 256
+_MAX_GRID_YZ = 65535
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """A validated attention call, in (batch, seqlen, heads, head_dim) terms."""
+
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    head_dim_v: int
+    dtype: np.dtype
+    squeeze: bool  # inputs were 3-D (no batch axis)
+    layout: str
+    on_device: bool
+
+    def out_shape(self):
+        dims = (self.seqlen_q, self.heads_q) if self.layout == "bshd" else (self.heads_q, self.seqlen_q)
+        shape = (self.batch, *dims, self.head_dim_v)
+        return shape[1:] if self.squeeze else shape
+
+    def lse_shape(self):
+        shape = (self.batch, self.heads_q, self.seqlen_q)
+        return shape[1:] if self.squeeze else shape
+
+
+def _bshd(a, layout: str, squeeze: bool):
+    """A (batch, seqlen, heads, dim) view of a user array in ``layout``."""
+    if squeeze:
+        a = a[None]
+    return a if layout == "bshd" else a.transpose(0, 2, 1, 3)
+
+
+def _check_scale(scale, head_dim) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale: expected a positive finite real number or None; got {type(scale).__name__}")
+    value = float(scale)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"scale: expected a positive finite number; got {scale!r}")
+    return value
+
+
+def _check_flag(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool; got {type(value).__name__}")
+    return bool(value)
+
+
+def _validate(q, k, v, layout):
+    """Check q, k, v; return the problem description. q, k, v are Operands."""
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}; got {layout!r}")
+    names = ("q", "k", "v")
+    ops = (q, k, v)
+    kinds = {name: ("device" if op.on_device else "host") for name, op in zip(names, ops)}
+    if len(set(kinds.values())) > 1:
+        raise TypeError(f"q, k, v: host (NumPy) and device arrays mixed: {kinds}")
+    on_device = q.on_device
+    if on_device:
+        devs = {name: arrays.device_id(op.array) for name, op in zip(names, ops)}
+        if len(set(devs.values())) > 1:
+            raise ValueError(f"q, k, v: arrays on different devices: {devs}")
+    for name, op in zip(names, ops):
+        if op.array.ndim not in (3, 4):
+            raise ValueError(f"{name}: expected 4 dims ({layout}) or 3 (no batch axis); got shape {op.array.shape}")
+    ndims = {name: op.array.ndim for name, op in zip(names, ops)}
+    if len(set(ndims.values())) > 1:
+        raise ValueError(f"q, k, v: expected the same number of dims; got {ndims}")
+    dtype = q.array.dtype
+    if dtype not in arrays.SHORT_NAMES:
+        raise TypeError(
+            f"q: dtype {dtype} is not supported; expected float16, bfloat16, float32 or float64"
+        )
+    for name, op in zip(names[1:], ops[1:]):
+        if op.array.dtype != dtype:
+            raise TypeError(f"{name}: dtype {op.array.dtype} differs from q's dtype {dtype}")
+    squeeze = q.array.ndim == 3
+    qv, kv, vv = (_bshd(op.array, layout, squeeze) for op in ops)
+    batch, seqlen_q, heads_q, head_dim = qv.shape
+    if kv.shape[0] != batch or vv.shape[0] != batch:
+        raise ValueError(
+            f"k, v: batch must match q's {batch}; got k {kv.shape[0]}, v {vv.shape[0]}"
+        )
+    if vv.shape[1] != kv.shape[1]:
+        raise ValueError(f"v: seqlen {vv.shape[1]} differs from k's seqlen {kv.shape[1]}")
+    if vv.shape[2] != kv.shape[2]:
+        raise ValueError(f"v: heads {vv.shape[2]} differs from k's heads {kv.shape[2]}")
+    if kv.shape[3] != head_dim:
+        raise ValueError(f"k: head_dim {kv.shape[3]} differs from q's head_dim {head_dim}")
+    heads_kv = kv.shape[2]
+    if heads_kv == 0 or heads_q % heads_kv != 0:
+        raise ValueError(
+            f"q, k: heads_q ({heads_q}) must be a multiple of heads_kv ({heads_kv}) for MQA/GQA"
+        )
+    for name, dim in (("q", head_dim), ("v", vv.shape[3])):
+        if not 1 <= dim <= MAX_HEAD_DIM:
+            raise ValueError(f"{name}: head_dim must be between 1 and {MAX_HEAD_DIM}; got {dim}")
+    for name, a in zip(names, (qv, kv, vv)):
+        if a.shape[3] > 1 and a.strides[3] != a.itemsize:
+            raise ValueError(
+                f"{name}: the head_dim axis must have unit stride ({a.itemsize} bytes); "
+                f"got {a.strides[3]} bytes"
+            )
+    if batch > _MAX_GRID_YZ:
+        raise ValueError(f"q: batch {batch} exceeds the supported {_MAX_GRID_YZ}")
+    return _Problem(
+        batch, seqlen_q, kv.shape[1], heads_q, heads_kv, head_dim, vv.shape[3], dtype,
+        squeeze, layout, on_device,
+    ), (qv, kv, vv)
+
+
+def _check_out(out, problem: _Problem, inputs):
+    op = arrays.intake(out, "out")
+    where = "device" if problem.on_device else "host"
+    if op.on_device != problem.on_device:
+        raise TypeError(f"out: expected a {where} array like q; got a {'device' if op.on_device else 'host'} array")
+    a = op.array
+    if a.shape != problem.out_shape():
+        raise ValueError(f"out: expected shape {problem.out_shape()}; got {a.shape}")
+    if a.dtype != problem.dtype:
+        raise TypeError(f"out: expected dtype {problem.dtype} (q's); got {a.dtype}")
+    if problem.on_device and arrays.device_id(a) != arrays.device_id(inputs[0]):
+        raise ValueError(f"out: on device {arrays.device_id(a)}, q on device {arrays.device_id(inputs[0])}")
+    view = _bshd(a, problem.layout, problem.squeeze)
+    if view.shape[3] > 1 and view.strides[3] != view.itemsize:
+        raise ValueError(f"out: the head_dim axis must have unit stride; got {view.strides[3]} bytes")
+    if any(s == 0 for s, n in zip(view.strides, view.shape) if n > 1):
+        raise ValueError("out: broadcast (zero-stride) arrays cannot be written")
+    for name, x in zip(("q", "k", "v"), inputs):
+        if arrays.overlaps(a, x):
+            raise ValueError(f"out: overlaps {name} in memory; pass a separate buffer")
+    return op, view
+
+
+def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool) -> ForwardSpec:
+    """The kernel specialization that runs this problem."""
+    acc_bytes = 8 if problem.dtype == arrays.FLOAT64 else 4
+    block_m, block_n, threads = tuning.simt_tiles(
+        acc_bytes, problem.head_dim, problem.head_dim_v, device.SIMULATOR
+    )
+    return ForwardSpec(
+        "simt", arrays.short_name(problem.dtype), problem.head_dim, problem.head_dim_v,
+        causal, with_lse, block_m, block_n, threads,
+    )
+
+
+def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=False, out=None):
+    """Exact softmax attention, softmax(scale * q k^T [masked]) v, computed tile by tile.
+
+    Args:
+        q: (batch, seqlen_q, heads_q, head_dim) for layout "bshd", or
+            (batch, heads_q, seqlen_q, head_dim) for "bhsd"; 3-D without the batch axis
+            also works. float16, bfloat16 (ml_dtypes.bfloat16), float32 or float64.
+        k: (batch, seqlen_k, heads_kv, head_dim) in the same layout and dtype as q;
+            heads_q must be a multiple of heads_kv (MQA/GQA).
+        v: (batch, seqlen_k, heads_kv, head_dim_v); head_dim_v may differ from head_dim.
+            head_dim and head_dim_v lie in 1..256.
+        causal: hide key j from query i when j > i + seqlen_k - seqlen_q (bottom-right
+            aligned, as FlashAttention >= 2.1).
+        scale: factor on q k^T; default 1/sqrt(head_dim). Positive and finite.
+        layout: "bshd" or "bhsd".
+        return_lse: also return the log-sum-exp of the scaled, masked scores.
+        out: optional array of the output's shape and q's dtype to write into.
+
+    Arrays are CuPy arrays, objects exposing ``__cuda_array_interface__`` or
+    ``__dlpack__`` (read in place, never copied), or NumPy arrays (moved to the GPU and
+    back; on a machine without a GPU they run on Numba's CUDA simulator, slowly). Every
+    array needs a unit-stride last axis; other strides are free.
+
+    Returns:
+        out: (batch, seqlen_q, heads_q, head_dim_v) ("bshd") or (batch, heads_q,
+            seqlen_q, head_dim_v) ("bhsd"), q's dtype; a CuPy array for device inputs, a
+            NumPy array for NumPy inputs. Rows that see no key are 0.
+        lse (with return_lse): float32 (batch, heads_q, seqlen_q), natural log; -inf for
+            rows that see no key.
+
+    Accumulation is float32 for 16-bit inputs and float32 inputs, float64 for float64.
+    Computed on CuPy's current stream, without synchronizing.
+    """
+    ops = [arrays.intake(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
+    problem, views = _validate(*ops, layout)
+    causal = _check_flag(causal, "causal")
+    return_lse = _check_flag(return_lse, "return_lse")
+    scale = _check_scale(scale, problem.head_dim)
+    out_op = _check_out(out, problem, [op.array for op in ops]) if out is not None else None
+
+    if problem.on_device or device.SIMULATOR:
+        result = _forward(problem, views, out_op, causal, scale, return_lse)
+    else:  # NumPy inputs with a GPU present: there and back
+        result = _forward_via_gpu(problem, ops, out_op, causal, scale, return_lse)
+    return result if return_lse else result[0]
+
+
+def _forward_via_gpu(problem, ops, out_op, causal, scale, return_lse):
+    import cupy
+
+    dev_ops = [arrays.Operand(cupy.asarray(op.array), True) for op in ops]
+    dev_problem, dev_views = _validate(*dev_ops, problem.layout)
+    out_dev, lse_dev = _forward(dev_problem, dev_views, None, causal, scale, return_lse)
+    out_host = out_op.array if out_op is not None else np.empty(problem.out_shape(), problem.dtype)
+    out_host[...] = out_dev.get()
+    return out_host, (lse_dev.get() if lse_dev is not None else None)
+
+
+def _empty(problem, shape, dtype):
+    if problem.on_device:
+        import cupy
+
+        return cupy.empty(shape, dtype)
+    return np.empty(shape, dtype)
+
+
+def _forward(problem: _Problem, views, out_op, causal, scale, return_lse):
+    """Allocate what the caller did not give, pick the kernel, launch."""
+    out = out_op[0].array if out_op is not None else _empty(problem, problem.out_shape(), problem.dtype)
+    out_view = out_op[1] if out_op is not None else _bshd(out, problem.layout, problem.squeeze)
+    lse = _empty(problem, problem.lse_shape(), np.float32) if return_lse else None
+    spec = choose_forward_spec(problem, causal, return_lse)
+    if problem.seqlen_q == 0 or problem.batch == 0 or problem.heads_q == 0:
+        return out, lse
+    lse_view = (lse[None] if problem.squeeze else lse) if return_lse else _empty(problem, (1, 1, 1), np.float32)
+    acc_type = np.float64 if problem.dtype == arrays.FLOAT64 else np.float32
+    kernel = launch.forward_kernel(spec)
+    grid = (-(-problem.seqlen_q // spec.block_m), problem.heads_q, problem.batch)
+    args = [launch.numba_view(arrays.kernel_view(a)) for a in (*views, out_view)]
+    args += [launch.numba_view(lse_view), acc_type(scale), problem.heads_q // problem.heads_kv]
+    launch.launch(kernel, grid, spec.threads, args)
+    return out, lse

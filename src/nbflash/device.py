@@ -1,0 +1,71 @@
+"""Where kernels run: a CUDA GPU, or Numba's CUDA simulator on a machine without one.
+
+This module must be imported before ``numba.cuda``: the simulator is chosen by an
+environment variable that numba.cuda reads once, at its own import.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _driver_sees_a_gpu() -> bool:
+    """True when the CUDA driver loads and reports at least one device."""
+    try:
+        from cuda.bindings import driver
+    except ImportError:
+        return False
+    try:
+        (err,) = driver.cuInit(0)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            return False
+        err, count = driver.cuDeviceGetCount()
+        return err == driver.CUresult.CUDA_SUCCESS and count > 0
+    except Exception:  # a missing libcuda raises from inside the bindings
+        return False
+
+
+def _choose_backend() -> bool:
+    """Turn the simulator on when there is no GPU and nobody chose otherwise.
+
+    Returns True when kernels will run on the simulator.
+    """
+    explicit = os.environ.get("NUMBA_ENABLE_CUDASIM")
+    if explicit is None and "numba.cuda" not in sys.modules and not _driver_sees_a_gpu():
+        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    from numba.cuda.core import config
+
+    return bool(config.ENABLE_CUDASIM)
+
+
+SIMULATOR: bool = _choose_backend()
+"""True when kernels run on Numba's CUDA simulator (slow; meant for testing)."""
+
+if SIMULATOR:
+    from . import simulator as _simulator
+
+    _simulator.install()
+
+
+def cupy_or_none():
+    """The cupy module when a GPU is in use and CuPy imports, else None."""
+    if SIMULATOR:
+        return None
+    try:
+        import cupy
+    except ImportError:
+        return None
+    return cupy
+
+
+def describe() -> str:
+    """One line naming the device kernels run on."""
+    if SIMULATOR:
+        return "Numba CUDA simulator (CPU; no GPU found)"
+    from numba import cuda
+
+    dev = cuda.get_current_device()
+    cc = dev.compute_capability
+    name = dev.name.decode() if isinstance(dev.name, bytes) else dev.name
+    return f"{name} (sm_{cc[0]}{cc[1]})"

@@ -1,0 +1,46 @@
+"""The frozen description of one kernel specialization, and its readable key.
+
+Every compile-time choice lives here; the key spells them all out, so a cache
+entry, an error message and a benchmark row name exactly the kernel that ran.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ForwardSpec:
+    """A forward-attention kernel specialization.
+
+    kernel: "simt" (portable, any dtype) or "mma" (tensor cores, fp16/bf16).
+    dtype: short dtype name ("fp16", "bf16", "fp32", "fp64").
+    head_dim / head_dim_v: head sizes of q/k and of v.
+    causal: bottom-right-aligned causal mask compiled in.
+    with_lse: the kernel writes the log-sum-exp.
+    block_m / block_n: query rows and key rows per tile; threads: per CTA.
+    stages: shared-memory K/V buffers (mma only; 1 for simt).
+    """
+
+    kernel: str
+    dtype: str
+    head_dim: int
+    head_dim_v: int
+    causal: bool
+    with_lse: bool
+    block_m: int
+    block_n: int
+    threads: int
+    stages: int = 1
+
+    @property
+    def key(self) -> str:
+        flags = ("-causal" if self.causal else "") + ("-lse" if self.with_lse else "")
+        stages = f"s{self.stages}" if self.kernel != "simt" else ""
+        return (
+            f"fwd_{self.kernel}-{self.dtype}-d{self.head_dim}-dv{self.head_dim_v}{flags}"
+            f"-m{self.block_m}n{self.block_n}t{self.threads}{stages}"
+        )
+
+    def __str__(self) -> str:
+        return self.key

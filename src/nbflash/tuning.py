@@ -1,0 +1,29 @@
+"""Tile configurations per (backend, dtype, head_dim).
+
+The portable kernel's tiles are sized to fit the 48 KB of static shared memory;
+tensor-core tiles come from perf/ measurements (see perf/NOTES.md).
+"""
+
+from __future__ import annotations
+
+_STATIC_SHARED_BYTES = 40 * 1024  # under the 48 KB static limit, with headroom
+
+
+def simt_shared_bytes(block_m, block_n, head_dim, head_dim_v, acc_bytes):
+    kv_width = max(head_dim, head_dim_v) + 1  # +1 pad: rows land on different banks
+    words = block_m * head_dim + block_n * kv_width + block_m * block_n + 3 * block_m
+    return words * acc_bytes
+
+
+def simt_tiles(acc_bytes: int, head_dim: int, head_dim_v: int, simulator: bool):
+    """(block_m, block_n, threads) for the portable kernel.
+
+    Under the simulator small tiles keep CPU time down and make test sequences
+    span several tiles.
+    """
+    if simulator:
+        return 16, 16, 32
+    for block_m, block_n in ((64, 64), (64, 32), (32, 32), (32, 16), (16, 16), (16, 8), (8, 8)):
+        if simt_shared_bytes(block_m, block_n, head_dim, head_dim_v, acc_bytes) <= _STATIC_SHARED_BYTES:
+            return block_m, block_n, 128
+    raise AssertionError("unreachable: 8x8 tiles fit every head_dim up to 256")
