@@ -121,7 +121,7 @@ def _validate(q, k, v, layout):
         if not 1 <= dim <= MAX_HEAD_DIM:
             raise ValueError(f"{name}: head_dim must be between 1 and {MAX_HEAD_DIM}; got {dim}")
     for name, a in zip(names, (qv, kv, vv)):
-        if a.shape[3] > 1 and a.strides[3] != a.itemsize:
+        if a.size and a.shape[3] > 1 and a.strides[3] != a.itemsize:
             raise ValueError(
                 f"{name}: the head_dim axis must have unit stride ({a.itemsize} bytes); "
                 f"got {a.strides[3]} bytes"
@@ -147,7 +147,7 @@ def _check_out(out, problem: _Problem, inputs):
     if problem.on_device and arrays.device_id(a) != arrays.device_id(inputs[0]):
         raise ValueError(f"out: on device {arrays.device_id(a)}, q on device {arrays.device_id(inputs[0])}")
     view = _bshd(a, problem.layout, problem.squeeze)
-    if view.shape[3] > 1 and view.strides[3] != view.itemsize:
+    if view.size and view.shape[3] > 1 and view.strides[3] != view.itemsize:
         raise ValueError(f"out: the head_dim axis must have unit stride; got {view.strides[3]} bytes")
     if any(s == 0 for s, n in zip(view.strides, view.shape) if n > 1):
         raise ValueError("out: broadcast (zero-stride) arrays cannot be written")

@@ -44,9 +44,12 @@ def _build(spec: ForwardSpec):
 
 def numba_view(a):
     """A Numba device array over a CuPy array's memory (no copy, no sync); on the
-    simulator, NumPy arrays pass through."""
+    simulator, a fake device array over the NumPy array itself, so strided views are
+    read and written in place."""
     if device.SIMULATOR:
-        return a
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        return FakeCUDAArray(a)
     interface = {
         "shape": tuple(a.shape),
         "strides": tuple(a.strides),

@@ -1,0 +1,143 @@
+"""Shared test helpers: the one place for random shapes, dtypes, tolerances and
+host/device movement."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+import nbflash
+
+SIMULATOR = nbflash.SIMULATOR
+DTYPES = [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32), np.dtype(np.float64)]
+
+# Normwise relative error ||out - ref|| / ||ref|| allowed per dtype. The output is
+# rounded to its dtype once (2^-11 for fp16, 2^-8 for bf16), accumulation is float32
+# (float64 for fp64): the bounds leave a few ulps of room, no more.
+TOLERANCE = {
+    np.dtype(np.float16): 3e-3,
+    np.dtype(ml_dtypes.bfloat16): 1e-2,
+    np.dtype(np.float32): 2e-5,
+    np.dtype(np.float64): 1e-12,
+}
+
+
+def new_rng() -> tuple[np.random.Generator, int]:
+    """A generator seeded fresh each run; the seed goes into failure messages."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    return np.random.default_rng(seed), seed
+
+
+def xp():
+    """The array module kernels run on: NumPy on the simulator, CuPy on a GPU."""
+    if SIMULATOR:
+        return np
+    import cupy
+
+    return cupy
+
+
+def to_device(a):
+    return a if SIMULATOR else xp().asarray(a)
+
+
+def to_host(a):
+    return a if isinstance(a, np.ndarray) else a.get()
+
+
+@dataclass
+class Shape:
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    head_dim_v: int
+
+    def qkv_shapes(self, layout):
+        def one(seqlen, heads, dim):
+            if layout == "bshd":
+                return (self.batch, seqlen, heads, dim)
+            return (self.batch, heads, seqlen, dim)
+
+        return (
+            one(self.seqlen_q, self.heads_q, self.head_dim),
+            one(self.seqlen_k, self.heads_kv, self.head_dim),
+            one(self.seqlen_k, self.heads_kv, self.head_dim_v),
+        )
+
+
+def draw_shape(rng, *, large=False, group=None, seqlen_q=None, seqlen_k=None, head_dim=None) -> Shape:
+    """A random shape. Sizes avoid multiples of every tile size on purpose (odd
+    lengths, odd head_dims) unless a caller pins a value. ``large`` is the GPU tier."""
+    max_seq = 700 if large else 40
+    max_dim = 256 if large else 24
+    group = group if group is not None else int(rng.choice([1, 2, 4, 8]))
+    heads_kv = int(rng.integers(1, 3))
+    dim = head_dim if head_dim is not None else int(rng.integers(1, max_dim + 1))
+    dim_v = dim if rng.random() < 0.6 else int(rng.integers(1, max_dim + 1))
+    return Shape(
+        batch=int(rng.integers(1, 3)),
+        seqlen_q=seqlen_q if seqlen_q is not None else int(rng.integers(1, max_seq + 1)),
+        seqlen_k=seqlen_k if seqlen_k is not None else int(rng.integers(1, max_seq + 1)),
+        heads_q=heads_kv * group,
+        heads_kv=heads_kv,
+        head_dim=dim,
+        head_dim_v=dim_v,
+    )
+
+
+def random_array(rng, shape, dtype, strided=False):
+    """Normal values cast to ``dtype``; with ``strided``, a non-contiguous view (a
+    slice of a larger buffer along every axis but the last, plus padding there)."""
+    if not strided:
+        return rng.standard_normal(shape).astype(dtype)
+    big_shape = tuple(2 * n for n in shape[:-1]) + (shape[-1] + 3,)
+    big = rng.standard_normal(big_shape).astype(dtype)
+    return big[tuple(slice(None, None, 2) for _ in shape[:-1]) + (slice(1, 1 + shape[-1]),)]
+
+
+def poisoned(shape, dtype):
+    """An output buffer full of NaN: an element the kernel forgets to write fails."""
+    return to_device(np.full(shape, np.nan, dtype=dtype))
+
+
+def assert_close(out, ref, dtype, what="out", seed=None):
+    out = to_host(out).astype(np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    where = f" (seed {seed})" if seed is not None else ""
+    assert out.shape == ref.shape, f"{what}: shape {out.shape} != {ref.shape}{where}"
+    assert not np.isnan(out).any(), f"{what}: {np.isnan(out).sum()} NaN elements{where}"
+    tol = TOLERANCE[np.dtype(dtype)]
+    scale = np.linalg.norm(ref)
+    if scale == 0:
+        assert np.all(out == 0), f"{what}: expected all zeros{where}"
+        return
+    rel = np.linalg.norm(out - ref) / scale
+    assert rel <= tol, f"{what}: relative error {rel:.3g} > {tol:.1g} for {dtype}{where}"
+    worst = np.abs(out - ref).max() / np.abs(ref).max()
+    assert worst <= 8 * tol, f"{what}: max error {worst:.3g} of max|ref| > {8 * tol:.1g}{where}"
+
+
+def assert_lse_close(lse, ref, seed=None):
+    """lse is float32 whatever the inputs: compare at float32 precision; -inf exactly."""
+    lse = to_host(lse).astype(np.float64)
+    where = f" (seed {seed})" if seed is not None else ""
+    assert lse.shape == ref.shape, f"lse: shape {lse.shape} != {ref.shape}{where}"
+    assert to_host(lse).dtype == np.float64  # converted above; source dtype checked by callers
+    hidden = np.isneginf(ref)
+    assert np.array_equal(np.isneginf(lse), hidden), f"lse: -inf rows differ{where}"
+    err = np.abs(lse[~hidden] - ref[~hidden]) / (1 + np.abs(ref[~hidden]))
+    assert err.size == 0 or err.max() <= 2e-5, f"lse: error {err.max():.3g}{where}"
+
+
+def flops(shape: Shape, causal: bool) -> float:
+    f = 2.0 * shape.batch * shape.heads_q * shape.seqlen_q * shape.seqlen_k * (shape.head_dim + shape.head_dim_v)
+    return f / 2 if causal else f
+
+
+
