@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 import nbflash
-from nbflash import api, arrays, device
+from nbflash import arrays, device
 
 TOLERANCE = {"fp16": 3e-3, "bf16": 1e-2, "fp32": 2e-5, "fp64": 1e-12}
 
@@ -40,8 +40,7 @@ def main() -> int:
         batch, heads, seqlen, head_dim, dtype, causal = 2, 8, 1024, 64, np.float16, True
     shape = (batch, seqlen, heads, head_dim)
     q, k, v = (rng.standard_normal(shape).astype(dtype) for _ in range(3))
-    problem, _ = api._validate(*(arrays.intake(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v"))), "bshd")
-    spec = api.choose_forward_spec(problem, causal, False)
+    spec = nbflash.forward_spec(q, k, v, causal=causal)
 
     if device.SIMULATOR:
         t0 = time.perf_counter()

@@ -157,8 +157,28 @@ def _check_out(out, problem: _Problem, inputs):
     return op, view
 
 
-def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool) -> ForwardSpec:
-    """The kernel specialization that runs this problem."""
+def _rows_16_byte_aligned(a) -> bool:
+    """cp.async copies 16-byte chunks: every row of a (bshd view) must start on 16 bytes."""
+    base = a.__array_interface__["data"][0] if isinstance(a, np.ndarray) else a.data.ptr
+    return base % 16 == 0 and all(st % 16 == 0 for st, n in zip(a.strides[:3], a.shape[:3]) if n > 1)
+
+
+def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool, views=None) -> ForwardSpec:
+    """The kernel specialization that runs this problem: the tensor-core kernel for
+    fp16/bf16 with a shipped head_dim (equal for q and v), 16-byte aligned k/v rows
+    and an sm_80+ GPU; the portable kernel otherwise."""
+    dtype = arrays.short_name(problem.dtype)
+    tiles = tuning.mma_tiles(problem.head_dim, device.SIMULATOR)
+    if (
+        dtype in ("fp16", "bf16")
+        and tiles is not None
+        and problem.head_dim_v == problem.head_dim
+        and device.compute_capability() >= (8, 0)
+        and (views is None or all(_rows_16_byte_aligned(a) for a in views[1:]))
+    ):
+        block_m, block_n, threads, stages = tiles
+        return ForwardSpec("mma", dtype, problem.head_dim, problem.head_dim, causal, with_lse,
+                           block_m, block_n, threads, stages)
     acc_bytes = 8 if problem.dtype == arrays.FLOAT64 else 4
     block_m, block_n, threads = tuning.simt_tiles(
         acc_bytes, problem.head_dim, problem.head_dim_v, device.SIMULATOR
@@ -167,6 +187,14 @@ def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool) -> Forw
         "simt", arrays.short_name(problem.dtype), problem.head_dim, problem.head_dim_v,
         causal, with_lse, block_m, block_n, threads,
     )
+
+
+def forward_spec(q, k, v, *, causal=False, layout="bshd", return_lse=False) -> ForwardSpec:
+    """The kernel specialization :func:`attention` would run for these arguments
+    (same argument meanings); its ``key`` names it in logs and benchmark rows."""
+    ops = [arrays.intake(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
+    problem, views = _validate(*ops, layout)
+    return choose_forward_spec(problem, _check_flag(causal, "causal"), _check_flag(return_lse, "return_lse"), views)
 
 
 def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=False, out=None):
@@ -240,14 +268,14 @@ def _forward(problem: _Problem, views, out_op, causal, scale, return_lse):
     out = out_op[0].array if out_op is not None else _empty(problem, problem.out_shape(), problem.dtype)
     out_view = out_op[1] if out_op is not None else _bshd(out, problem.layout, problem.squeeze)
     lse = _empty(problem, problem.lse_shape(), np.float32) if return_lse else None
-    spec = choose_forward_spec(problem, causal, return_lse)
+    spec = choose_forward_spec(problem, causal, return_lse, views)
     if problem.seqlen_q == 0 or problem.batch == 0 or problem.heads_q == 0:
         return out, lse
     lse_view = (lse[None] if problem.squeeze else lse) if return_lse else _empty(problem, (1, 1, 1), np.float32)
     acc_type = np.float64 if problem.dtype == arrays.FLOAT64 else np.float32
     kernel = launch.forward_kernel(spec)
     grid = (-(-problem.seqlen_q // spec.block_m), problem.heads_q, problem.batch)
-    args = [launch.numba_view(arrays.kernel_view(a)) for a in (*views, out_view)]
+    args = [launch.numba_view(arrays.kernel_view(a, spec.kernel == "mma")) for a in (*views, out_view)]
     args += [launch.numba_view(lse_view), acc_type(scale), problem.heads_q // problem.heads_kv]
     launch.launch(kernel, grid, spec.threads, args)
     return out, lse

@@ -78,9 +78,10 @@ def short_name(dtype: np.dtype) -> str:
     return SHORT_NAMES[np.dtype(dtype)]
 
 
-def kernel_view(a):
-    """The array as kernels see it: bfloat16 reinterpreted as uint16, others unchanged."""
-    if a.dtype == BFLOAT16:
+def kernel_view(a, raw_bits: bool = False):
+    """The array as kernels see it: bfloat16 reinterpreted as uint16 (Numba has no
+    bfloat16), and with ``raw_bits`` float16 too (tensor-core kernels move bits)."""
+    if a.dtype == BFLOAT16 or (raw_bits and a.dtype == FLOAT16):
         return a.view(np.uint16)
     return a
 

@@ -34,6 +34,8 @@ def _choose_backend() -> bool:
     explicit = os.environ.get("NUMBA_ENABLE_CUDASIM")
     if explicit is None and "numba.cuda" not in sys.modules and not _driver_sees_a_gpu():
         os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    # Small test grids are expected; keep Numba's occupancy warning for users' own kernels off ours.
+    os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
     from numba.cuda.core import config
 
     return bool(config.ENABLE_CUDASIM)
@@ -57,6 +59,16 @@ def cupy_or_none():
     except ImportError:
         return None
     return cupy
+
+
+def compute_capability() -> tuple[int, int]:
+    """(major, minor) of the current GPU; the simulator counts as able to run every
+    kernel (its intrinsics are emulated)."""
+    if SIMULATOR:
+        return (9, 0)
+    from numba import cuda
+
+    return tuple(cuda.get_current_device().compute_capability)
 
 
 def describe() -> str:

@@ -1,7 +1,8 @@
 """Tile configurations per (backend, dtype, head_dim).
 
 The portable kernel's tiles are sized to fit the 48 KB of static shared memory;
-tensor-core tiles come from perf/ measurements (see perf/NOTES.md).
+tensor-core tiles come from perf/ measurements (see perf/NOTES.md), and each
+shipped one compiles without spills (tests/test_ptx_gate.py).
 """
 
 from __future__ import annotations
@@ -27,3 +28,21 @@ def simt_tiles(acc_bytes: int, head_dim: int, head_dim_v: int, simulator: bool):
         if simt_shared_bytes(block_m, block_n, head_dim, head_dim_v, acc_bytes) <= _STATIC_SHARED_BYTES:
             return block_m, block_n, 128
     raise AssertionError("unreachable: 8x8 tiles fit every head_dim up to 256")
+
+
+# head_dim: (block_m, block_n, threads, stages) for the tensor-core kernel, sm_80+.
+MMA_TILES = {
+    32: (64, 64, 128, 2),
+    64: (64, 64, 128, 2),
+    96: (64, 32, 128, 2),
+    128: (64, 32, 128, 2),
+}
+# One warp and short key tiles on the simulator: the emulated mma is slow.
+MMA_TILES_SIMULATOR = (16, 16, 32, 2)
+
+
+def mma_tiles(head_dim: int, simulator: bool):
+    """(block_m, block_n, threads, stages), or None when no tensor-core tile is shipped."""
+    if head_dim not in MMA_TILES:
+        return None
+    return MMA_TILES_SIMULATOR if simulator else MMA_TILES[head_dim]

@@ -2,16 +2,54 @@
 
 On a GPU each is a Numba ``@intrinsic`` lowered to LLVM IR or inline PTX; under
 Numba's CUDA simulator the twin is plain Python with the same results, so one kernel
-source runs in both places.
+source runs in both places. Warp-wide instructions (mma, ldmatrix, shuffles) are
+emulated by exchanging every lane's registers through nbflash.simulator.Warp, so the
+simulator checks the fragment layouts, not only the arithmetic.
+
+Fragment layouts (PTX ISA 9.7.14.5.8, mma.m16n8k16 with .f16/.bf16 inputs), with
+g = lane // 4 (groupID) and t = lane % 4 (threadID_in_group):
+    A (16x16, row-major), four .b32 registers of two 16-bit values each:
+        a0: row g,   cols 2t, 2t+1      a1: row g+8, cols 2t, 2t+1
+        a2: row g,   cols 2t+8, 2t+9    a3: row g+8, cols 2t+8, 2t+9
+    B (16x8, "col": element (k, n)), two .b32 registers:
+        b0: rows k = 2t, 2t+1, col n = g        b1: rows k = 2t+8, 2t+9, col n = g
+    C/D (16x8, f32), four registers:
+        c0, c1: row g, cols 2t, 2t+1            c2, c3: row g+8, cols 2t, 2t+1
+The lower 16 bits of a .b32 register hold the lower column (or row) index.
 """
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
 from .. import device
 
 if device.SIMULATOR:
+    import threading
+
+    from ..simulator import current_warp
+
+    class _Address:
+        """What an address is on the simulator: an array and an element index."""
+
+        __slots__ = ("array", "index")
+
+        def __init__(self, array, index):
+            self.array = array
+            self.index = tuple(int(i) for i in index)
+
+        def words(self, count):
+            """``count`` consecutive elements along the last axis, starting here."""
+            *lead, last = self.index
+            return [self.array[(*lead, last + i)] for i in range(count)]
+
+    def _lane():
+        return threading.current_thread().thread_id % 32
+
+    def _halves(word, dtype):
+        bits = np.array([int(word) & 0xFFFF, (int(word) >> 16) & 0xFFFF], dtype=np.uint16)
+        return bits.view(dtype).astype(np.float64)
 
     def f32_as_u32(x):
         """Bits of a float32 as uint32."""
@@ -21,10 +59,120 @@ if device.SIMULATOR:
         """A uint32 reinterpreted as float32."""
         return np.uint32(int(x) & 0xFFFFFFFF).view(np.float32)
 
+    def shared_address(array, index):
+        return _Address(array, index)
+
+    def global_address(array, index):
+        return _Address(array, index)
+
+    def cp_async_16(dst, src, src_bytes):
+        """Copy 16 bytes (zero-filled past src_bytes) right away; the twin is synchronous."""
+        words = 16 // dst.array.dtype.itemsize
+        src_words = 16 // src.array.dtype.itemsize
+        raw = np.zeros(16, dtype=np.uint8)
+        if src_bytes > 0:
+            raw[:] = np.array(src.words(src_words), dtype=src.array.dtype).view(np.uint8)
+            raw[src_bytes:] = 0
+        values = raw.view(dst.array.dtype)
+        *lead, last = dst.index
+        for i in range(words):
+            dst.array[(*lead, last + i)] = values[i]
+
+    def cp_async_commit():
+        pass
+
+    def cp_async_wait_group(n):
+        pass
+
+    def _ldmatrix(address, transpose):
+        rows = current_warp().exchange(_lane(), address)
+        lane = _lane()
+        regs = []
+        for m in range(4):
+            mat = [np.array(rows[8 * m + r].words(4), dtype=np.uint32).view(np.uint16) for r in range(8)]
+            if transpose:
+                lo, hi = mat[2 * (lane % 4)][lane // 4], mat[2 * (lane % 4) + 1][lane // 4]
+            else:
+                lo, hi = mat[lane // 4][2 * (lane % 4)], mat[lane // 4][2 * (lane % 4) + 1]
+            regs.append(int(lo) | (int(hi) << 16))
+        return regs[0], regs[1], regs[2], regs[3]
+
+    def ldmatrix_x4(address):
+        """Four 8x8 b16 matrices; lanes 8m..8m+7 give the row addresses of matrix m."""
+        return _ldmatrix(address, False)
+
+    def ldmatrix_x4_trans(address):
+        """As ldmatrix_x4, each matrix transposed."""
+        return _ldmatrix(address, True)
+
+    def _mma(dtype, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        regs = current_warp().exchange(_lane(), (a0, a1, a2, a3, b0, b1, c0, c1, c2, c3))
+        A = np.zeros((16, 16))
+        B = np.zeros((16, 8))
+        C = np.zeros((16, 8))
+        for lane, r in enumerate(regs):
+            g, t = lane // 4, lane % 4
+            A[g, 2 * t:2 * t + 2] = _halves(r[0], dtype)
+            A[g + 8, 2 * t:2 * t + 2] = _halves(r[1], dtype)
+            A[g, 2 * t + 8:2 * t + 10] = _halves(r[2], dtype)
+            A[g + 8, 2 * t + 8:2 * t + 10] = _halves(r[3], dtype)
+            B[2 * t:2 * t + 2, g] = _halves(r[4], dtype)
+            B[2 * t + 8:2 * t + 10, g] = _halves(r[5], dtype)
+            C[g, 2 * t:2 * t + 2] = r[6:8]
+            C[g + 8, 2 * t:2 * t + 2] = r[8:10]
+        D = (A @ B + C).astype(np.float32)
+        g, t = _lane() // 4, _lane() % 4
+        return D[g, 2 * t], D[g, 2 * t + 1], D[g + 8, 2 * t], D[g + 8, 2 * t + 1]
+
+    def mma_f16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        """D = A B + C, m16n8k16, float16 inputs, float32 accumulators."""
+        return _mma(np.float16, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
+
+    def mma_bf16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+        """D = A B + C, m16n8k16, bfloat16 inputs, float32 accumulators."""
+        return _mma(ml_dtypes.bfloat16, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
+
+    def _pack(lo, hi, dtype):
+        bits = np.array([lo, hi], dtype=np.float32).astype(dtype).view(np.uint16)
+        return int(bits[0]) | (int(bits[1]) << 16)
+
+    def pack_f16x2(lo, hi):
+        """Two float32 rounded to float16, lo in the low half."""
+        return _pack(lo, hi, np.float16)
+
+    def pack_bf16x2(lo, hi):
+        """Two float32 rounded to bfloat16, lo in the low half."""
+        return _pack(lo, hi, ml_dtypes.bfloat16)
+
+    def ex2(x):
+        """2**x in float32."""
+        return np.float32(np.exp2(np.float32(x)))
+
+    def shfl_xor(value, lane_mask):
+        """The value of lane (this lane ^ lane_mask), all 32 lanes taking part."""
+        values = current_warp().exchange(_lane(), value)
+        return values[_lane() ^ lane_mask]
+
 else:
     from llvmlite import ir
-    from numba.cuda import types
+    from numba import cuda
+    from numba.cuda import cgutils, types
     from numba.cuda.extending import intrinsic
+
+    _i32 = ir.IntType(32)
+    _f32 = ir.FloatType()
+
+    def _asm(builder, text, constraints, ret, args, side_effect=True):
+        """Inline PTX. side_effect=False only for pure register arithmetic: the
+        compiler may then reorder or merge it; memory instructions keep their order
+        relative to barriers."""
+        fnty = ir.FunctionType(ret, [a.type for a in args])
+        return builder.call(ir.InlineAsm(fnty, text, constraints, side_effect=side_effect), args)
+
+    def _tuple(context, builder, sig, result, n):
+        return context.make_tuple(
+            builder, sig.return_type, [builder.extract_value(result, i) for i in range(n)]
+        )
 
     @intrinsic
     def f32_as_u32(typingctx, x):
@@ -34,7 +182,7 @@ else:
 
         def codegen(context, builder, sig, args):
             val = context.cast(builder, args[0], sig.args[0], types.float32)
-            return builder.bitcast(val, ir.IntType(32))
+            return builder.bitcast(val, _i32)
 
         return types.uint32(x), codegen
 
@@ -46,6 +194,157 @@ else:
 
         def codegen(context, builder, sig, args):
             val = context.cast(builder, args[0], sig.args[0], types.uint32)
-            return builder.bitcast(val, ir.FloatType())
+            return builder.bitcast(val, _f32)
 
         return types.float32(x), codegen
+
+    def _element_pointer(context, builder, aryty, ary, idxty, idx):
+        array = context.make_array(aryty)(context, builder, ary)
+        indices = [
+            context.cast(builder, builder.extract_value(idx, i), idxty[i], types.intp)
+            for i in range(aryty.ndim)
+        ]
+        return cgutils.get_item_pointer(context, builder, aryty, array, indices)
+
+    @intrinsic
+    def shared_address(typingctx, array, index):
+        """32-bit shared-window address of array[index] (array in shared memory)."""
+        if not isinstance(array, types.Array) or not isinstance(index, types.BaseTuple):
+            return None
+
+        def codegen(context, builder, sig, args):
+            ptr = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+            shared_ptr = builder.addrspacecast(ptr, ir.PointerType(ptr.type.pointee, 3))
+            return builder.ptrtoint(shared_ptr, _i32)
+
+        return types.uint32(array, index), codegen
+
+    @intrinsic
+    def global_address(typingctx, array, index):
+        """64-bit global address of array[index] (a device array argument)."""
+        if not isinstance(array, types.Array) or not isinstance(index, types.BaseTuple):
+            return None
+
+        def codegen(context, builder, sig, args):
+            ptr = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+            global_ptr = builder.addrspacecast(ptr, ir.PointerType(ptr.type.pointee, 1))
+            return builder.ptrtoint(global_ptr, ir.IntType(64))
+
+        return types.uint64(array, index), codegen
+
+    @intrinsic
+    def cp_async_16(typingctx, dst, src, src_bytes):
+        """cp.async.cg.shared.global, 16 bytes; bytes past src_bytes are zero-filled
+        (PTX ISA 9.7.9.25.3.1). Completes at cp_async_wait_group."""
+
+        def codegen(context, builder, sig, args):
+            nbytes = context.cast(builder, args[2], sig.args[2], types.uint32)
+            _asm(builder, "cp.async.cg.shared.global [$0], [$1], 16, $2;", "r,l,r",
+                 ir.VoidType(), [args[0], args[1], nbytes])
+            return context.get_dummy_value()
+
+        return types.void(types.uint32, types.uint64, src_bytes), codegen
+
+    @intrinsic
+    def cp_async_commit(typingctx):
+        """cp.async.commit_group: close the group of copies issued so far."""
+
+        def codegen(context, builder, sig, args):
+            _asm(builder, "cp.async.commit_group;", "", ir.VoidType(), [])
+            return context.get_dummy_value()
+
+        return types.void(), codegen
+
+    @intrinsic
+    def cp_async_wait_group(typingctx, n):
+        """cp.async.wait_group n: wait until at most n groups are in flight."""
+        if not isinstance(n, types.IntegerLiteral):
+            return None
+        pending = n.literal_value
+
+        def codegen(context, builder, sig, args):
+            _asm(builder, f"cp.async.wait_group {pending};", "~{memory}", ir.VoidType(), [])
+            return context.get_dummy_value()
+
+        return types.void(n), codegen
+
+    def _ldmatrix_intrinsic(trans):
+        suffix = ".trans" if trans else ""
+
+        def typer(typingctx, address):
+            def codegen(context, builder, sig, args):
+                ret = ir.LiteralStructType([_i32] * 4)
+                res = _asm(builder,
+                           f"ldmatrix.sync.aligned.m8n8.x4{suffix}.shared.b16 {{$0, $1, $2, $3}}, [$4];",
+                           "=r,=r,=r,=r,r", ret, [args[0]])
+                return _tuple(context, builder, sig, res, 4)
+
+            return types.UniTuple(types.uint32, 4)(types.uint32), codegen
+
+        typer.__name__ = "ldmatrix_x4" + ("_trans" if trans else "")
+        return typer
+
+    ldmatrix_x4 = intrinsic(_ldmatrix_intrinsic(False))
+    ldmatrix_x4.__doc__ = """ldmatrix.m8n8.x4.b16 (PTX ISA 9.7.14.5.15): four 8x8 matrices;
+    lanes 8m..8m+7 give the row addresses of matrix m; register m of lane l holds row
+    l // 4, columns 2 (l % 4) and 2 (l % 4) + 1 of matrix m."""
+    ldmatrix_x4_trans = intrinsic(_ldmatrix_intrinsic(True))
+    ldmatrix_x4_trans.__doc__ = """As ldmatrix_x4 with .trans: register m of lane l holds
+    rows 2 (l % 4) and 2 (l % 4) + 1, column l // 4 of matrix m."""
+
+    def _mma_intrinsic(kind):
+        text = (
+            f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 "
+            "{$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, {$10, $11, $12, $13};"
+        )
+
+        def typer(typingctx, a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+            sig = types.UniTuple(types.float32, 4)(*([types.uint32] * 6 + [types.float32] * 4))
+
+            def codegen(context, builder, sig, args):
+                ret = ir.LiteralStructType([_f32] * 4)
+                res = _asm(builder, text, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", ret, list(args), False)
+                return _tuple(context, builder, sig, res, 4)
+
+            return sig, codegen
+
+        typer.__name__ = f"mma_{kind}"
+        return typer
+
+    mma_f16 = intrinsic(_mma_intrinsic("f16"))
+    mma_f16.__doc__ = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32: D = A B + C."
+    mma_bf16 = intrinsic(_mma_intrinsic("bf16"))
+    mma_bf16.__doc__ = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32: D = A B + C."
+
+    def _pack_intrinsic(kind):
+        def typer(typingctx, lo, hi):
+            def codegen(context, builder, sig, args):
+                lo_, hi_ = (context.cast(builder, a, t, types.float32) for a, t in zip(args, sig.args))
+                # cvt.rn.{kind}x2.f32 d, a, b puts a in the upper half, b in the lower
+                return _asm(builder, f"cvt.rn.{kind}x2.f32 $0, $1, $2;", "=r,f,f", _i32, [hi_, lo_], False)
+
+            return types.uint32(lo, hi), codegen
+
+        typer.__name__ = f"pack_{kind}x2"
+        return typer
+
+    pack_f16x2 = intrinsic(_pack_intrinsic("f16"))
+    pack_f16x2.__doc__ = "cvt.rn.f16x2.f32: two float32 to float16, lo in the low half."
+    pack_bf16x2 = intrinsic(_pack_intrinsic("bf16"))
+    pack_bf16x2.__doc__ = "cvt.rn.bf16x2.f32: two float32 to bfloat16, lo in the low half."
+
+    @intrinsic
+    def ex2(typingctx, x):
+        """ex2.approx.ftz.f32: 2**x (PTX ISA 9.7.3.21)."""
+
+        def codegen(context, builder, sig, args):
+            val = context.cast(builder, args[0], sig.args[0], types.float32)
+            fnty = ir.FunctionType(_f32, [_f32])
+            return builder.call(ir.InlineAsm(fnty, "ex2.approx.ftz.f32 $0, $1;", "=f,f"), [val])
+
+        return types.float32(x), codegen
+
+    @cuda.jit(device=True, inline=True)
+    def shfl_xor(value, lane_mask):
+        """shfl.sync.bfly: the value of lane (this lane ^ lane_mask), all lanes taking part."""
+        return cuda.shfl_xor_sync(0xFFFFFFFF, value, lane_mask)

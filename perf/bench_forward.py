@@ -1,0 +1,195 @@
+"""Forward attention throughput: nbflash against the peers present, in one run.
+
+TFLOP/s = 4 * B * H * Nq * Nk * D / time, halved for causal. CUDA events around each
+call after warm-up, median of --repeats runs, fresh random normal inputs (never zeros).
+Peers: torch SDPA's flash, cuDNN and efficient backends when torch imports (optional),
+and a naive CuPy attention (materialized scores) where it fits in memory.
+
+    python perf/bench_forward.py [--quick] [--out perf/results]
+
+Writes <out>/<gpu-name>-forward.json and a PNG plot, and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+import cupy  # noqa: E402
+import ml_dtypes  # noqa: E402
+
+import nbflash  # noqa: E402
+
+TOKENS = 16384
+HEADS = 16
+
+
+def cupy_time(fn, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    times = []
+    for _ in range(repeats):
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop))
+    return float(np.median(times))
+
+
+def torch_peers():
+    try:
+        import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except Exception:
+        return {}
+    backends = {
+        "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+        "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+        "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }
+
+    def make(backend):
+        def run(q, k, v, causal, warmup, repeats):
+            # torch reads the same CuPy buffers through DLPack, as (B, H, N, D) views
+            tq, tk, tv = (torch.from_dlpack(x).permute(0, 2, 1, 3) for x in (q, k, v))
+            if q.dtype == ml_dtypes.bfloat16:
+                tq, tk, tv = (x.view(torch.bfloat16) for x in (tq, tk, tv))
+            with sdpa_kernel(backend):
+                fn = lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)  # noqa: E731
+                for _ in range(warmup):
+                    fn()
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                times = []
+                for _ in range(repeats):
+                    start.record()
+                    fn()
+                    stop.record()
+                    stop.synchronize()
+                    times.append(start.elapsed_time(stop))
+            return float(np.median(times))
+
+        return run
+
+    return {name: make(b) for name, b in backends.items()}
+
+
+def naive_cupy(q, k, v, causal, warmup, repeats):
+    """What a CuPy user writes: matmul, max, exp, sum, matmul (materialized N x N)."""
+    b, n, h, d = q.shape
+    if b * h * n * n * 4 * 3 > 20e9:
+        return None
+    qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+    mask = cupy.triu(cupy.ones((n, n), bool), 1) if causal else None
+
+    def fn():
+        s = cupy.matmul(qh, kh.transpose(0, 1, 3, 2)).astype(cupy.float32) * (1 / math.sqrt(d))
+        if mask is not None:
+            s[..., mask] = -cupy.inf
+        s -= s.max(axis=-1, keepdims=True)
+        p = cupy.exp(s)
+        p /= p.sum(axis=-1, keepdims=True)
+        return cupy.matmul(p.astype(q.dtype), vh)
+
+    return cupy_time(fn, warmup, repeats)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="seqlen 4096 only")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--head-dims", default="64,128")
+    ap.add_argument("--dtypes", default="fp16,bf16")
+    args = ap.parse_args()
+
+    dtypes = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16}
+    seqlens = [4096] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
+    head_dims = [int(x) for x in args.head_dims.split(",")]
+    peers = torch_peers()
+    gpu = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    rng = cupy.random.default_rng()
+    rows = []
+    for dname in args.dtypes.split(","):
+        dtype = dtypes[dname]
+        for d in head_dims:
+            for n in seqlens:
+                batch = max(1, TOKENS // n)
+                for causal in (False, True):
+                    shape = (batch, n, HEADS, d)
+                    q, k, v = (rng.standard_normal(shape, dtype=cupy.float32).astype(dtype) for _ in range(3))
+                    out = cupy.full(shape, cupy.nan, dtype=cupy.float32).astype(dtype)
+                    spec = nbflash.forward_spec(q, k, v, causal=causal)
+                    flops = 4.0 * batch * HEADS * n * n * d / (2 if causal else 1)
+                    times = {"nbflash": cupy_time(lambda: nbflash.attention(q, k, v, causal=causal, out=out), 3, args.repeats)}
+                    for name, run in peers.items():
+                        try:
+                            times[name] = run(q, k, v, causal, 3, args.repeats)
+                        except Exception as e:  # a backend may refuse a shape
+                            times[name] = None
+                            print(f"# {name} failed: {type(e).__name__}: {str(e)[:80]}", file=sys.stderr)
+                    if d == 64 and dname == "fp16":
+                        times["naive_cupy"] = naive_cupy(q, k, v, causal, 1, 5)
+                    row = {
+                        "gpu": gpu, "dtype": dname, "batch": batch, "heads": HEADS, "seqlen": n,
+                        "head_dim": d, "causal": causal, "spec": spec.key,
+                        "ms": times,
+                        "tflops": {k_: (flops / (t * 1e-3) / 1e12 if t else None) for k_, t in times.items()},
+                    }
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr)
+
+    os.makedirs(args.out, exist_ok=True)
+    tag = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-")
+    with open(os.path.join(args.out, f"{tag}-forward.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    try:
+        plot(rows, os.path.join(args.out, f"{tag}-forward.png"))
+    except Exception as e:
+        print(f"# plot skipped: {e}", file=sys.stderr)
+
+    names = ["nbflash"] + list(peers) + ["naive_cupy"]
+    print(f"{'dtype':5} {'D':>3} {'N':>6} {'causal':6} " + " ".join(f"{n:>14}" for n in names) + "  ratio_vs_flash")
+    for r in rows:
+        t = r["tflops"]
+        cells = " ".join(f"{t[n]:14.1f}" if t.get(n) else f"{'-':>14}" for n in names)
+        ratio = t["nbflash"] / t["sdpa_flash"] if t.get("sdpa_flash") else float("nan")
+        print(f"{r['dtype']:5} {r['head_dim']:>3} {r['seqlen']:>6} {str(r['causal']):6} {cells}  {ratio:.2f}")
+    print(f"# gpu: {gpu}; TFLOP/s; spec keys in the JSON")
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["dtype"], r["head_dim"], r["causal"]) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.5), squeeze=False)
+    for ax, (dname, d, causal) in zip(axes[0], groups):
+        sel = [r for r in rows if (r["dtype"], r["head_dim"], r["causal"]) == (dname, d, causal)]
+        for name in sel[0]["tflops"]:
+            xs = [r["seqlen"] for r in sel if r["tflops"].get(name)]
+            ys = [r["tflops"][name] for r in sel if r["tflops"].get(name)]
+            if xs:
+                ax.plot(xs, ys, marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{dname} d{d} {'causal' if causal else 'full'}")
+        ax.set_xlabel("seqlen")
+        ax.set_ylabel("TFLOP/s")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+if __name__ == "__main__":
+    main()

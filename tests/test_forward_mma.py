@@ -1,0 +1,79 @@
+"""The tensor-core kernel (fp16/bf16, shipped head_dims) against the float64 oracle.
+
+On the simulator its mma, ldmatrix, cp.async and shuffles run as emulated warp-wide
+operations, so these tests check the fragment layouts without a GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import nbflash
+from helpers import DTYPES, SIMULATOR, assert_close, assert_lse_close, draw_shape, new_rng, poisoned, random_array, to_device
+from nbflash import tuning
+
+HALF_DTYPES = DTYPES[:2]
+SHIPPED = sorted(tuning.MMA_TILES)
+SIM_HEAD_DIM = 32  # the cheapest shipped head_dim to emulate
+
+
+def check(rng, seed, shape, dtype, causal, layout="bshd"):
+    q, k, v = (to_device(random_array(rng, s, dtype)) for s in shape.qkv_shapes(layout))
+    spec = nbflash.forward_spec(q, k, v, causal=causal, layout=layout, return_lse=True)
+    assert spec.kernel == "mma", f"expected the tensor-core kernel, got {spec.key}"
+    host = [np.asarray(a) if SIMULATOR else a.get() for a in (q, k, v)]
+    ref, ref_lse = nbflash.reference.attention(*host, causal=causal, layout=layout, return_lse=True)
+    out = poisoned(ref.shape, dtype)
+    got, lse = nbflash.attention(q, k, v, causal=causal, layout=layout, return_lse=True, out=out)
+    assert_close(got, ref, dtype, seed=seed)
+    assert_lse_close(lse, ref_lse, seed=seed)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_mma_kernel_matches_oracle_on_simulator_sizes(dtype, causal):
+    rng, seed = new_rng()
+    shape = draw_shape(rng, head_dim=SIM_HEAD_DIM, group=int(rng.choice([1, 2])))
+    shape.head_dim_v = SIM_HEAD_DIM
+    shape.heads_kv, shape.heads_q = 1, shape.heads_q // shape.heads_kv
+    shape.batch = 1
+    check(rng, seed, shape, dtype, causal, layout=str(rng.choice(["bshd", "bhsd"])))
+
+
+@pytest.mark.parametrize("relation", ["q<k", "q>k"])
+def test_mma_kernel_causal_unequal_seqlens(relation):
+    rng, seed = new_rng()
+    a, b = int(rng.integers(1, 20)), int(rng.integers(21, 45))
+    seqlen_q, seqlen_k = (a, b) if relation == "q<k" else (b, a)
+    shape = draw_shape(rng, head_dim=SIM_HEAD_DIM, group=1, seqlen_q=seqlen_q, seqlen_k=seqlen_k)
+    shape.head_dim_v, shape.heads_kv, shape.heads_q, shape.batch = SIM_HEAD_DIM, 1, 1, 1
+    check(rng, seed, shape, HALF_DTYPES[0], True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", SHIPPED)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_mma_kernel_matches_oracle_every_shipped_head_dim(dtype, causal, head_dim):
+    rng, seed = new_rng()
+    shape = draw_shape(rng, large=True, head_dim=head_dim)
+    shape.head_dim_v = head_dim
+    check(rng, seed, shape, dtype, causal, layout=str(rng.choice(["bshd", "bhsd"])))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", SHIPPED)
+def test_mma_kernel_seqlen_one_and_long_keys(head_dim):
+    rng, seed = new_rng()
+    for seqlen_q, seqlen_k in ((1, 1), (1, 3000), (3000, 1), (1000, 3001)):
+        shape = draw_shape(rng, head_dim=head_dim, seqlen_q=seqlen_q, seqlen_k=seqlen_k)
+        shape.head_dim_v = head_dim
+        check(rng, seed, shape, HALF_DTYPES[0], bool(rng.integers(2)))
+
+
+def test_unaligned_rows_fall_back_to_the_portable_kernel():
+    rng, _ = new_rng()
+    shape = draw_shape(rng, head_dim=SIM_HEAD_DIM)
+    shape.head_dim_v = SIM_HEAD_DIM
+    q, k, v = (to_device(random_array(rng, s, HALF_DTYPES[0], strided=True)) for s in shape.qkv_shapes("bshd"))
+    assert nbflash.forward_spec(q, k, v).kernel == "simt"
