@@ -92,13 +92,20 @@ def draw_shape(rng, *, large=False, group=None, seqlen_q=None, seqlen_k=None, he
 
 
 def random_array(rng, shape, dtype, strided=False):
-    """Normal values cast to ``dtype``; with ``strided``, a non-contiguous view (a
-    slice of a larger buffer along every axis but the last, plus padding there)."""
+    """Normal values cast to ``dtype`` (host). With ``strided``, a non-contiguous view
+    (a slice of a larger buffer along every axis but the last, plus padding there)."""
     if not strided:
         return rng.standard_normal(shape).astype(dtype)
+    return strided_pair(rng, shape, dtype)[0]
+
+
+def strided_pair(rng, shape, dtype):
+    """(host view, device view) of the same values, each a strided slice of a larger
+    buffer, so kernels read through real strides on the GPU too."""
     big_shape = tuple(2 * n for n in shape[:-1]) + (shape[-1] + 3,)
     big = rng.standard_normal(big_shape).astype(dtype)
-    return big[tuple(slice(None, None, 2) for _ in shape[:-1]) + (slice(1, 1 + shape[-1]),)]
+    window = tuple(slice(None, None, 2) for _ in shape[:-1]) + (slice(1, 1 + shape[-1]),)
+    return big[window], to_device(big)[window]
 
 
 def poisoned(shape, dtype):

@@ -8,7 +8,7 @@ import pytest
 import nbflash
 from helpers import (
     DTYPES, SIMULATOR, assert_close, assert_lse_close, draw_shape, new_rng, poisoned,
-    random_array, to_device, to_host,
+    random_array, strided_pair, to_device, to_host,
 )
 
 TIERS = [pytest.param(False, id="small"), pytest.param(True, id="large", marks=pytest.mark.gpu)]
@@ -18,13 +18,18 @@ def run_and_check(shape, dtype, *, causal, layout="bshd", strided=False, rng, se
     q_shape, k_shape, v_shape = shape.qkv_shapes(layout)
     if squeeze:
         q_shape, k_shape, v_shape = q_shape[1:], k_shape[1:], v_shape[1:]
-    q, k, v = (random_array(rng, s, dtype, strided) for s in (q_shape, k_shape, v_shape))
+    if strided:
+        pairs = [strided_pair(rng, s, dtype) for s in (q_shape, k_shape, v_shape)]
+        (q, dq), (k, dk), (v, dv) = pairs
+    else:
+        q, k, v = (random_array(rng, s, dtype) for s in (q_shape, k_shape, v_shape))
+        dq, dk, dv = (to_device(a) for a in (q, k, v))
     ref, ref_lse = nbflash.reference.attention(
         q, k, v, causal=causal, layout=layout, scale=scale, return_lse=True
     )
     out = poisoned(ref.shape, dtype)
     got, lse = nbflash.attention(
-        to_device(q), to_device(k), to_device(v),
+        dq, dk, dv,
         causal=causal, layout=layout, scale=scale, return_lse=True, out=out,
     )
     assert got is out

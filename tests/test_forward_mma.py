@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import nbflash
-from helpers import DTYPES, SIMULATOR, assert_close, assert_lse_close, draw_shape, new_rng, poisoned, random_array, to_device
+from helpers import DTYPES, SIMULATOR, assert_close, assert_lse_close, draw_shape, new_rng, poisoned, random_array, strided_pair, to_device
 from nbflash import tuning
 
 HALF_DTYPES = DTYPES[:2]
@@ -75,5 +75,16 @@ def test_unaligned_rows_fall_back_to_the_portable_kernel():
     rng, _ = new_rng()
     shape = draw_shape(rng, head_dim=SIM_HEAD_DIM)
     shape.head_dim_v = SIM_HEAD_DIM
-    q, k, v = (to_device(random_array(rng, s, HALF_DTYPES[0], strided=True)) for s in shape.qkv_shapes("bshd"))
+    q, k, v = (strided_pair(rng, s, HALF_DTYPES[0])[1] for s in shape.qkv_shapes("bshd"))
     assert nbflash.forward_spec(q, k, v).kernel == "simt"
+
+
+@pytest.mark.skipif(not SIMULATOR, reason="the simulator's tile choice is what is overridden")
+@pytest.mark.parametrize("tiles", [(16, 16, 32, 2, True), (64, 32, 64, 2, False)], ids=["q-in-registers", "two-slices-per-warp"])
+def test_mma_kernel_variants_on_simulator(tiles, monkeypatch):
+    """Q kept in registers, and warps owning two 16-row slices (block_m = 32 * warps)."""
+    monkeypatch.setattr(tuning, "MMA_TILES_SIMULATOR", tiles)
+    rng, seed = new_rng()
+    shape = draw_shape(rng, head_dim=SIM_HEAD_DIM, group=1, seqlen_q=int(rng.integers(30, 70)))
+    shape.head_dim_v, shape.heads_kv, shape.heads_q, shape.batch = SIM_HEAD_DIM, 1, 1, 1
+    check(rng, seed, shape, HALF_DTYPES[int(rng.integers(2))], True)

@@ -163,9 +163,10 @@ def _rows_16_byte_aligned(a) -> bool:
     return base % 16 == 0 and all(st % 16 == 0 for st, n in zip(a.strides[:3], a.shape[:3]) if n > 1)
 
 
+
 def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool, views=None) -> ForwardSpec:
     """The kernel specialization that runs this problem: the tensor-core kernel for
-    fp16/bf16 with a shipped head_dim (equal for q and v), 16-byte aligned k/v rows
+    fp16/bf16 with a shipped head_dim (equal for q and v), 16-byte aligned q/k/v rows
     and an sm_80+ GPU; the portable kernel otherwise."""
     dtype = arrays.short_name(problem.dtype)
     tiles = tuning.mma_tiles(problem.head_dim, device.SIMULATOR)
@@ -174,11 +175,11 @@ def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool, views=N
         and tiles is not None
         and problem.head_dim_v == problem.head_dim
         and device.compute_capability() >= (8, 0)
-        and (views is None or all(_rows_16_byte_aligned(a) for a in views[1:]))
+        and (views is None or all(_rows_16_byte_aligned(a) for a in views))
     ):
-        block_m, block_n, threads, stages = tiles
+        block_m, block_n, threads, stages, q_in_registers = tiles
         return ForwardSpec("mma", dtype, problem.head_dim, problem.head_dim, causal, with_lse,
-                           block_m, block_n, threads, stages)
+                           block_m, block_n, threads, stages, q_in_registers)
     acc_bytes = 8 if problem.dtype == arrays.FLOAT64 else 4
     block_m, block_n, threads = tuning.simt_tiles(
         acc_bytes, problem.head_dim, problem.head_dim_v, device.SIMULATOR
@@ -277,5 +278,5 @@ def _forward(problem: _Problem, views, out_op, causal, scale, return_lse):
     grid = (-(-problem.seqlen_q // spec.block_m), problem.heads_q, problem.batch)
     args = [launch.numba_view(arrays.kernel_view(a, spec.kernel == "mma")) for a in (*views, out_view)]
     args += [launch.numba_view(lse_view), acc_type(scale), problem.heads_q // problem.heads_kv]
-    launch.launch(kernel, grid, spec.threads, args)
+    launch.launch(kernel, grid, spec.threads, args, launch.shared_bytes(spec))
     return out, lse

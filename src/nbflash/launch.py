@@ -42,6 +42,15 @@ def _build(spec: ForwardSpec):
     raise ValueError(f"unknown kernel family in spec {spec.key}")
 
 
+def shared_bytes(spec: ForwardSpec) -> int:
+    """Dynamic shared memory a spec's kernel is launched with."""
+    if spec.kernel == "mma":
+        from .kernels import forward_mma
+
+        return forward_mma.shared_bytes(spec)
+    return 0
+
+
 def numba_view(a):
     """A Numba device array over a CuPy array's memory (no copy, no sync); on the
     simulator, a fake device array over the NumPy array itself, so strided views are
@@ -70,5 +79,27 @@ def current_stream():
     return cuda.external_stream(ptr) if ptr else cuda.default_stream()
 
 
-def launch(kernel, grid, threads, args):
-    kernel[grid, threads, current_stream()](*args)
+_STATIC_SHARED_LIMIT = 48 * 1024
+_raised_shared_limit: set[int] = set()
+
+
+def _allow_dynamic_shared(kernel, args, nbytes):
+    """Kernels asking for more than 48 KB of dynamic shared memory must opt in
+    (cudaFuncAttributeMaxDynamicSharedMemorySize), once per compiled overload."""
+    compiled = kernel._compile_for_args(*args)
+    if id(compiled) in _raised_shared_limit:
+        return
+    from cuda.bindings import driver
+
+    cufunc = compiled._codelibrary.get_cufunc()
+    attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    (err,) = driver.cuKernelSetAttribute(attr, nbytes, cufunc.handle, cufunc.device.id)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"could not allow {nbytes} bytes of shared memory: {err}")
+    _raised_shared_limit.add(id(compiled))
+
+
+def launch(kernel, grid, threads, args, shared_bytes=0):
+    if shared_bytes > _STATIC_SHARED_LIMIT and not device.SIMULATOR:
+        _allow_dynamic_shared(kernel, args, shared_bytes)
+    kernel[grid, threads, current_stream(), shared_bytes](*args)

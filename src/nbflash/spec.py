@@ -20,6 +20,8 @@ class ForwardSpec:
     with_lse: the kernel writes the log-sum-exp.
     block_m / block_n: query rows and key rows per tile; threads: per CTA.
     stages: shared-memory K/V buffers (mma only; 1 for simt).
+    q_in_registers: the Q fragments stay in registers for the whole kernel instead of
+        being re-read from shared memory every key tile (mma only).
     """
 
     kernel: str
@@ -32,11 +34,12 @@ class ForwardSpec:
     block_n: int
     threads: int
     stages: int = 1
+    q_in_registers: bool = False
 
     @property
     def key(self) -> str:
         flags = ("-causal" if self.causal else "") + ("-lse" if self.with_lse else "")
-        stages = f"s{self.stages}" if self.kernel != "simt" else ""
+        stages = f"s{self.stages}" + ("qr" if self.q_in_registers else "") if self.kernel != "simt" else ""
         return (
             f"fwd_{self.kernel}-{self.dtype}-d{self.head_dim}-dv{self.head_dim_v}{flags}"
             f"-m{self.block_m}n{self.block_n}t{self.threads}{stages}"

@@ -7,6 +7,8 @@ shipped one compiles without spills (tests/test_ptx_gate.py).
 
 from __future__ import annotations
 
+import os
+
 _STATIC_SHARED_BYTES = 40 * 1024  # under the 48 KB static limit, with headroom
 
 
@@ -30,19 +32,37 @@ def simt_tiles(acc_bytes: int, head_dim: int, head_dim_v: int, simulator: bool):
     raise AssertionError("unreachable: 8x8 tiles fit every head_dim up to 256")
 
 
-# head_dim: (block_m, block_n, threads, stages) for the tensor-core kernel, sm_80+.
+# head_dim: (block_m, block_n, threads, stages, q_in_registers) for the tensor-core
+# kernel, sm_80+. Measured on an H100 (perf/NOTES.md); block_m / (16 * warps) is the
+# number of 16-row slices per warp.
 MMA_TILES = {
-    32: (64, 64, 128, 2),
-    64: (64, 64, 128, 2),
-    96: (64, 32, 128, 2),
-    128: (64, 32, 128, 2),
+    32: (128, 64, 128, 2, True),
+    64: (128, 64, 128, 2, False),
+    96: (64, 64, 128, 2, False),
+    128: (64, 64, 128, 2, False),
 }
 # One warp and short key tiles on the simulator: the emulated mma is slow.
-MMA_TILES_SIMULATOR = (16, 16, 32, 2)
+MMA_TILES_SIMULATOR = (16, 16, 32, 2, False)
+
+_OVERRIDE_VARIABLE = "NBFLASH_MMA_TILES"
+
+
+def _override(head_dim):
+    """perf/ sweeps set NBFLASH_MMA_TILES="64=128,64,128,2,0;128=..." to time other tiles."""
+    text = os.environ.get(_OVERRIDE_VARIABLE, "")
+    for item in filter(None, text.split(";")):
+        dim, values = item.split("=")
+        if int(dim) == head_dim:
+            bm, bn, threads, stages, q_regs = (int(x) for x in values.split(","))
+            return bm, bn, threads, stages, bool(q_regs)
+    return None
 
 
 def mma_tiles(head_dim: int, simulator: bool):
-    """(block_m, block_n, threads, stages), or None when no tensor-core tile is shipped."""
+    """(block_m, block_n, threads, stages, q_in_registers), or None when no
+    tensor-core tile is shipped for head_dim."""
     if head_dim not in MMA_TILES:
         return None
-    return MMA_TILES_SIMULATOR if simulator else MMA_TILES[head_dim]
+    if simulator:
+        return MMA_TILES_SIMULATOR
+    return _override(head_dim) or MMA_TILES[head_dim]

@@ -1,16 +1,23 @@
 """The tensor-core forward kernel (FlashAttention-2) for float16 and bfloat16.
 
-Work partition: a CTA owns block_m = 16 * warps query rows of one (batch, query head);
-each warp owns 16 of them. K and V tiles of block_n keys stream through shared memory,
-double-buffered with cp.async so the next tile's loads overlap this tile's math.
-S = Q K^T and P stay in registers (the mma C fragment of S is, packed to 16 bits,
-the A fragment of P for P V); the online softmax runs in the exp2 domain with
-scale * log2(e) folded in; the output is normalized once at the end.
+Work partition: a CTA owns block_m query rows of one (batch, query head); each warp
+owns M_TILES slices of 16 rows, so every K or V fragment a warp reads from shared
+memory feeds M_TILES mma instructions (shared-memory bandwidth, not the tensor cores,
+bounds mma.sync on Hopper). The Q tile is copied to shared memory once; K and V tiles
+of block_n keys stream through shared memory, double-buffered with cp.async so the
+next tile's loads overlap this tile's math. S = Q K^T and P stay in registers: the
+mma C fragment of S, packed to 16 bits, is the A fragment of P for P V. The online
+softmax runs in the exp2 domain with scale * log2(e) folded in; the output is
+normalized once at the end.
 
-Per thread, in registers (ptx.py gives the fragment layouts): the Q A-fragments
-(q_frag, head_dim / 4 words), the output accumulator (acc, head_dim / 2 floats, 4 per
-8-column block), the scores of one tile (s, block_n / 2 floats), and the running max
-m_i and sum l_i of its two rows (g and g + 8 of its warp's 16).
+Per thread, in registers (ptx.py gives the fragment layouts): the output accumulator
+acc (M_TILES x head_dim / 8 blocks x 4 floats), the scores of one tile s (M_TILES x
+block_n / 8 blocks x 4 floats), the running max m_i and sum l_i of its 2 * M_TILES
+rows, and with spec.q_in_registers the Q A-fragments.
+
+Shared memory is one dynamic buffer of 32-bit words: Q (block_m rows), then K and V
+(stages x block_n rows each); every row is head_dim / 2 words plus 4 words of padding
+so that fragment reads (ldmatrix rows) from 8 consecutive rows hit distinct banks.
 """
 
 from __future__ import annotations
@@ -26,23 +33,23 @@ from . import ptx
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-PAD_WORDS = 4  # 16 bytes per shared row: fragment loads and ldmatrix rows hit distinct banks
+PAD_WORDS = 4
 HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 
 
 def shared_bytes(spec: ForwardSpec) -> int:
-    words = spec.head_dim // 2 + PAD_WORDS
-    return 2 * spec.stages * spec.block_n * words * 4
+    row_words = spec.head_dim // 2 + PAD_WORDS
+    return 4 * row_words * (spec.block_m + 2 * spec.stages * spec.block_n)
 
 
 def build(spec: ForwardSpec):
     """Compile-time specialized kernel; launch with grid (cdiv(seqlen_q, block_m),
-    heads_q, batch) and spec.threads threads.
+    heads_q, batch), spec.threads threads and shared_bytes(spec) dynamic shared memory.
 
     Arguments as the portable kernel's, with q, k, v, out as uint16 views of the
     16-bit data: q (B, Nq, Hq, D), k (B, Nk, Hkv, D), v (B, Nk, Hkv, D), out
     (B, Nq, Hq, D), lse (B, Hq, Nq) float32, scale (float32), group = Hq // Hkv.
-    Requires 16-byte aligned rows of k and v (checked by the caller).
+    Requires 16-byte aligned rows of q, k and v (checked by the caller).
     """
     assert spec.kernel == "mma" and spec.dtype in ("fp16", "bf16")
     assert spec.head_dim == spec.head_dim_v and spec.head_dim in HEAD_DIMS
@@ -50,190 +57,217 @@ def build(spec: ForwardSpec):
     pack = ptx.pack_f16x2 if spec.dtype == "fp16" else ptx.pack_bf16x2
     D = spec.head_dim
     BM, BN, T, STAGES = spec.block_m, spec.block_n, spec.threads, spec.stages
-    assert BM == 16 * (T // 32) and BN % 16 == 0 and STAGES == 2
+    WARPS = T // 32
+    M_TILES = BM // (16 * WARPS)  # 16-row slices per warp
+    assert M_TILES * 16 * WARPS == BM and BN % 16 == 0 and STAGES == 2 and D % 32 == 0
     ROW_WORDS = D // 2 + PAD_WORDS
     CHUNKS = D // 8  # 16-byte chunks per row
-    D_BLOCKS = D // 8  # 8-column output blocks
+    K_OFF = BM * ROW_WORDS
+    V_OFF = K_OFF + STAGES * BN * ROW_WORDS
+    D_BLOCKS = D // 8  # 8-column blocks of the output
     K_STEPS = D // 16  # k-steps of S = Q K^T
     N_BLOCKS = BN // 8  # 8-key blocks of S
     PV_STEPS = BN // 16  # k-steps of P V
-    Q_REGS, ACC_REGS, S_REGS = K_STEPS * 4, D_BLOCKS * 4, N_BLOCKS * 4
+    ACC_REGS = M_TILES * D_BLOCKS * 4
+    S_REGS = M_TILES * N_BLOCKS * 4
+    Q_REGS = M_TILES * K_STEPS * 4
+    ROWS = 2 * M_TILES
+    Q_IN_REGS = spec.q_in_registers
     CAUSAL, WITH_LSE = spec.causal, spec.with_lse
     NEG_INF = -math.inf
 
     @cuda.jit(device=True, inline=True)
-    def issue_tile(src, smem, stage, b, hk, n0, seqlen_k, tid):
-        """cp.async one block_n x D tile (rows past seqlen_k zero-filled)."""
-        for e in range(tid, BN * CHUNKS, T):
+    def issue_rows(src, smem, base, rows, b, h, n0, seqlen, tid):
+        """cp.async ``rows`` x D of src[b, n0:, h, :] to smem[base:] (rows past
+        seqlen are zero-filled)."""
+        for e in range(tid, rows * CHUNKS, T):
             r = e // CHUNKS
             c = e - r * CHUNKS
             j = n0 + r
-            nbytes = 16 if j < seqlen_k else 0
-            j = min(j, seqlen_k - 1)
+            nbytes = 16 if j < seqlen else 0
+            j = max(0, min(j, seqlen - 1))
             ptx.cp_async_16(
-                ptx.shared_address(smem, (stage, r, c * 4)),
-                ptx.global_address(src, (b, j, hk, c * 8)),
+                ptx.shared_address(smem, (base + r * ROW_WORDS + c * 4,)),
+                ptx.global_address(src, (b, j, h, c * 8)),
                 nbytes,
             )
 
     @cuda.jit(device=True, inline=True)
-    def q_word(q, b, i, h, c, seqlen_q):
-        if i < seqlen_q:
-            return uint32(q[b, i, h, c]) | (uint32(q[b, i, h, c + 1]) << uint32(16))
-        return uint32(0)
+    def q_fragments(smem, warp_row, kk, lane):
+        """A fragments (a0..a3) of Q rows warp_row..+15, columns kk*16..+15."""
+        mat = lane // 8
+        row = warp_row + (mat % 2) * 8 + lane % 8
+        return ptx.ldmatrix_x4(ptx.shared_address(smem, (row * ROW_WORDS + kk * 8 + (mat // 2) * 4,)))
 
-    @cuda.jit
     def forward_mma(q, k, v, out, lse, scale, group):
         tid = cuda.threadIdx.x
         lane = tid % 32
         warp = tid // 32
         g = lane // 4
         t = lane % 4
+        mat = lane // 8  # which 8x8 matrix this lane addresses in ldmatrix
         row0 = cuda.blockIdx.x * BM
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
         hk = h // group
         seqlen_q = q.shape[1]
         seqlen_k = k.shape[1]
-        row_w = row0 + warp * 16  # this warp's first row
+        warp_row = warp * 16 * M_TILES  # first row of this warp within the CTA tile
         scale_log2 = float32(scale * LOG2E)
 
-        k_s = cuda.shared.array((STAGES, BN, ROW_WORDS), uint32)
-        v_s = cuda.shared.array((STAGES, BN, ROW_WORDS), uint32)
+        smem = cuda.shared.array(0, uint32)
 
         key_end = seqlen_k
         if CAUSAL:
             key_end = max(0, min(seqlen_k, row0 + BM + seqlen_k - seqlen_q))
         n_tiles = (key_end + BN - 1) // BN
+
+        issue_rows(q, smem, 0, BM, b, h, row0, seqlen_q, tid)
         if n_tiles > 0:
-            issue_tile(k, k_s, 0, b, hk, 0, seqlen_k, tid)
-            issue_tile(v, v_s, 0, b, hk, 0, seqlen_k, tid)
+            issue_rows(k, smem, K_OFF, BN, b, hk, 0, seqlen_k, tid)
+            issue_rows(v, smem, V_OFF, BN, b, hk, 0, seqlen_k, tid)
         ptx.cp_async_commit()
 
         q_frag = cuda.local.array(Q_REGS, uint32)
-        for kk in range(K_STEPS):
-            col = kk * 16 + 2 * t
-            q_frag[kk * 4 + 0] = q_word(q, b, row_w + g, h, col, seqlen_q)
-            q_frag[kk * 4 + 1] = q_word(q, b, row_w + g + 8, h, col, seqlen_q)
-            q_frag[kk * 4 + 2] = q_word(q, b, row_w + g, h, col + 8, seqlen_q)
-            q_frag[kk * 4 + 3] = q_word(q, b, row_w + g + 8, h, col + 8, seqlen_q)
+        if Q_IN_REGS:
+            ptx.cp_async_wait_group(0)
+            cuda.syncthreads()
+            for m in range(M_TILES):
+                for kk in range(K_STEPS):
+                    i = (m * K_STEPS + kk) * 4
+                    q_frag[i], q_frag[i + 1], q_frag[i + 2], q_frag[i + 3] = q_fragments(
+                        smem, warp_row + m * 16, kk, lane)
         acc = cuda.local.array(ACC_REGS, float32)
         for i in range(ACC_REGS):
             acc[i] = 0
         s = cuda.local.array(S_REGS, float32)
-        m_i = cuda.local.array(2, float32)
-        l_i = cuda.local.array(2, float32)
-        for half in range(2):
-            m_i[half] = NEG_INF
-            l_i[half] = 0
+        m_i = cuda.local.array(ROWS, float32)
+        l_i = cuda.local.array(ROWS, float32)
+        for r in range(ROWS):
+            m_i[r] = NEG_INF
+            l_i[r] = 0
 
         for it in range(n_tiles):
             stage = it % 2
             n0 = it * BN
+            k_base = K_OFF + stage * BN * ROW_WORDS
+            v_base = V_OFF + stage * BN * ROW_WORDS
             if it + 1 < n_tiles:
-                issue_tile(k, k_s, 1 - stage, b, hk, n0 + BN, seqlen_k, tid)
-                issue_tile(v, v_s, 1 - stage, b, hk, n0 + BN, seqlen_k, tid)
+                nxt = (1 - stage) * BN * ROW_WORDS
+                issue_rows(k, smem, K_OFF + nxt, BN, b, hk, n0 + BN, seqlen_k, tid)
+                issue_rows(v, smem, V_OFF + nxt, BN, b, hk, n0 + BN, seqlen_k, tid)
             ptx.cp_async_commit()
-            ptx.cp_async_wait_group(1)  # this tile's group has landed
+            ptx.cp_async_wait_group(1)  # this tile's group (and Q) has landed
             cuda.syncthreads()
 
-            # S = Q K^T  (16 x BN per warp)
-            for nb in range(N_BLOCKS):
-                c0 = float32(0)
-                c1 = float32(0)
-                c2 = float32(0)
-                c3 = float32(0)
-                for kk in range(K_STEPS):
-                    b0 = k_s[stage, nb * 8 + g, kk * 8 + t]
-                    b1 = k_s[stage, nb * 8 + g, kk * 8 + 4 + t]
-                    c0, c1, c2, c3 = mma(
-                        q_frag[kk * 4], q_frag[kk * 4 + 1], q_frag[kk * 4 + 2], q_frag[kk * 4 + 3],
-                        b0, b1, c0, c1, c2, c3,
-                    )
-                s[nb * 4 + 0] = c0
-                s[nb * 4 + 1] = c1
-                s[nb * 4 + 2] = c2
-                s[nb * 4 + 3] = c3
+            # S = Q K^T: each K fragment pair feeds M_TILES mma per k-step
+            for i in range(S_REGS):
+                s[i] = 0
+            for kk2 in range(K_STEPS // 2):
+                for nb in range(N_BLOCKS):
+                    key = nb * 8 + lane % 8
+                    b0, b1, b2, b3 = ptx.ldmatrix_x4(
+                        ptx.shared_address(smem, (k_base + key * ROW_WORDS + kk2 * 16 + mat * 4,)))
+                    for m in range(M_TILES):
+                        for half_k in range(2):
+                            kk = 2 * kk2 + half_k
+                            if Q_IN_REGS:
+                                i = (m * K_STEPS + kk) * 4
+                                a0, a1, a2, a3 = q_frag[i], q_frag[i + 1], q_frag[i + 2], q_frag[i + 3]
+                            else:
+                                a0, a1, a2, a3 = q_fragments(smem, warp_row + m * 16, kk, lane)
+                            lo = b0 if half_k == 0 else b2
+                            hi = b1 if half_k == 0 else b3
+                            j = (m * N_BLOCKS + nb) * 4
+                            s[j], s[j + 1], s[j + 2], s[j + 3] = mma(
+                                a0, a1, a2, a3, lo, hi, s[j], s[j + 1], s[j + 2], s[j + 3])
 
             # mask only tiles that cross seqlen_k or the causal diagonal
             needs_mask = n0 + BN > seqlen_k
             if CAUSAL:
                 needs_mask = needs_mask or (n0 + BN - 1 > row0 + seqlen_k - seqlen_q)
             if needs_mask:
-                for nb in range(N_BLOCKS):
-                    for r in range(4):
-                        j = n0 + nb * 8 + 2 * t + (r % 2)
-                        i = row_w + g + 8 * (r // 2)
-                        hidden = j >= seqlen_k
-                        if CAUSAL:
-                            hidden = hidden or j > i + seqlen_k - seqlen_q
-                        if hidden:
-                            s[nb * 4 + r] = NEG_INF
+                for m in range(M_TILES):
+                    for nb in range(N_BLOCKS):
+                        for r in range(4):
+                            j = n0 + nb * 8 + 2 * t + (r % 2)
+                            i = row0 + warp_row + m * 16 + g + 8 * (r // 2)
+                            hidden = j >= seqlen_k
+                            if CAUSAL:
+                                hidden = hidden or j > i + seqlen_k - seqlen_q
+                            if hidden:
+                                s[(m * N_BLOCKS + nb) * 4 + r] = NEG_INF
 
             # online softmax, exp2 domain (FlashAttention-2, Algorithm 1, lines 8-10)
-            for half in range(2):
-                row_max = float32(NEG_INF)
-                for nb in range(N_BLOCKS):
-                    row_max = max(row_max, max(s[nb * 4 + 2 * half], s[nb * 4 + 2 * half + 1]))
-                row_max = max(row_max, ptx.shfl_xor(row_max, 1))
-                row_max = max(row_max, ptx.shfl_xor(row_max, 2))
-                m_new = max(m_i[half], row_max * scale_log2)
-                m_use = m_new if m_new != NEG_INF else float32(0)
-                alpha = ptx.ex2(m_i[half] - m_use)
-                row_sum = float32(0)
-                for nb in range(N_BLOCKS):
-                    for e in range(2):
-                        p = ptx.ex2(s[nb * 4 + 2 * half + e] * scale_log2 - m_use)
-                        s[nb * 4 + 2 * half + e] = p
-                        row_sum += p
-                m_i[half] = m_new
-                l_i[half] = l_i[half] * alpha + row_sum  # partial over this thread's columns
-                for db in range(D_BLOCKS):
-                    acc[db * 4 + 2 * half] *= alpha
-                    acc[db * 4 + 2 * half + 1] *= alpha
+            for m in range(M_TILES):
+                for half in range(2):
+                    row = 2 * m + half
+                    row_max = float32(NEG_INF)
+                    for nb in range(N_BLOCKS):
+                        j = (m * N_BLOCKS + nb) * 4 + 2 * half
+                        row_max = max(row_max, max(s[j], s[j + 1]))
+                    row_max = max(row_max, ptx.shfl_xor(row_max, 1))
+                    row_max = max(row_max, ptx.shfl_xor(row_max, 2))
+                    m_new = max(m_i[row], row_max * scale_log2)
+                    m_use = m_new if m_new != NEG_INF else float32(0)
+                    alpha = ptx.ex2(m_i[row] - m_use)
+                    row_sum = float32(0)
+                    for nb in range(N_BLOCKS):
+                        for e in range(2):
+                            j = (m * N_BLOCKS + nb) * 4 + 2 * half + e
+                            p = ptx.ex2(s[j] * scale_log2 - m_use)
+                            s[j] = p
+                            row_sum += p
+                    m_i[row] = m_new
+                    l_i[row] = l_i[row] * alpha + row_sum  # partial over this thread's columns
+                    for db in range(D_BLOCKS):
+                        j = (m * D_BLOCKS + db) * 4 + 2 * half
+                        acc[j] *= alpha
+                        acc[j + 1] *= alpha
 
             # acc += P V: P's C fragments, packed to 16 bits, are the A fragments
             for kk in range(PV_STEPS):
-                a0 = pack(s[(2 * kk) * 4 + 0], s[(2 * kk) * 4 + 1])
-                a1 = pack(s[(2 * kk) * 4 + 2], s[(2 * kk) * 4 + 3])
-                a2 = pack(s[(2 * kk + 1) * 4 + 0], s[(2 * kk + 1) * 4 + 1])
-                a3 = pack(s[(2 * kk + 1) * 4 + 2], s[(2 * kk + 1) * 4 + 3])
-                mat = lane // 8
                 key = kk * 16 + (mat % 2) * 8 + lane % 8
                 for db2 in range(D_BLOCKS // 2):
-                    word = (db2 * 16 + (mat // 2) * 8) // 2
-                    b0, b1, b2, b3 = ptx.ldmatrix_x4_trans(ptx.shared_address(v_s, (stage, key, word)))
-                    d = 2 * db2
-                    acc[d * 4], acc[d * 4 + 1], acc[d * 4 + 2], acc[d * 4 + 3] = mma(
-                        a0, a1, a2, a3, b0, b1,
-                        acc[d * 4], acc[d * 4 + 1], acc[d * 4 + 2], acc[d * 4 + 3],
-                    )
-                    d = 2 * db2 + 1
-                    acc[d * 4], acc[d * 4 + 1], acc[d * 4 + 2], acc[d * 4 + 3] = mma(
-                        a0, a1, a2, a3, b2, b3,
-                        acc[d * 4], acc[d * 4 + 1], acc[d * 4 + 2], acc[d * 4 + 3],
-                    )
+                    b0, b1, b2, b3 = ptx.ldmatrix_x4_trans(
+                        ptx.shared_address(smem, (v_base + key * ROW_WORDS + db2 * 8 + (mat // 2) * 4,)))
+                    for m in range(M_TILES):
+                        j0 = (m * N_BLOCKS + 2 * kk) * 4
+                        j1 = j0 + 4
+                        a0 = pack(s[j0], s[j0 + 1])
+                        a1 = pack(s[j0 + 2], s[j0 + 3])
+                        a2 = pack(s[j1], s[j1 + 1])
+                        a3 = pack(s[j1 + 2], s[j1 + 3])
+                        d = (m * D_BLOCKS + 2 * db2) * 4
+                        acc[d], acc[d + 1], acc[d + 2], acc[d + 3] = mma(
+                            a0, a1, a2, a3, b0, b1, acc[d], acc[d + 1], acc[d + 2], acc[d + 3])
+                        d += 4
+                        acc[d], acc[d + 1], acc[d + 2], acc[d + 3] = mma(
+                            a0, a1, a2, a3, b2, b3, acc[d], acc[d + 1], acc[d + 2], acc[d + 3])
             cuda.syncthreads()  # everyone is done with this stage before it is refilled
 
         ptx.cp_async_wait_group(0)
-        for half in range(2):
-            l_sum = l_i[half]
-            l_sum += ptx.shfl_xor(l_sum, 1)
-            l_sum += ptx.shfl_xor(l_sum, 2)
-            inv = float32(0)
-            if l_sum > 0:
-                inv = float32(1) / l_sum
-            i = row_w + g + 8 * half
-            if i < seqlen_q:
-                for db in range(D_BLOCKS):
-                    word = pack(acc[db * 4 + 2 * half] * inv, acc[db * 4 + 2 * half + 1] * inv)
-                    col = db * 8 + 2 * t
-                    out[b, i, h, col] = np.uint16(word & 0xFFFF)
-                    out[b, i, h, col + 1] = np.uint16(word >> 16)
-                if WITH_LSE and t == 0:
-                    if l_sum > 0:
-                        lse[b, h, i] = m_i[half] * LN2 + math.log(l_sum)
-                    else:
-                        lse[b, h, i] = NEG_INF
+        for m in range(M_TILES):
+            for half in range(2):
+                row = 2 * m + half
+                l_sum = l_i[row]
+                l_sum += ptx.shfl_xor(l_sum, 1)
+                l_sum += ptx.shfl_xor(l_sum, 2)
+                inv = float32(0)
+                if l_sum > 0:
+                    inv = float32(1) / l_sum
+                i = row0 + warp_row + m * 16 + g + 8 * half
+                if i < seqlen_q:
+                    for db in range(D_BLOCKS):
+                        j = (m * D_BLOCKS + db) * 4 + 2 * half
+                        word = pack(acc[j] * inv, acc[j + 1] * inv)
+                        col = db * 8 + 2 * t
+                        out[b, i, h, col] = np.uint16(word & 0xFFFF)
+                        out[b, i, h, col + 1] = np.uint16(word >> 16)
+                    if WITH_LSE and t == 0:
+                        if l_sum > 0:
+                            lse[b, h, i] = m_i[row] * LN2 + math.log(l_sum)
+                        else:
+                            lse[b, h, i] = NEG_INF
 
-    return forward_mma
+    return cuda.jit(forward_mma)

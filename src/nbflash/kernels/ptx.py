@@ -25,7 +25,10 @@ import numpy as np
 
 from .. import device
 
-if device.SIMULATOR:
+SIMULATED = device.SIMULATOR
+"""True when these intrinsics are the simulator twins."""
+
+if SIMULATED:
     import threading
 
     from ..simulator import current_warp
