@@ -37,9 +37,9 @@ def simt_tiles(acc_bytes: int, head_dim: int, head_dim_v: int, simulator: bool):
 # number of 16-row slices per warp.
 MMA_TILES = {
     32: (128, 64, 128, 2, True),
-    64: (128, 64, 128, 2, False),
+    64: (128, 32, 128, 2, True),
     96: (64, 64, 128, 2, False),
-    128: (64, 64, 128, 2, False),
+    128: (128, 64, 256, 2, False),
 }
 # One warp and short key tiles on the simulator: the emulated mma is slow.
 MMA_TILES_SIMULATOR = (16, 16, 32, 2, False)

@@ -106,7 +106,10 @@ def build(spec: ForwardSpec):
         g = lane // 4
         t = lane % 4
         mat = lane // 8  # which 8x8 matrix this lane addresses in ldmatrix
-        row0 = cuda.blockIdx.x * BM
+        m_block = cuda.blockIdx.x
+        if CAUSAL:  # the longest rows (the last blocks) start first: less tail at the end
+            m_block = cuda.gridDim.x - 1 - m_block
+        row0 = m_block * BM
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
         hk = h // group

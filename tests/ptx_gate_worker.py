@@ -1,0 +1,58 @@
+"""Compile every shipped tensor-core specialization for a real GPU target without a
+GPU, link it with nvJitLink (ptxas -v) and print one JSON line per kernel with its
+resources. Run by tests/test_ptx_gate.py in a subprocess with the simulator off."""
+
+import json
+import os
+import re
+import sys
+
+os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
+
+from cuda.bindings import nvjitlink  # noqa: E402
+from numba import cuda  # noqa: E402
+from numba.cuda import types  # noqa: E402
+
+from nbflash import tuning  # noqa: E402
+from nbflash.kernels import forward_mma  # noqa: E402
+from nbflash.spec import ForwardSpec  # noqa: E402
+
+
+def ptxas_report(ptx: str, arch: str) -> str:
+    handle = nvjitlink.create(2, [f"-arch={arch}", "-Xptxas=-v"])
+    data = ptx.encode()
+    nvjitlink.add_data(handle, nvjitlink.InputType.PTX, data, len(data), "kernel.ptx")
+    nvjitlink.complete(handle)
+    log = bytearray(nvjitlink.get_info_log_size(handle))
+    nvjitlink.get_info_log(handle, log)
+    nvjitlink.destroy(handle)
+    return log.decode()
+
+
+def main():
+    targets = {"sm_80": (8, 0), "sm_90a": (9, 0, "a")}
+    u16 = types.Array(types.uint16, 4, "A")
+    sig = (u16, u16, u16, u16, types.Array(types.float32, 3, "A"), types.float32, types.int64)
+    for arch in sys.argv[1:] or targets:
+        for head_dim, (bm, bn, threads, stages, q_regs) in sorted(tuning.MMA_TILES.items()):
+            for dtype in ("fp16", "bf16"):
+                for causal in (False, True):
+                    spec = ForwardSpec("mma", dtype, head_dim, head_dim, causal, True, bm, bn, threads, stages, q_regs)
+                    ptx, _ = cuda.compile_ptx(forward_mma.build(spec).py_func, sig, cc=targets[arch])
+                    log = ptxas_report(ptx, arch)
+                    grab = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
+                    print(json.dumps({
+                        "key": spec.key, "arch": arch, "threads": threads,
+                        "registers": grab(r"Used (\d+) registers"),
+                        "stack": grab(r"(\d+) bytes stack frame"),
+                        "spill_stores": grab(r"(\d+) bytes spill stores"),
+                        "spill_loads": grab(r"(\d+) bytes spill loads"),
+                        "mma": ptx.count("mma.sync.aligned.m16n8k16"),
+                        "ldmatrix": ptx.count("ldmatrix.sync.aligned"),
+                        "cp_async": ptx.count("cp.async.cg.shared.global"),
+                        "shared_bytes": forward_mma.shared_bytes(spec),
+                    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
