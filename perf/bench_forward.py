@@ -33,17 +33,7 @@ HEADS = 16
 
 
 def cupy_time(fn, warmup, repeats):
-    for _ in range(warmup):
-        fn()
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    times = []
-    for _ in range(repeats):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop))
-    return float(np.median(times))
+    return nbflash.device.median_gpu_ms(fn, warmup, repeats)
 
 
 def torch_peers():

@@ -15,22 +15,6 @@ from nbflash import arrays, device
 TOLERANCE = {"fp16": 3e-3, "bf16": 1e-2, "fp32": 2e-5, "fp64": 1e-12}
 
 
-def _timed_gpu(fn, repeats=20):
-    import cupy
-
-    for _ in range(3):
-        fn()
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    times = []
-    for _ in range(repeats):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
-    return float(np.median(times))
-
-
 def main() -> int:
     rng = np.random.default_rng()
     if device.SIMULATOR:
@@ -52,7 +36,7 @@ def main() -> int:
 
         dq, dk, dv = (cupy.asarray(x) for x in (q, k, v))
         out_dev = cupy.full(shape, np.nan, dtype)
-        seconds = _timed_gpu(lambda: nbflash.attention(dq, dk, dv, causal=causal, out=out_dev))
+        seconds = device.median_gpu_ms(lambda: nbflash.attention(dq, dk, dv, causal=causal, out=out_dev)) / 1e3
         out = out_dev.get()
         flops = 4.0 * batch * heads * seqlen * seqlen * head_dim / (2 if causal else 1)
         timing = f"{seconds * 1e3:.3f} ms median, {flops / seconds / 1e12:.1f} TFLOP/s"

@@ -81,3 +81,22 @@ def describe() -> str:
     cc = dev.compute_capability
     name = dev.name.decode() if isinstance(dev.name, bytes) else dev.name
     return f"{name} (sm_{cc[0]}{cc[1]})"
+
+
+def median_gpu_ms(fn, warmup: int = 3, repeats: int = 20) -> float:
+    """Median milliseconds of ``fn`` on CuPy's current stream, timed with CUDA events
+    after ``warmup`` untimed calls (the self-check and perf/ share this)."""
+    import cupy
+    import numpy as np
+
+    for _ in range(warmup):
+        fn()
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    times = []
+    for _ in range(repeats):
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop))
+    return float(np.median(times))
