@@ -274,7 +274,7 @@ def _forward(problem: _Problem, views, out_op, causal, scale, return_lse):
         return out, lse
     lse_view = (lse[None] if problem.squeeze else lse) if return_lse else _empty(problem, (1, 1, 1), np.float32)
     acc_type = np.float64 if problem.dtype == arrays.FLOAT64 else np.float32
-    kernel = launch.forward_kernel(spec)
+    kernel = launch.compiled(spec)
     grid = (-(-problem.seqlen_q // spec.block_m), problem.heads_q, problem.batch)
     args = [launch.numba_view(arrays.kernel_view(a, spec.kernel == "mma")) for a in (*views, out_view)]
     args += [launch.numba_view(lse_view), acc_type(scale), problem.heads_q // problem.heads_kv]

@@ -7,48 +7,42 @@ synchronization; the launch goes on CuPy's current stream.
 
 from __future__ import annotations
 
+import importlib
 import threading
 
 from numba import cuda
 
 from . import device
-from .spec import ForwardSpec
 
 _kernels: dict[str, object] = {}
 _lock = threading.Lock()
 
 
-def forward_kernel(spec: ForwardSpec):
-    """The compiled-on-first-use kernel for ``spec`` (one per process, thread safe)."""
+def compiled(spec):
+    """The compiled-on-first-use kernel for ``spec`` (one per process, thread safe).
+
+    ``spec`` is any frozen spec with a readable ``key`` and a ``module`` naming the
+    module of nbflash.kernels that builds it: ``module.build(spec)`` returns the
+    kernel, ``module.shared_bytes(spec)`` (when defined) its dynamic shared memory.
+    """
     kernel = _kernels.get(spec.key)
     if kernel is None:
         with _lock:
             kernel = _kernels.get(spec.key)
             if kernel is None:
-                kernel = _build(spec)
+                kernel = _kernel_module(spec).build(spec)
                 _kernels[spec.key] = kernel
     return kernel
 
 
-def _build(spec: ForwardSpec):
-    if spec.kernel == "simt":
-        from .kernels import forward_simt
-
-        return forward_simt.build(spec)
-    if spec.kernel == "mma":
-        from .kernels import forward_mma
-
-        return forward_mma.build(spec)
-    raise ValueError(f"unknown kernel family in spec {spec.key}")
+def _kernel_module(spec):
+    return importlib.import_module(f".kernels.{spec.module}", __package__)
 
 
-def shared_bytes(spec: ForwardSpec) -> int:
-    """Dynamic shared memory a spec's kernel is launched with."""
-    if spec.kernel == "mma":
-        from .kernels import forward_mma
-
-        return forward_mma.shared_bytes(spec)
-    return 0
+def shared_bytes(spec) -> int:
+    """Dynamic shared memory a spec's kernel is launched with (0 when static)."""
+    size = getattr(_kernel_module(spec), "shared_bytes", None)
+    return size(spec) if size is not None else 0
 
 
 def numba_view(a):

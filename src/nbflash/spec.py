@@ -37,6 +37,11 @@ class ForwardSpec:
     q_in_registers: bool = False
 
     @property
+    def module(self) -> str:
+        """The nbflash.kernels module that builds this specialization."""
+        return f"forward_{self.kernel}"
+
+    @property
     def key(self) -> str:
         flags = ("-causal" if self.causal else "") + ("-lse" if self.with_lse else "")
         stages = f"s{self.stages}" + ("qr" if self.q_in_registers else "") if self.kernel != "simt" else ""
