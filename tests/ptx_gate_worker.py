@@ -38,7 +38,9 @@ def main():
             for dtype in ("fp16", "bf16"):
                 for causal in (False, True):
                     spec = ForwardSpec("mma", dtype, head_dim, head_dim, causal, True, bm, bn, threads, stages, q_regs)
-                    ptx, _ = cuda.compile_ptx(forward_mma.build(spec).py_func, sig, cc=targets[arch])
+                    kernel = forward_mma.build(spec)
+                    fastmath = kernel.targetoptions.get("fastmath", False)
+                    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=targets[arch], fastmath=fastmath)
                     log = ptxas_report(ptx, arch)
                     grab = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
                     print(json.dumps({
