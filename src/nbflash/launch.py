@@ -801,10 +801,19 @@ def launch(kernel, grid, threads, args, shared_bytes=0, stream=None):
 
 def numba_launch(kernel, grid, threads, args, shared_bytes=0, stream=None):
     """Numba's own launch of ``kernel`` (typing every argument on every call)."""
+    if device.SIMULATOR:
+        # The simulator configures the shared kernel object and swaps its module's
+        # globals per launch: one launch at a time.
+        with _simulator_lock:
+            kernel[grid, threads, 0, shared_bytes](*args)
+        return
     args = [a.numba() if type(a) is DeviceArg else a for a in args]
-    if shared_bytes > _STATIC_SHARED_LIMIT and not device.SIMULATOR:
+    if shared_bytes > _STATIC_SHARED_LIMIT:
         _allow_dynamic_shared(kernel, args, shared_bytes)
     kernel[grid, threads, _numba_stream(stream), shared_bytes](*args)
+
+
+_simulator_lock = threading.Lock()
 
 
 _raised_shared_limit: set[int] = set()
