@@ -91,9 +91,11 @@ class RecordingDriver:
     def launch_kernel(self, handle, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
         import ctypes
 
+        for arg in (gx, gy, gz, bx, by, bz, shared):
+            assert type(arg) is int  # what ctypes passes as a C int without argtypes
         pointers = ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p))
         values = b"".join(ctypes.string_at(pointers[i], n) for i, n in enumerate(self.sizes))
-        self.calls.append(((handle, (gx, gy, gz), (bx, by, bz), shared, stream), values))
+        self.calls.append(((handle.value, (gx, gy, gz), (bx, by, bz), shared, stream.value or 0), values))
         return self.results.pop(0) if self.results else 0
 
 
@@ -349,8 +351,9 @@ def test_fast_launch_gives_what_numbas_launch_gives(dtype, layout, monkeypatch):
     assert sig_count > 0, "the fast launcher was never made"
     with monkeypatch.context() as m:
         m.setattr(launch, "launcher_for", lambda *a, **k: None)  # Numba's launch only
-        m.setattr(nbflash.plan, "memoized_attention", lambda *a, **k: None)
-        m.setattr(nbflash.plan, "remember", lambda *a, **k: None)
+        plan_module = sys.modules["nbflash.plan"]  # nbflash.plan is the function
+        m.setattr(plan_module, "memoized_attention", lambda *a, **k: None)
+        m.setattr(plan_module, "remember", lambda *a, **k: None)
         slow, slow_lse = nbflash.attention(q, k, v, causal=causal, layout=layout, return_lse=True)
     cupy.cuda.get_current_stream().synchronize()
     assert np.array_equal(to_host(fast).view(np.uint8), to_host(slow).view(np.uint8)), f"seed {seed}"
