@@ -83,7 +83,6 @@ def main():
     args = ap.parse_args()
 
     import cupy
-    import numpy as np
 
     import nbflash
     from nbflash import api, launch

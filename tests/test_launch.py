@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import nbflash
-from helpers import SIMULATOR, assert_close, draw_shape, new_rng, random_array, to_device, to_host
+from helpers import assert_close, draw_shape, new_rng, random_array, to_device, to_host
 from nbflash import launch
 
 

@@ -735,7 +735,7 @@ def _disk_load(key, layout):
     name, cubin = found
     from cuda.bindings import driver
 
-    err, library = driver.cuLibraryLoadData(cubin, None, None, 0, None, None, 0)
+    err, library = driver.cuLibraryLoadData(cubin, [], [], 0, [], [], 0)
     if err != driver.CUresult.CUDA_SUCCESS:
         return None
     err, kernel = driver.cuLibraryGetKernel(library, name.encode())

@@ -214,6 +214,7 @@ class AttentionPlan:
     """
 
     def __init__(self, q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=False):
+        _ndarray()  # resolve cupy.ndarray once, for run's type checks
         ops = [arrays.intake(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
         problem, views = api._validate(*ops, layout)
         self.causal = api._check_flag(causal, "causal")
@@ -254,7 +255,7 @@ class AttentionPlan:
                 qm, km, vm = q.data, k.data, v.data
                 dt, dev = self.dtype, self.device
                 if (
-                    q.dtype == dt and k.dtype == dt and v.dtype == dt
+                    (q.dtype is dt or q.dtype == dt) and k.dtype == dt and v.dtype == dt
                     and qm.device_id == dev and km.device_id == dev and vm.device_id == dev
                     and (out is None or (out.dtype == dt and out.data.device_id == dev))
                 ):
