@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import nbflash
-from helpers import assert_close, draw_shape, new_rng, random_array, to_device, to_host
+from helpers import assert_close, assert_lse_close, draw_shape, new_rng, random_array, to_device, to_host
 from nbflash import launch
 
 
@@ -366,8 +366,9 @@ def test_gpu_threads_on_streams_compile_once_and_are_right():
 
     rng, seed = new_rng()
     dtype = np.dtype(np.float16)
-    shape = (2, 200, 4, 48)  # head_dim 48: a signature of its own
-    inputs = [[random_array(rng, shape, dtype) for _ in range(3)] for _ in range(4)]
+    # head_dim 72 with head_dim_v 24, causal, with lse: a signature no other test makes
+    shapes = ((2, 200, 4, 72), (2, 230, 2, 72), (2, 230, 2, 24))
+    inputs = [[random_array(rng, s, dtype) for s in shapes] for _ in range(4)]
     results, errors = [None] * 4, []
     start = threading.Barrier(4)
     before = dict(launch.compile_seconds)
@@ -375,13 +376,14 @@ def test_gpu_threads_on_streams_compile_once_and_are_right():
     def worker(i):
         try:
             stream = cupy.cuda.Stream(non_blocking=True)
-            dev = [cupy.asarray(a) for a in inputs[i]]
+            with stream:
+                dev = [cupy.asarray(a) for a in inputs[i]]
             stream.synchronize()
             start.wait()
             for _ in range(20):
-                out = nbflash.attention(*dev, causal=True, stream=stream)
+                out, lse = nbflash.attention(*dev, causal=True, return_lse=True, stream=stream)
             stream.synchronize()
-            results[i] = to_host(out)
+            results[i] = (to_host(out), to_host(lse))
         except BaseException as e:
             errors.append(e)
 
@@ -394,7 +396,9 @@ def test_gpu_threads_on_streams_compile_once_and_are_right():
     new = [k for k in launch.compile_seconds if k not in before]
     assert len(new) == 1, new
     for i in range(4):
-        assert_close(results[i], nbflash.reference.attention(*inputs[i], causal=True), dtype, seed=seed)
+        ref, ref_lse = nbflash.reference.attention(*inputs[i], causal=True, return_lse=True)
+        assert_close(results[i][0], ref, dtype, seed=seed)
+        assert_lse_close(results[i][1], ref_lse, seed=seed)
 
 
 @pytest.mark.gpu
