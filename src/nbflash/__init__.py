@@ -3,9 +3,10 @@
 from . import device  # first: chooses GPU or simulator before numba.cuda loads
 from . import reference
 from .api import attention, forward_spec
+from .plan import AttentionPlan, plan
 from .spec import ForwardSpec
 
 __version__ = "0.1.0"
 SIMULATOR = device.SIMULATOR
 
-__all__ = ["attention", "forward_spec", "reference", "ForwardSpec", "SIMULATOR", "__version__"]
+__all__ = ["attention", "forward_spec", "plan", "AttentionPlan", "reference", "ForwardSpec", "SIMULATOR", "__version__"]

@@ -47,15 +47,31 @@ MMA_TILES_SIMULATOR = (16, 16, 32, 2, False)
 _OVERRIDE_VARIABLE = "NBFLASH_MMA_TILES"
 
 
+_parsed_override: tuple[str, dict] = ("", {})
+
+
 def _override(head_dim):
-    """perf/ sweeps set NBFLASH_MMA_TILES="64=128,64,128,2,0;128=..." to time other tiles."""
+    """perf/ sweeps set NBFLASH_MMA_TILES="64=128,64,128,2,0;128=..." to time other tiles
+    (read when a call signature is first dispatched; see set_override)."""
+    global _parsed_override
     text = os.environ.get(_OVERRIDE_VARIABLE, "")
-    for item in filter(None, text.split(";")):
-        dim, values = item.split("=")
-        if int(dim) == head_dim:
+    if text != _parsed_override[0]:
+        table = {}
+        for item in filter(None, text.split(";")):
+            dim, values = item.split("=")
             bm, bn, threads, stages, q_regs = (int(x) for x in values.split(","))
-            return bm, bn, threads, stages, bool(q_regs)
-    return None
+            table[int(dim)] = (bm, bn, threads, stages, bool(q_regs))
+        _parsed_override = (text, table)
+    return _parsed_override[1].get(head_dim)
+
+
+def set_override(text: str):
+    """Set NBFLASH_MMA_TILES for this process and its children, and forget the
+    dispatch decisions nbflash.attention remembered under the previous tiles."""
+    os.environ[_OVERRIDE_VARIABLE] = text
+    import importlib
+
+    importlib.import_module(".plan", __package__).forget()  # the module; nbflash.plan is the function
 
 
 def mma_tiles(head_dim: int, simulator: bool):
