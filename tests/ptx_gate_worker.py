@@ -34,9 +34,11 @@ def main():
     u16 = types.Array(types.uint16, 4, "A")
     sig = (u16, u16, u16, u16, types.Array(types.float32, 3, "A"), types.float32, types.int64)
     for arch in sys.argv[1:] or targets:
-        for head_dim, (bm, bn, threads, stages, q_regs) in sorted(tuning.MMA_TILES.items()):
+        for head_dim in sorted(tuning.MMA_TILES):
             for dtype in ("fp16", "bf16"):
                 for causal in (False, True):
+                    tiles = tuning.mma_tiles(head_dim, False, targets[arch], causal)
+                    bm, bn, threads, stages, q_regs = tiles
                     spec = ForwardSpec("mma", dtype, head_dim, head_dim, causal, True, bm, bn, threads, stages, q_regs)
                     kernel = forward_mma.build(spec)
                     fastmath = kernel.targetoptions.get("fastmath", False)

@@ -170,7 +170,7 @@ def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool, views=N
     fp16/bf16 with a shipped head_dim (equal for q and v), 16-byte aligned q/k/v rows
     and an sm_80+ GPU; the portable kernel otherwise."""
     dtype = arrays.short_name(problem.dtype)
-    tiles = tuning.mma_tiles(problem.head_dim, device.SIMULATOR)
+    tiles = tuning.mma_tiles(problem.head_dim, device.SIMULATOR, device.compute_capability(), causal)
     if (
         dtype in ("fp16", "bf16")
         and tiles is not None

@@ -33,13 +33,19 @@ def simt_tiles(acc_bytes: int, head_dim: int, head_dim_v: int, simulator: bool):
 
 
 # head_dim: (block_m, block_n, threads, stages, q_in_registers) for the tensor-core
-# kernel, sm_80+. Measured on an H100 (perf/NOTES.md); block_m / (16 * warps) is the
-# number of 16-row slices per warp.
+# kernel, per GPU generation. Measured on an H100 (perf/NOTES.md); block_m / (16 *
+# warps) is the number of 16-row slices per warp. Every entry compiles without spills
+# for its generation (tests/test_ptx_gate.py): sm_80's ptxas needs more registers for
+# the m128n32 d128 tile than Hopper's, and at d128 the causal mask's few extra
+# registers tip the m128n32 tile into spilling on sm_90 too.
 MMA_TILES = {
     32: (128, 64, 128, 2, True),
     64: (128, 32, 128, 2, True),
-    96: (64, 64, 128, 2, False),
+    96: (128, 32, 128, 2, False),
     128: (128, 64, 256, 2, False),
+}
+MMA_TILES_SM90 = {  # (head_dim, causal) entries that beat MMA_TILES on Hopper
+    (128, False): (128, 32, 128, 2, False),
 }
 # One warp and short key tiles on the simulator: the emulated mma is slow.
 MMA_TILES_SIMULATOR = (16, 16, 32, 2, False)
@@ -74,11 +80,16 @@ def set_override(text: str):
     importlib.import_module(".plan", __package__).forget()  # the module; nbflash.plan is the function
 
 
-def mma_tiles(head_dim: int, simulator: bool):
-    """(block_m, block_n, threads, stages, q_in_registers), or None when no
-    tensor-core tile is shipped for head_dim."""
+def mma_tiles(head_dim: int, simulator: bool, arch: tuple = (8, 0), causal: bool = False):
+    """(block_m, block_n, threads, stages, q_in_registers) for compute capability
+    ``arch``, or None when no tensor-core tile is shipped for head_dim."""
     if head_dim not in MMA_TILES:
         return None
     if simulator:
         return MMA_TILES_SIMULATOR
-    return _override(head_dim) or MMA_TILES[head_dim]
+    override = _override(head_dim)
+    if override:
+        return override
+    if tuple(arch[:2]) >= (9, 0):
+        return MMA_TILES_SM90.get((head_dim, causal), MMA_TILES[head_dim])
+    return MMA_TILES[head_dim]
