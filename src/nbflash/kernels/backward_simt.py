@@ -178,16 +178,14 @@ def build(spec: BackwardSpec) -> BackwardKernels:
                     c = e - r * BN
                     p_s[r, c] = probability(q_s, k_s, r, c, m0 + r, n0 + c, lse_s[r], seqlen_q, seqlen_k, scale)
                 cuda.syncthreads()
-                # dV += P^T dO (Alg. 2 line 12)
-                for t in range(DV_PER_THREAD):
-                    e = tid + t * T
-                    if e < BN * DV:
-                        j = e // DV
-                        c = e - j * DV
-                        a = dv_acc[t]
-                        for r in range(BM):
-                            a += p_s[r, j] * do_s[r, c]
-                        dv_acc[t] = a
+                # dV += P^T dO (Alg. 2 line 12). The accumulator loop is innermost: its
+                # fixed trip count unrolls, so dv_acc and dk_acc stay in registers.
+                for r in range(BM):
+                    for t in range(DV_PER_THREAD):
+                        e = tid + t * T
+                        if e < BN * DV:
+                            j = e // DV
+                            dv_acc[t] += p_s[r, j] * do_s[r, e - j * DV]
                 cuda.syncthreads()  # P is read; dS overwrites it
                 for e in range(tid, BM * BN, T):
                     r = e // BN
@@ -195,15 +193,12 @@ def build(spec: BackwardSpec) -> BackwardKernels:
                     p_s[r, c] = score_gradient(do_s, v_s, r, c, p_s[r, c], delta_s[r])
                 cuda.syncthreads()
                 # dK += dS^T Q (Alg. 2 line 18; the factor scale is applied once, at the end)
-                for t in range(DK_PER_THREAD):
-                    e = tid + t * T
-                    if e < BN * D:
-                        j = e // D
-                        c = e - j * D
-                        a = dk_acc[t]
-                        for r in range(BM):
-                            a += p_s[r, j] * q_s[r, c]
-                        dk_acc[t] = a
+                for r in range(BM):
+                    for t in range(DK_PER_THREAD):
+                        e = tid + t * T
+                        if e < BN * D:
+                            j = e // D
+                            dk_acc[t] += p_s[r, j] * q_s[r, e - j * D]
 
         for t in range(DK_PER_THREAD):
             e = tid + t * T
@@ -258,15 +253,12 @@ def build(spec: BackwardSpec) -> BackwardKernels:
                 ds_s[r, c] = score_gradient(do_s, v_s, r, c, p, delta_s[r])
             cuda.syncthreads()
             # dQ += dS K (Alg. 2 line 17; scale applied at the end)
-            for t in range(DQ_PER_THREAD):
-                e = tid + t * T
-                if e < BM * D:
-                    r = e // D
-                    c = e - r * D
-                    a = dq_acc[t]
-                    for j in range(BN):
-                        a += ds_s[r, j] * k_s[j, c]
-                    dq_acc[t] = a
+            for j in range(BN):
+                for t in range(DQ_PER_THREAD):
+                    e = tid + t * T
+                    if e < BM * D:
+                        r = e // D
+                        dq_acc[t] += ds_s[r, j] * k_s[j, e - r * D]
 
         for t in range(DQ_PER_THREAD):
             e = tid + t * T
