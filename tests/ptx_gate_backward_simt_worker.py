@@ -1,7 +1,7 @@
 """Compile the portable backward kernels for a real GPU target without a GPU, link
 them with nvJitLink (ptxas -v) and print one JSON line per kernel with its resources.
-Usage: ptx_gate_backward_worker.py ARCH [DTYPE:HEAD_DIM ...] (default: a sweep).
-Run by tests/test_ptx_gate_backward.py in a subprocess with the simulator off."""
+Usage: ptx_gate_backward_simt_worker.py ARCH [DTYPE:HEAD_DIM ...] (default: a sweep).
+Run by tests/test_ptx_gate_backward_simt.py in a subprocess with the simulator off."""
 
 import json
 import os
