@@ -93,3 +93,38 @@ def mma_tiles(head_dim: int, simulator: bool, arch: tuple = (8, 0), causal: bool
     if tuple(arch[:2]) >= (9, 0):
         return MMA_TILES_SM90.get((head_dim, causal), MMA_TILES[head_dim])
     return MMA_TILES[head_dim]
+
+
+def _odd(n: int) -> int:
+    """n, or n + 1 when even: an odd row length in words spreads a column over banks."""
+    return n | 1
+
+
+def backward_simt_shared_bytes(block_m, block_n, head_dim, head_dim_v, acc_bytes):
+    """Static shared memory of the portable backward kernels (the larger of the two):
+    K and V tiles with odd row lengths, Q and dO tiles, one block_m x block_n tile (P,
+    then dS in place), and lse and delta of block_m rows, all in accumulation precision."""
+    words = (
+        block_n * (_odd(head_dim) + _odd(head_dim_v))
+        + block_m * (head_dim + head_dim_v)
+        + block_m * block_n
+        + 2 * block_m
+    )
+    return words * acc_bytes
+
+
+_BACKWARD_SIMT_TILES = (
+    (64, 64), (32, 64), (32, 32), (16, 32), (16, 16), (8, 16), (8, 8), (4, 8), (4, 4),
+)
+
+
+def backward_simt_tiles(acc_bytes: int, head_dim: int, head_dim_v: int, simulator: bool):
+    """(block_m, block_n, threads) for the portable backward kernels: the largest tile
+    pair whose static shared memory fits. block_m != block_n on the simulator, so an
+    index that mixes up query and key tiles fails the tests."""
+    if simulator:
+        return 8, 16, 32
+    for block_m, block_n in _BACKWARD_SIMT_TILES:
+        if backward_simt_shared_bytes(block_m, block_n, head_dim, head_dim_v, acc_bytes) <= _STATIC_SHARED_BYTES:
+            return block_m, block_n, 128
+    raise AssertionError("unreachable: 4x4 tiles fit every head_dim up to 256")
