@@ -66,3 +66,28 @@ def mma_tiles(head_dim: int, simulator: bool):
     if simulator:
         return MMA_TILES_SIMULATOR
     return _override(head_dim) or MMA_TILES[head_dim]
+
+
+# head_dim: ((block_m, block_n, threads, kv_in_registers) of the dK/dV kernel,
+#            (block_m, block_n, threads, q_in_registers) of the separate dQ kernel)
+# for the tensor-core backward (kernels/backward_mma.py), sm_80+. Each compiles
+# without spills (tests/test_ptx_gate_backward.py); block_n / (16 * warps) of the
+# dK/dV kernel is the number of 16-key slices per warp, block_m / (16 * warps) of the
+# dQ kernel the number of 16-query slices per warp.
+MMA_BWD_TILES = {
+    32: ((64, 64, 128, True), (64, 64, 128, True)),
+    64: ((64, 64, 128, True), (64, 64, 128, True)),
+    96: ((32, 64, 128, False), (64, 64, 128, False)),
+    128: ((32, 64, 128, False), (64, 64, 128, False)),
+}
+# One warp, 16-row tiles on the simulator: the emulated mma is slow.
+MMA_BWD_TILES_SIMULATOR = ((16, 16, 32, False), (16, 16, 32, False))
+
+
+def mma_bwd_tiles(head_dim: int, simulator: bool):
+    """((block_m, block_n, threads, kv_in_registers), (dq_block_m, dq_block_n,
+    dq_threads, dq_in_registers)), or None when no tensor-core backward is shipped
+    for head_dim."""
+    if head_dim not in MMA_BWD_TILES:
+        return None
+    return MMA_BWD_TILES_SIMULATOR if simulator else MMA_BWD_TILES[head_dim]
