@@ -76,9 +76,9 @@ def mma_tiles(head_dim: int, simulator: bool):
 # dQ kernel the number of 16-query slices per warp.
 MMA_BWD_TILES = {
     32: ((64, 64, 128, True), (64, 64, 128, True)),
-    64: ((64, 64, 128, True), (64, 64, 128, True)),
+    64: ((32, 128, 256, True), (64, 64, 128, True)),
     96: ((32, 64, 128, False), (64, 64, 128, False)),
-    128: ((32, 64, 128, False), (64, 64, 128, False)),
+    128: ((32, 128, 256, False), (64, 64, 128, False)),
 }
 # One warp, 16-row tiles on the simulator: the emulated mma is slow.
 MMA_BWD_TILES_SIMULATOR = ((16, 16, 32, False), (16, 16, 32, False))

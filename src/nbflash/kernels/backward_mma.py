@@ -186,6 +186,8 @@ def _build_dkdv(spec):
     S_REGS = N_TILES * Q_BLOCKS * 4
     ACC_REGS = N_TILES * D_BLOCKS * 4
     KV_REGS = N_TILES * K_STEPS * 4
+    KV_BOTH_REGS = 2 * KV_REGS  # local-array sizes must be plain constants
+    A_REGS = 4 * N_TILES
     DQ_CHUNKS = D // DQ_CHUNK
     DQ_ITEMS = (BM // 16) * DQ_CHUNKS  # (16-query slice, column chunk) pairs
     DQ_REGS = DQ_CHUNK // 8 * 4
@@ -227,7 +229,7 @@ def _build_dkdv(spec):
                 smem[DELTA_OFF + tid] = ptx.f32_as_u32(delta_of(delta, b, h, m0 + tid, seqlen_q))
         ptx.cp_async_commit()
 
-        kv_frag = cuda.local.array(2 * KV_REGS, uint32)  # K then V A-fragments
+        kv_frag = cuda.local.array(KV_BOTH_REGS, uint32)  # K then V A-fragments
         if KV_IN_REGS and n_iter > 0:
             ptx.cp_async_wait_group(0)
             cuda.syncthreads()
@@ -247,8 +249,8 @@ def _build_dkdv(spec):
             dv_acc[i] = 0
         s = cuda.local.array(S_REGS, float32)  # S^T, then P^T
         dp = cuda.local.array(S_REGS, float32)  # dP^T, then dS^T
-        ka = cuda.local.array(4 * N_TILES, uint32)
-        va = cuda.local.array(4 * N_TILES, uint32)
+        ka = cuda.local.array(A_REGS, uint32)
+        va = cuda.local.array(A_REGS, uint32)
         dq = cuda.local.array(DQ_REGS, float32)
 
         for it in range(n_iter):
@@ -398,7 +400,8 @@ def _build_dkdv(spec):
                         for r in range(4):
                             i = m0 + qs * 16 + g + 8 * (r // 2)
                             if i < seqlen_q:
-                                cuda.atomic.add(dq_acc, (b, i, h, col0 + db * 8 + 2 * t + r % 2), dq[db * 4 + r])
+                                ptx.red_add_f32(ptx.global_address(
+                                    dq_acc, (b, i, h, col0 + db * 8 + 2 * t + r % 2)), dq[db * 4 + r])
 
             if it + 1 < n_iter and tid < BM:
                 smem[LSE_OFF + (1 - stage) * BM + tid] = ptx.f32_as_u32(next_lse)
@@ -444,6 +447,8 @@ def _build_dq(spec):
     S_REGS = M_TILES * N_BLOCKS * 4
     ACC_REGS = M_TILES * D_BLOCKS * 4
     FRAG_REGS = M_TILES * K_STEPS * 4
+    FRAG_BOTH_REGS = 2 * FRAG_REGS  # local-array sizes must be plain constants
+    A_REGS = 4 * M_TILES
     ROWS = 2 * M_TILES
     NEG_INF = -math.inf
     issue_rows, a_fragments, bt_fragments, b_fragments, lse_log2, delta_of = _device_helpers(spec, T)
@@ -486,7 +491,7 @@ def _build_dq(spec):
             row_lse[r] = lse_log2(lse, b, h, i, seqlen_q)
             row_delta[r] = delta_of(delta, b, h, i, seqlen_q)
 
-        frag = cuda.local.array(2 * FRAG_REGS, uint32)  # Q then dO A-fragments
+        frag = cuda.local.array(FRAG_BOTH_REGS, uint32)  # Q then dO A-fragments
         if IN_REGS:
             ptx.cp_async_wait_group(0)
             cuda.syncthreads()
@@ -503,8 +508,8 @@ def _build_dq(spec):
             acc[i] = 0
         s = cuda.local.array(S_REGS, float32)  # S, then P
         dp = cuda.local.array(S_REGS, float32)  # dP, then dS
-        qa = cuda.local.array(4 * M_TILES, uint32)
-        oa = cuda.local.array(4 * M_TILES, uint32)
+        qa = cuda.local.array(A_REGS, uint32)
+        oa = cuda.local.array(A_REGS, uint32)
 
         for it in range(n_tiles):
             stage = it % 2
