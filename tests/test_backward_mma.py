@@ -159,6 +159,23 @@ def test_deterministic_mode_is_bitwise_repeatable():
         assert np.array_equal(to_host(a).view(np.uint16), to_host(b).view(np.uint16)), f"{what} {spec} (seed {seed})"
 
 
+@pytest.mark.skipif(not SIMULATOR, reason="the simulator's tile choice is what is overridden")
+@pytest.mark.parametrize("tiles", [
+    ((32, 32, 32, True), (32, 32, 32, True)),
+    ((32, 32, 64, False), (32, 32, 64, False)),
+], ids=["two-slices-per-warp-in-registers", "two-warps"])
+def test_tile_variants_on_simulator(tiles, monkeypatch):
+    """What the shipped tiles use and the simulator's default does not: K/V (and Q/dO)
+    A-fragments kept in registers, warps owning two 16-row slices, several warps
+    sharing the dQ work items."""
+    monkeypatch.setattr(tuning, "MMA_BWD_TILES_SIMULATOR", tiles)
+    rng, seed = new_rng()
+    for deterministic in (False, True):
+        check(rng, seed, HALF_DTYPES[int(rng.integers(2))], batch=1, seqlen_q=int(rng.integers(20, 45)),
+              seqlen_k=int(rng.integers(20, 45)), heads_kv=1, group=1, head_dim=SIM_HEAD_DIM,
+              causal=bool(rng.integers(2)), deterministic=deterministic)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", SHIPPED)
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])

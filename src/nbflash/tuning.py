@@ -90,4 +90,20 @@ def mma_bwd_tiles(head_dim: int, simulator: bool):
     for head_dim."""
     if head_dim not in MMA_BWD_TILES:
         return None
-    return MMA_BWD_TILES_SIMULATOR if simulator else MMA_BWD_TILES[head_dim]
+    if simulator:
+        return MMA_BWD_TILES_SIMULATOR
+    return _bwd_override(head_dim) or MMA_BWD_TILES[head_dim]
+
+
+_BWD_OVERRIDE_VARIABLE = "NBFLASH_MMA_BWD_TILES"
+
+
+def _bwd_override(head_dim):
+    """perf/ sweeps set NBFLASH_MMA_BWD_TILES="128=32,128,256,0/64,64,128,0;64=..."
+    (dK/dV tiles / dQ tiles) to time other tiles."""
+    for item in filter(None, os.environ.get(_BWD_OVERRIDE_VARIABLE, "").split(";")):
+        dim, values = item.split("=")
+        if int(dim) == head_dim:
+            kv, dq = ([int(x) for x in part.split(",")] for part in values.split("/"))
+            return (kv[0], kv[1], kv[2], bool(kv[3])), (dq[0], dq[1], dq[2], bool(dq[3]))
+    return None
