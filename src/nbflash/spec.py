@@ -91,3 +91,52 @@ class BackwardSpec:
 
     def __str__(self) -> str:
         return self.key
+
+
+@dataclass(frozen=True)
+class BackwardMmaSpec:
+    """The tensor-core backward (fp16/bf16): a plan of up to three kernels.
+
+    part: "plan" names the whole backward (what kernels.backward_mma.launch_backward
+        takes); the kernels it launches are the same spec with part set to
+        "dkdv" (dK and dV), "dkdvq" (dK, dV and float32 dQ atomics), "dq" (dQ alone,
+        no atomics: the deterministic path) or "dq_convert" (float32 dQ to 16 bits).
+    dtype: "fp16" or "bf16". head_dim: of q, k and v (equal).
+    causal: bottom-right-aligned causal mask compiled in.
+    block_m / block_n / threads: query rows per streamed tile, keys per CTA and
+        threads of the dK/dV kernel; kv_in_registers keeps its K and V A-fragments
+        in registers instead of re-reading them from shared memory.
+    dq_block_m / dq_block_n / dq_threads / dq_in_registers: the same for the
+        separate dQ kernel (query rows per CTA, keys per streamed tile; Q and dO
+        A-fragments in registers).
+    """
+
+    dtype: str
+    head_dim: int
+    causal: bool
+    block_m: int
+    block_n: int
+    threads: int
+    kv_in_registers: bool
+    dq_block_m: int
+    dq_block_n: int
+    dq_threads: int
+    dq_in_registers: bool
+    part: str = "plan"
+
+    @property
+    def module(self) -> str:
+        return "backward_mma"
+
+    @property
+    def key(self) -> str:
+        name = "bwd_mma" if self.part == "plan" else f"bwd_mma_{self.part}"
+        flags = "-causal" if self.causal else ""
+        return (
+            f"{name}-{self.dtype}-d{self.head_dim}{flags}"
+            f"-m{self.block_m}n{self.block_n}t{self.threads}" + ("kvr" if self.kv_in_registers else "")
+            + f"-dq_m{self.dq_block_m}n{self.dq_block_n}t{self.dq_threads}" + ("qr" if self.dq_in_registers else "")
+        )
+
+    def __str__(self) -> str:
+        return self.key

@@ -128,3 +128,44 @@ def backward_simt_tiles(acc_bytes: int, head_dim: int, head_dim_v: int, simulato
         if backward_simt_shared_bytes(block_m, block_n, head_dim, head_dim_v, acc_bytes) <= _STATIC_SHARED_BYTES:
             return block_m, block_n, 128
     raise AssertionError("unreachable: 4x4 tiles fit every head_dim up to 256")
+
+
+# head_dim: ((block_m, block_n, threads, kv_in_registers) of the dK/dV kernel,
+#            (block_m, block_n, threads, q_in_registers) of the separate dQ kernel)
+# for the tensor-core backward (kernels/backward_mma.py), sm_80+. Each compiles
+# without spills (tests/test_ptx_gate_backward.py); block_n / (16 * warps) of the
+# dK/dV kernel is the number of 16-key slices per warp, block_m / (16 * warps) of the
+# dQ kernel the number of 16-query slices per warp.
+MMA_BWD_TILES = {
+    32: ((64, 64, 128, True), (64, 64, 128, True)),
+    64: ((32, 128, 256, True), (64, 64, 128, True)),
+    96: ((32, 64, 128, False), (64, 64, 128, False)),
+    128: ((32, 128, 256, False), (64, 64, 128, False)),
+}
+# One warp, 16-row tiles on the simulator: the emulated mma is slow.
+MMA_BWD_TILES_SIMULATOR = ((16, 16, 32, False), (16, 16, 32, False))
+
+
+def mma_bwd_tiles(head_dim: int, simulator: bool):
+    """((block_m, block_n, threads, kv_in_registers), (dq_block_m, dq_block_n,
+    dq_threads, dq_in_registers)), or None when no tensor-core backward is shipped
+    for head_dim."""
+    if head_dim not in MMA_BWD_TILES:
+        return None
+    if simulator:
+        return MMA_BWD_TILES_SIMULATOR
+    return _bwd_override(head_dim) or MMA_BWD_TILES[head_dim]
+
+
+_BWD_OVERRIDE_VARIABLE = "NBFLASH_MMA_BWD_TILES"
+
+
+def _bwd_override(head_dim):
+    """perf/ sweeps set NBFLASH_MMA_BWD_TILES="128=32,128,256,0/64,64,128,0;64=..."
+    (dK/dV tiles / dQ tiles) to time other tiles."""
+    for item in filter(None, os.environ.get(_BWD_OVERRIDE_VARIABLE, "").split(";")):
+        dim, values = item.split("=")
+        if int(dim) == head_dim:
+            kv, dq = ([int(x) for x in part.split(",")] for part in values.split("/"))
+            return (kv[0], kv[1], kv[2], bool(kv[3])), (dq[0], dq[1], dq[2], bool(dq[3]))
+    return None

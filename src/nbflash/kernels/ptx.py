@@ -156,6 +156,13 @@ if SIMULATED:
         values = current_warp().exchange(_lane(), value)
         return values[_lane() ^ lane_mask]
 
+    _red_lock = threading.Lock()
+
+    def red_add_f32(address, value):
+        """*address += value in float32, atomically (lanes are Python threads here)."""
+        with _red_lock:
+            address.array[address.index] += np.float32(value)
+
 else:
     from llvmlite import ir
     from numba import cuda
@@ -346,6 +353,18 @@ else:
             return builder.call(ir.InlineAsm(fnty, "ex2.approx.ftz.f32 $0, $1;", "=f,f"), [val])
 
         return types.float32(x), codegen
+
+    @intrinsic
+    def red_add_f32(typingctx, address, value):
+        """red.global.add.f32 [address], value (PTX ISA 9.7.13.6): atomic float32 add to
+        a global address (from global_address), no result returned."""
+
+        def codegen(context, builder, sig, args):
+            val = context.cast(builder, args[1], sig.args[1], types.float32)
+            _asm(builder, "red.global.add.f32 [$0], $1;", "l,f", ir.VoidType(), [args[0], val])
+            return context.get_dummy_value()
+
+        return types.void(types.uint64, value), codegen
 
     @cuda.jit(device=True, inline=True)
     def shfl_xor(value, lane_mask):

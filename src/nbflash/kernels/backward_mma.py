@@ -1,0 +1,699 @@
+"""The tensor-core backward kernels (FlashAttention-2 backward) for float16 and bfloat16.
+
+Given q, k, v, dO, the forward's lse and delta = rowsum(dO * O), with
+P = exp(scale * Q K^T - lse) recomputed tile by tile (FlashAttention-2, Algorithm 2):
+    dV = P^T dO,    dP = dO V^T,    dS = P * (dP - delta),
+    dK = scale * dS^T Q,    dQ = scale * dS K.
+
+dK/dV kernel ("dkdv", "dkdvq"): a CTA owns block_n keys of one (batch, kv head); each
+warp owns N_TILES slices of 16 keys. K and V stay in shared memory (or, with
+kv_in_registers, their A-fragments in registers) while Q and dO tiles of block_m rows,
+of every query head of the GQA group and every query tile that sees these keys, stream
+through shared memory double-buffered with cp.async. Working on the transposes,
+S^T = K Q^T and dP^T = V dO^T give mma C fragments whose rows are keys: packed to 16
+bits they are the A fragments of dV += P^T dO and dK += dS^T Q, as P feeds P V in the
+forward; dK and dV accumulate in float32 registers and are written once. With "dkdvq"
+dS^T also goes to shared memory as 16 bits, is read back as dS with ldmatrix.trans, and
+dQ += dS K is added into a float32 global accumulator with atomics; "dq_convert" then
+scales it and rounds it to 16 bits.
+
+dQ kernel ("dq", deterministic): a CTA owns block_m query rows of one (batch, query
+head) and streams K and V tiles like the forward; S = Q K^T and dP = dO V^T have query
+rows, so dS's C fragments are directly the A fragments of dQ += dS K. No atomics: the
+same inputs give the same bits on every run. It recomputes S and dP (7 matmuls instead
+of 5) to buy that.
+
+Shared memory is one dynamic buffer of 32-bit words. 16-bit tiles use rows of
+head_dim / 2 words plus 4 words of padding, so 8 consecutive rows read by ldmatrix hit
+distinct banks; lse (as log2, +inf where no key is seen: P = 0 there, never NaN) and
+delta are staged as float32 bits. Fragment layouts are those of ptx.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda
+from numba.cuda import float32, uint32
+
+from ..spec import BackwardMmaSpec
+from . import ptx
+
+LOG2E = 1.4426950408889634
+PAD_WORDS = 4
+HEAD_DIMS = (32, 64, 96, 128)
+CONVERT_ROWS = 8  # rows of dQ per CTA of the dq_convert kernel
+CONVERT_THREADS = 128
+DQ_CHUNK = 32  # dQ columns one warp accumulates at a time in the dkdvq kernel
+
+
+def _row_words(spec):
+    return spec.head_dim // 2 + PAD_WORDS
+
+
+def _ds_row_words(spec):
+    return spec.block_m // 2 + PAD_WORDS
+
+
+def shared_bytes(spec: BackwardMmaSpec) -> int:
+    rw = _row_words(spec)
+    if spec.part in ("dkdv", "dkdvq"):
+        words = rw * (2 * spec.block_n + 4 * spec.block_m) + 4 * spec.block_m
+        if spec.part == "dkdvq":
+            words += spec.block_n * _ds_row_words(spec)
+        return 4 * words
+    if spec.part == "dq":
+        return 4 * rw * (2 * spec.dq_block_m + 4 * spec.dq_block_n)
+    return 0
+
+
+def choose_spec(dtype: str, head_dim: int, causal: bool, simulator: bool):
+    """The plan for a problem, or None when no tensor-core backward ships for head_dim."""
+    from .. import tuning
+
+    tiles = tuning.mma_bwd_tiles(head_dim, simulator)
+    if tiles is None or dtype not in ("fp16", "bf16"):
+        return None
+    (bm, bn, threads, kv_regs), (qbm, qbn, qthreads, q_regs) = tiles
+    return BackwardMmaSpec(dtype, head_dim, causal, bm, bn, threads, kv_regs, qbm, qbn, qthreads, q_regs)
+
+
+def build(spec: BackwardMmaSpec):
+    """The compiled-on-launch kernel for spec.part (see launch_backward for grids)."""
+    assert spec.dtype in ("fp16", "bf16") and spec.head_dim in HEAD_DIMS
+    if spec.part in ("dkdv", "dkdvq"):
+        return _build_dkdv(spec)
+    if spec.part == "dq":
+        return _build_dq(spec)
+    if spec.part == "dq_convert":
+        return _build_convert(spec)
+    raise ValueError(f"spec.part: expected dkdv, dkdvq, dq or dq_convert; got {spec.part!r}")
+
+
+def _device_helpers(spec, threads):
+    """Device functions shared by the kernels, closed over the tile constants."""
+    D = spec.head_dim
+    RW = D // 2 + PAD_WORDS
+    CHUNKS = D // 8  # 16-byte chunks per row
+    INF = math.inf
+
+    @cuda.jit(device=True, inline=True)
+    def issue_rows(src, smem, base, rows, b, h, n0, seqlen, tid):
+        """cp.async ``rows`` x D of src[b, n0:, h, :] to smem[base:] (rows past
+        seqlen are zero-filled)."""
+        for e in range(tid, rows * CHUNKS, threads):
+            r = e // CHUNKS
+            c = e - r * CHUNKS
+            j = n0 + r
+            nbytes = 16 if j < seqlen else 0
+            j = max(0, min(j, seqlen - 1))
+            ptx.cp_async_16(
+                ptx.shared_address(smem, (base + r * RW + c * 4,)),
+                ptx.global_address(src, (b, j, h, c * 8)),
+                nbytes,
+            )
+
+    @cuda.jit(device=True, inline=True)
+    def a_fragments(smem, base, row0, kk, lane):
+        """A fragments (a0..a3) of the 16 x 16 block rows row0..+15, columns
+        kk*16..+15 of a row-major 16-bit tile at smem[base:]."""
+        mat = lane // 8
+        row = row0 + (mat % 2) * 8 + lane % 8
+        return ptx.ldmatrix_x4(ptx.shared_address(smem, (base + row * RW + kk * 8 + (mat // 2) * 4,)))
+
+    @cuda.jit(device=True, inline=True)
+    def bt_fragments(smem, base, row0, kk, lane):
+        """B fragments of X^T for the rows row0..+15 of a row-major tile X, k-step kk
+        (columns kk*16..+15): (b0, b1) for the n-block of rows row0..+7, (b2, b3) for
+        rows row0+8..+15."""
+        mat = lane // 8
+        row = row0 + (mat // 2) * 8 + lane % 8
+        return ptx.ldmatrix_x4(ptx.shared_address(smem, (base + row * RW + kk * 8 + (mat % 2) * 4,)))
+
+    @cuda.jit(device=True, inline=True)
+    def b_fragments(smem, base, row0, db2, lane):
+        """B fragments of X for k-rows row0..+15 of a row-major tile X: (b0, b1) for
+        columns db2*16..+7, (b2, b3) for db2*16+8..+15 (ldmatrix.trans)."""
+        mat = lane // 8
+        row = row0 + (mat % 2) * 8 + lane % 8
+        return ptx.ldmatrix_x4_trans(ptx.shared_address(smem, (base + row * RW + db2 * 8 + (mat // 2) * 4,)))
+
+    @cuda.jit(device=True, inline=True)
+    def lse_log2(lse, b, h, i, seqlen_q):
+        """lse * log2(e) of row i, +inf for rows past seqlen_q or that see no key, so
+        that P = exp2(s - lse_log2) is 0 there."""
+        x = float32(INF)
+        if i < seqlen_q:
+            y = lse[b, h, i]
+            if y != -INF:
+                x = float32(y * LOG2E)
+        return x
+
+    @cuda.jit(device=True, inline=True)
+    def delta_of(delta, b, h, i, seqlen_q):
+        x = float32(0)
+        if i < seqlen_q:
+            x = delta[b, h, i]
+        return x
+
+    return issue_rows, a_fragments, bt_fragments, b_fragments, lse_log2, delta_of
+
+
+def _build_dkdv(spec):
+    mma = ptx.mma_f16 if spec.dtype == "fp16" else ptx.mma_bf16
+    pack = ptx.pack_f16x2 if spec.dtype == "fp16" else ptx.pack_bf16x2
+    D = spec.head_dim
+    BM, BN, T = spec.block_m, spec.block_n, spec.threads
+    WARPS = T // 32
+    N_TILES = BN // (16 * WARPS)  # 16-key slices per warp
+    assert N_TILES * 16 * WARPS == BN and BM % 16 == 0 and D % 32 == 0
+    WITH_DQ = spec.part == "dkdvq"
+    KV_IN_REGS = spec.kv_in_registers
+    CAUSAL = spec.causal
+    RW = D // 2 + PAD_WORDS
+    K_OFF = 0
+    V_OFF = BN * RW
+    Q_OFF = 2 * BN * RW  # two stages of BM rows
+    DO_OFF = Q_OFF + 2 * BM * RW
+    LSE_OFF = DO_OFF + 2 * BM * RW  # two stages of BM floats
+    DELTA_OFF = LSE_OFF + 2 * BM
+    DS_OFF = DELTA_OFF + 2 * BM  # dS^T: BN key rows of BM queries (dkdvq)
+    DS_RW = BM // 2 + PAD_WORDS
+    K_STEPS = D // 16  # k-steps over head_dim
+    Q_BLOCKS = BM // 8  # 8-query n-blocks of S^T
+    D_BLOCKS = D // 8
+    S_REGS = N_TILES * Q_BLOCKS * 4
+    ACC_REGS = N_TILES * D_BLOCKS * 4
+    KV_REGS = N_TILES * K_STEPS * 4
+    KV_BOTH_REGS = 2 * KV_REGS  # local-array sizes must be plain constants
+    A_REGS = 4 * N_TILES
+    DQ_CHUNKS = D // DQ_CHUNK
+    DQ_ITEMS = (BM // 16) * DQ_CHUNKS  # (16-query slice, column chunk) pairs
+    DQ_REGS = DQ_CHUNK // 8 * 4
+    NEG_INF = -math.inf
+    issue_rows, a_fragments, bt_fragments, b_fragments, lse_log2, delta_of = _device_helpers(spec, T)
+
+    def backward_dkdv(q, k, v, do, lse, delta, dk, dv, dq_acc, scale, group):
+        tid = cuda.threadIdx.x
+        lane = tid % 32
+        warp = tid // 32
+        g = lane // 4
+        t = lane % 4
+        mat = lane // 8
+        n0 = cuda.blockIdx.x * BN
+        hk = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        seqlen_q = q.shape[1]
+        seqlen_k = k.shape[1]
+        warp_key = warp * 16 * N_TILES  # first key of this warp within the tile
+        scale_log2 = float32(scale * LOG2E)
+        smem = cuda.shared.array(0, uint32)
+
+        # the query tiles that see at least one of keys n0..n0+BN-1, for each head of the group
+        m_first = 0
+        if CAUSAL:
+            m_first = max(0, n0 - (seqlen_k - seqlen_q)) // BM
+        n_m = max(0, (seqlen_q + BM - 1) // BM - m_first)
+        n_iter = group * n_m
+
+        if n_iter > 0:
+            issue_rows(k, smem, K_OFF, BN, b, hk, n0, seqlen_k, tid)
+            issue_rows(v, smem, V_OFF, BN, b, hk, n0, seqlen_k, tid)
+            h = hk * group
+            m0 = m_first * BM
+            issue_rows(q, smem, Q_OFF, BM, b, h, m0, seqlen_q, tid)
+            issue_rows(do, smem, DO_OFF, BM, b, h, m0, seqlen_q, tid)
+            if tid < BM:
+                smem[LSE_OFF + tid] = ptx.f32_as_u32(lse_log2(lse, b, h, m0 + tid, seqlen_q))
+                smem[DELTA_OFF + tid] = ptx.f32_as_u32(delta_of(delta, b, h, m0 + tid, seqlen_q))
+        ptx.cp_async_commit()
+
+        kv_frag = cuda.local.array(KV_BOTH_REGS, uint32)  # K then V A-fragments
+        if KV_IN_REGS and n_iter > 0:
+            ptx.cp_async_wait_group(0)
+            cuda.syncthreads()
+            for m in range(N_TILES):
+                for kk in range(K_STEPS):
+                    i = (m * K_STEPS + kk) * 4
+                    kv_frag[i], kv_frag[i + 1], kv_frag[i + 2], kv_frag[i + 3] = a_fragments(
+                        smem, K_OFF, warp_key + m * 16, kk, lane)
+                    i += KV_REGS
+                    kv_frag[i], kv_frag[i + 1], kv_frag[i + 2], kv_frag[i + 3] = a_fragments(
+                        smem, V_OFF, warp_key + m * 16, kk, lane)
+
+        dk_acc = cuda.local.array(ACC_REGS, float32)
+        dv_acc = cuda.local.array(ACC_REGS, float32)
+        for i in range(ACC_REGS):
+            dk_acc[i] = 0
+            dv_acc[i] = 0
+        s = cuda.local.array(S_REGS, float32)  # S^T, then P^T
+        dp = cuda.local.array(S_REGS, float32)  # dP^T, then dS^T
+        ka = cuda.local.array(A_REGS, uint32)
+        va = cuda.local.array(A_REGS, uint32)
+        dq = cuda.local.array(DQ_REGS, float32)
+
+        for it in range(n_iter):
+            stage = it % 2
+            gh = it // n_m
+            h = hk * group + gh
+            m0 = (m_first + it - gh * n_m) * BM
+            q_base = Q_OFF + stage * BM * RW
+            do_base = DO_OFF + stage * BM * RW
+            lse_base = LSE_OFF + stage * BM
+            delta_base = DELTA_OFF + stage * BM
+            next_lse = float32(0)
+            next_delta = float32(0)
+            if it + 1 < n_iter:
+                gh1 = (it + 1) // n_m
+                h1 = hk * group + gh1
+                m1 = (m_first + it + 1 - gh1 * n_m) * BM
+                issue_rows(q, smem, Q_OFF + (1 - stage) * BM * RW, BM, b, h1, m1, seqlen_q, tid)
+                issue_rows(do, smem, DO_OFF + (1 - stage) * BM * RW, BM, b, h1, m1, seqlen_q, tid)
+                if tid < BM:  # loads in flight during this tile's math, stored at its end
+                    next_lse = lse_log2(lse, b, h1, m1 + tid, seqlen_q)
+                    next_delta = delta_of(delta, b, h1, m1 + tid, seqlen_q)
+            ptx.cp_async_commit()
+            ptx.cp_async_wait_group(1)  # this tile's group has landed
+            cuda.syncthreads()
+
+            # S^T = K Q^T and dP^T = V dO^T: rows are this warp's keys, columns queries
+            for i in range(S_REGS):
+                s[i] = 0
+                dp[i] = 0
+            for kk in range(K_STEPS):
+                for m in range(N_TILES):
+                    if KV_IN_REGS:
+                        i = (m * K_STEPS + kk) * 4
+                        ka[4 * m], ka[4 * m + 1], ka[4 * m + 2], ka[4 * m + 3] = (
+                            kv_frag[i], kv_frag[i + 1], kv_frag[i + 2], kv_frag[i + 3])
+                        i += KV_REGS
+                        va[4 * m], va[4 * m + 1], va[4 * m + 2], va[4 * m + 3] = (
+                            kv_frag[i], kv_frag[i + 1], kv_frag[i + 2], kv_frag[i + 3])
+                    else:
+                        ka[4 * m], ka[4 * m + 1], ka[4 * m + 2], ka[4 * m + 3] = a_fragments(
+                            smem, K_OFF, warp_key + m * 16, kk, lane)
+                        va[4 * m], va[4 * m + 1], va[4 * m + 2], va[4 * m + 3] = a_fragments(
+                            smem, V_OFF, warp_key + m * 16, kk, lane)
+                for nb2 in range(Q_BLOCKS // 2):
+                    b0, b1, b2, b3 = bt_fragments(smem, q_base, nb2 * 16, kk, lane)
+                    e0, e1, e2, e3 = bt_fragments(smem, do_base, nb2 * 16, kk, lane)
+                    for m in range(N_TILES):
+                        j = (m * Q_BLOCKS + 2 * nb2) * 4
+                        s[j], s[j + 1], s[j + 2], s[j + 3] = mma(
+                            ka[4 * m], ka[4 * m + 1], ka[4 * m + 2], ka[4 * m + 3], b0, b1,
+                            s[j], s[j + 1], s[j + 2], s[j + 3])
+                        dp[j], dp[j + 1], dp[j + 2], dp[j + 3] = mma(
+                            va[4 * m], va[4 * m + 1], va[4 * m + 2], va[4 * m + 3], e0, e1,
+                            dp[j], dp[j + 1], dp[j + 2], dp[j + 3])
+                        j += 4
+                        s[j], s[j + 1], s[j + 2], s[j + 3] = mma(
+                            ka[4 * m], ka[4 * m + 1], ka[4 * m + 2], ka[4 * m + 3], b2, b3,
+                            s[j], s[j + 1], s[j + 2], s[j + 3])
+                        dp[j], dp[j + 1], dp[j + 2], dp[j + 3] = mma(
+                            va[4 * m], va[4 * m + 1], va[4 * m + 2], va[4 * m + 3], e2, e3,
+                            dp[j], dp[j + 1], dp[j + 2], dp[j + 3])
+
+            # mask only tiles that cross seqlen_k or the causal diagonal
+            needs_mask = n0 + BN > seqlen_k
+            if CAUSAL:
+                needs_mask = needs_mask or (n0 + BN - 1 > m0 + seqlen_k - seqlen_q)
+            if needs_mask:
+                for m in range(N_TILES):
+                    for nb in range(Q_BLOCKS):
+                        for r in range(4):
+                            key = n0 + warp_key + m * 16 + g + 8 * (r // 2)
+                            i = m0 + nb * 8 + 2 * t + (r % 2)
+                            hidden = key >= seqlen_k
+                            if CAUSAL:
+                                hidden = hidden or key > i + seqlen_k - seqlen_q
+                            if hidden:
+                                s[(m * Q_BLOCKS + nb) * 4 + r] = NEG_INF
+
+            # P^T = exp2(S^T scale log2(e) - lse log2(e)); dS^T = P^T (dP^T - delta)
+            # (FlashAttention-2, Algorithm 2, lines 13 and 16)
+            for nb in range(Q_BLOCKS):
+                for e in range(2):
+                    col = nb * 8 + 2 * t + e
+                    row_lse = ptx.u32_as_f32(smem[lse_base + col])
+                    row_delta = ptx.u32_as_f32(smem[delta_base + col])
+                    for m in range(N_TILES):
+                        for half in range(2):
+                            j = (m * Q_BLOCKS + nb) * 4 + 2 * half + e
+                            p = ptx.ex2(s[j] * scale_log2 - row_lse)
+                            s[j] = p
+                            dp[j] = p * (dp[j] - row_delta)
+
+            # dV += P^T dO and dK += dS^T Q: the C fragments, packed, are A fragments
+            for kq in range(BM // 16):
+                for db2 in range(D_BLOCKS // 2):
+                    b0, b1, b2, b3 = b_fragments(smem, do_base, kq * 16, db2, lane)
+                    e0, e1, e2, e3 = b_fragments(smem, q_base, kq * 16, db2, lane)
+                    for m in range(N_TILES):
+                        j0 = (m * Q_BLOCKS + 2 * kq) * 4
+                        j1 = j0 + 4
+                        a0 = pack(s[j0], s[j0 + 1])
+                        a1 = pack(s[j0 + 2], s[j0 + 3])
+                        a2 = pack(s[j1], s[j1 + 1])
+                        a3 = pack(s[j1 + 2], s[j1 + 3])
+                        c0 = pack(dp[j0], dp[j0 + 1])
+                        c1 = pack(dp[j0 + 2], dp[j0 + 3])
+                        c2 = pack(dp[j1], dp[j1 + 1])
+                        c3 = pack(dp[j1 + 2], dp[j1 + 3])
+                        d = (m * D_BLOCKS + 2 * db2) * 4
+                        dv_acc[d], dv_acc[d + 1], dv_acc[d + 2], dv_acc[d + 3] = mma(
+                            a0, a1, a2, a3, b0, b1, dv_acc[d], dv_acc[d + 1], dv_acc[d + 2], dv_acc[d + 3])
+                        dk_acc[d], dk_acc[d + 1], dk_acc[d + 2], dk_acc[d + 3] = mma(
+                            c0, c1, c2, c3, e0, e1, dk_acc[d], dk_acc[d + 1], dk_acc[d + 2], dk_acc[d + 3])
+                        d += 4
+                        dv_acc[d], dv_acc[d + 1], dv_acc[d + 2], dv_acc[d + 3] = mma(
+                            a0, a1, a2, a3, b2, b3, dv_acc[d], dv_acc[d + 1], dv_acc[d + 2], dv_acc[d + 3])
+                        dk_acc[d], dk_acc[d + 1], dk_acc[d + 2], dk_acc[d + 3] = mma(
+                            c0, c1, c2, c3, e2, e3, dk_acc[d], dk_acc[d + 1], dk_acc[d + 2], dk_acc[d + 3])
+
+            if WITH_DQ:
+                # dS^T to shared memory as 16 bits, then dQ += dS K read with ldmatrix.trans
+                for m in range(N_TILES):
+                    for nb in range(Q_BLOCKS):
+                        j = (m * Q_BLOCKS + nb) * 4
+                        row = warp_key + m * 16 + g
+                        smem[DS_OFF + row * DS_RW + nb * 4 + t] = pack(dp[j], dp[j + 1])
+                        smem[DS_OFF + (row + 8) * DS_RW + nb * 4 + t] = pack(dp[j + 2], dp[j + 3])
+                cuda.syncthreads()
+                for item in range(warp, DQ_ITEMS, WARPS):
+                    qs = item // DQ_CHUNKS
+                    col0 = (item - qs * DQ_CHUNKS) * DQ_CHUNK
+                    for i in range(DQ_REGS):
+                        dq[i] = 0
+                    for kb in range(BN // 16):
+                        a0, a1, a2, a3 = ptx.ldmatrix_x4_trans(ptx.shared_address(smem, (
+                            DS_OFF + (kb * 16 + (mat // 2) * 8 + lane % 8) * DS_RW + qs * 8 + (mat % 2) * 4,)))
+                        for db2 in range(DQ_CHUNK // 16):
+                            b0, b1, b2, b3 = b_fragments(smem, K_OFF, kb * 16, col0 // 16 + db2, lane)
+                            d = 8 * db2
+                            dq[d], dq[d + 1], dq[d + 2], dq[d + 3] = mma(
+                                a0, a1, a2, a3, b0, b1, dq[d], dq[d + 1], dq[d + 2], dq[d + 3])
+                            d += 4
+                            dq[d], dq[d + 1], dq[d + 2], dq[d + 3] = mma(
+                                a0, a1, a2, a3, b2, b3, dq[d], dq[d + 1], dq[d + 2], dq[d + 3])
+                    for db in range(DQ_CHUNK // 8):
+                        for r in range(4):
+                            i = m0 + qs * 16 + g + 8 * (r // 2)
+                            if i < seqlen_q:
+                                ptx.red_add_f32(ptx.global_address(
+                                    dq_acc, (b, i, h, col0 + db * 8 + 2 * t + r % 2)), dq[db * 4 + r])
+
+            if it + 1 < n_iter and tid < BM:
+                smem[LSE_OFF + (1 - stage) * BM + tid] = ptx.f32_as_u32(next_lse)
+                smem[DELTA_OFF + (1 - stage) * BM + tid] = ptx.f32_as_u32(next_delta)
+            cuda.syncthreads()  # everyone is done with this stage before it is refilled
+
+        ptx.cp_async_wait_group(0)
+        for m in range(N_TILES):
+            for half in range(2):
+                key = n0 + warp_key + m * 16 + g + 8 * half
+                if key < seqlen_k:
+                    for db in range(D_BLOCKS):
+                        j = (m * D_BLOCKS + db) * 4 + 2 * half
+                        col = db * 8 + 2 * t
+                        word = pack(dk_acc[j] * scale, dk_acc[j + 1] * scale)
+                        dk[b, key, hk, col] = np.uint16(word & 0xFFFF)
+                        dk[b, key, hk, col + 1] = np.uint16(word >> 16)
+                        word = pack(dv_acc[j], dv_acc[j + 1])
+                        dv[b, key, hk, col] = np.uint16(word & 0xFFFF)
+                        dv[b, key, hk, col + 1] = np.uint16(word >> 16)
+
+    return cuda.jit(backward_dkdv)
+
+
+def _build_dq(spec):
+    mma = ptx.mma_f16 if spec.dtype == "fp16" else ptx.mma_bf16
+    pack = ptx.pack_f16x2 if spec.dtype == "fp16" else ptx.pack_bf16x2
+    D = spec.head_dim
+    BM, BN, T = spec.dq_block_m, spec.dq_block_n, spec.dq_threads
+    WARPS = T // 32
+    M_TILES = BM // (16 * WARPS)  # 16-query slices per warp
+    assert M_TILES * 16 * WARPS == BM and BN % 16 == 0 and D % 32 == 0
+    IN_REGS = spec.dq_in_registers
+    CAUSAL = spec.causal
+    RW = D // 2 + PAD_WORDS
+    Q_OFF = 0
+    DO_OFF = BM * RW
+    K_OFF = 2 * BM * RW  # two stages of BN rows
+    V_OFF = K_OFF + 2 * BN * RW
+    K_STEPS = D // 16
+    N_BLOCKS = BN // 8  # 8-key n-blocks of S
+    D_BLOCKS = D // 8
+    S_REGS = M_TILES * N_BLOCKS * 4
+    ACC_REGS = M_TILES * D_BLOCKS * 4
+    FRAG_REGS = M_TILES * K_STEPS * 4
+    FRAG_BOTH_REGS = 2 * FRAG_REGS  # local-array sizes must be plain constants
+    A_REGS = 4 * M_TILES
+    ROWS = 2 * M_TILES
+    NEG_INF = -math.inf
+    issue_rows, a_fragments, bt_fragments, b_fragments, lse_log2, delta_of = _device_helpers(spec, T)
+
+    def backward_dq(q, k, v, do, lse, delta, dq, scale, group):
+        tid = cuda.threadIdx.x
+        lane = tid % 32
+        warp = tid // 32
+        g = lane // 4
+        t = lane % 4
+        m_block = cuda.blockIdx.x
+        if CAUSAL:  # the longest rows (the last blocks) start first
+            m_block = cuda.gridDim.x - 1 - m_block
+        row0 = m_block * BM
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        hk = h // group
+        seqlen_q = q.shape[1]
+        seqlen_k = k.shape[1]
+        warp_row = warp * 16 * M_TILES
+        scale_log2 = float32(scale * LOG2E)
+        smem = cuda.shared.array(0, uint32)
+
+        key_end = seqlen_k
+        if CAUSAL:
+            key_end = max(0, min(seqlen_k, row0 + BM + seqlen_k - seqlen_q))
+        n_tiles = (key_end + BN - 1) // BN
+
+        issue_rows(q, smem, Q_OFF, BM, b, h, row0, seqlen_q, tid)
+        issue_rows(do, smem, DO_OFF, BM, b, h, row0, seqlen_q, tid)
+        if n_tiles > 0:
+            issue_rows(k, smem, K_OFF, BN, b, hk, 0, seqlen_k, tid)
+            issue_rows(v, smem, V_OFF, BN, b, hk, 0, seqlen_k, tid)
+        ptx.cp_async_commit()
+
+        row_lse = cuda.local.array(ROWS, float32)
+        row_delta = cuda.local.array(ROWS, float32)
+        for r in range(ROWS):
+            i = row0 + warp_row + (r // 2) * 16 + g + 8 * (r % 2)
+            row_lse[r] = lse_log2(lse, b, h, i, seqlen_q)
+            row_delta[r] = delta_of(delta, b, h, i, seqlen_q)
+
+        frag = cuda.local.array(FRAG_BOTH_REGS, uint32)  # Q then dO A-fragments
+        if IN_REGS:
+            ptx.cp_async_wait_group(0)
+            cuda.syncthreads()
+            for m in range(M_TILES):
+                for kk in range(K_STEPS):
+                    i = (m * K_STEPS + kk) * 4
+                    frag[i], frag[i + 1], frag[i + 2], frag[i + 3] = a_fragments(
+                        smem, Q_OFF, warp_row + m * 16, kk, lane)
+                    i += FRAG_REGS
+                    frag[i], frag[i + 1], frag[i + 2], frag[i + 3] = a_fragments(
+                        smem, DO_OFF, warp_row + m * 16, kk, lane)
+        acc = cuda.local.array(ACC_REGS, float32)
+        for i in range(ACC_REGS):
+            acc[i] = 0
+        s = cuda.local.array(S_REGS, float32)  # S, then P
+        dp = cuda.local.array(S_REGS, float32)  # dP, then dS
+        qa = cuda.local.array(A_REGS, uint32)
+        oa = cuda.local.array(A_REGS, uint32)
+
+        for it in range(n_tiles):
+            stage = it % 2
+            n0 = it * BN
+            k_base = K_OFF + stage * BN * RW
+            v_base = V_OFF + stage * BN * RW
+            if it + 1 < n_tiles:
+                nxt = (1 - stage) * BN * RW
+                issue_rows(k, smem, K_OFF + nxt, BN, b, hk, n0 + BN, seqlen_k, tid)
+                issue_rows(v, smem, V_OFF + nxt, BN, b, hk, n0 + BN, seqlen_k, tid)
+            ptx.cp_async_commit()
+            ptx.cp_async_wait_group(1)
+            cuda.syncthreads()
+
+            # S = Q K^T and dP = dO V^T: rows are this warp's queries, columns keys
+            for i in range(S_REGS):
+                s[i] = 0
+                dp[i] = 0
+            for kk in range(K_STEPS):
+                for m in range(M_TILES):
+                    if IN_REGS:
+                        i = (m * K_STEPS + kk) * 4
+                        qa[4 * m], qa[4 * m + 1], qa[4 * m + 2], qa[4 * m + 3] = (
+                            frag[i], frag[i + 1], frag[i + 2], frag[i + 3])
+                        i += FRAG_REGS
+                        oa[4 * m], oa[4 * m + 1], oa[4 * m + 2], oa[4 * m + 3] = (
+                            frag[i], frag[i + 1], frag[i + 2], frag[i + 3])
+                    else:
+                        qa[4 * m], qa[4 * m + 1], qa[4 * m + 2], qa[4 * m + 3] = a_fragments(
+                            smem, Q_OFF, warp_row + m * 16, kk, lane)
+                        oa[4 * m], oa[4 * m + 1], oa[4 * m + 2], oa[4 * m + 3] = a_fragments(
+                            smem, DO_OFF, warp_row + m * 16, kk, lane)
+                for nb2 in range(N_BLOCKS // 2):
+                    b0, b1, b2, b3 = bt_fragments(smem, k_base, nb2 * 16, kk, lane)
+                    e0, e1, e2, e3 = bt_fragments(smem, v_base, nb2 * 16, kk, lane)
+                    for m in range(M_TILES):
+                        j = (m * N_BLOCKS + 2 * nb2) * 4
+                        s[j], s[j + 1], s[j + 2], s[j + 3] = mma(
+                            qa[4 * m], qa[4 * m + 1], qa[4 * m + 2], qa[4 * m + 3], b0, b1,
+                            s[j], s[j + 1], s[j + 2], s[j + 3])
+                        dp[j], dp[j + 1], dp[j + 2], dp[j + 3] = mma(
+                            oa[4 * m], oa[4 * m + 1], oa[4 * m + 2], oa[4 * m + 3], e0, e1,
+                            dp[j], dp[j + 1], dp[j + 2], dp[j + 3])
+                        j += 4
+                        s[j], s[j + 1], s[j + 2], s[j + 3] = mma(
+                            qa[4 * m], qa[4 * m + 1], qa[4 * m + 2], qa[4 * m + 3], b2, b3,
+                            s[j], s[j + 1], s[j + 2], s[j + 3])
+                        dp[j], dp[j + 1], dp[j + 2], dp[j + 3] = mma(
+                            oa[4 * m], oa[4 * m + 1], oa[4 * m + 2], oa[4 * m + 3], e2, e3,
+                            dp[j], dp[j + 1], dp[j + 2], dp[j + 3])
+
+            needs_mask = n0 + BN > seqlen_k
+            if CAUSAL:
+                needs_mask = needs_mask or (n0 + BN - 1 > row0 + seqlen_k - seqlen_q)
+            if needs_mask:
+                for m in range(M_TILES):
+                    for nb in range(N_BLOCKS):
+                        for r in range(4):
+                            j = n0 + nb * 8 + 2 * t + (r % 2)
+                            i = row0 + warp_row + m * 16 + g + 8 * (r // 2)
+                            hidden = j >= seqlen_k
+                            if CAUSAL:
+                                hidden = hidden or j > i + seqlen_k - seqlen_q
+                            if hidden:
+                                s[(m * N_BLOCKS + nb) * 4 + r] = NEG_INF
+
+            # P = exp2(S scale log2(e) - lse log2(e)); dS = P (dP - delta)
+            for m in range(M_TILES):
+                for half in range(2):
+                    row = 2 * m + half
+                    for nb in range(N_BLOCKS):
+                        for e in range(2):
+                            j = (m * N_BLOCKS + nb) * 4 + 2 * half + e
+                            p = ptx.ex2(s[j] * scale_log2 - row_lse[row])
+                            dp[j] = p * (dp[j] - row_delta[row])
+
+            # dQ += dS K: dS's C fragments, packed, are the A fragments
+            for kk in range(BN // 16):
+                for db2 in range(D_BLOCKS // 2):
+                    b0, b1, b2, b3 = b_fragments(smem, k_base, kk * 16, db2, lane)
+                    for m in range(M_TILES):
+                        j0 = (m * N_BLOCKS + 2 * kk) * 4
+                        j1 = j0 + 4
+                        a0 = pack(dp[j0], dp[j0 + 1])
+                        a1 = pack(dp[j0 + 2], dp[j0 + 3])
+                        a2 = pack(dp[j1], dp[j1 + 1])
+                        a3 = pack(dp[j1 + 2], dp[j1 + 3])
+                        d = (m * D_BLOCKS + 2 * db2) * 4
+                        acc[d], acc[d + 1], acc[d + 2], acc[d + 3] = mma(
+                            a0, a1, a2, a3, b0, b1, acc[d], acc[d + 1], acc[d + 2], acc[d + 3])
+                        d += 4
+                        acc[d], acc[d + 1], acc[d + 2], acc[d + 3] = mma(
+                            a0, a1, a2, a3, b2, b3, acc[d], acc[d + 1], acc[d + 2], acc[d + 3])
+            cuda.syncthreads()  # everyone is done with this stage before it is refilled
+
+        ptx.cp_async_wait_group(0)
+        for m in range(M_TILES):
+            for half in range(2):
+                i = row0 + warp_row + m * 16 + g + 8 * half
+                if i < seqlen_q:
+                    for db in range(D_BLOCKS):
+                        j = (m * D_BLOCKS + db) * 4 + 2 * half
+                        col = db * 8 + 2 * t
+                        word = pack(acc[j] * scale, acc[j + 1] * scale)
+                        dq[b, i, h, col] = np.uint16(word & 0xFFFF)
+                        dq[b, i, h, col + 1] = np.uint16(word >> 16)
+
+    return cuda.jit(backward_dq)
+
+
+def _build_convert(spec):
+    pack = ptx.pack_f16x2 if spec.dtype == "fp16" else ptx.pack_bf16x2
+    D = spec.head_dim
+    PAIRS = CONVERT_ROWS * D // 2
+
+    def backward_dq_convert(dq_acc, dq, scale):
+        """dq = scale * dq_acc rounded to 16 bits; CONVERT_ROWS rows per CTA."""
+        row0 = cuda.blockIdx.x * CONVERT_ROWS
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        for e in range(cuda.threadIdx.x, PAIRS, CONVERT_THREADS):
+            r = e // (D // 2)
+            col = 2 * (e - r * (D // 2))
+            i = row0 + r
+            if i < dq.shape[1]:
+                word = pack(dq_acc[b, i, h, col] * scale, dq_acc[b, i, h, col + 1] * scale)
+                dq[b, i, h, col] = np.uint16(word & 0xFFFF)
+                dq[b, i, h, col + 1] = np.uint16(word >> 16)
+
+    return cuda.jit(backward_dq_convert)
+
+
+def _zeros(like, shape):
+    """A zeroed float32 scratch buffer where ``like`` lives (CuPy on a GPU, NumPy on
+    the simulator); CuPy zeroes it on the current stream."""
+    if isinstance(like, np.ndarray):
+        return np.zeros(shape, np.float32)
+    import cupy
+
+    return cupy.zeros(shape, np.float32)
+
+
+def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, deterministic):
+    """Launch the backward for one problem (``spec`` is a "plan" BackwardMmaSpec).
+
+    Args (all (batch, seqlen, heads, head_dim) "bshd" views, NumPy on the simulator,
+    CuPy on a GPU; 16-bit data as uint16 views with 16-byte aligned rows):
+        q (B, Nq, Hq, D), k (B, Nk, Hkv, D), v (B, Nk, Hkv, D), do (B, Nq, Hq, D);
+        lse (B, Hq, Nq) float32 natural log (-inf where a row sees no key);
+        delta (B, Hq, Nq) float32 = rowsum(do * out);
+        dq (B, Nq, Hq, D), dk (B, Nk, Hkv, D), dv (B, Nk, Hkv, D): written, every element.
+        scale: the forward's scale; group = Hq // Hkv (dk, dv sum over a group's heads).
+        deterministic: dQ by the separate kernel (bitwise repeatable) instead of
+            float32 atomics into a zeroed scratch (B, Nq, Hq, D) buffer.
+    """
+    from dataclasses import replace
+
+    from .. import launch
+
+    batch, seqlen_q, heads_q, _ = q.shape
+    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    if batch == 0 or heads_q == 0:
+        return
+    views = [launch.numba_view(a) for a in (q, k, v, do, lse, delta)]
+    scale = np.float32(scale)
+    if deterministic:
+        part = replace(spec, part="dkdv")
+        dq_acc = _zeros(q, (1, 1, 1, 1))
+    else:
+        part = replace(spec, part="dkdvq")
+        dq_acc = _zeros(q, q.shape)
+    if seqlen_k > 0:
+        grid = (-(-seqlen_k // spec.block_n), heads_kv, batch)
+        args = [*views, launch.numba_view(dk), launch.numba_view(dv), launch.numba_view(dq_acc), scale, group]
+        launch.launch(launch.compiled(part), grid, spec.threads, args, launch.shared_bytes(part))
+    if seqlen_q == 0:
+        return
+    if deterministic:
+        part = replace(spec, part="dq")
+        grid = (-(-seqlen_q // spec.dq_block_m), heads_q, batch)
+        args = [*views, launch.numba_view(dq), scale, group]
+        launch.launch(launch.compiled(part), grid, spec.dq_threads, args, launch.shared_bytes(part))
+    else:
+        part = replace(spec, part="dq_convert")
+        grid = (-(-seqlen_q // CONVERT_ROWS), heads_q, batch)
+        args = [launch.numba_view(dq_acc), launch.numba_view(dq), scale]
+        launch.launch(launch.compiled(part), grid, CONVERT_THREADS, args, 0)

@@ -1,0 +1,68 @@
+"""Compile every shipped tensor-core backward kernel for a real GPU without a GPU,
+assemble it with nvJitLink (ptxas -v) for sm_80 and sm_90a and print one JSON line per
+(kernel, arch) with its resources. Run by tests/test_ptx_gate_backward.py in
+subprocesses with the simulator off, one per dtype (the two run in parallel).
+
+Each kernel is compiled to PTX once, for sm_80 (compute_80 PTX is what ptxas also
+assembles for sm_90a): the Numba front end is most of the time, and the backward has
+48 specializations. Usage: ptx_gate_backward_worker.py [fp16|bf16 ...]."""
+
+import json
+import os
+import re
+import sys
+
+os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
+
+from numba import cuda  # noqa: E402
+from numba.cuda import types  # noqa: E402
+
+from nbflash import tuning  # noqa: E402
+from nbflash.kernels import backward_mma  # noqa: E402
+from ptx_gate_worker import ptxas_report  # noqa: E402
+
+PARTS = ("dkdv", "dkdvq", "dq")  # dq_convert has no tensor-core work
+ARCHS = ("sm_80", "sm_90a")
+
+
+def signature(part):
+    u16 = types.Array(types.uint16, 4, "A")
+    f32_3 = types.Array(types.float32, 3, "A")
+    inputs = (u16, u16, u16, u16, f32_3, f32_3)
+    if part == "dq":
+        return (*inputs, u16, types.float32, types.int64)
+    return (*inputs, u16, u16, types.Array(types.float32, 4, "A"), types.float32, types.int64)
+
+
+def shipped_specs(dtypes):
+    for head_dim in sorted(tuning.MMA_BWD_TILES):
+        for dtype in dtypes:
+            for causal in (False, True):
+                plan = backward_mma.choose_spec(dtype, head_dim, causal, simulator=False)
+                for part in PARTS:
+                    yield plan.__class__(**{**plan.__dict__, "part": part})
+
+
+def main():
+    for spec in shipped_specs(sys.argv[1:] or ("fp16", "bf16")):
+        threads = spec.dq_threads if spec.part == "dq" else spec.threads
+        ptx, _ = cuda.compile_ptx(backward_mma.build(spec).py_func, signature(spec.part), cc=(8, 0))
+        for arch in ARCHS:
+            log = ptxas_report(ptx, arch)
+            grab = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
+            print(json.dumps({
+                "key": spec.key, "part": spec.part, "arch": arch, "threads": threads,
+                "registers": grab(r"Used (\d+) registers"),
+                "stack": grab(r"(\d+) bytes stack frame"),
+                "spill_stores": grab(r"(\d+) bytes spill stores"),
+                "spill_loads": grab(r"(\d+) bytes spill loads"),
+                "mma": ptx.count("mma.sync.aligned.m16n8k16"),
+                "ldmatrix": ptx.count("ldmatrix.sync.aligned"),
+                "cp_async": ptx.count("cp.async.cg.shared.global"),
+                "atomics": ptx.count("red.global.add.f32"),
+                "shared_bytes": backward_mma.shared_bytes(spec),
+            }), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The no-GPU gate on the tensor-core backward: every shipped specialization (each
+head_dim, dtype, causal flag and kernel of the plan) compiles for sm_80 and sm_90a with
+tensor-core instructions in its PTX, no spills, no stack frame (fragments stay in
+registers) and a register count its CTA can launch with."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nbflash import tuning
+
+SHARED_PER_SM = {"sm_80": 164 * 1024, "sm_90a": 227 * 1024}
+DTYPES = ("fp16", "bf16")
+PARTS = 3  # dkdv, dkdvq, dq
+
+
+@pytest.fixture(scope="module")
+def reports():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    worker = os.path.join(os.path.dirname(__file__), "ptx_gate_backward_worker.py")
+    jobs = [subprocess.Popen([sys.executable, worker, dtype], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for dtype in DTYPES]
+    rows = []
+    for job in jobs:
+        stdout, stderr = job.communicate(timeout=900)
+        assert job.returncode == 0, stderr[-3000:]
+        rows += [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == len(tuning.MMA_BWD_TILES) * len(DTYPES) * 2 * PARTS * 2, rows
+    return rows
+
+
+def test_every_specialization_uses_tensor_cores(reports):
+    for r in reports:
+        assert r["mma"] > 0 and r["ldmatrix"] > 0 and r["cp_async"] > 0, r
+        assert (r["atomics"] > 0) == (r["part"] == "dkdvq"), r  # only the atomic-dQ kernel
+
+
+def test_no_spills_and_no_local_memory(reports):
+    for r in reports:
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        assert r["stack"] == 0, r
+
+
+def test_registers_and_shared_memory_fit_the_tile_config(reports):
+    for r in reports:
+        assert r["registers"] <= 255, r
+        assert r["registers"] * r["threads"] <= 65536, r
+        assert r["shared_bytes"] <= SHARED_PER_SM[r["arch"]], r
