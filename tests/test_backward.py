@@ -44,7 +44,8 @@ def strided_poisoned(shape, dtype):
     return big[window], big
 
 
-def run_and_check(shape, dtype, *, causal, rng, seed, layout="bshd", strided=False, scale=None, squeeze=False):
+def run_and_check(shape, dtype, *, causal, rng, seed, layout="bshd", strided=False, scale=None, squeeze=False,
+                  deterministic=False):
     """Forward with nbflash, backward into NaN-poisoned buffers, compare with the oracle."""
     shapes = [*shape.qkv_shapes(layout), out_shape(shape, layout)]
     if squeeze:
@@ -63,7 +64,7 @@ def run_and_check(shape, dtype, *, causal, rng, seed, layout="bshd", strided=Fal
     else:
         buffers = [(poisoned(s, dtype), None) for s in shapes[:3]]
     grads = nbflash.attention_backward(
-        ddo, dq_, dk_, dv_, out, lse, causal=causal, layout=layout, scale=scale,
+        ddo, dq_, dk_, dv_, out, lse, causal=causal, layout=layout, scale=scale, deterministic=deterministic,
         dq=buffers[0][0], dk=buffers[1][0], dv=buffers[2][0],
     )
     for g, (buf, _) in zip(grads, buffers):
@@ -275,3 +276,19 @@ def test_numpy_inputs_round_trip_through_the_gpu():
     grads = nbflash.attention_backward(do, q, k, v, out, lse, causal=True, dq=dq)
     assert grads[0] is dq
     assert_grads_close(grads, refs, np.float32, seed=seed)
+
+
+@pytest.mark.parametrize("large", TIERS)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
+def test_tensor_core_family_through_the_api(dtype, deterministic, large):
+    """fp16/bf16 with a shipped head_dim dispatch to the tensor-core backward and
+    match the oracle, causal with unequal seqlens and GQA included."""
+    rng, seed = new_rng()
+    head_dim = 32 if not large else int(rng.choice(sorted(tuning.MMA_BWD_TILES)))
+    shape = draw(rng, large=large, head_dim=head_dim, group=int(rng.choice([1, 2])))
+    shape.head_dim_v = head_dim
+    q, k, v, _ = draw_inputs(rng, shape, dtype)
+    spec = nbflash.backward_spec(to_device(q), to_device(k), to_device(v), causal=True, deterministic=deterministic)
+    assert spec.module == "backward_mma", spec.key
+    run_and_check(shape, dtype, causal=True, rng=rng, seed=seed, deterministic=deterministic)

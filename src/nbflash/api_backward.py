@@ -11,16 +11,35 @@ from __future__ import annotations
 import numpy as np
 
 from . import arrays, device, launch, tuning
-from .api import _bshd, _check_flag, _check_scale, _Problem, _validate, choose_forward_spec
+from .api import _bshd, _check_flag, _check_scale, _Problem, _rows_16_byte_aligned, _validate, choose_forward_spec
 from .spec import BackwardSpec
 
 
-def choose_backward_spec(problem: _Problem, causal: bool, deterministic: bool, views=None) -> BackwardSpec:
-    """The kernel family and tiles that run this problem's backward pass.
+def choose_backward_spec(problem: _Problem, causal: bool, deterministic: bool, views=None):
+    """The kernel family and tiles that run this problem's backward pass: the
+    tensor-core kernels (kernels/backward_mma.py) for fp16/bf16 with a shipped
+    head_dim equal for q and v, 16-byte aligned rows in every array in ``views`` and
+    an sm_80+ GPU; the portable kernels (any dtype and head_dim) otherwise.
 
-    Every family honours ``deterministic`` (a family that accumulates with atomics
-    must be skipped when it is True). Today: the portable kernels, any dtype and head_dim.
+    Every family honours ``deterministic``: the tensor-core family then computes dQ in
+    a kernel of its own instead of with float32 atomics.
     """
+    dtype = arrays.short_name(problem.dtype)
+    if (
+        dtype in ("fp16", "bf16")
+        and problem.head_dim == problem.head_dim_v
+        and device.compute_capability() >= (8, 0)
+        and (views is None or all(_rows_16_byte_aligned(a) for a in views))
+    ):
+        from .kernels import backward_mma
+
+        spec = backward_mma.choose_spec(dtype, problem.head_dim, causal, device.SIMULATOR)
+        if spec is not None:
+            return spec
+    return _simt_spec(problem, causal)
+
+
+def _simt_spec(problem: _Problem, causal: bool) -> BackwardSpec:
     acc_bytes = 8 if problem.dtype == arrays.FLOAT64 else 4
     block_m, block_n, threads = tuning.backward_simt_tiles(
         acc_bytes, problem.head_dim, problem.head_dim_v, device.SIMULATOR
@@ -176,28 +195,38 @@ def _backward(problem, views, do_view, out_view, lse_view, given, ops, causal, d
             g[...] = 0
         return tuple(grads)
     grad_views = [_bshd(g, problem.layout, problem.squeeze) for g in grads]
-    spec = choose_backward_spec(problem, causal, deterministic, views)
+    spec = choose_backward_spec(problem, causal, deterministic, [*views, do_view, *grad_views])
     acc_type = np.float64 if problem.dtype == arrays.FLOAT64 else np.float32
     if lse_view.dtype != acc_type:  # float64 inputs with the forward's float32 lse
         lse_view = _float64_lse(problem, views, causal, scale)
     delta = _empty(problem, (problem.batch, problem.heads_q, problem.seqlen_q), acc_type)
-    _launch_backward(spec, problem, views, do_view, out_view, lse_view, delta, grad_views, acc_type(scale))
+    _launch_backward(spec, problem, views, do_view, out_view, lse_view, delta, grad_views, acc_type(scale), deterministic)
     return tuple(grads)
 
 
-def _launch_backward(spec, problem, views, do_view, out_view, lse_view, delta, grad_views, scale):
-    """Launch one family's kernels (contract: kernels/backward_simt.py's docstring)."""
-    kernels = launch.compiled(spec)
-    raw_bits = spec.kernel != "simt"  # tensor-core families move 16-bit data as raw bits
-    view = lambda a: launch.numba_view(arrays.kernel_view(a, raw_bits))  # noqa: E731
+def _launch_backward(spec, problem, views, do_view, out_view, lse_view, delta, grad_views, scale, deterministic):
+    """delta = rowsum(dO * O) by the portable preprocess kernel, then one family's
+    kernels (contract: kernels/backward_simt.py's docstring)."""
     b, hq, hkv = problem.batch, problem.heads_q, problem.heads_kv
     cdiv = lambda n, d: -(-n // d)  # noqa: E731
+    simt = spec if spec.module == "backward_simt" else _simt_spec(problem, spec.causal)
+    kernels = launch.compiled(simt)
+    view = lambda a: launch.numba_view(arrays.kernel_view(a))  # noqa: E731
     launch.launch(
-        kernels.preprocess, (cdiv(problem.seqlen_q, spec.threads), hq, b), spec.threads,
+        kernels.preprocess, (cdiv(problem.seqlen_q, simt.threads), hq, b), simt.threads,
         [view(do_view), view(out_view), launch.numba_view(delta)],
     )
     q, k, v = views
     dq, dk, dv = grad_views
+    if spec.module == "backward_mma":
+        from .kernels import backward_mma
+
+        raw = lambda a: arrays.kernel_view(a, True)  # noqa: E731
+        backward_mma.launch_backward(
+            spec, raw(q), raw(k), raw(v), raw(do_view), lse_view, delta, raw(dq), raw(dk), raw(dv),
+            scale, hq // hkv, deterministic,
+        )
+        return
     args = [
         view(q), view(k), view(v), view(do_view), launch.numba_view(lse_view), launch.numba_view(delta),
         view(dq), view(dk), view(dv), scale, hq // hkv,
