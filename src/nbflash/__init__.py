@@ -3,9 +3,13 @@
 from . import device  # first: chooses GPU or simulator before numba.cuda loads
 from . import reference
 from .api import attention, forward_spec
-from .spec import ForwardSpec
+from .api_kvcache import attention_with_kvcache, kvcache_spec
+from .spec import DecodeSpec, ForwardSpec
 
 __version__ = "0.1.0"
 SIMULATOR = device.SIMULATOR
 
-__all__ = ["attention", "forward_spec", "reference", "ForwardSpec", "SIMULATOR", "__version__"]
+__all__ = [
+    "attention", "forward_spec", "reference", "ForwardSpec", "SIMULATOR", "__version__",
+    "attention_with_kvcache", "kvcache_spec", "DecodeSpec",
+]
