@@ -216,20 +216,19 @@ def _sm_count() -> int:
 
 def choose_num_splits(ctas: int, max_total: int, sms: int, min_split_keys: int) -> int:
     """Splits for ``ctas`` (batch x kv heads x row chunks) CTAs over keys of up to
-    ``max_total``: the count that gives the busiest SM the least work, an SM counting
-    as busy only with tuning.DECODE_BUSY_CTAS_PER_SM CTAs (cost = max(ceil(ctas * S /
-    sms), busy) / S), with a small charge per split for the combine, and splits no
-    shorter than min_split_keys keys."""
+    ``max_total``. Model: the busiest SM bounds the time, and an SM is only fully busy
+    with tuning.DECODE_BUSY_CTAS_PER_SM CTAs, so S splits cost max(ceil(ctas * S / sms),
+    busy) / S. Takes the fewest splits within 5% of the best cost (each split adds
+    partial results and combine work), never splits shorter than min_split_keys keys."""
     if ctas == 0 or max_total == 0:
         return 1
     limit = max(1, min(tuning.DECODE_MAX_AUTO_SPLITS, max_total // max(1, min_split_keys)))
-    best, best_cost = 1, math.inf
-    for splits in range(1, limit + 1):
-        per_sm = max(-(-ctas * splits // sms), tuning.DECODE_BUSY_CTAS_PER_SM)
-        cost = per_sm / splits + 0.002 * splits
-        if cost < best_cost - 1e-12:
-            best, best_cost = splits, cost
-    return best
+
+    def cost(splits):
+        return max(-(-ctas * splits // sms), tuning.DECODE_BUSY_CTAS_PER_SM) / splits
+
+    best = min(cost(s) for s in range(1, limit + 1))
+    return next(s for s in range(1, limit + 1) if cost(s) <= 1.05 * best)
 
 
 def _vectorizable(problem, caches) -> bool:
