@@ -352,3 +352,19 @@ def test_auto_splits_fill_the_gpu_and_keep_splits_long():
     assert 64 * mid >= sms and 32768 // mid >= 256
     assert choose_num_splits(8, 300, sms, 256) == 1  # too short to split
     assert choose_num_splits(0, 100, sms, 256) == 1
+
+
+@pytest.mark.gpu
+def test_numpy_inputs_on_a_gpu_machine_append_into_the_host_caches():
+    rng, seed = new_rng()
+    case = draw_case(rng, F16, large=True, new=2)
+    kc, vc = case.paged_k.copy(), case.paged_v.copy()
+    got = nbflash.attention_with_kvcache(case.q, kc, vc, cache_seqlens=case.lengths, k=case.k, v=case.v,
+                                         block_table=case.table)
+    assert isinstance(got, np.ndarray)
+    ref = nbflash.reference.attention_with_kvcache(case.q, case.paged_k, case.paged_v, cache_seqlens=case.lengths,
+                                                   k=case.k, v=case.v, block_table=case.table)
+    assert_close(got, ref, F16, seed=seed)
+    want_k, _ = nbflash.reference.append_to_kvcache(case.paged_k, case.paged_v, cache_seqlens=case.lengths,
+                                                    k=case.k, v=case.v, block_table=case.table)
+    assert np.array_equal(kc.astype(np.float64), want_k)
