@@ -45,8 +45,10 @@ def specs():
 
 # Not gated for registers (not the fast path), only compiled: scalar-load decoding,
 # the combine kernel and the append kernel.
-SCALAR_DECODE = [DecodeSpec("fp16", 128, 128, 4, True, 16, False, True, False, 128, 2),
-                 DecodeSpec("fp64", 64, 64, 4, True, 0, False, False, True, 128, 2)]
+SCALAR_DECODE = [DecodeSpec("fp16", 128, 128, 4, True, 16, False, True, False,
+                            *tuning.decode_tiles(2, 128, 128, 4, False, False)[1:]),
+                 DecodeSpec("fp64", 64, 64, 4, True, 0, False, False, True,
+                            *tuning.decode_tiles(8, 64, 64, 4, False, False)[1:])]
 COMBINES = [CombineSpec("fp16", 128, True, 128), CombineSpec("fp64", 64, False, 128)]
 APPENDS = [AppendSpec(16, True, 64), AppendSpec(64, False, 64)]
 

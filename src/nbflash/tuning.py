@@ -102,16 +102,19 @@ def decode_tiles(itemsize: int, head_dim: int, head_dim_v: int, rows_needed: int
     """(rows, threads, unroll) for the decode kernel.
 
     rows: the power of two >= rows_needed, capped so q and the accumulator of every
-    row stay within ~64 registers each (measured: 4 rows x 8 fp32 each compile to
-    ~190 registers with unroll 4 at head_dim 128; 8 rows spill); unroll: keys in
-    flight per thread, as many as ~32 registers of K and V buffers allow (up to 4).
+    row stay within ~32 registers each; unroll: keys per thread per step, as many
+    as ~32 registers of K and V buffers allow (up to 4), double-buffered by the
+    kernel's software pipeline. Measured with ptxas for sm_90a (tests/
+    test_ptx_gate_decode.py): fp16, head_dim 128, 4 rows, unroll 4 compile to
+    244-252 registers without spills (2 CTAs of 128 threads per SM); 8 rows spill.
+    Scalar loads (misaligned caches) convert while loading and get half the unroll.
     """
     _, ept, _ = decode_geometry(itemsize, head_dim, head_dim_v)
     acc_words = 2 if itemsize == 8 else 1
     cap = DECODE_MAX_ROWS_SIMULATOR if simulator else DECODE_MAX_ROWS
     threads = DECODE_THREADS_SIMULATOR if simulator else DECODE_THREADS
     key_words = 2 * (ept * itemsize // 4 if vectorized else ept * acc_words)
-    unroll = max(1, min(2 if simulator else 4, 32 // key_words))
+    unroll = max(1, min(2 if simulator else 4, (32 if vectorized else 16) // key_words))
     override = os.environ.get(_DECODE_OVERRIDE, "")
     if override and not simulator:
         cap, threads, unroll = (int(x) for x in override.split(","))

@@ -8,7 +8,11 @@ belongs to a "key group" of `lanes` consecutive lanes; lane lg of the group owns
 `ept` elements of the row, read as 16-byte vectors (vec elements) at columns
 (v * lanes + lg) * vec, so one load instruction of a warp reads whole contiguous
 rows. Warps and key groups stride along the keys; each thread issues the loads of
-`unroll` keys (K and V) before using any, to keep many bytes in flight.
+`unroll` keys (K and V) of the next step before the math of this one (a two-stage
+software pipeline in registers), to keep many bytes in flight. A paged cache costs
+one block-table read per key group and key; the lanes of a key group (and the key
+groups of a warp, for blocks longer than a warp's keys) read the same entry, so a
+warp makes one table request per block it touches.
 
 Per thread, in registers: its slice of q (scale folded in) for every row, the
 output accumulator slice acc, and per row the running max m_i and sum l_i of
@@ -167,6 +171,51 @@ def build(spec: DecodeSpec):
             off //= 2
         return s
 
+    @cuda.jit(device=True, inline=True)
+    def issue(k_cache, v_cache, block_table, b, hk, base, j_begin, j_end, warp, kg, lg, k_buf, v_buf):
+        """Start the loads of the keys of the step at ``base`` (zeros past j_end)."""
+        for u in range(UNROLL):
+            j = base + (u * W + warp) * KPW + kg
+            valid = j < j_end
+            i0, i1 = locate(block_table, b, j if valid else j_begin)
+            load_row(k_cache, i0, i1, hk, D, lg, valid, k_buf, u)
+            load_row(v_cache, i0, i1, hk, DV, lg, valid, v_buf, u)
+
+    @cuda.jit(device=True, inline=True)
+    def consume(base, j_end, warp, kg, k_buf, v_buf, q_r, acc, m_i, l_i, last_key, s, f):
+        """Scores, online softmax and P V for the step at ``base``."""
+        for u in range(UNROLL):  # S = scale * q K^T, masked
+            j = base + (u * W + warp) * KPW + kg
+            unpack(k_buf, u, f)
+            for r in range(ROWS):
+                dot = acc_t(0)
+                for e in range(ept):
+                    dot += q_r[r, e] * f[e]
+                dot = group_sum(dot)
+                s[r, u] = dot if (j < j_end and j <= last_key[r]) else NEG_INF
+        for r in range(ROWS):  # online softmax: m_i, l_i, alpha (FlashAttention-2, Alg. 1)
+            m_new = m_i[r]
+            for u in range(UNROLL):
+                m_new = max(m_new, s[r, u])
+            alpha = rescale(m_i[r], m_new)
+            row_sum = acc_t(0)
+            for u in range(UNROLL):
+                p = acc_t(0)
+                if s[r, u] != NEG_INF:
+                    p = math.exp(s[r, u] - m_new)
+                s[r, u] = p
+                row_sum += p
+            m_i[r] = m_new
+            l_i[r] = l_i[r] * alpha + row_sum
+            for e in range(ept):
+                acc[r, e] *= alpha
+        for u in range(UNROLL):  # acc = alpha * acc + P V
+            unpack(v_buf, u, f)
+            for r in range(ROWS):
+                p = s[r, u]
+                for e in range(ept):
+                    acc[r, e] += p * f[e]
+
     def decode(q, k_cache, v_cache, block_table, seqlens, n_new, out, lse, scale, group, row_chunks):
         tid = cuda.threadIdx.x
         lane = tid % 32
@@ -188,8 +237,6 @@ def build(spec: DecodeSpec):
         l_i = cuda.local.array(ROWS, acc_t)
         last_key = cuda.local.array(ROWS, np.int32)  # last key each row may see
         s = cuda.local.array((ROWS, UNROLL), acc_t)
-        k_buf = cuda.local.array((UNROLL, BUF_W), buf_t)
-        v_buf = cuda.local.array((UNROLL, BUF_W), buf_t)
         f = cuda.local.array(ept, acc_t)
 
         for r in range(ROWS):
@@ -217,44 +264,22 @@ def build(spec: DecodeSpec):
         j_begin = split * per_split
         j_end = min(seqlen_k, j_begin + per_split)
 
-        for base in range(j_begin, j_end, TILE):
-            for u in range(UNROLL):  # issue every load of this step first
-                j = base + (u * W + warp) * KPW + kg
-                valid = j < j_end
-                i0, i1 = locate(block_table, b, j if valid else j_begin)
-                load_row(k_cache, i0, i1, hk, D, lg, valid, k_buf, u)
-                load_row(v_cache, i0, i1, hk, DV, lg, valid, v_buf, u)
-            for u in range(UNROLL):  # S = scale * q K^T, masked
-                j = base + (u * W + warp) * KPW + kg
-                unpack(k_buf, u, f)
-                for r in range(ROWS):
-                    dot = acc_t(0)
-                    for e in range(ept):
-                        dot += q_r[r, e] * f[e]
-                    dot = group_sum(dot)
-                    s[r, u] = dot if (j < j_end and j <= last_key[r]) else NEG_INF
-            for r in range(ROWS):  # online softmax (FlashAttention-2, eq. for m_i, l_i)
-                m_new = m_i[r]
-                for u in range(UNROLL):
-                    m_new = max(m_new, s[r, u])
-                alpha = rescale(m_i[r], m_new)
-                row_sum = acc_t(0)
-                for u in range(UNROLL):
-                    p = acc_t(0)
-                    if s[r, u] != NEG_INF:
-                        p = math.exp(s[r, u] - m_new)
-                    s[r, u] = p
-                    row_sum += p
-                m_i[r] = m_new
-                l_i[r] = l_i[r] * alpha + row_sum
-                for e in range(ept):
-                    acc[r, e] *= alpha
-            for u in range(UNROLL):  # acc += P V
-                unpack(v_buf, u, f)
-                for r in range(ROWS):
-                    p = s[r, u]
-                    for e in range(ept):
-                        acc[r, e] += p * f[e]
+        # software pipeline: the loads of the next step are in flight while this
+        # step's math runs (two buffers, the loop unrolled by two to swap them)
+        k_a = cuda.local.array((UNROLL, BUF_W), buf_t)
+        v_a = cuda.local.array((UNROLL, BUF_W), buf_t)
+        k_b = cuda.local.array((UNROLL, BUF_W), buf_t)
+        v_b = cuda.local.array((UNROLL, BUF_W), buf_t)
+        base = j_begin
+        issue(k_cache, v_cache, block_table, b, hk, base, j_begin, j_end, warp, kg, lg, k_a, v_a)
+        while base < j_end:
+            issue(k_cache, v_cache, block_table, b, hk, base + TILE, j_begin, j_end, warp, kg, lg, k_b, v_b)
+            consume(base, j_end, warp, kg, k_a, v_a, q_r, acc, m_i, l_i, last_key, s, f)
+            base += TILE
+            if base < j_end:
+                issue(k_cache, v_cache, block_table, b, hk, base + TILE, j_begin, j_end, warp, kg, lg, k_a, v_a)
+                consume(base, j_end, warp, kg, k_b, v_b, q_r, acc, m_i, l_i, last_key, s, f)
+                base += TILE
 
         # merge the key groups of this warp (same columns, different keys)
         off = lanes
