@@ -115,6 +115,8 @@ def decode_tiles(itemsize: int, head_dim: int, head_dim_v: int, rows_needed: int
     threads = DECODE_THREADS_SIMULATOR if simulator else DECODE_THREADS
     key_words = 2 * (ept * itemsize // 4 if vectorized else ept * acc_words)
     unroll = max(1, min(2 if simulator else 4, (32 if vectorized else 16) // key_words))
+    if max(head_dim, head_dim_v) > 128:
+        unroll = min(unroll, 2)  # unroll 4 compiles to 255 registers at head_dim 256: no margin
     override = os.environ.get(_DECODE_OVERRIDE, "")
     if override and not simulator:
         cap, threads, unroll = (int(x) for x in override.split(","))

@@ -172,12 +172,14 @@ def build(spec: DecodeSpec):
         return s
 
     @cuda.jit(device=True, inline=True)
-    def issue(k_cache, v_cache, block_table, b, hk, base, j_begin, j_end, warp, kg, lg, k_buf, v_buf):
+    def issue(k_cache, v_cache, block_table, b, hk, base, j_end, warp, kg, lg, k_buf, v_buf):
         """Start the loads of the keys of the step at ``base`` (zeros past j_end)."""
         for u in range(UNROLL):
             j = base + (u * W + warp) * KPW + kg
             valid = j < j_end
-            i0, i1 = locate(block_table, b, j if valid else j_begin)
+            i0 = i1 = 0  # no load happens for a key past j_end (nor a table read)
+            if valid:
+                i0, i1 = locate(block_table, b, j)
             load_row(k_cache, i0, i1, hk, D, lg, valid, k_buf, u)
             load_row(v_cache, i0, i1, hk, DV, lg, valid, v_buf, u)
 
@@ -271,13 +273,13 @@ def build(spec: DecodeSpec):
         k_b = cuda.local.array((UNROLL, BUF_W), buf_t)
         v_b = cuda.local.array((UNROLL, BUF_W), buf_t)
         base = j_begin
-        issue(k_cache, v_cache, block_table, b, hk, base, j_begin, j_end, warp, kg, lg, k_a, v_a)
+        issue(k_cache, v_cache, block_table, b, hk, base, j_end, warp, kg, lg, k_a, v_a)
         while base < j_end:
-            issue(k_cache, v_cache, block_table, b, hk, base + TILE, j_begin, j_end, warp, kg, lg, k_b, v_b)
+            issue(k_cache, v_cache, block_table, b, hk, base + TILE, j_end, warp, kg, lg, k_b, v_b)
             consume(base, j_end, warp, kg, k_a, v_a, q_r, acc, m_i, l_i, last_key, s, f)
             base += TILE
             if base < j_end:
-                issue(k_cache, v_cache, block_table, b, hk, base + TILE, j_begin, j_end, warp, kg, lg, k_a, v_a)
+                issue(k_cache, v_cache, block_table, b, hk, base + TILE, j_end, warp, kg, lg, k_a, v_a)
                 consume(base, j_end, warp, kg, k_b, v_b, q_r, acc, m_i, l_i, last_key, s, f)
                 base += TILE
 
