@@ -4,8 +4,9 @@ from . import device  # first: chooses GPU or simulator before numba.cuda loads
 from . import reference
 from .api import attention, forward_spec
 from .api_backward import attention_backward, attention_vjp, backward_spec
+from .api_kvcache import attention_with_kvcache, kvcache_spec
 from .plan import AttentionPlan, plan
-from .spec import BackwardSpec, ForwardSpec
+from .spec import BackwardSpec, DecodeSpec, ForwardSpec
 
 __version__ = "0.1.0"
 SIMULATOR = device.SIMULATOR
@@ -13,4 +14,5 @@ SIMULATOR = device.SIMULATOR
 __all__ = [
     "attention", "forward_spec", "plan", "AttentionPlan", "reference", "ForwardSpec", "SIMULATOR", "__version__",
     "attention_backward", "attention_vjp", "backward_spec", "BackwardSpec",
+    "attention_with_kvcache", "kvcache_spec", "DecodeSpec",
 ]

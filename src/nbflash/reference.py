@@ -67,6 +67,95 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=Fa
     return (out, lse) if return_lse else out
 
 
+def _seqlens(cache_seqlens, batch) -> np.ndarray:
+    if isinstance(cache_seqlens, (int, np.integer)) and not isinstance(cache_seqlens, bool):
+        lengths = np.full(batch, int(cache_seqlens), dtype=np.int64)
+    else:
+        lengths = np.asarray(cache_seqlens).astype(np.int64).reshape(-1)
+    if lengths.shape != (batch,):
+        raise ValueError(f"cache_seqlens: expected shape ({batch},); got {lengths.shape}")
+    if (lengths < 0).any():
+        raise ValueError(f"cache_seqlens: negative length {lengths.min()}")
+    return lengths
+
+
+def _cache_positions(cache, block_table, b, length):
+    """(first, second) index arrays of positions 0..length-1 of sequence b."""
+    t = np.arange(length)
+    if block_table is None:
+        if length > cache.shape[1]:
+            raise ValueError(f"sequence {b}: {length} keys exceed the cache capacity {cache.shape[1]}")
+        return np.full(length, b), t
+    block_size = cache.shape[1]
+    table = np.asarray(block_table)
+    if -(-length // block_size) > table.shape[1]:
+        raise ValueError(
+            f"sequence {b}: {length} keys need more than the {table.shape[1]} blocks of block_table"
+        )
+    ids = table[b, t // block_size].astype(np.int64)
+    bad = (ids < 0) | (ids >= cache.shape[0])
+    if bad.any():
+        where = int(t[bad][0] // block_size)
+        raise IndexError(
+            f"block_table[{b}, {where}] = {table[b, where]} is outside the cache's {cache.shape[0]} blocks"
+        )
+    return ids, t % block_size
+
+
+def append_to_kvcache(k_cache, v_cache, *, cache_seqlens, k, v, block_table=None):
+    """The caches after :func:`nbflash.attention_with_kvcache` appended k and v:
+    float64 copies of k_cache and v_cache with token t of sequence b written at
+    position cache_seqlens[b] + t (through block_table when given). The inputs are
+    not modified. Raises ValueError past the capacity and IndexError for block ids
+    outside the cache."""
+    kc = np.array(k_cache, dtype=np.float64)
+    vc = np.array(v_cache, dtype=np.float64)
+    k, v = np.asarray(k, dtype=np.float64), np.asarray(v, dtype=np.float64)
+    lengths = _seqlens(cache_seqlens, k.shape[0])
+    for b in range(k.shape[0]):
+        i0, i1 = _cache_positions(kc, block_table, b, int(lengths[b]) + k.shape[1])
+        i0, i1 = i0[lengths[b]:], i1[lengths[b]:]
+        kc[i0, i1] = k[b]
+        vc[i0, i1] = v[b]
+    return kc, vc
+
+
+def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None, block_table=None,
+                           causal=True, scale=None, num_splits=0, return_lse=False):
+    """float64 reference of :func:`nbflash.attention_with_kvcache` (num_splits is
+    accepted and ignored: splitting does not change the result).
+
+    Sequence b attends to its first cache_seqlens[b] cached keys followed by its new
+    keys k[b] (when given), gathered through block_table for a paged cache; causal is
+    bottom-right aligned over that total length. Nothing is mutated: the updated
+    caches come from :func:`append_to_kvcache`. Returns out (float64, (batch, seqlen_q,
+    heads_q, head_dim_v)) and, with return_lse, lse (float64, (batch, heads_q,
+    seqlen_q)). Raises ValueError for lengths past the capacity or negative, and
+    IndexError for block ids outside the cache.
+    """
+    qd = np.asarray(q, dtype=np.float64)
+    batch, seqlen_q, heads_q, _ = qd.shape
+    lengths = _seqlens(cache_seqlens, batch)
+    n_new = 0 if k is None else np.shape(k)[1]
+    kc, vc = np.asarray(k_cache), np.asarray(v_cache)
+    outs, lses = [], []
+    for b in range(batch):
+        i0, i1 = _cache_positions(kc, block_table, b, int(lengths[b]) + n_new)
+        i0, i1 = i0[:lengths[b]], i1[:lengths[b]]
+        keys = np.asarray(kc[i0, i1], dtype=np.float64)
+        values = np.asarray(vc[i0, i1], dtype=np.float64)
+        if k is not None:
+            keys = np.concatenate([keys, np.asarray(k[b], dtype=np.float64)])
+            values = np.concatenate([values, np.asarray(v[b], dtype=np.float64)])
+        o, lse = attention(qd[b:b + 1], keys[None], values[None], causal=causal, scale=scale, return_lse=True)
+        outs.append(o[0])
+        lses.append(lse[0])
+    dv = np.shape(v_cache)[3]
+    out = np.stack(outs) if outs else np.zeros((0, seqlen_q, heads_q, dv))
+    lse = np.stack(lses) if lses else np.zeros((0, heads_q, seqlen_q))
+    return (out, lse) if return_lse else out
+
+
 def attention_backward(do, q, k, v, *, causal=False, scale=None, layout="bshd"):
     """float64 reference of :func:`nbflash.attention_backward`: the gradients of
     sum(do * out) with out = attention(q, k, v), from the materialized P.

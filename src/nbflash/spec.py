@@ -140,3 +140,98 @@ class BackwardMmaSpec:
 
     def __str__(self) -> str:
         return self.key
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """A split-KV decoding kernel specialization (attention_with_kvcache).
+
+    One CTA owns one (split, kv head, batch) and ``rows`` query rows of that kv head's
+    group (all of them when group * seqlen_q <= rows).
+
+    dtype: short dtype name. head_dim / head_dim_v: of q/k and of v.
+    rows: query rows (heads of the group x seqlen_q) per CTA, kept in registers.
+    causal: bottom-right-aligned causal mask over each sequence's total length.
+    block_size: 0 for a contiguous cache, else the paged cache's block size.
+    vectorized: cache rows are read 16 bytes at a time (aligned rows, head dims
+        multiples of 16 bytes); scalar loads otherwise.
+    split: write float32/float64 partial outputs and lse for the combine kernel;
+        else the final output (and lse with ``with_lse``) directly.
+    threads: per CTA; unroll: keys each thread has in flight per loop step.
+    """
+
+    dtype: str
+    head_dim: int
+    head_dim_v: int
+    rows: int
+    causal: bool
+    block_size: int
+    vectorized: bool
+    split: bool
+    with_lse: bool
+    threads: int
+    unroll: int
+
+    @property
+    def module(self) -> str:
+        return "decode"
+
+    @property
+    def key(self) -> str:
+        cache = f"-paged{self.block_size}" if self.block_size else "-contig"
+        loads = "-v16" if self.vectorized else "-scalar"
+        out = "-split" if self.split else ("-lse" if self.with_lse else "")
+        return (
+            f"decode-{self.dtype}-d{self.head_dim}-dv{self.head_dim_v}-r{self.rows}"
+            f"{'-causal' if self.causal else ''}{cache}{loads}{out}-t{self.threads}u{self.unroll}"
+        )
+
+    def __str__(self) -> str:
+        return self.key
+
+
+@dataclass(frozen=True)
+class CombineSpec:
+    """The kernel that merges split-KV partial outputs by their log-sum-exp.
+
+    dtype: of the final output; head_dim_v; with_lse: also write the merged lse.
+    """
+
+    dtype: str
+    head_dim_v: int
+    with_lse: bool
+    threads: int
+
+    @property
+    def module(self) -> str:
+        return "decode_combine"
+
+    @property
+    def key(self) -> str:
+        return f"combine-{self.dtype}-dv{self.head_dim_v}{'-lse' if self.with_lse else ''}-t{self.threads}"
+
+    def __str__(self) -> str:
+        return self.key
+
+
+@dataclass(frozen=True)
+class AppendSpec:
+    """The kernel that writes new k/v tokens into a KV cache (bit copies).
+
+    bits: element width (16, 32, 64); paged: through a block table.
+    """
+
+    bits: int
+    paged: bool
+    threads: int
+
+    @property
+    def module(self) -> str:
+        return "kv_append"
+
+    @property
+    def key(self) -> str:
+        return f"kv_append-b{self.bits}{'-paged' if self.paged else '-contig'}-t{self.threads}"
+
+    def __str__(self) -> str:
+        return self.key

@@ -169,3 +169,77 @@ def _bwd_override(head_dim):
             kv, dq = ([int(x) for x in part.split(",")] for part in values.split("/"))
             return (kv[0], kv[1], kv[2], bool(kv[3])), (dq[0], dq[1], dq[2], bool(dq[3]))
     return None
+
+
+
+# ---- split-KV decoding (kernels/decode.py) ----------------------------------------
+
+DECODE_THREADS = 128  # 4 warps striding along the keys
+DECODE_THREADS_SIMULATOR = 32  # one warp: every simulated thread costs CPU time
+DECODE_MAX_ROWS = 4  # query rows held in registers per CTA (more: row chunks); 8 spills
+DECODE_MAX_ROWS_SIMULATOR = 4  # tests cover row chunks with group x seqlen_q > 4
+DECODE_BUSY_CTAS_PER_SM = 2  # resident CTAs an SM needs to keep its loads in flight
+DECODE_MIN_SPLIT_KEYS = 256  # num_splits=0 never makes splits shorter than this
+DECODE_MIN_SPLIT_KEYS_SIMULATOR = 8  # so simulator-sized caches still split
+DECODE_MAX_AUTO_SPLITS = 128
+DECODE_SIMULATOR_SMS = 4  # stands in for the SM count on the simulator
+COMBINE_THREADS = 128
+_DECODE_OVERRIDE = "NBFLASH_DECODE_TILES"  # "max_rows,threads,unroll" for perf/ sweeps
+
+
+def decode_geometry(itemsize: int, head_dim: int, head_dim_v: int):
+    """(vec, ept, lanes): elements per 16-byte load, elements of a key row each thread
+    owns (a multiple of vec) and lanes per key row (a power of two <= 32)."""
+    vec = 16 // itemsize
+    width = max(head_dim, head_dim_v)
+    ept = max(vec, -(-width // 32))
+    ept = -(-ept // vec) * vec
+    need = -(-width // ept)
+    lanes = 1
+    while lanes < need:
+        lanes *= 2
+    return vec, ept, lanes
+
+
+def decode_tiles(itemsize: int, head_dim: int, head_dim_v: int, rows_needed: int,
+                 vectorized: bool, simulator: bool):
+    """(rows, threads, unroll) for the decode kernel.
+
+    rows: the power of two >= rows_needed, capped so q and the accumulator of every
+    row stay within ~32 registers each; unroll: keys per thread per step, as many
+    as ~32 registers of K and V buffers allow (up to 4), double-buffered by the
+    kernel's software pipeline. Measured with ptxas for sm_90a (tests/
+    test_ptx_gate_decode.py): fp16, head_dim 128, 4 rows, unroll 4 compile to
+    244-252 registers without spills (2 CTAs of 128 threads per SM); 8 rows spill.
+    Scalar loads (misaligned caches) convert while loading and get half the unroll.
+    """
+    _, ept, _ = decode_geometry(itemsize, head_dim, head_dim_v)
+    acc_words = 2 if itemsize == 8 else 1
+    cap = DECODE_MAX_ROWS_SIMULATOR if simulator else DECODE_MAX_ROWS
+    threads = DECODE_THREADS_SIMULATOR if simulator else DECODE_THREADS
+    key_words = 2 * (ept * itemsize // 4 if vectorized else ept * acc_words)
+    unroll = max(1, min(2 if simulator else 4, (32 if vectorized else 16) // key_words))
+    if max(head_dim, head_dim_v) > 128:
+        unroll = min(unroll, 2)  # unroll 4 compiles to 255 registers at head_dim 256: no margin
+    override = os.environ.get(_DECODE_OVERRIDE, "")
+    if override and not simulator:
+        cap, threads, unroll = (int(x) for x in override.split(","))
+    cap = max(1, min(cap, 32 // (ept * acc_words)))
+    rows = 1
+    while rows < min(rows_needed, cap):
+        rows *= 2
+    return min(rows, cap), threads, unroll
+
+
+# Decode specializations the no-GPU gate compiles for sm_90a (tests/test_ptx_gate_decode.py):
+# (dtype, head_dim, rows, block_size, causal, split, with_lse), all with 16-byte loads.
+DECODE_GATE = [
+    ("fp16", 128, 4, 0, True, True, False),
+    ("fp16", 128, 4, 16, True, False, True),
+    ("fp16", 128, 4, 256, False, False, False),
+    ("bf16", 128, 4, 16, True, True, False),
+    ("fp16", 128, 1, 0, True, True, False),
+    ("fp16", 64, 4, 16, True, True, False),
+    ("fp16", 256, 4, 0, True, True, False),
+    ("fp32", 128, 4, 0, True, True, False),
+]

@@ -163,6 +163,18 @@ if SIMULATED:
         with _red_lock:
             address.array[address.index] += np.float32(value)
 
+    def ld_global_nc_v4(address):
+        """16 bytes from global memory as four uint32 words (the lower address in
+        word 0, little-endian as on the GPU)."""
+        count = 16 // address.array.dtype.itemsize
+        words = np.array(address.words(count), dtype=address.array.dtype).view(np.uint32)
+        return int(words[0]), int(words[1]), int(words[2]), int(words[3])
+
+    def f16x2_to_f32(word):
+        """The two float16 halves of a .b32 word widened to float32 (lo, hi)."""
+        lo, hi = _halves(word, np.float16)
+        return np.float32(lo), np.float32(hi)
+
 else:
     from llvmlite import ir
     from numba import cuda
@@ -370,3 +382,30 @@ else:
     def shfl_xor(value, lane_mask):
         """shfl.sync.bfly: the value of lane (this lane ^ lane_mask), all lanes taking part."""
         return cuda.shfl_xor_sync(0xFFFFFFFF, value, lane_mask)
+
+    @intrinsic
+    def ld_global_nc_v4(typingctx, address):
+        """ld.global.nc.L1::no_allocate.v4.u32 (PTX ISA 9.7.9.8, 9.7.9.9): 16 bytes
+        through the read-only path without keeping them in L1 (streamed once); the
+        address must be 16-byte aligned and the memory unwritten by this kernel."""
+
+        def codegen(context, builder, sig, args):
+            ret = ir.LiteralStructType([_i32] * 4)
+            res = _asm(builder, "ld.global.nc.L1::no_allocate.v4.u32 {$0, $1, $2, $3}, [$4];",
+                       "=r,=r,=r,=r,l", ret, [args[0]])
+            return _tuple(context, builder, sig, res, 4)
+
+        return types.UniTuple(types.uint32, 4)(types.uint64), codegen
+
+    @intrinsic
+    def f16x2_to_f32(typingctx, word):
+        """cvt.f32.f16 twice: the float16 halves of a .b32 word as float32 (lo, hi)."""
+
+        def codegen(context, builder, sig, args):
+            val = context.cast(builder, args[0], sig.args[0], types.uint32)
+            ret = ir.LiteralStructType([_f32] * 2)
+            text = "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.f32.f16 $0, lo; cvt.f32.f16 $1, hi; }"
+            res = _asm(builder, text, "=f,=f,r", ret, [val], False)
+            return _tuple(context, builder, sig, res, 2)
+
+        return types.UniTuple(types.float32, 2)(word), codegen

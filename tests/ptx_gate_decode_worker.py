@@ -1,0 +1,90 @@
+"""Compile the shipped split-KV decoding specializations (tuning.DECODE_GATE) for a
+real GPU target without a GPU, link them with nvJitLink (ptxas -v) and print one JSON
+line per kernel with its resources. Run by tests/test_ptx_gate_decode.py in a
+subprocess with the simulator off."""
+
+import json
+import os
+import re
+import sys
+
+os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
+
+from numba import cuda  # noqa: E402
+from numba.cuda import types  # noqa: E402
+
+from nbflash import tuning  # noqa: E402
+from nbflash.kernels import decode, decode_combine, kv_append  # noqa: E402
+from nbflash.spec import AppendSpec, CombineSpec, DecodeSpec  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from ptx_gate_worker import ptxas_report  # noqa: E402
+
+STORAGE = {"fp16": types.float16, "bf16": types.uint16, "fp32": types.float32, "fp64": types.float64}
+ACC = {"fp16": types.float32, "bf16": types.float32, "fp32": types.float32, "fp64": types.float64}
+
+
+def signature(spec: DecodeSpec):
+    arr = lambda t, n: types.Array(t, n, "A")  # noqa: E731
+    cache_t = types.uint16 if spec.vectorized and spec.dtype in ("fp16", "bf16") else STORAGE[spec.dtype]
+    if spec.split:
+        results = (arr(ACC[spec.dtype], 5), arr(ACC[spec.dtype], 4))
+    else:
+        results = (arr(STORAGE[spec.dtype], 4), arr(types.float32, 3))
+    return (arr(STORAGE[spec.dtype], 4), arr(cache_t, 4), arr(cache_t, 4), arr(types.int32, 2),
+            arr(types.int32, 1), types.int64, *results, ACC[spec.dtype], types.int64, types.int64)
+
+
+def specs():
+    itemsize = {"fp16": 2, "bf16": 2, "fp32": 4}
+    for dtype, head_dim, rows, block_size, causal, split, with_lse in tuning.DECODE_GATE:
+        rows_cap, threads, unroll = tuning.decode_tiles(itemsize[dtype], head_dim, head_dim, rows, True, False)
+        assert rows_cap == rows, (dtype, head_dim, rows)
+        yield DecodeSpec(dtype, head_dim, head_dim, rows, causal, block_size, True, split, with_lse, threads, unroll)
+
+
+# Not gated for registers (not the fast path), only compiled: scalar-load decoding,
+# the combine kernel and the append kernel.
+SCALAR_DECODE = [DecodeSpec("fp16", 128, 128, 4, True, 16, False, True, False,
+                            *tuning.decode_tiles(2, 128, 128, 4, False, False)[1:]),
+                 DecodeSpec("fp64", 64, 64, 4, True, 0, False, False, True,
+                            *tuning.decode_tiles(8, 64, 64, 4, False, False)[1:])]
+COMBINES = [CombineSpec("fp16", 128, True, 128), CombineSpec("fp64", 64, False, 128)]
+APPENDS = [AppendSpec(16, True, 64), AppendSpec(64, False, 64)]
+
+
+def others():
+    arr = lambda t, n: types.Array(t, n, "A")  # noqa: E731
+    for spec in SCALAR_DECODE:
+        yield spec, decode, signature(spec)
+    for spec in COMBINES:
+        acc = ACC[spec.dtype]
+        yield spec, decode_combine, (arr(acc, 5), arr(acc, 4), arr(STORAGE[spec.dtype], 4), arr(types.float32, 3))
+    for spec in APPENDS:
+        bits = {16: types.uint16, 64: types.uint64}[spec.bits]
+        yield spec, kv_append, (arr(bits, 4),) * 4 + (arr(types.int32, 2), arr(types.int32, 1))
+
+
+def main():
+    targets = {"sm_80": (8, 0), "sm_90a": (9, 0, "a")}  # the test runs sm_90a only (time)
+    for arch in sys.argv[1:] or targets:
+        jobs = [(spec, decode, signature(spec), True) for spec in specs()]
+        jobs += [(spec, module, sig, False) for spec, module, sig in others()]
+        for spec, module, sig, gated in jobs:
+            ptx, _ = cuda.compile_ptx(module.build(spec).py_func, sig, cc=targets[arch])
+            log = ptxas_report(ptx, arch)
+            grab = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
+            print(json.dumps({
+                "key": spec.key, "arch": arch, "threads": spec.threads, "gated": gated,
+                "registers": grab(r"Used (\d+) registers"),
+                "stack": grab(r"(\d+) bytes stack frame"),
+                "spill_stores": grab(r"(\d+) bytes spill stores"),
+                "spill_loads": grab(r"(\d+) bytes spill loads"),
+                "ld_v4": ptx.count("ld.global.nc.L1::no_allocate.v4.u32"),
+                "shfl": ptx.count("shfl.sync.bfly"),
+                "shared_bytes": decode.static_shared_bytes(spec) if module is decode else 0,
+            }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
