@@ -39,6 +39,7 @@ from numba.cuda import float32, uint32
 
 from ..spec import BackwardMmaSpec
 from . import ptx
+from .tile_copy import make_issue_rows
 
 LOG2E = 1.4426950408889634
 PAD_WORDS = 4
@@ -98,21 +99,7 @@ def _device_helpers(spec, threads):
     CHUNKS = D // 8  # 16-byte chunks per row
     INF = math.inf
 
-    @cuda.jit(device=True, inline=True)
-    def issue_rows(src, smem, base, rows, b, h, n0, seqlen, tid):
-        """cp.async ``rows`` x D of src[b, n0:, h, :] to smem[base:] (rows past
-        seqlen are zero-filled)."""
-        for e in range(tid, rows * CHUNKS, threads):
-            r = e // CHUNKS
-            c = e - r * CHUNKS
-            j = n0 + r
-            nbytes = 16 if j < seqlen else 0
-            j = max(0, min(j, seqlen - 1))
-            ptx.cp_async_16(
-                ptx.shared_address(smem, (base + r * RW + c * 4,)),
-                ptx.global_address(src, (b, j, h, c * 8)),
-                nbytes,
-            )
+    issue_rows = make_issue_rows(D, RW, threads)
 
     @cuda.jit(device=True, inline=True)
     def a_fragments(smem, base, row0, kk, lane):
