@@ -278,5 +278,7 @@ def _forward(problem: _Problem, views, out_op, causal, scale, return_lse):
     grid = (-(-problem.seqlen_q // spec.block_m), problem.heads_q, problem.batch)
     args = [launch.numba_view(arrays.kernel_view(a, spec.kernel == "mma")) for a in (*views, out_view)]
     args += [launch.numba_view(lse_view), acc_type(scale), problem.heads_q // problem.heads_kv]
+    no_seqlens = launch.numba_view(_empty(problem, (1,), np.int32))  # read only by varlen kernels
+    args += [no_seqlens, no_seqlens]
     launch.launch(kernel, grid, spec.threads, args, launch.shared_bytes(spec))
     return out, lse

@@ -30,6 +30,7 @@ from numba.cuda import float32, uint32
 
 from ..spec import ForwardSpec
 from . import ptx
+from .varlen import sequence_span
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -48,8 +49,9 @@ def build(spec: ForwardSpec):
 
     Arguments as the portable kernel's, with q, k, v, out as uint16 views of the
     16-bit data: q (B, Nq, Hq, D), k (B, Nk, Hkv, D), v (B, Nk, Hkv, D), out
-    (B, Nq, Hq, D), lse (B, Hq, Nq) float32, scale (float32), group = Hq // Hkv.
-    Requires 16-byte aligned rows of q, k and v (checked by the caller).
+    (B, Nq, Hq, D), lse (B, Hq, Nq) float32, scale (float32), group = Hq // Hkv,
+    cu_seqlens_q, cu_seqlens_k int32 (ignored unless spec.varlen; packed layout as in
+    forward_simt.build). Requires 16-byte aligned rows of q, k and v (checked by the caller).
     """
     assert spec.kernel == "mma" and spec.dtype in ("fp16", "bf16")
     assert spec.head_dim == spec.head_dim_v and spec.head_dim in HEAD_DIMS
@@ -73,13 +75,14 @@ def build(spec: ForwardSpec):
     Q_REGS = M_TILES * K_STEPS * 4
     ROWS = 2 * M_TILES
     Q_IN_REGS = spec.q_in_registers
-    CAUSAL, WITH_LSE = spec.causal, spec.with_lse
+    CAUSAL, WITH_LSE, VARLEN = spec.causal, spec.with_lse, spec.varlen
     NEG_INF = -math.inf
 
     @cuda.jit(device=True, inline=True)
-    def issue_rows(src, smem, base, rows, b, h, n0, seqlen, tid):
-        """cp.async ``rows`` x D of src[b, n0:, h, :] to smem[base:] (rows past
-        seqlen are zero-filled)."""
+    def issue_rows(src, smem, base, rows, b, h, start, n0, seqlen, tid):
+        """cp.async ``rows`` x D of src[b, start + n0:, h, :] to smem[base:]. Rows past
+        seqlen are zero-filled, their source address clamped to the last row of the
+        sequence (never the next packed sequence's rows, never past the tensor)."""
         for e in range(tid, rows * CHUNKS, T):
             r = e // CHUNKS
             c = e - r * CHUNKS
@@ -88,7 +91,7 @@ def build(spec: ForwardSpec):
             j = max(0, min(j, seqlen - 1))
             ptx.cp_async_16(
                 ptx.shared_address(smem, (base + r * ROW_WORDS + c * 4,)),
-                ptx.global_address(src, (b, j, h, c * 8)),
+                ptx.global_address(src, (b, start + j, h, c * 8)),
                 nbytes,
             )
 
@@ -99,7 +102,7 @@ def build(spec: ForwardSpec):
         row = warp_row + (mat % 2) * 8 + lane % 8
         return ptx.ldmatrix_x4(ptx.shared_address(smem, (row * ROW_WORDS + kk * 8 + (mat // 2) * 4,)))
 
-    def forward_mma(q, k, v, out, lse, scale, group):
+    def forward_mma(q, k, v, out, lse, scale, group, cu_seqlens_q, cu_seqlens_k):
         tid = cuda.threadIdx.x
         lane = tid % 32
         warp = tid // 32
@@ -111,10 +114,19 @@ def build(spec: ForwardSpec):
             m_block = cuda.gridDim.x - 1 - m_block
         row0 = m_block * BM
         h = cuda.blockIdx.y
-        b = cuda.blockIdx.z
         hk = h // group
-        seqlen_q = q.shape[1]
-        seqlen_k = k.shape[1]
+        if VARLEN:  # one packed sequence per blockIdx.z; rows are offset by its start
+            b = 0
+            q_start, seqlen_q = sequence_span(cu_seqlens_q, cuda.blockIdx.z, q.shape[1])
+            k_start, seqlen_k = sequence_span(cu_seqlens_k, cuda.blockIdx.z, k.shape[1])
+            if row0 >= seqlen_q:  # the grid covers the longest sequence
+                return
+        else:
+            b = cuda.blockIdx.z
+            q_start = 0
+            k_start = 0
+            seqlen_q = q.shape[1]
+            seqlen_k = k.shape[1]
         warp_row = warp * 16 * M_TILES  # first row of this warp within the CTA tile
         scale_log2 = float32(scale * LOG2E)
 
@@ -125,10 +137,10 @@ def build(spec: ForwardSpec):
             key_end = max(0, min(seqlen_k, row0 + BM + seqlen_k - seqlen_q))
         n_tiles = (key_end + BN - 1) // BN
 
-        issue_rows(q, smem, 0, BM, b, h, row0, seqlen_q, tid)
+        issue_rows(q, smem, 0, BM, b, h, q_start, row0, seqlen_q, tid)
         if n_tiles > 0:
-            issue_rows(k, smem, K_OFF, BN, b, hk, 0, seqlen_k, tid)
-            issue_rows(v, smem, V_OFF, BN, b, hk, 0, seqlen_k, tid)
+            issue_rows(k, smem, K_OFF, BN, b, hk, k_start, 0, seqlen_k, tid)
+            issue_rows(v, smem, V_OFF, BN, b, hk, k_start, 0, seqlen_k, tid)
         ptx.cp_async_commit()
 
         q_frag = cuda.local.array(Q_REGS, uint32)
@@ -157,8 +169,8 @@ def build(spec: ForwardSpec):
             v_base = V_OFF + stage * BN * ROW_WORDS
             if it + 1 < n_tiles:
                 nxt = (1 - stage) * BN * ROW_WORDS
-                issue_rows(k, smem, K_OFF + nxt, BN, b, hk, n0 + BN, seqlen_k, tid)
-                issue_rows(v, smem, V_OFF + nxt, BN, b, hk, n0 + BN, seqlen_k, tid)
+                issue_rows(k, smem, K_OFF + nxt, BN, b, hk, k_start, n0 + BN, seqlen_k, tid)
+                issue_rows(v, smem, V_OFF + nxt, BN, b, hk, k_start, n0 + BN, seqlen_k, tid)
             ptx.cp_async_commit()
             ptx.cp_async_wait_group(1)  # this tile's group (and Q) has landed
             cuda.syncthreads()
@@ -265,12 +277,12 @@ def build(spec: ForwardSpec):
                         j = (m * D_BLOCKS + db) * 4 + 2 * half
                         word = pack(acc[j] * inv, acc[j + 1] * inv)
                         col = db * 8 + 2 * t
-                        out[b, i, h, col] = np.uint16(word & 0xFFFF)
-                        out[b, i, h, col + 1] = np.uint16(word >> 16)
+                        out[b, q_start + i, h, col] = np.uint16(word & 0xFFFF)
+                        out[b, q_start + i, h, col + 1] = np.uint16(word >> 16)
                     if WITH_LSE and t == 0:
                         if l_sum > 0:
-                            lse[b, h, i] = m_i[row] * LN2 + math.log(l_sum)
+                            lse[b, h, q_start + i] = m_i[row] * LN2 + math.log(l_sum)
                         else:
-                            lse[b, h, i] = NEG_INF
+                            lse[b, h, q_start + i] = NEG_INF
 
     return cuda.jit(forward_mma)
