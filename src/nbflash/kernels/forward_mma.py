@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 from numba import cuda
-from numba.cuda import float32, uint32
+from numba.cuda import float32, int32, uint32
 
 from ..spec import ForwardSpec
 from . import ptx
@@ -130,12 +130,26 @@ def build(spec: ForwardSpec):
         warp_row = warp * 16 * M_TILES  # first row of this warp within the CTA tile
         scale_log2 = float32(scale * LOG2E)
 
-        smem = cuda.shared.array(0, uint32)
-
         key_end = seqlen_k
         if CAUSAL:
             key_end = max(0, min(seqlen_k, row0 + BM + seqlen_k - seqlen_q))
         n_tiles = (key_end + BN - 1) // BN
+
+        smem = cuda.shared.array(0, uint32)
+        loop_tiles = n_tiles
+        if VARLEN:
+            # The span lives in shared memory and is re-read where it is used: held in
+            # registers across the key loop it pushed the d128 kernel on sm_80 into
+            # spills. The loop runs to a bound from the kernel arguments and breaks.
+            span = cuda.shared.array(5, int32)
+            if tid == 0:
+                span[0] = q_start
+                span[1] = seqlen_q
+                span[2] = k_start
+                span[3] = seqlen_k
+                span[4] = n_tiles
+            cuda.syncthreads()
+            loop_tiles = (k.shape[1] + BN - 1) // BN
 
         issue_rows(q, smem, 0, BM, b, h, q_start, row0, seqlen_q, tid)
         if n_tiles > 0:
@@ -162,12 +176,20 @@ def build(spec: ForwardSpec):
             m_i[r] = NEG_INF
             l_i[r] = 0
 
-        for it in range(n_tiles):
+        for it in range(loop_tiles):
+            if VARLEN:
+                if it >= span[4]:
+                    break
             stage = it % 2
             n0 = it * BN
             k_base = K_OFF + stage * BN * ROW_WORDS
             v_base = V_OFF + stage * BN * ROW_WORDS
-            if it + 1 < n_tiles:
+            more = it + 1 < n_tiles
+            if VARLEN:
+                k_start = span[2]
+                seqlen_k = span[3]
+                more = it + 1 < span[4]
+            if more:
                 nxt = (1 - stage) * BN * ROW_WORDS
                 issue_rows(k, smem, K_OFF + nxt, BN, b, hk, k_start, n0 + BN, seqlen_k, tid)
                 issue_rows(v, smem, V_OFF + nxt, BN, b, hk, k_start, n0 + BN, seqlen_k, tid)
@@ -197,6 +219,9 @@ def build(spec: ForwardSpec):
                             s[j], s[j + 1], s[j + 2], s[j + 3] = mma(
                                 a0, a1, a2, a3, lo, hi, s[j], s[j + 1], s[j + 2], s[j + 3])
 
+            if VARLEN:
+                seqlen_q = span[1]
+                seqlen_k = span[3]
             # mask only tiles that cross seqlen_k or the causal diagonal
             needs_mask = n0 + BN > seqlen_k
             if CAUSAL:
@@ -262,6 +287,9 @@ def build(spec: ForwardSpec):
             cuda.syncthreads()  # everyone is done with this stage before it is refilled
 
         ptx.cp_async_wait_group(0)
+        if VARLEN:
+            q_start = span[0]
+            seqlen_q = span[1]
         for m in range(M_TILES):
             for half in range(2):
                 row = 2 * m + half

@@ -7,12 +7,15 @@ keeps every access inside the tensor even when cu_seqlens was not checked on the
 
 from __future__ import annotations
 
+import numpy as np
 from numba import cuda
 
 
 @cuda.jit(device=True, inline=True)
 def sequence_span(cu_seqlens, b, total):
-    """(start, length) of sequence b, clamped to rows 0..total."""
-    start = min(max(cu_seqlens[b], 0), total)
-    end = min(max(cu_seqlens[b + 1], start), total)
+    """(start, length) of sequence b, clamped to rows 0..total; int32 like cu_seqlens,
+    so that they take one register each for the life of the CTA."""
+    last = np.int32(total)
+    start = min(max(cu_seqlens[b], np.int32(0)), last)
+    end = min(max(cu_seqlens[b + 1], start), last)
     return start, end - start
