@@ -19,10 +19,10 @@ SIM_HEAD_DIM = 32  # the cheapest shipped tensor-core head_dim to emulate
 
 
 def run_and_check(shape: VarlenShape, dtype, *, causal, rng, seed, kernel=None, max_seqlens=False,
-                  device_seqlens=False, values=None):
+                  slack=0, device_seqlens=False, values=None):
     """Run attention_varlen into a NaN-poisoned out and compare out and lse with the
-    oracle. ``kernel`` pins the expected backend; ``max_seqlens`` passes the exact
-    maxima; ``device_seqlens`` passes cu_seqlens as device arrays."""
+    oracle. ``kernel`` pins the expected backend; ``max_seqlens`` passes the maxima
+    (plus ``slack``); ``device_seqlens`` passes cu_seqlens as device arrays."""
     q, k, v = values if values is not None else (random_array(rng, s, dtype) for s in shape.qkv_shapes())
     dq, dk, dv = (to_device(a) for a in (q, k, v))
     cu_q, cu_k = shape.cu_seqlens()
@@ -33,7 +33,8 @@ def run_and_check(shape: VarlenShape, dtype, *, causal, rng, seed, kernel=None, 
     ref, ref_lse = nbflash.reference.attention_varlen(q, k, v, cu_q, cu_k, causal=causal, return_lse=True)
     kwargs = {}
     if max_seqlens:
-        kwargs = dict(max_seqlen_q=max(shape.seqlens_q, default=0), max_seqlen_k=max(shape.seqlens_k, default=0))
+        kwargs = dict(max_seqlen_q=max(shape.seqlens_q, default=0) + slack,
+                      max_seqlen_k=max(shape.seqlens_k, default=0) + slack)
     if device_seqlens:
         cu_q, cu_k = to_device(cu_q), to_device(cu_k)
     out = poisoned(ref.shape, dtype)
@@ -164,10 +165,12 @@ def test_mma_kernel_large_batches_every_shipped_head_dim(dtype, causal, head_dim
 @pytest.mark.gpu
 @pytest.mark.parametrize("max_seqlens", [False, True], ids=["host-copy", "trusted"])
 def test_device_cu_seqlens(max_seqlens):
-    """Device cu_seqlens: copied and checked without max_seqlen_q, trusted with it."""
+    """Device cu_seqlens: copied and checked without max_seqlen_q, trusted with it (a
+    loose bound only adds CTAs that exit at once)."""
     rng, seed = new_rng()
     shape = draw_varlen(rng, large=True, head_dim=int(rng.choice(SHIPPED)))
-    run_and_check(shape, HALF_DTYPES[0], causal=True, rng=rng, seed=seed, max_seqlens=max_seqlens, device_seqlens=True)
+    run_and_check(shape, HALF_DTYPES[0], causal=True, rng=rng, seed=seed, max_seqlens=max_seqlens,
+                  slack=int(rng.integers(0, 300)), device_seqlens=True)
 
 
 @pytest.mark.skipif(SIMULATOR, reason="NumPy-in, NumPy-out through the GPU needs a GPU")

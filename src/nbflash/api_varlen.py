@@ -25,8 +25,7 @@ class _Seqlens:
     q: object  # the arrays as given (NumPy or CuPy)
     k: object
     batch: int
-    max_seqlen_q: int | None  # None only on the trusted path (device arrays, no host copy)
-    checked: bool  # the values were read and checked on the host
+    max_seqlen_q: int  # sizes the grid: the longest query length, or the caller's bound
 
 
 def _validate_3d(ops):
@@ -93,7 +92,7 @@ def _validate_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, pr
     max_seqlen_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k")
     trusted = cu_q.on_device and cu_k.on_device and max_seqlen_q is not None
     if trusted:  # no host copy: the values are the caller's promise (see the docstring)
-        return _Seqlens(cu_q.array, cu_k.array, batch, max_seqlen_q, checked=False)
+        return _Seqlens(cu_q.array, cu_k.array, batch, max_seqlen_q)
     # host values: free for NumPy arrays, one small device->host copy (a sync) otherwise
     host_q, host_k = (op.array.get() if op.on_device else op.array for op in (cu_q, cu_k))
     longest_q = _check_prefix_sums(host_q, "cu_seqlens_q", problem.seqlen_q, "total_q (q.shape[0])")
@@ -101,7 +100,7 @@ def _validate_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, pr
     for name, given, longest in (("max_seqlen_q", max_seqlen_q, longest_q), ("max_seqlen_k", max_seqlen_k, longest_k)):
         if given is not None and given < longest:
             raise ValueError(f"{name}: {given} is smaller than the longest sequence in cu_seqlens ({longest})")
-    return _Seqlens(cu_q.array, cu_k.array, batch, max(longest_q, max_seqlen_q or 0), checked=True)
+    return _Seqlens(cu_q.array, cu_k.array, batch, longest_q)
 
 
 def _varlen_spec(problem, causal, return_lse, views) -> ForwardSpec:
@@ -135,9 +134,10 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
         cu_seqlens_k: int32 (batch + 1,), the same for keys, ending at total_k.
             Sequences may be empty: a sequence without queries produces nothing, one
             without keys gets output 0 and lse -inf.
-        max_seqlen_q: int or None, an upper bound on the query lengths; it sizes the
-            grid (cdiv(max_seqlen_q, block_m) CTAs per head and sequence). A larger
-            bound than needed is allowed (the extra CTAs exit at once).
+        max_seqlen_q: int or None, an upper bound on the query lengths. Given with
+            device cu_seqlens it sizes the grid (cdiv(max_seqlen_q, block_m) CTAs per
+            head and sequence; a loose bound only adds CTAs that exit at once); when the
+            lengths are read on the host it is checked and the true longest is used.
         max_seqlen_k: int or None, an upper bound on the key lengths; checked when the
             lengths are known on the host, otherwise unused (the kernels read each
             sequence's key length from cu_seqlens_k).
