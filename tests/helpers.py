@@ -149,6 +149,43 @@ def flops(shape: Shape, causal: bool) -> float:
 
 
 
+# Gradients (attention_backward): normwise relative error allowed per dtype, as a
+# multiple of the forward's TOLERANCE, derived from the roundings, not from runs. The
+# forward's bound covers one rounding to the storage dtype (out) over float32
+# accumulation (float64 for fp64). A gradient meets four: out, which enters
+# delta = rowsum(dO * O) and is subtracted from dP (dP - delta can cancel, so its
+# error does not shrink with the difference); P and dS, which a tensor-core family
+# rounds to the storage dtype to feed mma (the portable kernels keep them in
+# float32/float64); and the gradient itself. Its reductions are longer too: dK and dV
+# sum over group * seqlen_q rows, dQ over seqlen_k keys after a second reduction over
+# head_dim_v for dP. Letting the four roundings add linearly rather than in
+# quadrature gives 4x the forward's bound; the fp32 and fp64 bounds already leave
+# ample room for the longer sums (sqrt(n) growth for n ~ 10^4 terms at the gpu tier).
+GRAD_ROUNDINGS = 4
+GRAD_TOLERANCE = {dtype: GRAD_ROUNDINGS * tol for dtype, tol in TOLERANCE.items()}
+
+
+def assert_grads_close(grads, refs, dtype, seed=None):
+    """(dq, dk, dv) against the oracle's, with GRAD_TOLERANCE, normwise and elementwise
+    as assert_close; never NaN."""
+    where = f" (seed {seed})" if seed is not None else ""
+    tol = GRAD_TOLERANCE[np.dtype(dtype)]
+    for what, got, ref in zip(("dq", "dk", "dv"), grads, refs):
+        got = to_host(got)
+        assert got.dtype == np.dtype(dtype), f"{what}: dtype {got.dtype} != {np.dtype(dtype)}{where}"
+        got = got.astype(np.float64)
+        ref = np.asarray(ref, dtype=np.float64)
+        assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}{where}"
+        assert not np.isnan(got).any(), f"{what}: {np.isnan(got).sum()} NaN elements{where}"
+        scale = np.linalg.norm(ref)
+        if scale == 0:
+            assert np.all(got == 0), f"{what}: expected all zeros{where}"
+            continue
+        rel = np.linalg.norm(got - ref) / scale
+        assert rel <= tol, f"{what}: relative error {rel:.3g} > {tol:.1g} for {dtype}{where}"
+        worst = np.abs(got - ref).max() / np.abs(ref).max()
+        assert worst <= 8 * tol, f"{what}: max error {worst:.3g} of max|ref| > {8 * tol:.1g}{where}"
+
 
 @dataclass
 class VarlenShape:

@@ -35,12 +35,16 @@ def main():
     seqlens = types.Array(types.int32, 1, "A")  # cu_seqlens_q, cu_seqlens_k (read by varlen kernels)
     sig = (u16, u16, u16, u16, types.Array(types.float32, 3, "A"), types.float32, types.int64, seqlens, seqlens)
     for arch in sys.argv[1:] or targets:
-        for head_dim, (bm, bn, threads, stages, q_regs) in sorted(tuning.MMA_TILES.items()):
+        for head_dim in sorted(tuning.MMA_TILES):
             for dtype in ("fp16", "bf16"):
                 for causal, varlen in ((False, False), (True, False), (False, True), (True, True)):
+                    tiles = tuning.mma_tiles(head_dim, False, targets[arch], causal)
+                    bm, bn, threads, stages, q_regs = tiles
                     spec = ForwardSpec("mma", dtype, head_dim, head_dim, causal, True, bm, bn, threads, stages, q_regs,
                                        varlen=varlen)
-                    ptx, _ = cuda.compile_ptx(forward_mma.build(spec).py_func, sig, cc=targets[arch])
+                    kernel = forward_mma.build(spec)
+                    fastmath = kernel.targetoptions.get("fastmath", False)
+                    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=targets[arch], fastmath=fastmath)
                     log = ptxas_report(ptx, arch)
                     grab = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
                     print(json.dumps({

@@ -4,10 +4,15 @@ from . import device  # first: chooses GPU or simulator before numba.cuda loads
 from . import reference
 from .api import attention, forward_spec
 from .api_varlen import attention_varlen, forward_spec_varlen
-from .spec import ForwardSpec
+from .api_backward import attention_backward, attention_vjp, backward_spec
+from .plan import AttentionPlan, plan
+from .spec import BackwardSpec, ForwardSpec
 
 __version__ = "0.1.0"
 SIMULATOR = device.SIMULATOR
 
-__all__ = ["attention", "forward_spec", "reference", "ForwardSpec", "SIMULATOR", "__version__"]
+__all__ = [
+    "attention", "forward_spec", "plan", "AttentionPlan", "reference", "ForwardSpec", "SIMULATOR", "__version__",
+    "attention_backward", "attention_vjp", "backward_spec", "BackwardSpec",
+]
 __all__ += ["attention_varlen", "forward_spec_varlen"]

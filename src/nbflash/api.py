@@ -7,6 +7,7 @@ views, never copies.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -169,7 +170,7 @@ def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool, views=N
     fp16/bf16 with a shipped head_dim (equal for q and v), 16-byte aligned q/k/v rows
     and an sm_80+ GPU; the portable kernel otherwise."""
     dtype = arrays.short_name(problem.dtype)
-    tiles = tuning.mma_tiles(problem.head_dim, device.SIMULATOR)
+    tiles = tuning.mma_tiles(problem.head_dim, device.SIMULATOR, device.compute_capability(), causal)
     if (
         dtype in ("fp16", "bf16")
         and tiles is not None
@@ -198,7 +199,7 @@ def forward_spec(q, k, v, *, causal=False, layout="bshd", return_lse=False) -> F
     return choose_forward_spec(problem, _check_flag(causal, "causal"), _check_flag(return_lse, "return_lse"), views)
 
 
-def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=False, out=None):
+def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=False, out=None, stream=None):
     """Exact softmax attention, softmax(scale * q k^T [masked]) v, computed tile by tile.
 
     Args:
@@ -215,6 +216,9 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=Fa
         layout: "bshd" or "bhsd".
         return_lse: also return the log-sum-exp of the scaled, masked scores.
         out: optional array of the output's shape and q's dtype to write into.
+        stream: where the kernel runs: a CuPy stream, a Numba stream, an object with
+            ``__cuda_stream__``, or a raw CUstream handle (int); default CuPy's current
+            stream.
 
     Arrays are CuPy arrays, objects exposing ``__cuda_array_interface__`` or
     ``__dlpack__`` (read in place, never copied), or NumPy arrays (moved to the GPU and
@@ -229,8 +233,15 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=Fa
             rows that see no key.
 
     Accumulation is float32 for 16-bit inputs and float32 inputs, float64 for float64.
-    Computed on CuPy's current stream, without synchronizing.
+    Computed on the stream, without synchronizing. A call whose shapes, strides,
+    dtypes and flags repeat an earlier one skips straight to the prepared launch
+    (see :func:`nbflash.plan` for the least work per call).
     """
+    if not device.SIMULATOR:
+        result = _plan.memoized_attention(q, k, v, causal, scale, layout, return_lse, out, stream)
+        if result is not None:
+            return result if return_lse else result[0]
+    stream_ptr = launch.stream_handle(stream) if stream is not None else None
     ops = [arrays.intake(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
     problem, views = _validate(*ops, layout)
     causal = _check_flag(causal, "causal")
@@ -239,21 +250,33 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=Fa
     out_op = _check_out(out, problem, [op.array for op in ops]) if out is not None else None
 
     if problem.on_device or device.SIMULATOR:
-        result = _forward(problem, views, out_op, causal, scale, return_lse)
+        result = _forward(problem, views, out_op, causal, scale, return_lse, stream_ptr)
+        if problem.on_device:
+            _plan.remember(q, k, v, causal, scale, layout, return_lse, out, problem, views, result)
     else:  # NumPy inputs with a GPU present: there and back
-        result = _forward_via_gpu(problem, ops, out_op, causal, scale, return_lse)
+        result = _forward_via_gpu(problem, ops, out_op, causal, scale, return_lse, stream_ptr)
     return result if return_lse else result[0]
 
 
-def _forward_via_gpu(problem, ops, out_op, causal, scale, return_lse):
+def _forward_via_gpu(problem, ops, out_op, causal, scale, return_lse, stream_ptr=None):
     import cupy
 
-    dev_ops = [arrays.Operand(cupy.asarray(op.array), True) for op in ops]
-    dev_problem, dev_views = _validate(*dev_ops, problem.layout)
-    out_dev, lse_dev = _forward(dev_problem, dev_views, None, causal, scale, return_lse)
-    out_host = out_op.array if out_op is not None else np.empty(problem.out_shape(), problem.dtype)
-    out_host[...] = out_dev.get()
-    return out_host, (lse_dev.get() if lse_dev is not None else None)
+    with _on_stream(stream_ptr):
+        dev_ops = [arrays.Operand(cupy.asarray(op.array), True) for op in ops]
+        dev_problem, dev_views = _validate(*dev_ops, problem.layout)
+        out_dev, lse_dev = _forward(dev_problem, dev_views, None, causal, scale, return_lse, stream_ptr)
+        out_host = out_op.array if out_op is not None else np.empty(problem.out_shape(), problem.dtype)
+        out_host[...] = out_dev.get()
+        return out_host, (lse_dev.get() if lse_dev is not None else None)
+
+
+def _on_stream(stream_ptr):
+    """CuPy work (allocations, copies) on the caller's stream, when one was given."""
+    if stream_ptr is None or device.SIMULATOR:
+        return contextlib.nullcontext()
+    import cupy
+
+    return cupy.cuda.ExternalStream(stream_ptr)
 
 
 def _empty(problem, shape, dtype):
@@ -264,21 +287,55 @@ def _empty(problem, shape, dtype):
     return np.empty(shape, dtype)
 
 
-def _forward(problem: _Problem, views, out_op, causal, scale, return_lse):
+def _forward(problem: _Problem, views, out_op, causal, scale, return_lse, stream_ptr=None):
     """Allocate what the caller did not give, pick the kernel, launch."""
-    out = out_op[0].array if out_op is not None else _empty(problem, problem.out_shape(), problem.dtype)
+    with _on_stream(stream_ptr):  # CuPy's pool reuses memory per stream: allocate on ours
+        out = out_op[0].array if out_op is not None else _empty(problem, problem.out_shape(), problem.dtype)
+        lse = _empty(problem, problem.lse_shape(), np.float32) if return_lse else None
     out_view = out_op[1] if out_op is not None else _bshd(out, problem.layout, problem.squeeze)
-    lse = _empty(problem, problem.lse_shape(), np.float32) if return_lse else None
     spec = choose_forward_spec(problem, causal, return_lse, views)
     if problem.seqlen_q == 0 or problem.batch == 0 or problem.heads_q == 0:
         return out, lse
-    lse_view = (lse[None] if problem.squeeze else lse) if return_lse else _empty(problem, (1, 1, 1), np.float32)
+    kernel, grid, args, shared = forward_launch_args(problem, spec, views, out_view, lse, scale)
+    launch.launch(kernel, grid, spec.threads, args, shared, stream_ptr)
+    return out, lse
+
+
+_dummy_lse = {}
+_dummy_seqlens = {}
+
+
+def _dummy(problem, views, cache, shape, dtype):
+    """A small array a kernel is passed but never touches (one per device, kept)."""
+    if not problem.on_device:
+        return np.zeros(shape, dtype)
+    dev = arrays.device_id(views[0])
+    found = cache.get(dev)
+    if found is None:
+        import cupy
+
+        with cupy.cuda.Device(dev):
+            found = cache.setdefault(dev, cupy.zeros(shape, dtype))
+    return found
+
+
+def forward_launch_args(problem: _Problem, spec: ForwardSpec, views, out_view, lse, scale):
+    """(kernel, grid, kernel arguments, dynamic shared bytes) of one forward launch;
+    ``lse`` is the caller-visible lse array or None (the kernel then gets a dummy it
+    never writes). The kernels' cu_seqlens arguments (read only by varlen
+    specializations, see api_varlen) get a dummy too."""
+    if lse is not None:
+        lse_view = lse[None] if problem.squeeze else lse
+    else:
+        lse_view = _dummy(problem, views, _dummy_lse, (1, 1, 1), np.float32)
+    no_seqlens = launch.numba_view(_dummy(problem, views, _dummy_seqlens, (1,), np.int32))
     acc_type = np.float64 if problem.dtype == arrays.FLOAT64 else np.float32
     kernel = launch.compiled(spec)
     grid = (-(-problem.seqlen_q // spec.block_m), problem.heads_q, problem.batch)
     args = [launch.numba_view(arrays.kernel_view(a, spec.kernel == "mma")) for a in (*views, out_view)]
     args += [launch.numba_view(lse_view), acc_type(scale), problem.heads_q // problem.heads_kv]
-    no_seqlens = launch.numba_view(_empty(problem, (1,), np.int32))  # read only by varlen kernels
     args += [no_seqlens, no_seqlens]
-    launch.launch(kernel, grid, spec.threads, args, launch.shared_bytes(spec))
-    return out, lse
+    return kernel, grid, args, launch.shared_bytes(spec)
+
+
+from . import plan as _plan  # noqa: E402  (plan builds on the validation above)

@@ -117,7 +117,7 @@ def forward_spec_varlen(q, k, v, *, causal=False, return_lse=False) -> ForwardSp
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None,
-                     causal=False, scale=None, return_lse=False, out=None):
+                     causal=False, scale=None, return_lse=False, out=None, stream=None):
     """Exact softmax attention over a batch of packed sequences of different lengths.
 
     Sequence b owns queries cu_seqlens_q[b]:cu_seqlens_q[b + 1] and keys
@@ -146,13 +146,15 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
         scale: factor on q k^T; default 1/sqrt(head_dim). Positive and finite.
         return_lse: also return the log-sum-exp of the scaled, masked scores.
         out: optional (total_q, heads_q, head_dim_v) array of q's dtype to write into.
+        stream: where the kernel runs, as for :func:`nbflash.attention` (default CuPy's
+            current stream).
 
     What is checked on the host: shapes, dtypes, strides, devices and flags always.
     The values of cu_seqlens (start at 0, non-decreasing, end at total) and that
     max_seqlen_* bound the lengths are checked whenever the values are on the host:
     always for NumPy cu_seqlens, and for device cu_seqlens when max_seqlen_q is None,
     at the price of one device->host copy of the two arrays (it synchronizes with
-    CuPy's current stream). With device cu_seqlens and max_seqlen_q given nothing is
+    the stream). With device cu_seqlens and max_seqlen_q given nothing is
     copied and the values are trusted, as in FlashAttention: malformed cu_seqlens give
     wrong results (never reads or writes outside q, k, v, out and lse: the kernels
     clamp every sequence to the tensors), and query rows of a sequence beyond
@@ -169,41 +171,45 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
             that see no key (FlashAttention's varlen layout).
 
     Accumulation is float32 for 16-bit and float32 inputs, float64 for float64.
-    Computed on CuPy's current stream, without synchronizing (except the host copy above).
+    Computed on the stream, without synchronizing (except the host copy above).
     """
+    stream_ptr = launch.stream_handle(stream) if stream is not None else None
     ops = [arrays.intake(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
     problem, views = _validate_3d(ops)
     causal = api._check_flag(causal, "causal")
     return_lse = api._check_flag(return_lse, "return_lse")
     scale = api._check_scale(scale, problem.head_dim)
-    seqlens = _validate_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, problem, ops[0].array)
+    with api._on_stream(stream_ptr):  # the host copy of cu_seqlens, if any, waits on the stream
+        seqlens = _validate_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, problem, ops[0].array)
     out_op = api._check_out(out, problem, [op.array for op in ops]) if out is not None else None
 
     if problem.on_device or device.SIMULATOR:
-        out, lse = _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse)
+        out, lse = _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, stream_ptr)
     else:  # NumPy inputs with a GPU present: there and back
-        out, lse = _forward_varlen_via_gpu(ops, out_op, seqlens, causal, scale, return_lse)
+        out, lse = _forward_varlen_via_gpu(ops, out_op, seqlens, causal, scale, return_lse, stream_ptr)
     return (out, lse) if return_lse else out
 
 
-def _forward_varlen_via_gpu(ops, out_op, seqlens, causal, scale, return_lse):
+def _forward_varlen_via_gpu(ops, out_op, seqlens, causal, scale, return_lse, stream_ptr):
     import cupy
 
-    dev_ops = [arrays.Operand(cupy.asarray(op.array), True) for op in ops]
-    problem, views = _validate_3d(dev_ops)
-    cu_q, cu_k = (cupy.asarray(a) for a in (seqlens.q, seqlens.k))
-    dev_seqlens = dataclasses.replace(seqlens, q=cu_q, k=cu_k)
-    out_dev, lse_dev = _forward_varlen(problem, views, None, dev_seqlens, causal, scale, return_lse)
-    out_host = out_op[0].array if out_op is not None else np.empty(problem.out_shape(), problem.dtype)
-    out_host[...] = out_dev.get()
-    return out_host, (lse_dev.get() if lse_dev is not None else None)
+    with api._on_stream(stream_ptr):
+        dev_ops = [arrays.Operand(cupy.asarray(op.array), True) for op in ops]
+        problem, views = _validate_3d(dev_ops)
+        cu_q, cu_k = (cupy.asarray(a) for a in (seqlens.q, seqlens.k))
+        dev_seqlens = dataclasses.replace(seqlens, q=cu_q, k=cu_k)
+        out_dev, lse_dev = _forward_varlen(problem, views, None, dev_seqlens, causal, scale, return_lse, stream_ptr)
+        out_host = out_op[0].array if out_op is not None else np.empty(problem.out_shape(), problem.dtype)
+        out_host[...] = out_dev.get()
+        return out_host, (lse_dev.get() if lse_dev is not None else None)
 
 
-def _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse):
+def _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, stream_ptr=None):
     """Allocate what the caller did not give, pick the kernel, launch one CTA per
     (query tile, query head, sequence)."""
-    out = out_op[0].array if out_op is not None else api._empty(problem, problem.out_shape(), problem.dtype)
-    lse = api._empty(problem, (problem.heads_q, problem.seqlen_q), np.float32) if return_lse else None
+    with api._on_stream(stream_ptr):  # CuPy's pool reuses memory per stream: allocate on ours
+        out = out_op[0].array if out_op is not None else api._empty(problem, problem.out_shape(), problem.dtype)
+        lse = api._empty(problem, (problem.heads_q, problem.seqlen_q), np.float32) if return_lse else None
     if problem.seqlen_q == 0 or problem.heads_q == 0 or seqlens.batch == 0 or seqlens.max_seqlen_q == 0:
         return out, lse
     spec = _varlen_spec(problem, causal, return_lse, views)
@@ -211,13 +217,14 @@ def _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse):
     if problem.on_device:  # NumPy cu_seqlens with device q: upload (a no-op for CuPy ones)
         import cupy
 
-        cu_q, cu_k = cupy.asarray(cu_q), cupy.asarray(cu_k)
-    lse_view = lse[None] if return_lse else api._empty(problem, (1, 1, 1), np.float32)
+        with api._on_stream(stream_ptr):
+            cu_q, cu_k = cupy.asarray(cu_q), cupy.asarray(cu_k)
+    lse_view = lse[None] if return_lse else api._dummy(problem, views, api._dummy_lse, (1, 1, 1), np.float32)
     acc_type = np.float64 if problem.dtype == arrays.FLOAT64 else np.float32
     kernel = launch.compiled(spec)
     grid = (-(-seqlens.max_seqlen_q // spec.block_m), problem.heads_q, seqlens.batch)
     args = [launch.numba_view(arrays.kernel_view(a, spec.kernel == "mma")) for a in (*views, out[None])]
     args += [launch.numba_view(lse_view), acc_type(scale), problem.heads_q // problem.heads_kv]
     args += [launch.numba_view(cu_q), launch.numba_view(cu_k)]
-    launch.launch(kernel, grid, spec.threads, args, launch.shared_bytes(spec))
+    launch.launch(kernel, grid, spec.threads, args, launch.shared_bytes(spec), stream_ptr)
     return out, lse

@@ -1,21 +1,34 @@
-"""Compiled-kernel cache and kernel launch on the caller's stream.
+"""Compiled-kernel cache (memory and disk) and the low-overhead kernel launcher.
 
-A kernel is built once per spec (nbflash.spec) and kept for the process. Device
-arrays reach Numba as views built from their pointers and strides, with no stream
-synchronization; the launch goes on CuPy's current stream.
+A kernel is built once per spec (nbflash.spec). On a GPU, the first launch of a
+kernel for an argument-type signature compiles it through Numba (or loads its cubin
+from the disk cache) and keeps the driver handle; every later launch packs the
+arguments straight into a parameter buffer in Numba's kernel ABI and makes one
+cuLaunchKernel call on the caller's stream, with no synchronization and none of
+Numba's per-call typing. The simulator keeps Numba's own launch path.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import threading
+import time
 
 from numba import cuda
 
 from . import device
 
+log = logging.getLogger("nbflash")
+
 _kernels: dict[str, object] = {}
+_spec_keys: dict[int, str] = {}  # id(kernel) -> spec key, for the disk cache
 _lock = threading.Lock()
+
+compile_seconds: dict[str, float] = {}
+"""Seconds spent making each specialization launchable, keyed by
+"<spec key> <argument signature>": a Numba compile, or a disk-cache load (the key then
+ends in " [disk]")."""
 
 
 def compiled(spec):
@@ -31,6 +44,7 @@ def compiled(spec):
             kernel = _kernels.get(spec.key)
             if kernel is None:
                 kernel = _kernel_module(spec).build(spec)
+                _spec_keys[id(kernel)] = spec.key
                 _kernels[spec.key] = kernel
     return kernel
 
@@ -45,35 +59,787 @@ def shared_bytes(spec) -> int:
     return size(spec) if size is not None else 0
 
 
+# ---------------------------------------------------------------------------
+# Kernel arguments
+# ---------------------------------------------------------------------------
+
+
+class DeviceArg:
+    """A device array handed to a kernel: pointer, shape, byte strides, dtype.
+
+    What :func:`numba_view` returns on a GPU. It costs a few attribute reads, where
+    a Numba device array costs tens of microseconds; it still exposes
+    ``__cuda_array_interface__`` (without a stream, so Numba never synchronizes), so
+    Numba's own launch accepts it too.
+    """
+
+    __slots__ = ("ptr", "shape", "strides", "dtype", "size", "device", "owner")
+
+    def __init__(self, ptr, shape, strides, dtype, size, device_id, owner):
+        self.ptr = ptr
+        self.shape = shape
+        self.strides = strides
+        self.dtype = dtype
+        self.size = size
+        self.device = device_id
+        self.owner = owner  # keeps the memory alive while the argument is
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    @property
+    def __cuda_array_interface__(self):
+        return {
+            "shape": self.shape,
+            "strides": self.strides,
+            "typestr": self.dtype.str,
+            "data": (self.ptr, False),
+            "version": 3,
+        }
+
+    def numba(self):
+        """The equivalent Numba device array (for Numba's launch path)."""
+        return cuda.from_cuda_array_interface(self.__cuda_array_interface__, owner=self.owner, sync=False)
+
+
 def numba_view(a):
-    """A Numba device array over a CuPy array's memory (no copy, no sync); on the
-    simulator, a fake device array over the NumPy array itself, so strided views are
-    read and written in place."""
+    """A kernel argument over a device array's memory (no copy, no sync).
+
+    On a GPU: a :class:`DeviceArg` over a CuPy array (or any object exposing
+    ``__cuda_array_interface__``). On the simulator: a fake device array over the
+    NumPy array itself, so strided views are read and written in place.
+    """
     if device.SIMULATOR:
         from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
         return FakeCUDAArray(a)
-    interface = {
-        "shape": tuple(a.shape),
-        "strides": tuple(a.strides),
-        "typestr": a.dtype.str,
-        "data": (a.data.ptr, False),
-        "version": 3,
+    if isinstance(a, DeviceArg):
+        return a
+    mem = getattr(a, "data", None)
+    if mem is not None and hasattr(mem, "device_id"):  # CuPy
+        return DeviceArg(mem.ptr, a.shape, a.strides, a.dtype, a.size, mem.device_id, a)
+    import numpy as np
+
+    iface = a.__cuda_array_interface__
+    dtype = np.dtype(iface["typestr"])
+    shape = tuple(iface["shape"])
+    strides = iface.get("strides")
+    if strides is None:
+        strides, step = [], dtype.itemsize
+        for n in reversed(shape):
+            strides.insert(0, step)
+            step *= n
+    size = 1
+    for n in shape:
+        size *= n
+    return DeviceArg(iface["data"][0] or 0, shape, tuple(strides), dtype, size, -1, a)
+
+
+_layouts: dict[tuple, str] = {}
+
+
+def array_layout(shape, strides, itemsize) -> str:
+    """Numba's layout letter for a device array ("C", "F" or "A"), by the rules of
+    numba.cuda's DeviceNDArray typing (broadcast arrays are "A")."""
+    key = (shape, strides, itemsize)
+    layout = _layouts.get(key)
+    if layout is None:
+        layout = _compute_layout(shape, strides, itemsize)
+        if len(_layouts) > 4096:
+            _layouts.clear()
+        _layouts[key] = layout
+    return layout
+
+
+def _compute_layout(shape, strides, itemsize) -> str:
+    size = 1
+    for n in shape:
+        size *= n
+    if not shape or size == 0:
+        return "C"
+    if 0 in strides:
+        return "A"
+    step = itemsize
+    c_contig = True
+    for n, s in zip(reversed(shape), reversed(strides)):
+        if n != 1:
+            if s != step:
+                c_contig = False
+                break
+            step *= n
+    if c_contig:
+        return "C"
+    step = itemsize
+    for n, s in zip(shape, strides):
+        if n != 1:
+            if s != step:
+                return "A"
+            step *= n
+    return "F"
+
+
+# Scalar argument types of the fast path: Python / NumPy type -> (Numba type name,
+# struct code of the value in its 8-byte parameter slot). Numba types Python ints as
+# int64, floats as float64; float16 travels as its 16 bits.
+_SCALAR_CODES = {
+    bool: ("boolean", "?"),
+    int: ("int64", "q"),
+    float: ("float64", "d"),
+}
+
+
+def _numpy_scalar_codes():
+    import numpy as np
+
+    table = {
+        np.bool_: ("boolean", "?"),
+        np.int8: ("int8", "b"), np.uint8: ("uint8", "B"),
+        np.int16: ("int16", "h"), np.uint16: ("uint16", "H"),
+        np.int32: ("int32", "i"), np.uint32: ("uint32", "I"),
+        np.int64: ("int64", "q"), np.uint64: ("uint64", "Q"),
+        np.float16: ("float16", "e"), np.float32: ("float32", "f"), np.float64: ("float64", "d"),
     }
-    return cuda.from_cuda_array_interface(interface, owner=a, sync=False)
+    _SCALAR_CODES.update(table)
+
+
+_numpy_scalar_codes()
+
+
+def signature_of(args):
+    """The argument-type signature of ``args`` (hashable), or None when an argument
+    is of a kind the fast launcher does not pack (Numba's path then handles it).
+
+    Arrays give (dtype, ndim, layout); scalars their Python / NumPy type."""
+    sig = []
+    for a in args:
+        if type(a) is DeviceArg:
+            sig.append((a.dtype, len(a.shape), array_layout(a.shape, a.strides, a.dtype.itemsize)))
+        elif type(a) in _SCALAR_CODES:
+            sig.append(type(a))
+        else:
+            return None
+    return tuple(sig)
+
+
+def signature_text(sig) -> str:
+    """A readable form of a signature, e.g. "u2[4A],u2[4A],f4,i8"."""
+    parts = []
+    for item in sig:
+        if isinstance(item, tuple):
+            dtype, ndim, layout = item
+            parts.append(f"{dtype.kind}{dtype.itemsize}[{ndim}{layout}]")
+        else:
+            parts.append(_SCALAR_CODES[item][0])
+    return ",".join(parts)
+
+
+def numba_types(sig):
+    """The Numba argument types a signature compiles to."""
+    from numba.cuda import types
+    from numba.cuda.np import numpy_support
+
+    out = []
+    for item in sig:
+        if isinstance(item, tuple):
+            dtype, ndim, layout = item
+            out.append(types.Array(numpy_support.from_dtype(dtype), ndim, layout))
+        else:
+            out.append(getattr(types, _SCALAR_CODES[item][0]))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------
+# Parameter layout: Numba's kernel ABI, one 8-byte slot per flattened parameter
+# ---------------------------------------------------------------------------
+
+_SLOT = 8
+_PAD = {"?": 7, "b": 7, "B": 7, "h": 6, "H": 6, "e": 6, "i": 4, "I": 4, "f": 4, "q": 0, "Q": 0, "d": 0}
+_PARAM_BYTES = {code: _SLOT - pad for code, pad in _PAD.items()}
+
+
+class ParamLayout:
+    """How one signature's arguments become kernel parameters.
+
+    Numba flattens every array argument into meminfo, parent, nitems, itemsize,
+    data, shape[ndim], strides[ndim] (each a 64-bit parameter; meminfo and parent are
+    null on a launch) and passes each scalar as its own C type; the kernel's PTX
+    entry declares one parameter per flattened member. Each parameter gets its own
+    8-byte slot here; ``pack(buffer, args)`` fills the slots in one struct call.
+    """
+
+    def __init__(self, sig):
+        self.sig = sig
+        fmt = ["<"]
+        sizes = []  # bytes of each kernel parameter, in order
+        data_slots = []  # slot index of each array argument's data pointer
+        exprs = []
+        slot = 0
+        for i, item in enumerate(sig):
+            if isinstance(item, tuple):
+                dtype, ndim, _ = item
+                fmt.append(f"16xqqQ{ndim}q{ndim}q")  # meminfo, parent: zero padding
+                exprs.append(f"a{i}.size, {dtype.itemsize}, a{i}.ptr, *a{i}.shape, *a{i}.strides")
+                data_slots.append(slot + 4)
+                n = 5 + 2 * ndim
+                sizes += [_SLOT] * n
+                slot += n
+            else:
+                code = _SCALAR_CODES[item][1]
+                fmt.append(code + (f"{_PAD[code]}x" if _PAD[code] else ""))
+                exprs.append(f"a{i}")
+                sizes.append(_PARAM_BYTES[code])
+                slot += 1
+        self.format = "".join(fmt)
+        self.param_sizes = tuple(sizes)
+        self.data_slots = tuple(data_slots)
+        self.slots = slot
+        import struct
+
+        pack_into = struct.Struct(self.format).pack_into
+        names = ", ".join(f"a{i}" for i in range(len(sig)))
+        unpack = f"    {names}{',' if len(sig) == 1 else ''} = args\n" if sig else ""
+        source = (
+            "def pack(buffer, args):\n" + unpack
+            + f"    pack_into(buffer, 0, {', '.join(exprs)})\n"
+        )
+        namespace = {"pack_into": pack_into}
+        exec(source, namespace)  # noqa: S102 - generated from the signature above only
+        self.pack = namespace["pack"]
+
+    def new_buffer(self):
+        """A zeroed parameter buffer and the void** array pointing at its slots."""
+        import ctypes
+
+        buffer = (ctypes.c_uint64 * max(self.slots, 1))()
+        base = ctypes.addressof(buffer)
+        pointers = (ctypes.c_void_p * max(self.slots, 1))(*[base + _SLOT * i for i in range(self.slots)])
+        return buffer, pointers
+
+
+# ---------------------------------------------------------------------------
+# The CUDA driver, called directly
+# ---------------------------------------------------------------------------
+
+_CUDA_ERROR_INVALID_CONTEXT = 201
+
+
+class _Driver:
+    """cuLaunchKernel through ctypes, declared without argtypes: the pointer arguments
+    (kernel handle, stream, parameter array) arrive as prebuilt ctypes.c_void_p and the
+    eight unsigned ints as Python ints, which skips ctypes' per-argument conversion
+    (about a microsecond of Python per call instead of three)."""
+
+    def __init__(self):
+        import ctypes
+
+        lib = ctypes.CDLL("libcuda.so.1")
+        fn = lib.cuLaunchKernel
+        fn.restype = ctypes.c_int
+        self.launch_kernel = fn
+
+
+_streams: dict[int, object] = {}
+
+
+def _stream_arg(handle: int):
+    """A ctypes.c_void_p for a stream handle, kept per handle (a call costs no allocation)."""
+    arg = _streams.get(handle)
+    if arg is None:
+        import ctypes
+
+        if len(_streams) > 256:
+            _streams.clear()
+        arg = _streams[handle] = ctypes.c_void_p(handle)
+    return arg
+
+
+_driver = None
+_driver_lock = threading.Lock()
+
+
+def _get_driver():
+    global _driver
+    if _driver is None:
+        with _driver_lock:
+            if _driver is None:
+                _driver = _Driver()
+    return _driver
+
+
+class LaunchError(RuntimeError):
+    """cuLaunchKernel returned an error (nothing was launched)."""
+
+
+def _make_context_current(device_id):
+    """Bind the device's primary context (the one CuPy and Numba use) to this thread;
+    launches on the legacy default stream take the thread's current context."""
+    from cuda.bindings import driver
+
+    if device_id < 0:
+        import cupy
+
+        device_id = cupy.cuda.runtime.getDevice()
+    err, ctx = driver.cuDevicePrimaryCtxRetain(device_id)
+    if err == driver.CUresult.CUDA_SUCCESS:
+        driver.cuCtxSetCurrent(ctx)
+
+
+_STATIC_SHARED_LIMIT = 48 * 1024
+
+
+class Launcher:
+    """A kernel ready to launch for one argument-type signature on one device: the
+    driver handle and the parameter layout. Thread safe."""
+
+    def __init__(self, handle: int, layout: ParamLayout, device_id: int, name: str):
+        import ctypes
+
+        self.handle = handle
+        self._handle_arg = ctypes.c_void_p(handle)
+        self.layout = layout
+        self.device = device_id
+        self.name = name
+        self._buffer, self._pointers = layout.new_buffer()
+        self._pointers_arg = ctypes.c_void_p(ctypes.addressof(self._pointers))
+        self._lock = threading.Lock()
+        self._shared_allowed = _STATIC_SHARED_LIMIT
+        self._launch = _get_driver().launch_kernel
+
+    def allow_shared(self, nbytes: int):
+        """Opt in to more than 48 KB of dynamic shared memory (once per size)."""
+        if nbytes <= self._shared_allowed:
+            return
+        from cuda.bindings import driver
+
+        attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        dev = self.device if self.device >= 0 else 0
+        (err,) = driver.cuKernelSetAttribute(attr, nbytes, driver.CUkernel(self.handle), dev)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            raise LaunchError(f"{self.name}: could not allow {nbytes} bytes of shared memory: {err}")
+        self._shared_allowed = nbytes
+
+    def __call__(self, grid, block, shared, stream, args, _retried=False):
+        """Pack ``args`` (the signature's kinds) and launch; raises LaunchError."""
+        if shared > self._shared_allowed:
+            self.allow_shared(shared)
+        with self._lock:
+            self.layout.pack(self._buffer, args)
+            rc = self._launch(self._handle_arg, grid[0], grid[1], grid[2], block[0], block[1], block[2],
+                              shared, _stream_arg(stream), self._pointers_arg, None)
+        if rc:
+            self._failed(rc, _retried)
+            self(grid, block, shared, stream, args, True)
+
+    def bind(self, args):
+        """A :class:`Bound` parameter block holding ``args``' values, whose array data
+        pointers alone can be replaced per launch."""
+        return Bound(self, args)
+
+    def _failed(self, rc, retried):
+        """After a failed cuLaunchKernel (nothing launched): a thread with no current
+        context gets the device's primary context and one more try; else raise."""
+        if rc == _CUDA_ERROR_INVALID_CONTEXT and not retried:
+            _make_context_current(self.device)
+            return
+        raise LaunchError(f"{self.name}: cuLaunchKernel failed with CUresult {rc}")
+
+
+class Bound:
+    """One argument set's parameter block, kept packed: a launch writes only the
+    array data pointers (``ptrs``, one per array argument, in order) and calls the
+    driver. For callers whose shapes and strides repeat (plans, memoized calls)."""
+
+    __slots__ = ("launcher", "_buffer", "_pointers", "_pointers_arg", "_slots", "_data_slots", "_lock",
+                 "_launch", "_handle_arg")
+
+    def __init__(self, launcher: Launcher, args):
+        import ctypes
+
+        self.launcher = launcher
+        self._buffer, self._pointers = launcher.layout.new_buffer()
+        self._pointers_arg = ctypes.c_void_p(ctypes.addressof(self._pointers))
+        launcher.layout.pack(self._buffer, args)
+        self._slots = memoryview(self._buffer).cast("B").cast("Q")
+        self._data_slots = launcher.layout.data_slots
+        self._lock = threading.Lock()
+        self._launch = launcher._launch
+        self._handle_arg = launcher._handle_arg
+
+    def __call__(self, grid, block, shared, stream, ptrs, _retried=False):
+        if shared > self.launcher._shared_allowed:
+            self.launcher.allow_shared(shared)
+        slots = self._slots
+        with self._lock:
+            for i, p in zip(self._data_slots, ptrs):
+                slots[i] = p
+            rc = self._launch(self._handle_arg, grid[0], grid[1], grid[2], block[0], block[1], block[2],
+                              shared, _stream_arg(stream), self._pointers_arg, None)
+        if rc:
+            self.launcher._failed(rc, _retried)
+            self(grid, block, shared, stream, ptrs, True)
+
+
+# ---------------------------------------------------------------------------
+# Making launchers: compile (or load from disk) once per (kernel, signature, device)
+# ---------------------------------------------------------------------------
+
+_launchers: dict[tuple, object] = {}
+_prepare_lock = threading.RLock()
+_NUMBA = object()  # marker: this signature launches through Numba
+_warned: set = set()
+
+
+def launcher_for(kernel, args, shared=0):
+    """The fast :class:`Launcher` for ``kernel`` and these arguments (DeviceArgs and
+    scalars), made on first use; None where only Numba's launch can run them."""
+    if device.SIMULATOR:
+        return None
+    sig = signature_of(args)
+    if sig is None:
+        return None
+    dev = next((a.device for a in args if type(a) is DeviceArg), -1)
+    key = (id(kernel), sig, dev)
+    found = _launchers.get(key)
+    if found is None:
+        with _prepare_lock:
+            found = _launchers.get(key)
+            if found is None:
+                found = _prepare(kernel, sig, dev, args)
+                _launchers[key] = found
+    return None if found is _NUMBA else found
+
+
+def _disable(kernel, sig, dev, error):
+    """The fast path failed for this signature: log once, use Numba's launch from now on."""
+    key = (id(kernel), sig, dev)
+    _launchers[key] = _NUMBA
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("nbflash: fast launch unavailable for %s (%s); using Numba's launch: %s",
+                    _spec_keys.get(id(kernel), getattr(kernel, "__name__", kernel)),
+                    signature_text(sig), error)
+
+
+def _prepare(kernel, sig, dev, args):
+    try:
+        layout = ParamLayout(sig)
+        _get_driver()
+        spec_key = _spec_keys.get(id(kernel))
+        cc = _compute_capability(dev)
+        cache_key = _disk_key(spec_key, sig, cc) if spec_key else None
+        start = time.perf_counter()
+        loaded = _disk_load(cache_key, layout) if cache_key else None
+        if loaded is not None:
+            handle, name = loaded
+            label = f"{spec_key} {signature_text(sig)} [disk]"
+        else:
+            handle, name, cubin, cacheable = _numba_compile(kernel, sig)
+            label = f"{spec_key or getattr(kernel, '__name__', 'kernel')} {signature_text(sig)}"
+            if cache_key and cacheable:
+                _disk_store(cache_key, name, layout, cubin)
+        seconds = time.perf_counter() - start
+        compile_seconds[label] = seconds
+        log.info("nbflash: %s ready in %.3f s", label, seconds)
+        _check_params(handle, layout, name)
+        return Launcher(handle, layout, dev, name)
+    except Exception as error:  # never a wrong result: Numba's launch takes over
+        _disable(kernel, sig, dev, error)
+        return _NUMBA
+
+
+def _compute_capability(dev) -> tuple:
+    import cupy
+
+    if dev < 0:
+        dev = cupy.cuda.runtime.getDevice()
+    cc = cupy.cuda.Device(dev).compute_capability  # e.g. "90"
+    return (int(cc[:-1]), int(cc[-1]))
+
+
+def _numba_compile(kernel, sig):
+    """Compile through Numba for exactly ``sig``; (handle, entry name, cubin, whether
+    the cubin alone is enough to run it)."""
+    compiled = kernel.compile(numba_types(sig))
+    if compiled.cooperative or getattr(compiled, "launch_config_sensitive", False):
+        raise LaunchError("cooperative and launch-configuration-sensitive kernels launch through Numba")
+    library = compiled._codelibrary
+    cufunc = library.get_cufunc()
+    compiled.bind()  # module setup, once
+    cacheable = not (library._setup_functions or library._teardown_functions or compiled.debug)
+    cubin = library.get_cubin() if cacheable else None
+    return int(cufunc.handle), library._entry_name, cubin, cacheable
+
+
+def _check_params(handle, layout, name):
+    """Where the driver can tell (CUDA 12.4+), the kernel's parameter sizes must be
+    exactly the ones the layout packs."""
+    from cuda.bindings import driver
+
+    try:
+        get_info = driver.cuKernelGetParamInfo
+        kernel = driver.CUkernel(handle)
+        sizes = []
+        for i in range(len(layout.param_sizes) + 1):
+            err, _, size = get_info(kernel, i)
+            if err != driver.CUresult.CUDA_SUCCESS:
+                break
+            sizes.append(size)
+    except Exception:  # an older driver: nothing to check against
+        return
+    if tuple(sizes) != layout.param_sizes:
+        raise LaunchError(f"{name}: kernel parameters {sizes} differ from the packed layout {layout.param_sizes}")
+
+
+# ---------------------------------------------------------------------------
+# Disk cache of compiled kernels
+# ---------------------------------------------------------------------------
+
+_MAGIC = b"NBFLASH-CUBIN-1\n"
+_source_digest_value = None
+
+
+def cache_dir():
+    """Where compiled kernels are kept: $NBFLASH_CACHE_DIR, else $XDG_CACHE_HOME/nbflash,
+    else ~/.cache/nbflash. NBFLASH_CACHE_DIR set to an empty string turns the disk
+    cache off (None)."""
+    import os
+
+    explicit = os.environ.get("NBFLASH_CACHE_DIR")
+    if explicit is not None:
+        return explicit or None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "nbflash")
+
+
+def _source_digest() -> str:
+    """A digest of the kernel sources: a cached cubin is stale once they change, even
+    when the version number does not."""
+    global _source_digest_value
+    if _source_digest_value is None:
+        import hashlib
+        import os
+
+        h = hashlib.sha256()
+        here = os.path.dirname(__file__)
+        kernels = os.path.join(here, "kernels")
+        for path in [os.path.join(here, "spec.py")] + sorted(
+            os.path.join(kernels, f) for f in os.listdir(kernels) if f.endswith(".py")
+        ):
+            with open(path, "rb") as f:
+                h.update(os.path.basename(path).encode() + b"\0" + f.read())
+        _source_digest_value = h.hexdigest()[:16]
+    return _source_digest_value
+
+
+def _disk_key(spec_key, sig, cc) -> str:
+    """The text a cache entry is named by: every input that changes the cubin."""
+    from importlib.metadata import version
+
+    from . import __version__
+
+    try:
+        numba_version = version("numba-cuda")
+    except Exception:
+        numba_version = "unknown"
+    return (
+        f"nbflash {__version__} src {_source_digest()} numba-cuda {numba_version} "
+        f"sm_{cc[0]}{cc[1]} {spec_key} ({signature_text(sig)})"
+    )
+
+
+def _disk_path(key: str):
+    import hashlib
+    import os
+
+    where = cache_dir()
+    if where is None:
+        return None
+    return os.path.join(where, hashlib.sha256(key.encode()).hexdigest()[:32] + ".cubin")
+
+
+def disk_write(key: str, entry: str, param_sizes, cubin: bytes) -> bool:
+    """Store one compiled kernel (atomically); False, silently, where it cannot be."""
+    import hashlib
+    import json
+    import os
+    import tempfile
+
+    try:
+        path = _disk_path(key)
+        if path is None:
+            return False
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        header = json.dumps({
+            "key": key, "entry": entry, "param_sizes": list(param_sizes),
+            "sha256": hashlib.sha256(cubin).hexdigest(), "bytes": len(cubin),
+        }).encode()
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(_MAGIC + header + b"\n" + bytes(cubin))
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        return True
+    except Exception as error:
+        log.debug("nbflash: kernel cache not written (%s)", error)
+        return False
+
+
+def disk_read(key: str, param_sizes):
+    """(entry name, cubin) stored under ``key``, or None when absent, unreadable,
+    corrupt, or stored for another key or parameter layout."""
+    import hashlib
+    import json
+
+    try:
+        path = _disk_path(key)
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            data = f.read()
+        if not data.startswith(_MAGIC):
+            return None
+        end = data.index(b"\n", len(_MAGIC))
+        header = json.loads(data[len(_MAGIC):end])
+        cubin = data[end + 1:]
+        if (
+            header.get("key") != key
+            or tuple(header.get("param_sizes", ())) != tuple(param_sizes)
+            or header.get("bytes") != len(cubin)
+            or header.get("sha256") != hashlib.sha256(cubin).hexdigest()
+        ):
+            return None
+        return header["entry"], cubin
+    except Exception as error:
+        log.debug("nbflash: kernel cache entry not read (%s)", error)
+        return None
+
+
+_libraries = []  # loaded cubins stay loaded for the process
+
+
+def _disk_load(key, layout):
+    found = disk_read(key, layout.param_sizes)
+    if found is None:
+        return None
+    name, cubin = found
+    from cuda.bindings import driver
+
+    err, library = driver.cuLibraryLoadData(cubin, [], [], 0, [], [], 0)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        return None
+    err, kernel = driver.cuLibraryGetKernel(library, name.encode())
+    if err != driver.CUresult.CUDA_SUCCESS:
+        driver.cuLibraryUnload(library)
+        return None
+    _libraries.append(library)
+    return int(kernel), name
+
+
+def _disk_store(key, name, layout, cubin):
+    disk_write(key, name, layout.param_sizes, cubin)
+
+
+# ---------------------------------------------------------------------------
+# Streams and the launch
+# ---------------------------------------------------------------------------
+
+
+def stream_handle(stream=None) -> int:
+    """A raw CUstream handle: ``stream`` None means CuPy's current stream; a CuPy
+    stream, a Numba stream, an object with ``__cuda_stream__`` or an int handle."""
+    if stream is None:
+        if device.SIMULATOR:
+            return 0
+        import cupy
+
+        return cupy.cuda.get_current_stream().ptr
+    if isinstance(stream, int):
+        return stream
+    ptr = getattr(stream, "ptr", None)  # CuPy
+    if isinstance(ptr, int):
+        return ptr
+    proto = getattr(stream, "__cuda_stream__", None)
+    if proto is not None:
+        return int(proto()[1])
+    handle = getattr(stream, "handle", None)  # Numba
+    if handle is not None:
+        value = getattr(handle, "value", handle)
+        return int(value or 0)
+    raise TypeError(
+        f"stream: expected a CuPy or Numba stream, an object with __cuda_stream__, an int "
+        f"handle or None; got {type(stream).__name__}"
+    )
 
 
 def current_stream():
     """CuPy's current stream as a Numba stream (0 on the simulator)."""
+    return _numba_stream(None)
+
+
+def _numba_stream(stream):
     if device.SIMULATOR:
         return 0
-    import cupy
-
-    ptr = cupy.cuda.get_current_stream().ptr
+    ptr = stream_handle(stream)
     return cuda.external_stream(ptr) if ptr else cuda.default_stream()
 
 
-_STATIC_SHARED_LIMIT = 48 * 1024
+def _as_dims(dims):
+    if isinstance(dims, int):
+        return (int(dims), 1, 1)
+    dims = tuple(int(d) for d in dims)  # ctypes passes Python ints only
+    return dims + (1,) * (3 - len(dims))
+
+
+def launch(kernel, grid, threads, args, shared_bytes=0, stream=None):
+    """Launch ``kernel`` (a Numba kernel from :func:`compiled`) on ``stream`` (default
+    CuPy's current stream), without synchronizing.
+
+    ``args`` are :func:`numba_view` arrays and Python / NumPy scalars. On a GPU the
+    first launch per argument-type signature compiles (or loads from the disk cache)
+    and every later one goes straight to the driver; anything the fast path cannot
+    pack, or a failure on first use, goes through Numba's launch instead.
+    """
+    if not device.SIMULATOR:
+        fast = launcher_for(kernel, args, shared_bytes)
+        if fast is not None:
+            try:
+                fast(_as_dims(grid), _as_dims(threads), int(shared_bytes), stream_handle(stream), args)
+                return
+            except Exception as error:  # raised before anything was launched
+                _disable(kernel, signature_of(args), fast.device, error)
+        numba_launch(kernel, grid, threads, args, shared_bytes, stream)
+        return
+    numba_launch(kernel, grid, threads, args, shared_bytes, stream)
+
+
+def numba_launch(kernel, grid, threads, args, shared_bytes=0, stream=None):
+    """Numba's own launch of ``kernel`` (typing every argument on every call)."""
+    if device.SIMULATOR:
+        # The simulator configures the shared kernel object and swaps its module's
+        # globals per launch: one launch at a time.
+        with _simulator_lock:
+            kernel[grid, threads, 0, shared_bytes](*args)
+        return
+    args = [a.numba() if type(a) is DeviceArg else a for a in args]
+    if shared_bytes > _STATIC_SHARED_LIMIT:
+        _allow_dynamic_shared(kernel, args, shared_bytes)
+    kernel[grid, threads, _numba_stream(stream), shared_bytes](*args)
+
+
+_simulator_lock = threading.Lock()
+
+
 _raised_shared_limit: set[int] = set()
 
 
@@ -91,9 +857,3 @@ def _allow_dynamic_shared(kernel, args, nbytes):
     if err != driver.CUresult.CUDA_SUCCESS:
         raise RuntimeError(f"could not allow {nbytes} bytes of shared memory: {err}")
     _raised_shared_limit.add(id(compiled))
-
-
-def launch(kernel, grid, threads, args, shared_bytes=0):
-    if shared_bytes > _STATIC_SHARED_LIMIT and not device.SIMULATOR:
-        _allow_dynamic_shared(kernel, args, shared_bytes)
-    kernel[grid, threads, current_stream(), shared_bytes](*args)

@@ -67,6 +67,52 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=Fa
     return (out, lse) if return_lse else out
 
 
+def attention_backward(do, q, k, v, *, causal=False, scale=None, layout="bshd"):
+    """float64 reference of :func:`nbflash.attention_backward`: the gradients of
+    sum(do * out) with out = attention(q, k, v), from the materialized P.
+
+    do has out's shape (q's layout, v's head_dim). Returns (dq, dk, dv), float64, in
+    the shapes of q, k, v. For GQA, dk and dv sum over the query heads that share a kv
+    head; rows that see no key contribute nothing (their dq is 0).
+    """
+    squeeze = np.ndim(q) == 3
+    qd, kd, vd, dod = (_to_bshd(x, layout) for x in (q, k, v, do))
+    batch, seqlen_q, heads_q, head_dim = qd.shape
+    seqlen_k, heads_kv = kd.shape[1], kd.shape[2]
+    group = heads_q // heads_kv
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+
+    kr = np.repeat(kd, group, axis=2)  # query head h reads kv head h // group
+    vr = np.repeat(vd, group, axis=2)
+    scores = np.einsum("bihd,bjhd->bhij", qd, kr) * scale
+    mask = visible(seqlen_q, seqlen_k, causal)
+    scores = np.where(mask, scores, -np.inf)
+    row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)
+    seen = np.isfinite(row_max)
+    weights = np.where(seen, np.exp(scores - np.where(seen, row_max, 0.0)), 0.0)
+    row_sum = weights.sum(axis=-1, keepdims=True)
+    probs = np.where(row_sum > 0, weights / np.where(row_sum > 0, row_sum, 1.0), 0.0)
+
+    # out = P V, so dV = P^T dO and dP = dO V^T; softmax's Jacobian gives
+    # dS = P * (dP - rowsum(P * dP)), and S = scale * Q K^T gives dQ and dK.
+    dv = np.einsum("bhij,bihd->bjhd", probs, dod)
+    dp = np.einsum("bihd,bjhd->bhij", dod, vr)
+    ds = probs * (dp - (probs * dp).sum(axis=-1, keepdims=True))
+    dq = scale * np.einsum("bhij,bjhd->bihd", ds, kr)
+    dk = scale * np.einsum("bhij,bihd->bjhd", ds, qd)
+    # GQA: sum the group's query heads into their kv head
+    dk = dk.reshape(batch, seqlen_k, heads_kv, group, head_dim).sum(axis=3)
+    dv = dv.reshape(batch, seqlen_k, heads_kv, group, vd.shape[3]).sum(axis=3)
+
+    grads = [dq, dk, dv]
+    if layout == "bhsd":
+        grads = [g.transpose(0, 2, 1, 3) for g in grads]
+    if squeeze:
+        grads = [g[0] for g in grads]
+    return tuple(grads)
+
+
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None, return_lse=False):
     """float64 reference of :func:`nbflash.attention_varlen`: :func:`attention` on each
     packed sequence in turn.

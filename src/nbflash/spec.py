@@ -56,3 +56,42 @@ class ForwardSpec:
 
     def __str__(self) -> str:
         return self.key
+
+
+@dataclass(frozen=True)
+class BackwardSpec:
+    """A backward-attention specialization: the kernels that turn (do, q, k, v, out,
+    lse) into (dq, dk, dv), built together by ``kernels/backward_<kernel>.py``.
+
+    kernel: "simt" (portable, any dtype); other families plug in by name.
+    dtype, head_dim, head_dim_v, causal: as in ForwardSpec.
+    block_m / block_n: query rows and key rows per tile; threads: per CTA.
+    stages: shared-memory buffers per streamed tile (1 for simt).
+    """
+
+    kernel: str
+    dtype: str
+    head_dim: int
+    head_dim_v: int
+    causal: bool
+    block_m: int
+    block_n: int
+    threads: int
+    stages: int = 1
+
+    @property
+    def module(self) -> str:
+        """The nbflash.kernels module that builds this specialization."""
+        return f"backward_{self.kernel}"
+
+    @property
+    def key(self) -> str:
+        flags = "-causal" if self.causal else ""
+        stages = f"s{self.stages}" if self.kernel != "simt" else ""
+        return (
+            f"bwd_{self.kernel}-{self.dtype}-d{self.head_dim}-dv{self.head_dim_v}{flags}"
+            f"-m{self.block_m}n{self.block_n}t{self.threads}{stages}"
+        )
+
+    def __str__(self) -> str:
+        return self.key

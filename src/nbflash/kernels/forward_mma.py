@@ -64,6 +64,7 @@ def build(spec: ForwardSpec):
     assert M_TILES * 16 * WARPS == BM and BN % 16 == 0 and STAGES == 2 and D % 32 == 0
     ROW_WORDS = D // 2 + PAD_WORDS
     CHUNKS = D // 8  # 16-byte chunks per row
+    RSTEP = T // CHUNKS  # rows one pass of all threads copies
     K_OFF = BM * ROW_WORDS
     V_OFF = K_OFF + STAGES * BN * ROW_WORDS
     D_BLOCKS = D // 8  # 8-column blocks of the output
@@ -79,21 +80,40 @@ def build(spec: ForwardSpec):
     NEG_INF = -math.inf
 
     @cuda.jit(device=True, inline=True)
+    def issue_chunk(src, smem, base, r, c, b, h, start, n0, seqlen):
+        """cp.async 16-byte chunk c of row start + n0 + r of src[b, :, h, :] to row r
+        of the shared tile at base. Rows past seqlen are zero-filled and their source
+        clamped to the sequence's last row: never the next packed sequence's rows."""
+        j = np.int32(n0 + r)
+        nbytes = np.int32(16) if j < seqlen else np.int32(0)
+        j = min(j, np.int32(seqlen - 1))
+        ptx.cp_async_16(
+            ptx.shared_address(smem, (base + r * np.int32(ROW_WORDS) + c * np.int32(4),)),
+            ptx.global_address(src, (b, start + j, h, c * np.int32(8))),
+            nbytes,
+        )
+
+    @cuda.jit(device=True, inline=True)
     def issue_rows(src, smem, base, rows, b, h, start, n0, seqlen, tid):
-        """cp.async ``rows`` x D of src[b, start + n0:, h, :] to smem[base:]. Rows past
-        seqlen are zero-filled, their source address clamped to the last row of the
-        sequence (never the next packed sequence's rows, never past the tensor)."""
-        for e in range(tid, rows * CHUNKS, T):
-            r = e // CHUNKS
-            c = e - r * CHUNKS
-            j = n0 + r
-            nbytes = 16 if j < seqlen else 0
-            j = max(0, min(j, seqlen - 1))
-            ptx.cp_async_16(
-                ptx.shared_address(smem, (base + r * ROW_WORDS + c * 4,)),
-                ptx.global_address(src, (b, start + j, h, c * 8)),
-                nbytes,
-            )
+        """cp.async ``rows`` x D of src[b, start + n0:, h, :] to smem[base:] (rows past seqlen
+        are zero-filled). ``rows`` is a compile-time constant (BM or BN), so the trip
+        counts are fixed and the loops unroll; when the threads tile a row evenly each
+        thread keeps one chunk column, which keeps the hoisted addresses (registers)
+        few: only n0 changes from tile to tile."""
+        if T % CHUNKS == 0:
+            c = np.int32(tid % CHUNKS)
+            r0 = np.int32(tid // CHUNKS)
+            for it in range((rows + RSTEP - 1) // RSTEP):
+                r = r0 + np.int32(it * RSTEP)
+                if rows % RSTEP == 0 or r < rows:
+                    issue_chunk(src, smem, base, r, c, b, h, start, n0, seqlen)
+        else:
+            total = rows * CHUNKS
+            for it in range((total + T - 1) // T):
+                e = np.int32(tid + it * T)
+                if total % T == 0 or e < total:
+                    r = e // np.int32(CHUNKS)
+                    issue_chunk(src, smem, base, r, e - r * np.int32(CHUNKS), b, h, start, n0, seqlen)
 
     @cuda.jit(device=True, inline=True)
     def q_fragments(smem, warp_row, kk, lane):
@@ -112,35 +132,38 @@ def build(spec: ForwardSpec):
         m_block = cuda.blockIdx.x
         if CAUSAL:  # the longest rows (the last blocks) start first: less tail at the end
             m_block = cuda.gridDim.x - 1 - m_block
-        row0 = m_block * BM
+        row0 = np.int32(m_block * BM)
         h = cuda.blockIdx.y
         hk = h // group
         if VARLEN:  # one packed sequence per blockIdx.z; rows are offset by its start
             b = 0
             q_start, seqlen_q = sequence_span(cu_seqlens_q, cuda.blockIdx.z, q.shape[1])
             k_start, seqlen_k = sequence_span(cu_seqlens_k, cuda.blockIdx.z, k.shape[1])
-            if row0 >= seqlen_q:  # the grid covers the longest sequence
-                return
         else:
             b = cuda.blockIdx.z
-            q_start = 0
-            k_start = 0
-            seqlen_q = q.shape[1]
-            seqlen_k = k.shape[1]
+            q_start = np.int32(0)
+            k_start = np.int32(0)
+            seqlen_q = np.int32(q.shape[1])  # 32-bit row and key arithmetic: fewer registers
+            seqlen_k = np.int32(k.shape[1])
         warp_row = warp * 16 * M_TILES  # first row of this warp within the CTA tile
         scale_log2 = float32(scale * LOG2E)
 
+        smem = cuda.shared.array(0, uint32)
+
         key_end = seqlen_k
         if CAUSAL:
-            key_end = max(0, min(seqlen_k, row0 + BM + seqlen_k - seqlen_q))
-        n_tiles = (key_end + BN - 1) // BN
-
-        smem = cuda.shared.array(0, uint32)
+            key_end = max(np.int32(0), min(seqlen_k, row0 + np.int32(BM) + seqlen_k - seqlen_q))
+        n_tiles = (key_end + np.int32(BN - 1)) // np.int32(BN)
+        q_rows = True
+        if VARLEN:  # the grid covers the longest sequence: this tile may start past ours
+            q_rows = row0 < seqlen_q
+            if not q_rows:  # (an early return here costs the d128 kernel spills)
+                n_tiles = np.int32(0)
         loop_tiles = n_tiles
         if VARLEN:
             # The span lives in shared memory and is re-read where it is used: held in
-            # registers across the key loop it pushed the d128 kernel on sm_80 into
-            # spills. The loop runs to a bound from the kernel arguments and breaks.
+            # registers across the key loop it pushed d96 and d128 into spills. The loop
+            # runs to a bound from the kernel arguments and breaks at the sequence's end.
             span = cuda.shared.array(5, int32)
             if tid == 0:
                 span[0] = q_start
@@ -149,9 +172,10 @@ def build(spec: ForwardSpec):
                 span[3] = seqlen_k
                 span[4] = n_tiles
             cuda.syncthreads()
-            loop_tiles = (k.shape[1] + BN - 1) // BN
+            loop_tiles = (np.int32(k.shape[1]) + np.int32(BN - 1)) // np.int32(BN)
 
-        issue_rows(q, smem, 0, BM, b, h, q_start, row0, seqlen_q, tid)
+        if q_rows:
+            issue_rows(q, smem, 0, BM, b, h, q_start, row0, seqlen_q, tid)
         if n_tiles > 0:
             issue_rows(k, smem, K_OFF, BN, b, hk, k_start, 0, seqlen_k, tid)
             issue_rows(v, smem, V_OFF, BN, b, hk, k_start, 0, seqlen_k, tid)
@@ -181,7 +205,7 @@ def build(spec: ForwardSpec):
                 if it >= span[4]:
                     break
             stage = it % 2
-            n0 = it * BN
+            n0 = np.int32(it * BN)
             k_base = K_OFF + stage * BN * ROW_WORDS
             v_base = V_OFF + stage * BN * ROW_WORDS
             more = it + 1 < n_tiles
@@ -228,15 +252,16 @@ def build(spec: ForwardSpec):
                 needs_mask = needs_mask or (n0 + BN - 1 > row0 + seqlen_k - seqlen_q)
             if needs_mask:
                 for m in range(M_TILES):
-                    for nb in range(N_BLOCKS):
-                        for r in range(4):
-                            j = n0 + nb * 8 + 2 * t + (r % 2)
-                            i = row0 + warp_row + m * 16 + g + 8 * (r // 2)
-                            hidden = j >= seqlen_k
-                            if CAUSAL:
-                                hidden = hidden or j > i + seqlen_k - seqlen_q
-                            if hidden:
-                                s[(m * N_BLOCKS + nb) * 4 + r] = NEG_INF
+                    for half in range(2):
+                        # keys of this tile row i sees: columns < visible (32-bit, once per row)
+                        visible = np.int32(seqlen_k - n0)
+                        if CAUSAL:
+                            i = np.int32(row0 + warp_row + m * 16 + g + 8 * half)
+                            visible = min(visible, i + np.int32(seqlen_k - seqlen_q - n0 + 1))
+                        for nb in range(N_BLOCKS):
+                            for e in range(2):
+                                if np.int32(nb * 8 + 2 * t + e) >= visible:
+                                    s[(m * N_BLOCKS + nb) * 4 + 2 * half + e] = NEG_INF
 
             # online softmax, exp2 domain (FlashAttention-2, Algorithm 1, lines 8-10)
             for m in range(M_TILES):
@@ -313,4 +338,4 @@ def build(spec: ForwardSpec):
                         else:
                             lse[b, h, q_start + i] = NEG_INF
 
-    return cuda.jit(forward_mma)
+    return cuda.jit(forward_mma, fastmath={"contract"})

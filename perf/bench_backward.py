@@ -1,0 +1,165 @@
+"""Backward attention throughput: nbflash.attention_backward against the peers
+present, in one run.
+
+TFLOP/s = 2.5 x the forward's FLOPs (4 * B * H * Nq * Nk * D, halved for causal) /
+time: the backward's five matmuls (S recomputed, dP, dV, dK, dQ) against the forward's
+two. The timed call is the backward alone, given the forward's out and lse (nbflash:
+delta, dK/dV and dQ kernels; torch: autograd.grad through SDPA's saved forward). CUDA
+events around each call after warm-up, median of --repeats runs (fewer when one call
+takes long), fresh random normal inputs (never zeros). Peers: torch SDPA's flash,
+cuDNN and efficient backends when torch imports (optional).
+
+    python perf/bench_backward.py [--quick] [--out perf/results]
+
+Writes <out>/<gpu-name>-backward.json and a PNG plot, and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.dirname(__file__))
+
+import cupy  # noqa: E402
+import ml_dtypes  # noqa: E402
+
+import nbflash  # noqa: E402
+from bench_forward import HEADS, TOKENS, plot  # noqa: E402
+
+TIME_PER_CASE_S = 3.0  # cap on timed work per (config, implementation)
+
+
+def repeats_for(one_call_ms, wanted):
+    """Fewer repeats for slow calls so an unattended full run stays bounded."""
+    return int(max(5, min(wanted, TIME_PER_CASE_S * 1e3 / max(one_call_ms, 1e-3))))
+
+
+def nbflash_time(do, q, k, v, out, lse, causal, grads, repeats):
+    dq, dk, dv = grads
+    fn = lambda: nbflash.attention_backward(do, q, k, v, out, lse, causal=causal, dq=dq, dk=dk, dv=dv)  # noqa: E731
+    one = nbflash.device.median_gpu_ms(fn, 1, 1)  # also compiles
+    return nbflash.device.median_gpu_ms(fn, 2, repeats_for(one, repeats))
+
+
+def torch_peers():
+    try:
+        import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except Exception:
+        return {}
+    backends = {
+        "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+        "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+        "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }
+
+    def as_torch(x):
+        # torch reads the same CuPy buffers through DLPack, as (B, H, N, D) views
+        t = torch.from_dlpack(x).permute(0, 2, 1, 3)
+        return t.view(torch.bfloat16) if x.dtype == ml_dtypes.bfloat16 else t
+
+    def make(backend):
+        def run(do, q, k, v, causal, repeats):
+            tq, tk, tv = (as_torch(x).detach().requires_grad_() for x in (q, k, v))
+            tdo = as_torch(do)
+            with sdpa_kernel(backend):
+                o = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+                fn = lambda: torch.autograd.grad(o, (tq, tk, tv), tdo, retain_graph=True)  # noqa: E731
+                fn()
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                stop.record()
+                stop.synchronize()
+                for _ in range(2):
+                    fn()
+                times = []
+                for _ in range(repeats_for(start.elapsed_time(stop), repeats)):
+                    start.record()
+                    fn()
+                    stop.record()
+                    stop.synchronize()
+                    times.append(start.elapsed_time(stop))
+            return float(np.median(times))
+
+        return run
+
+    return {name: make(b) for name, b in backends.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="seqlen 4096, fp16 only")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--head-dims", default="64,128")
+    ap.add_argument("--dtypes", default=None, help="default fp16,bf16 (fp16 with --quick)")
+    args = ap.parse_args()
+
+    dtypes = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16}
+    dtype_names = (args.dtypes or ("fp16" if args.quick else "fp16,bf16")).split(",")
+    seqlens = [4096] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
+    head_dims = [int(x) for x in args.head_dims.split(",")]
+    peers = torch_peers()
+    gpu = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    rng = cupy.random.default_rng()
+    rows = []
+    for dname in dtype_names:
+        dtype = dtypes[dname]
+        for d in head_dims:
+            for n in seqlens:
+                batch = max(1, TOKENS // n)
+                for causal in (False, True):
+                    shape = (batch, n, HEADS, d)
+                    q, k, v, do = (rng.standard_normal(shape, dtype=cupy.float32).astype(dtype) for _ in range(4))
+                    out, lse = nbflash.attention(q, k, v, causal=causal, return_lse=True)
+                    grads = [cupy.full(shape, cupy.nan, dtype=cupy.float32).astype(dtype) for _ in range(3)]
+                    spec = nbflash.backward_spec(q, k, v, causal=causal)
+                    flops = 2.5 * 4.0 * batch * HEADS * n * n * d / (2 if causal else 1)
+                    times = {"nbflash": nbflash_time(do, q, k, v, out, lse, causal, grads, args.repeats)}
+                    for name, run in peers.items():
+                        try:
+                            times[name] = run(do, q, k, v, causal, args.repeats)
+                        except Exception as e:  # a backend may refuse a shape
+                            times[name] = None
+                            print(f"# {name} failed: {type(e).__name__}: {str(e)[:80]}", file=sys.stderr)
+                    row = {
+                        "gpu": gpu, "dtype": dname, "batch": batch, "heads": HEADS, "seqlen": n,
+                        "head_dim": d, "causal": causal, "spec": spec.key, "flops": flops,
+                        "ms": times,
+                        "tflops": {k_: (flops / (t * 1e-3) / 1e12 if t else None) for k_, t in times.items()},
+                    }
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr)
+                    del q, k, v, do, out, lse, grads
+                    cupy.get_default_memory_pool().free_all_blocks()
+
+    os.makedirs(args.out, exist_ok=True)
+    tag = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-")
+    suffix = "-quick" if args.quick else ""
+    with open(os.path.join(args.out, f"{tag}-backward{suffix}.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    try:
+        plot(rows, os.path.join(args.out, f"{tag}-backward{suffix}.png"))
+    except Exception as e:
+        print(f"# plot skipped: {e}", file=sys.stderr)
+
+    names = ["nbflash"] + list(peers)
+    print(f"{'dtype':5} {'D':>3} {'N':>6} {'causal':6} " + " ".join(f"{n:>14}" for n in names) + "  ratio_vs_flash  spec")
+    for r in rows:
+        t = r["tflops"]
+        cells = " ".join(f"{t[n]:14.1f}" if t.get(n) else f"{'-':>14}" for n in names)
+        ratio = t["nbflash"] / t["sdpa_flash"] if t.get("sdpa_flash") else float("nan")
+        print(f"{r['dtype']:5} {r['head_dim']:>3} {r['seqlen']:>6} {str(r['causal']):6} {cells}  {ratio:14.2f}  {r['spec']}")
+    print(f"# gpu: {gpu}; backward TFLOP/s (2.5x forward FLOPs)")
+
+
+if __name__ == "__main__":
+    main()

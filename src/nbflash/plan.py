@@ -1,0 +1,369 @@
+"""Plan once, run many: forward attention with the least host work per call.
+
+A prepared call (:class:`_Prepared`) is a validated forward problem whose shapes,
+strides, dtypes and flags are fixed: its kernel parameters stay packed, and a call
+only checks what can still change (array types, dtypes, devices, pointer alignment,
+overlap of ``out``), allocates the outputs and writes five data pointers before one
+driver call. ``nbflash.attention`` keeps such calls per signature (a memo), and
+:func:`plan` gives callers one for a signature they fix up front.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from . import api, arrays, device, launch
+
+_MEMO_LIMIT = 1024
+_memo: dict[tuple, "_Prepared"] = {}
+_ndarray_type = None
+
+
+def _ndarray():
+    """cupy.ndarray (None on the simulator or without CuPy)."""
+    global _ndarray_type
+    if _ndarray_type is None:
+        cupy = device.cupy_or_none()
+        _ndarray_type = cupy.ndarray if cupy is not None else False
+    return _ndarray_type or None
+
+
+def _extent(a):
+    """(first, last) byte offsets from a's data pointer that a can touch, or None when empty."""
+    if a.size == 0:
+        return None
+    lo = sum(min(0, s * (n - 1)) for s, n in zip(a.strides, a.shape))
+    hi = sum(max(0, s * (n - 1)) for s, n in zip(a.strides, a.shape)) + a.itemsize - 1
+    return lo, hi
+
+
+class _Prepared:
+    """One validated forward call with fixed shapes and strides, packed for launch."""
+
+    __slots__ = ("bound", "grid", "block", "shared", "out_shape", "dtype", "lse_shape",
+                 "dummy_ptr", "extents", "kernel", "sig", "dev", "memo_key", "lse_dtype")
+
+    def __init__(self, bound, grid, spec, shared, problem, dummy_ptr, extents, kernel, sig, dev):
+        self.bound = bound
+        self.grid = grid
+        self.block = (spec.threads, 1, 1)
+        self.shared = shared
+        self.out_shape = problem.out_shape()
+        self.dtype = problem.dtype
+        self.lse_shape = problem.lse_shape()
+        self.lse_dtype = np.dtype(np.float32)
+        self.dummy_ptr = dummy_ptr  # the lse the kernel ignores when none is returned
+        self.extents = extents  # of q, k, v, out: for overlap checks of a caller's out
+        self.kernel = kernel
+        self.sig = sig
+        self.dev = dev
+        self.memo_key = None
+
+    def check_overlap(self, out_ptr, qp, kp, vp):
+        out_ext = self.extents[3]
+        if out_ext is None:
+            return
+        a0, a1 = out_ptr + out_ext[0], out_ptr + out_ext[1]
+        for name, p, ext in (("q", qp, self.extents[0]), ("k", kp, self.extents[1]), ("v", vp, self.extents[2])):
+            if ext is not None and a0 <= p + ext[1] and p + ext[0] <= a1:
+                raise ValueError(f"out: overlaps {name} in memory; pass a separate buffer")
+
+    def run(self, qp, kp, vp, out, with_lse, stream):
+        """Allocate what is missing and launch; (out, lse), or None when the fast
+        launch failed (nothing launched; the caller takes the validated slow path)."""
+        nd = _ndarray_type
+        if stream is None:
+            sp = _current_stream().ptr
+            if out is None:
+                out = nd(self.out_shape, self.dtype)
+            lse = nd(self.lse_shape, self.lse_dtype) if with_lse else None
+        else:
+            sp = launch.stream_handle(stream)
+            with _allocation_stream(stream, sp):
+                if out is None:
+                    out = nd(self.out_shape, self.dtype)
+                lse = nd(self.lse_shape, self.lse_dtype) if with_lse else None
+        try:
+            self.bound(self.grid, self.block, self.shared, sp,
+                       (qp, kp, vp, out.data.ptr, lse.data.ptr if with_lse else self.dummy_ptr))
+        except launch.LaunchError as error:
+            self.disable(error)
+            return None
+        return out, lse
+
+    def disable(self, error):
+        if self.memo_key is not None:
+            _memo.pop(self.memo_key, None)
+        launch._disable(self.kernel, self.sig, self.dev, error)
+
+
+def _current_stream():
+    import cupy
+
+    global _current_stream
+    _current_stream = cupy.cuda.get_current_stream
+    return _current_stream()
+
+
+def _allocation_stream(stream, ptr):
+    """A context making CuPy allocate on the launch stream (its pool reuses memory per
+    stream): a CuPy stream is its own context."""
+    import cupy
+
+    if isinstance(stream, cupy.cuda.Stream):
+        return stream
+    return cupy.cuda.ExternalStream(ptr)
+
+
+def _prepare(problem, spec, views, out_view, lse, scale, dev):
+    """A _Prepared for this validated call (None where only Numba's launch can run it)."""
+    kernel, grid, args, shared = api.forward_launch_args(problem, spec, views, out_view, lse, scale)
+    launcher = launch.launcher_for(kernel, args, shared)
+    if launcher is None:
+        return None, (kernel, grid, args, shared)
+    extents = [_extent(a) for a in (*views, out_view)]
+    dummy_ptr = args[4].ptr
+    prepared = _Prepared(launcher.bind(args), grid, spec, shared, problem, dummy_ptr, extents,
+                         kernel, launch.signature_of(args), dev)
+    return prepared, (kernel, grid, args, shared)
+
+
+# ---------------------------------------------------------------------------
+# The memo behind nbflash.attention
+# ---------------------------------------------------------------------------
+
+
+def _memo_key(q, k, v, causal, scale, layout, return_lse, out):
+    """Everything validation and dispatch depend on, or None when a call is not of the
+    memoizable kind (CuPy arrays, bool flags, a float / int / None scale, str layout)."""
+    nd = _ndarray()
+    if nd is None or type(q) is not nd or type(k) is not nd or type(v) is not nd:
+        return None
+    if type(causal) is not bool or type(return_lse) is not bool or type(layout) is not str:
+        return None
+    if not (scale is None or type(scale) is float or type(scale) is int):
+        return None
+    qm, km, vm = q.data, k.data, v.data
+    key = (q.shape, q.strides, k.shape, k.strides, v.shape, v.strides, q.dtype, k.dtype, v.dtype,
+           qm.device_id, km.device_id, vm.device_id, not ((qm.ptr | km.ptr | vm.ptr) & 15),
+           layout, causal, scale, return_lse)
+    if out is not None:
+        if type(out) is not nd:
+            return None
+        key += (out.shape, out.strides, out.dtype, out.data.device_id)
+    return key
+
+
+def memoized_attention(q, k, v, causal, scale, layout, return_lse, out, stream):
+    """(out, lse) when this call repeats a remembered signature, else None."""
+    key = _memo_key(q, k, v, causal, scale, layout, return_lse, out)
+    if key is None:
+        return None
+    entry = _memo.get(key)
+    if entry is None:
+        return None
+    qp, kp, vp = q.data.ptr, k.data.ptr, v.data.ptr
+    if out is not None:
+        entry.check_overlap(out.data.ptr, qp, kp, vp)
+    return entry.run(qp, kp, vp, out, return_lse, stream)
+
+
+def remember(q, k, v, causal, scale, layout, return_lse, out, problem, views, result):
+    """After a validated device call: keep its prepared launch for the next call with
+    the same signature."""
+    if problem.seqlen_q == 0 or problem.batch == 0 or problem.heads_q == 0:
+        return
+    key = _memo_key(q, k, v, causal, scale, layout, return_lse, out)
+    if key is None or key in _memo:
+        return
+    out_array, lse = result
+    spec = api.choose_forward_spec(problem, causal, return_lse, views)
+    out_view = api._bshd(out_array, problem.layout, problem.squeeze)
+    scale_value = api._check_scale(scale, problem.head_dim)
+    prepared, _ = _prepare(problem, spec, views, out_view, lse, scale_value, arrays.device_id(views[0]))
+    if prepared is None:
+        return
+    prepared.memo_key = key
+    if len(_memo) >= _MEMO_LIMIT:
+        _memo.clear()
+    _memo[key] = prepared
+
+
+def forget():
+    """Drop every remembered call (after tile configurations change)."""
+    _memo.clear()
+
+
+# ---------------------------------------------------------------------------
+# Plans
+# ---------------------------------------------------------------------------
+
+
+class AttentionPlan:
+    """A forward-attention signature fixed once; call it (or ``run``) many times.
+
+    Fixed by the plan: dtype, head_dim, head_dim_v, heads_q, heads_kv, layout, number
+    of dims (3 or 4), device, causal, scale, return_lse, and so the kernel
+    specialization (``plan.spec``, named by ``plan.spec.key``). May vary between calls:
+    batch, seqlen_q, seqlen_k, strides (the head_dim axis keeps unit stride; a
+    tensor-core plan needs 16-byte aligned rows) and the buffers themselves. A call
+    whose shapes and strides repeat an earlier one's writes five pointers and makes
+    one driver call; a new shape is validated in full once, then remembered.
+    """
+
+    def __init__(self, q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=False):
+        _ndarray()  # resolve cupy.ndarray once, for run's type checks
+        ops = [arrays.intake(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
+        problem, views = api._validate(*ops, layout)
+        self.causal = api._check_flag(causal, "causal")
+        self.return_lse = api._check_flag(return_lse, "return_lse")
+        self.scale = api._check_scale(scale, problem.head_dim)
+        self.layout = layout
+        self.dtype = problem.dtype
+        self.head_dim, self.head_dim_v = problem.head_dim, problem.head_dim_v
+        self.heads_q, self.heads_kv = problem.heads_q, problem.heads_kv
+        self.ndim = 3 if problem.squeeze else 4
+        self.on_device = problem.on_device
+        self.device = arrays.device_id(views[0]) if problem.on_device else None
+        self.spec = api.choose_forward_spec(problem, self.causal, self.return_lse, views)
+        self._aligned = self.spec.kernel == "mma"
+        self._entries: dict[tuple, _Prepared] = {}
+        self._lock = threading.Lock()
+        if problem.on_device and problem.batch and problem.seqlen_q and problem.heads_q:
+            launch.compiled(self.spec)
+            self._shape_entry(problem, views, [op.array for op in ops], None, None, None)  # compiles now
+
+    def __repr__(self):
+        return (f"AttentionPlan({self.spec.key}, dtype={arrays.short_name(self.dtype)}, "
+                f"heads={self.heads_q}/{self.heads_kv}, layout={self.layout!r}, "
+                f"scale={self.scale:.6g}, return_lse={self.return_lse})")
+
+    def __call__(self, q, k, v, out=None, stream=None):
+        return self.run(q, k, v, out=out, stream=stream)
+
+    def run(self, q, k, v, out=None, stream=None):
+        """Attention of q, k, v under the plan; arguments, shapes and the return
+        value as :func:`nbflash.attention` (``out`` and ``stream`` as there)."""
+        nd = _ndarray_type
+        if nd and type(q) is nd and type(k) is nd and type(v) is nd and (out is None or type(out) is nd):
+            key = (q.shape, q.strides, k.shape, k.strides, v.shape, v.strides,
+                   None if out is None else (out.shape, out.strides))
+            entry = self._entries.get(key)
+            if entry is not None:
+                qm, km, vm = q.data, k.data, v.data
+                dt, dev = self.dtype, self.device
+                if (
+                    (q.dtype is dt or q.dtype == dt) and k.dtype == dt and v.dtype == dt
+                    and qm.device_id == dev and km.device_id == dev and vm.device_id == dev
+                    and (out is None or (out.dtype == dt and out.data.device_id == dev))
+                ):
+                    qp, kp, vp = qm.ptr, km.ptr, vm.ptr
+                    if self._aligned and (qp | kp | vp) & 15:
+                        self._misaligned(qp, kp, vp)
+                    if out is not None:
+                        entry.check_overlap(out.data.ptr, qp, kp, vp)
+                    result = entry.run(qp, kp, vp, out, self.return_lse, stream)
+                    if result is not None:
+                        return result if self.return_lse else result[0]
+                    self._entries.clear()
+        return self._run_checked(q, k, v, out, stream)
+
+    def _misaligned(self, qp, kp, vp):
+        bad = [name for name, p in (("q", qp), ("k", kp), ("v", vp)) if p % 16]
+        raise ValueError(
+            f"{', '.join(bad)}: the plan's tensor-core kernel ({self.spec.key}) needs 16-byte "
+            f"aligned rows; got data pointers {[hex(p) for p in (qp, kp, vp)]}. Make a plan from "
+            f"these arrays, or call nbflash.attention"
+        )
+
+    def _check_fixed(self, problem, views):
+        """The plan's fixed dimensions against a call's (clear errors, nothing launched)."""
+        names = arrays.short_name
+        if problem.dtype != self.dtype:
+            raise TypeError(f"q: dtype {names(problem.dtype)} differs from the plan's {names(self.dtype)}")
+        ndim = 3 if problem.squeeze else 4
+        if ndim != self.ndim:
+            raise ValueError(f"q, k, v: {ndim} dims; the plan was made for {self.ndim}")
+        for name, got, want in (
+            ("q: head_dim", problem.head_dim, self.head_dim),
+            ("v: head_dim", problem.head_dim_v, self.head_dim_v),
+            ("q: heads", problem.heads_q, self.heads_q),
+            ("k: heads", problem.heads_kv, self.heads_kv),
+        ):
+            if got != want:
+                raise ValueError(f"{name} {got} differs from the plan's {want}")
+        if problem.on_device != self.on_device:
+            where = "device" if self.on_device else "host"
+            raise TypeError(f"q, k, v: the plan was made for {where} arrays")
+        if problem.on_device and arrays.device_id(views[0]) != self.device:
+            raise ValueError(f"q: on device {arrays.device_id(views[0])}; the plan is for device {self.device}")
+        if self._aligned and not all(api._rows_16_byte_aligned(a) for a in views):
+            bad = [n for n, a in zip(("q", "k", "v"), views) if not api._rows_16_byte_aligned(a)]
+            raise ValueError(
+                f"{', '.join(bad)}: the plan's tensor-core kernel ({self.spec.key}) needs 16-byte "
+                f"aligned rows (data pointer and strides); make a plan from these arrays, or "
+                f"call nbflash.attention"
+            )
+
+    def _run_checked(self, q, k, v, out, stream):
+        """Full validation, the plan's checks, one launch; remembers the shape."""
+        stream_ptr = launch.stream_handle(stream) if stream is not None else None
+        ops = [arrays.intake(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
+        problem, views = api._validate(*ops, self.layout)
+        self._check_fixed(problem, views)
+        out_op = api._check_out(out, problem, [op.array for op in ops]) if out is not None else None
+        if not problem.on_device and not device.SIMULATOR:  # NumPy inputs on a GPU machine
+            result = api._forward_via_gpu(problem, ops, out_op, self.causal, self.scale, self.return_lse, stream_ptr)
+            return result if self.return_lse else result[0]
+        with api._on_stream(stream_ptr):
+            out_array = out_op[0].array if out_op is not None else api._empty(problem, problem.out_shape(), problem.dtype)
+            lse = api._empty(problem, problem.lse_shape(), np.float32) if self.return_lse else None
+        if problem.seqlen_q and problem.batch and problem.heads_q:
+            out_view = out_op[1] if out_op is not None else api._bshd(out_array, problem.layout, problem.squeeze)
+            kernel, grid, args, shared = self._shape_entry(
+                problem, views, [op.array for op in ops], out_view, lse, out_op[0].array if out_op else None
+            )
+            launch.launch(kernel, grid, self.spec.threads, args, shared, stream_ptr)
+        return (out_array, lse) if self.return_lse else out_array
+
+    def _shape_entry(self, problem, views, qkv, out_view, lse, out):
+        """Prepare (and, on a GPU, remember) this shape; the launch arguments. ``qkv``
+        and ``out`` are the caller's arrays (they key the entry), ``out_view`` the
+        kernel's view of the output (None: a scratch one, for its strides)."""
+        if out_view is None:
+            out_view = api._bshd(api._empty(problem, problem.out_shape(), problem.dtype), problem.layout, problem.squeeze)
+        if self.return_lse and lse is None:
+            lse = api._empty(problem, problem.lse_shape(), np.float32)
+        prepared, launch_args = _prepare(problem, self.spec, views, out_view, lse, self.scale, self.device)
+        if prepared is not None:
+            q, k, v = qkv
+            key = (q.shape, q.strides, k.shape, k.strides, v.shape, v.strides,
+                   None if out is None else (out.shape, out.strides))
+            with self._lock:
+                if len(self._entries) >= 64:
+                    self._entries.clear()
+                self._entries[key] = prepared
+        return launch_args
+
+
+def plan(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=False) -> AttentionPlan:
+    """Fix a forward-attention signature once; run it many times with the least host work.
+
+    ``q``, ``k``, ``v`` are example arrays with the shapes, dtypes and layout of the
+    calls to come (arguments as :func:`nbflash.attention`: q (batch, seqlen_q,
+    heads_q, head_dim) for "bshd" or (batch, heads_q, seqlen_q, head_dim) for "bhsd",
+    k (..., seqlen_k, heads_kv, head_dim), v (..., seqlen_k, heads_kv, head_dim_v);
+    float16, bfloat16, float32 or float64; 3-D without the batch axis also works).
+    The kernel is compiled (or loaded from the disk cache) now.
+
+    Returns an :class:`AttentionPlan`: ``plan(q, k, v, out=None, stream=None)`` or
+    ``plan.run(...)`` returns what :func:`nbflash.attention` would (out, and lse with
+    ``return_lse``). dtype, head_dim, head_dim_v, heads_q, heads_kv, number of dims,
+    device, layout, causal, scale and return_lse are fixed; batch, seqlen_q, seqlen_k
+    and strides may vary (a tensor-core plan needs 16-byte aligned rows). Inputs that
+    do not match raise ValueError / TypeError naming the argument, before anything runs.
+    """
+    return AttentionPlan(q, k, v, causal=causal, scale=scale, layout=layout, return_lse=return_lse)
+

@@ -1,0 +1,30 @@
+"""The no-GPU gate on the portable backward kernels: a few specializations that span
+the dtypes and the tile table (the largest accumulator counts per thread) compile for
+sm_90a with no spills and no stack frame (the accumulators stay in registers), a
+register count their CTA can launch with, and static shared memory under 48 KB.
+tests/ptx_gate_backward_simt_worker.py with no case list sweeps more."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+CASES = ["bf16:64", "fp32:256", "fp64:256"]
+
+
+def test_backward_kernels_compile_without_spills_for_sm_90a():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    here = os.path.dirname(__file__)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH", "")]))
+    worker = os.path.join(here, "ptx_gate_backward_simt_worker.py")
+    done = subprocess.run([sys.executable, worker, "sm_90a", *CASES], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 3 * len(CASES), done.stdout
+    for r in rows:
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        assert r["stack"] == 0, r
+        assert r["registers"] <= 255 and r["registers"] * r["threads"] <= 65536, r
+        assert r["shared_bytes"] <= 48 * 1024, r
