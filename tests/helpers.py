@@ -185,3 +185,57 @@ def assert_grads_close(grads, refs, dtype, seed=None):
         assert rel <= tol, f"{what}: relative error {rel:.3g} > {tol:.1g} for {dtype}{where}"
         worst = np.abs(got - ref).max() / np.abs(ref).max()
         assert worst <= 8 * tol, f"{what}: max error {worst:.3g} of max|ref| > {8 * tol:.1g}{where}"
+
+
+@dataclass
+class VarlenShape:
+    """A packed batch for attention_varlen: per-sequence query and key lengths."""
+
+    seqlens_q: list
+    seqlens_k: list
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    head_dim_v: int
+
+    def cu_seqlens(self):
+        """(cu_seqlens_q, cu_seqlens_k), int32 prefix sums starting at 0 (host)."""
+        return tuple(np.concatenate([[0], np.cumsum(n, dtype=np.int64)]).astype(np.int32)
+                     for n in (self.seqlens_q, self.seqlens_k))
+
+    def qkv_shapes(self):
+        total_q, total_k = sum(self.seqlens_q), sum(self.seqlens_k)
+        return ((total_q, self.heads_q, self.head_dim), (total_k, self.heads_kv, self.head_dim),
+                (total_k, self.heads_kv, self.head_dim_v))
+
+    def flops(self, causal: bool) -> float:
+        """Multiply-adds x 2 over the visible (query, key) pairs of every sequence."""
+        pairs = 0
+        for nq, nk in zip(self.seqlens_q, self.seqlens_k):
+            if causal:  # query i sees keys 0 .. i + nk - nq
+                pairs += sum(max(0, min(nk, i + nk - nq + 1)) for i in range(nq))
+            else:
+                pairs += nq * nk
+        return 2.0 * self.heads_q * pairs * (self.head_dim + self.head_dim_v)
+
+
+def draw_varlen(rng, *, large=False, batch=None, group=None, head_dim=None) -> VarlenShape:
+    """A random packed batch of mixed lengths, seqlen_q != seqlen_k per sequence in
+    general. Every batch of 3 or more holds a sequence with no queries, one with no
+    keys and one of length 1, in random places. ``large`` is the GPU tier (lengths
+    up to thousands)."""
+    max_len = 3000 if large else 24
+    batch = batch if batch is not None else int(rng.integers(4, 10) if large else rng.integers(3, 5))
+    seqlens_q = [int(x) for x in rng.integers(1, max_len + 1, size=batch)]
+    seqlens_k = [int(x) for x in rng.integers(1, max_len + 1, size=batch)]
+    if batch >= 3:
+        no_q, no_k, one = (int(i) for i in rng.permutation(batch)[:3])
+        seqlens_q[no_q] = 0
+        seqlens_k[no_k] = 0
+        seqlens_q[one] = seqlens_k[one] = 1
+    group = group if group is not None else int(rng.choice([1, 2, 4]))
+    heads_kv = int(rng.integers(1, 3))
+    max_dim = 256 if large else 24
+    dim = head_dim if head_dim is not None else int(rng.integers(1, max_dim + 1))
+    dim_v = dim if (head_dim is not None or rng.random() < 0.6) else int(rng.integers(1, max_dim + 1))
+    return VarlenShape(seqlens_q, seqlens_k, heads_kv * group, heads_kv, dim, dim_v)

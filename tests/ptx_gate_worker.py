@@ -1,4 +1,4 @@
-"""Compile every shipped tensor-core specialization for a real GPU target without a
+"""Compile every shipped tensor-core specialization (dense and varlen) for a real GPU target without a
 GPU, link it with nvJitLink (ptxas -v) and print one JSON line per kernel with its
 resources. Run by tests/test_ptx_gate.py in a subprocess with the simulator off."""
 
@@ -32,14 +32,16 @@ def ptxas_report(ptx: str, arch: str) -> str:
 def main():
     targets = {"sm_80": (8, 0), "sm_90a": (9, 0, "a")}
     u16 = types.Array(types.uint16, 4, "A")
-    sig = (u16, u16, u16, u16, types.Array(types.float32, 3, "A"), types.float32, types.int64)
+    seqlens = types.Array(types.int32, 1, "A")  # cu_seqlens_q, cu_seqlens_k (read by varlen kernels)
+    sig = (u16, u16, u16, u16, types.Array(types.float32, 3, "A"), types.float32, types.int64, seqlens, seqlens)
     for arch in sys.argv[1:] or targets:
         for head_dim in sorted(tuning.MMA_TILES):
             for dtype in ("fp16", "bf16"):
-                for causal in (False, True):
+                for causal, varlen in ((False, False), (True, False), (False, True), (True, True)):
                     tiles = tuning.mma_tiles(head_dim, False, targets[arch], causal)
                     bm, bn, threads, stages, q_regs = tiles
-                    spec = ForwardSpec("mma", dtype, head_dim, head_dim, causal, True, bm, bn, threads, stages, q_regs)
+                    spec = ForwardSpec("mma", dtype, head_dim, head_dim, causal, True, bm, bn, threads, stages, q_regs,
+                                       varlen=varlen)
                     kernel = forward_mma.build(spec)
                     fastmath = kernel.targetoptions.get("fastmath", False)
                     ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=targets[arch], fastmath=fastmath)

@@ -302,29 +302,39 @@ def _forward(problem: _Problem, views, out_op, causal, scale, return_lse, stream
 
 
 _dummy_lse = {}
+_dummy_seqlens = {}
+
+
+def _dummy(problem, views, cache, shape, dtype):
+    """A small array a kernel is passed but never touches (one per device, kept)."""
+    if not problem.on_device:
+        return np.zeros(shape, dtype)
+    dev = arrays.device_id(views[0])
+    found = cache.get(dev)
+    if found is None:
+        import cupy
+
+        with cupy.cuda.Device(dev):
+            found = cache.setdefault(dev, cupy.zeros(shape, dtype))
+    return found
 
 
 def forward_launch_args(problem: _Problem, spec: ForwardSpec, views, out_view, lse, scale):
     """(kernel, grid, kernel arguments, dynamic shared bytes) of one forward launch;
     ``lse`` is the caller-visible lse array or None (the kernel then gets a dummy it
-    never writes)."""
+    never writes). The kernels' cu_seqlens arguments (read only by varlen
+    specializations, see api_varlen) get a dummy too."""
     if lse is not None:
         lse_view = lse[None] if problem.squeeze else lse
-    elif problem.on_device:
-        dev = arrays.device_id(views[0])
-        lse_view = _dummy_lse.get(dev)
-        if lse_view is None:
-            import cupy
-
-            with cupy.cuda.Device(dev):
-                lse_view = _dummy_lse.setdefault(dev, cupy.empty((1, 1, 1), np.float32))
     else:
-        lse_view = np.empty((1, 1, 1), np.float32)
+        lse_view = _dummy(problem, views, _dummy_lse, (1, 1, 1), np.float32)
+    no_seqlens = launch.numba_view(_dummy(problem, views, _dummy_seqlens, (1,), np.int32))
     acc_type = np.float64 if problem.dtype == arrays.FLOAT64 else np.float32
     kernel = launch.compiled(spec)
     grid = (-(-problem.seqlen_q // spec.block_m), problem.heads_q, problem.batch)
     args = [launch.numba_view(arrays.kernel_view(a, spec.kernel == "mma")) for a in (*views, out_view)]
     args += [launch.numba_view(lse_view), acc_type(scale), problem.heads_q // problem.heads_kv]
+    args += [no_seqlens, no_seqlens]
     return kernel, grid, args, launch.shared_bytes(spec)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from . import arrays, device, launch, tuning
 from .api import _bshd, _check_flag, _check_scale, _Problem, _rows_16_byte_aligned, _validate, choose_forward_spec
+from .api import _dummy, _dummy_seqlens
 from .spec import BackwardSpec
 
 
@@ -247,6 +248,8 @@ def _float64_lse(problem, views, causal, scale, out_view=None):
     grid = (-(-problem.seqlen_q // spec.block_m), problem.heads_q, problem.batch)
     args = [launch.numba_view(a) for a in (*views, out_view, lse)]
     args += [np.float64(scale), problem.heads_q // problem.heads_kv]
+    no_seqlens = launch.numba_view(_dummy(problem, views, _dummy_seqlens, (1,), np.int32))  # varlen-only args
+    args += [no_seqlens, no_seqlens]
     launch.launch(launch.compiled(spec), grid, spec.threads, args, launch.shared_bytes(spec))
     return lse
 

@@ -200,3 +200,22 @@ def attention_backward(do, q, k, v, *, causal=False, scale=None, layout="bshd"):
     if squeeze:
         grads = [g[0] for g in grads]
     return tuple(grads)
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None, return_lse=False):
+    """float64 reference of :func:`nbflash.attention_varlen`: :func:`attention` on each
+    packed sequence in turn.
+
+    Returns out (float64, (total_q, heads_q, head_dim_v)) and, with return_lse, lse
+    (float64, (heads_q, total_q); -inf for rows that see no key).
+    """
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    cu_q, cu_k = (np.asarray(c, dtype=np.int64) for c in (cu_seqlens_q, cu_seqlens_k))
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[2])
+    out = np.zeros((q.shape[0], q.shape[1], v.shape[2]))
+    lse = np.full((q.shape[1], q.shape[0]), -np.inf)
+    for b in range(len(cu_q) - 1):
+        qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        out[qs], lse[:, qs] = attention(q[qs], k[ks], v[ks], causal=causal, scale=scale, return_lse=True)
+    return (out, lse) if return_lse else out

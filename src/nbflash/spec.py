@@ -22,6 +22,8 @@ class ForwardSpec:
     stages: shared-memory K/V buffers (mma only; 1 for simt).
     q_in_registers: the Q fragments stay in registers for the whole kernel instead of
         being re-read from shared memory every key tile (mma only).
+    varlen: packed variable-length sequences (nbflash.attention_varlen): each CTA reads
+        its sequence's offsets and lengths from cu_seqlens arrays.
     """
 
     kernel: str
@@ -35,6 +37,7 @@ class ForwardSpec:
     threads: int
     stages: int = 1
     q_in_registers: bool = False
+    varlen: bool = False
 
     @property
     def module(self) -> str:
@@ -44,6 +47,7 @@ class ForwardSpec:
     @property
     def key(self) -> str:
         flags = ("-causal" if self.causal else "") + ("-lse" if self.with_lse else "")
+        flags += "-varlen" if self.varlen else ""
         stages = f"s{self.stages}" + ("qr" if self.q_in_registers else "") if self.kernel != "simt" else ""
         return (
             f"fwd_{self.kernel}-{self.dtype}-d{self.head_dim}-dv{self.head_dim_v}{flags}"

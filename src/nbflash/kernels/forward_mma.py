@@ -26,10 +26,11 @@ import math
 
 import numpy as np
 from numba import cuda
-from numba.cuda import float32, uint32
+from numba.cuda import float32, int32, uint32
 
 from ..spec import ForwardSpec
 from . import ptx
+from .varlen import sequence_span
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -48,8 +49,9 @@ def build(spec: ForwardSpec):
 
     Arguments as the portable kernel's, with q, k, v, out as uint16 views of the
     16-bit data: q (B, Nq, Hq, D), k (B, Nk, Hkv, D), v (B, Nk, Hkv, D), out
-    (B, Nq, Hq, D), lse (B, Hq, Nq) float32, scale (float32), group = Hq // Hkv.
-    Requires 16-byte aligned rows of q, k and v (checked by the caller).
+    (B, Nq, Hq, D), lse (B, Hq, Nq) float32, scale (float32), group = Hq // Hkv,
+    cu_seqlens_q, cu_seqlens_k int32 (ignored unless spec.varlen; packed layout as in
+    forward_simt.build). Requires 16-byte aligned rows of q, k and v (checked by the caller).
     """
     assert spec.kernel == "mma" and spec.dtype in ("fp16", "bf16")
     assert spec.head_dim == spec.head_dim_v and spec.head_dim in HEAD_DIMS
@@ -74,25 +76,26 @@ def build(spec: ForwardSpec):
     Q_REGS = M_TILES * K_STEPS * 4
     ROWS = 2 * M_TILES
     Q_IN_REGS = spec.q_in_registers
-    CAUSAL, WITH_LSE = spec.causal, spec.with_lse
+    CAUSAL, WITH_LSE, VARLEN = spec.causal, spec.with_lse, spec.varlen
     NEG_INF = -math.inf
 
     @cuda.jit(device=True, inline=True)
-    def issue_chunk(src, smem, base, r, c, b, h, n0, seqlen):
-        """cp.async 16-byte chunk c of row n0 + r of src[b, :, h, :] to row r of the
-        shared tile at base (zero-filled past seqlen)."""
+    def issue_chunk(src, smem, base, r, c, b, h, start, n0, seqlen):
+        """cp.async 16-byte chunk c of row start + n0 + r of src[b, :, h, :] to row r
+        of the shared tile at base. Rows past seqlen are zero-filled and their source
+        clamped to the sequence's last row: never the next packed sequence's rows."""
         j = np.int32(n0 + r)
         nbytes = np.int32(16) if j < seqlen else np.int32(0)
         j = min(j, np.int32(seqlen - 1))
         ptx.cp_async_16(
             ptx.shared_address(smem, (base + r * np.int32(ROW_WORDS) + c * np.int32(4),)),
-            ptx.global_address(src, (b, j, h, c * np.int32(8))),
+            ptx.global_address(src, (b, start + j, h, c * np.int32(8))),
             nbytes,
         )
 
     @cuda.jit(device=True, inline=True)
-    def issue_rows(src, smem, base, rows, b, h, n0, seqlen, tid):
-        """cp.async ``rows`` x D of src[b, n0:, h, :] to smem[base:] (rows past seqlen
+    def issue_rows(src, smem, base, rows, b, h, start, n0, seqlen, tid):
+        """cp.async ``rows`` x D of src[b, start + n0:, h, :] to smem[base:] (rows past seqlen
         are zero-filled). ``rows`` is a compile-time constant (BM or BN), so the trip
         counts are fixed and the loops unroll; when the threads tile a row evenly each
         thread keeps one chunk column, which keeps the hoisted addresses (registers)
@@ -103,14 +106,14 @@ def build(spec: ForwardSpec):
             for it in range((rows + RSTEP - 1) // RSTEP):
                 r = r0 + np.int32(it * RSTEP)
                 if rows % RSTEP == 0 or r < rows:
-                    issue_chunk(src, smem, base, r, c, b, h, n0, seqlen)
+                    issue_chunk(src, smem, base, r, c, b, h, start, n0, seqlen)
         else:
             total = rows * CHUNKS
             for it in range((total + T - 1) // T):
                 e = np.int32(tid + it * T)
                 if total % T == 0 or e < total:
                     r = e // np.int32(CHUNKS)
-                    issue_chunk(src, smem, base, r, e - r * np.int32(CHUNKS), b, h, n0, seqlen)
+                    issue_chunk(src, smem, base, r, e - r * np.int32(CHUNKS), b, h, start, n0, seqlen)
 
     @cuda.jit(device=True, inline=True)
     def q_fragments(smem, warp_row, kk, lane):
@@ -119,7 +122,7 @@ def build(spec: ForwardSpec):
         row = warp_row + (mat % 2) * 8 + lane % 8
         return ptx.ldmatrix_x4(ptx.shared_address(smem, (row * ROW_WORDS + kk * 8 + (mat // 2) * 4,)))
 
-    def forward_mma(q, k, v, out, lse, scale, group):
+    def forward_mma(q, k, v, out, lse, scale, group, cu_seqlens_q, cu_seqlens_k):
         tid = cuda.threadIdx.x
         lane = tid % 32
         warp = tid // 32
@@ -131,10 +134,17 @@ def build(spec: ForwardSpec):
             m_block = cuda.gridDim.x - 1 - m_block
         row0 = np.int32(m_block * BM)
         h = cuda.blockIdx.y
-        b = cuda.blockIdx.z
         hk = h // group
-        seqlen_q = np.int32(q.shape[1])  # 32-bit row and key arithmetic: fewer registers
-        seqlen_k = np.int32(k.shape[1])
+        if VARLEN:  # one packed sequence per blockIdx.z; rows are offset by its start
+            b = 0
+            q_start, seqlen_q = sequence_span(cu_seqlens_q, cuda.blockIdx.z, q.shape[1])
+            k_start, seqlen_k = sequence_span(cu_seqlens_k, cuda.blockIdx.z, k.shape[1])
+        else:
+            b = cuda.blockIdx.z
+            q_start = np.int32(0)
+            k_start = np.int32(0)
+            seqlen_q = np.int32(q.shape[1])  # 32-bit row and key arithmetic: fewer registers
+            seqlen_k = np.int32(k.shape[1])
         warp_row = warp * 16 * M_TILES  # first row of this warp within the CTA tile
         scale_log2 = float32(scale * LOG2E)
 
@@ -144,11 +154,31 @@ def build(spec: ForwardSpec):
         if CAUSAL:
             key_end = max(np.int32(0), min(seqlen_k, row0 + np.int32(BM) + seqlen_k - seqlen_q))
         n_tiles = (key_end + np.int32(BN - 1)) // np.int32(BN)
+        q_rows = True
+        if VARLEN:  # the grid covers the longest sequence: this tile may start past ours
+            q_rows = row0 < seqlen_q
+            if not q_rows:  # (an early return here costs the d128 kernel spills)
+                n_tiles = np.int32(0)
+        loop_tiles = n_tiles
+        if VARLEN:
+            # The span lives in shared memory and is re-read where it is used: held in
+            # registers across the key loop it pushed d96 and d128 into spills. The loop
+            # runs to a bound from the kernel arguments and breaks at the sequence's end.
+            span = cuda.shared.array(5, int32)
+            if tid == 0:
+                span[0] = q_start
+                span[1] = seqlen_q
+                span[2] = k_start
+                span[3] = seqlen_k
+                span[4] = n_tiles
+            cuda.syncthreads()
+            loop_tiles = (np.int32(k.shape[1]) + np.int32(BN - 1)) // np.int32(BN)
 
-        issue_rows(q, smem, 0, BM, b, h, row0, seqlen_q, tid)
+        if q_rows:
+            issue_rows(q, smem, 0, BM, b, h, q_start, row0, seqlen_q, tid)
         if n_tiles > 0:
-            issue_rows(k, smem, K_OFF, BN, b, hk, 0, seqlen_k, tid)
-            issue_rows(v, smem, V_OFF, BN, b, hk, 0, seqlen_k, tid)
+            issue_rows(k, smem, K_OFF, BN, b, hk, k_start, 0, seqlen_k, tid)
+            issue_rows(v, smem, V_OFF, BN, b, hk, k_start, 0, seqlen_k, tid)
         ptx.cp_async_commit()
 
         q_frag = cuda.local.array(Q_REGS, uint32)
@@ -170,15 +200,23 @@ def build(spec: ForwardSpec):
             m_i[r] = NEG_INF
             l_i[r] = 0
 
-        for it in range(n_tiles):
+        for it in range(loop_tiles):
+            if VARLEN:
+                if it >= span[4]:
+                    break
             stage = it % 2
             n0 = np.int32(it * BN)
             k_base = K_OFF + stage * BN * ROW_WORDS
             v_base = V_OFF + stage * BN * ROW_WORDS
-            if it + 1 < n_tiles:
+            more = it + 1 < n_tiles
+            if VARLEN:
+                k_start = span[2]
+                seqlen_k = span[3]
+                more = it + 1 < span[4]
+            if more:
                 nxt = (1 - stage) * BN * ROW_WORDS
-                issue_rows(k, smem, K_OFF + nxt, BN, b, hk, n0 + BN, seqlen_k, tid)
-                issue_rows(v, smem, V_OFF + nxt, BN, b, hk, n0 + BN, seqlen_k, tid)
+                issue_rows(k, smem, K_OFF + nxt, BN, b, hk, k_start, n0 + BN, seqlen_k, tid)
+                issue_rows(v, smem, V_OFF + nxt, BN, b, hk, k_start, n0 + BN, seqlen_k, tid)
             ptx.cp_async_commit()
             ptx.cp_async_wait_group(1)  # this tile's group (and Q) has landed
             cuda.syncthreads()
@@ -205,6 +243,9 @@ def build(spec: ForwardSpec):
                             s[j], s[j + 1], s[j + 2], s[j + 3] = mma(
                                 a0, a1, a2, a3, lo, hi, s[j], s[j + 1], s[j + 2], s[j + 3])
 
+            if VARLEN:
+                seqlen_q = span[1]
+                seqlen_k = span[3]
             # mask only tiles that cross seqlen_k or the causal diagonal
             needs_mask = n0 + BN > seqlen_k
             if CAUSAL:
@@ -271,6 +312,9 @@ def build(spec: ForwardSpec):
             cuda.syncthreads()  # everyone is done with this stage before it is refilled
 
         ptx.cp_async_wait_group(0)
+        if VARLEN:
+            q_start = span[0]
+            seqlen_q = span[1]
         for m in range(M_TILES):
             for half in range(2):
                 row = 2 * m + half
@@ -286,12 +330,12 @@ def build(spec: ForwardSpec):
                         j = (m * D_BLOCKS + db) * 4 + 2 * half
                         word = pack(acc[j] * inv, acc[j + 1] * inv)
                         col = db * 8 + 2 * t
-                        out[b, i, h, col] = np.uint16(word & 0xFFFF)
-                        out[b, i, h, col + 1] = np.uint16(word >> 16)
+                        out[b, q_start + i, h, col] = np.uint16(word & 0xFFFF)
+                        out[b, q_start + i, h, col + 1] = np.uint16(word >> 16)
                     if WITH_LSE and t == 0:
                         if l_sum > 0:
-                            lse[b, h, i] = m_i[row] * LN2 + math.log(l_sum)
+                            lse[b, h, q_start + i] = m_i[row] * LN2 + math.log(l_sum)
                         else:
-                            lse[b, h, i] = NEG_INF
+                            lse[b, h, q_start + i] = NEG_INF
 
     return cuda.jit(forward_mma, fastmath={"contract"})

@@ -17,6 +17,7 @@ from numba import cuda, float32, float64
 from ..spec import ForwardSpec
 from .convert import bf16_bits_to_f32, f32_to_bf16_bits
 from .softmax import finish_row, is_visible, last_visible_key_end, log_sum_exp, rescale
+from .varlen import sequence_span
 
 
 def _converters(dtype: str):
@@ -50,7 +51,12 @@ def build(spec: ForwardSpec):
     heads_q, batch) and spec.threads threads.
 
     Arguments: q (B, Nq, Hq, D), k (B, Nk, Hkv, D), v (B, Nk, Hkv, Dv), out (B, Nq, Hq, Dv),
-    lse (B, Hq, Nq) float32 (ignored unless spec.with_lse), scale, group = Hq // Hkv.
+    lse (B, Hq, Nq) float32 (ignored unless spec.with_lse), scale, group = Hq // Hkv,
+    cu_seqlens_q, cu_seqlens_k: int32 (ignored unless spec.varlen).
+
+    With spec.varlen the batch is packed: q, k, v, out are (1, total, heads, dim) views,
+    lse (1, Hq, total_q), the grid is (cdiv(max_seqlen_q, block_m), heads_q, batch) and
+    blockIdx.z names the sequence, whose rows cu_seqlens[b]:cu_seqlens[b + 1] it owns.
     """
     assert spec.kernel == "simt"
     load, store, acc_t = _converters(spec.dtype)
@@ -58,29 +64,38 @@ def build(spec: ForwardSpec):
     D, DV = spec.head_dim, spec.head_dim_v
     KV_W = max(D, DV) + 1  # padded row: column c of consecutive rows hits different banks
     ACC_PER_THREAD = (BM * DV + T - 1) // T
-    CAUSAL, WITH_LSE = spec.causal, spec.with_lse
+    CAUSAL, WITH_LSE, VARLEN = spec.causal, spec.with_lse, spec.varlen
     NEG_INF = -math.inf
 
     @cuda.jit(device=True, inline=True)
-    def load_tile(src, b, hk, n0, seqlen_k, width, kv_s, tid):
+    def load_tile(src, b, hk, k_start, n0, seqlen_k, width, kv_s, tid):
         for e in range(tid, BN * width, T):
             r = e // width
             c = e - r * width
             j = n0 + r
             if j < seqlen_k:
-                kv_s[r, c] = load(src[b, j, hk, c])
+                kv_s[r, c] = load(src[b, k_start + j, hk, c])
             else:
                 kv_s[r, c] = 0
 
     @cuda.jit
-    def forward_simt(q, k, v, out, lse, scale, group):
+    def forward_simt(q, k, v, out, lse, scale, group, cu_seqlens_q, cu_seqlens_k):
         tid = cuda.threadIdx.x
         row0 = cuda.blockIdx.x * BM
         h = cuda.blockIdx.y
-        b = cuda.blockIdx.z
         hk = h // group
-        seqlen_q = q.shape[1]
-        seqlen_k = k.shape[1]
+        if VARLEN:  # one packed sequence per blockIdx.z; rows are offset by its start
+            b = 0
+            q_start, seqlen_q = sequence_span(cu_seqlens_q, cuda.blockIdx.z, q.shape[1])
+            k_start, seqlen_k = sequence_span(cu_seqlens_k, cuda.blockIdx.z, k.shape[1])
+            if row0 >= seqlen_q:
+                return
+        else:
+            b = cuda.blockIdx.z
+            q_start = 0
+            k_start = 0
+            seqlen_q = q.shape[1]
+            seqlen_k = k.shape[1]
 
         q_s = cuda.shared.array((BM, D), acc_t)
         kv_s = cuda.shared.array((BN, KV_W), acc_t)
@@ -93,7 +108,7 @@ def build(spec: ForwardSpec):
             r = e // D
             c = e - r * D
             if row0 + r < seqlen_q:
-                q_s[r, c] = load(q[b, row0 + r, h, c])
+                q_s[r, c] = load(q[b, q_start + row0 + r, h, c])
             else:
                 q_s[r, c] = 0
         if tid < BM:
@@ -106,7 +121,7 @@ def build(spec: ForwardSpec):
         key_end = last_visible_key_end(row0 + BM, seqlen_q, seqlen_k, CAUSAL)
         for n0 in range(0, key_end, BN):
             cuda.syncthreads()  # the previous V tile and P are consumed
-            load_tile(k, b, hk, n0, seqlen_k, D, kv_s, tid)
+            load_tile(k, b, hk, k_start, n0, seqlen_k, D, kv_s, tid)
             cuda.syncthreads()
             # S = scale * Q K^T, masked to -inf where a key is not visible
             for e in range(tid, BM * BN, T):
@@ -138,7 +153,7 @@ def build(spec: ForwardSpec):
                 l_s[tid] = l_s[tid] * alpha + row_sum
                 alpha_s[tid] = alpha
             cuda.syncthreads()
-            load_tile(v, b, hk, n0, seqlen_k, DV, kv_s, tid)
+            load_tile(v, b, hk, k_start, n0, seqlen_k, DV, kv_s, tid)
             cuda.syncthreads()
             # acc = alpha * acc + P V
             for t in range(ACC_PER_THREAD):
@@ -158,9 +173,9 @@ def build(spec: ForwardSpec):
                 r = e // DV
                 c = e - r * DV
                 if row0 + r < seqlen_q:
-                    out[b, row0 + r, h, c] = store(finish_row(acc[t], l_s[r]))
+                    out[b, q_start + row0 + r, h, c] = store(finish_row(acc[t], l_s[r]))
         if WITH_LSE:
             if tid < BM and row0 + tid < seqlen_q:
-                lse[b, h, row0 + tid] = log_sum_exp(m_s[tid], l_s[tid])
+                lse[b, h, q_start + row0 + tid] = log_sum_exp(m_s[tid], l_s[tid])
 
     return forward_simt

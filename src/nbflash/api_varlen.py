@@ -1,0 +1,230 @@
+"""attention_varlen: packed variable-length batches, FlashAttention's varlen conventions.
+
+Validation first (nothing launched or written before every check has passed), then
+the forward kernels built with spec.varlen: one CTA per (query tile, head, sequence),
+reading its sequence's offsets from cu_seqlens, with no padding in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+import numpy as np
+
+from . import api, arrays, device, launch
+from .spec import ForwardSpec
+
+_INT32 = np.dtype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Seqlens:
+    """cu_seqlens_q / cu_seqlens_k after validation."""
+
+    q: object  # the arrays as given (NumPy or CuPy)
+    k: object
+    batch: int
+    max_seqlen_q: int  # sizes the grid: the longest query length, or the caller's bound
+
+
+def _validate_3d(ops):
+    shapes = {"q": "(total_q, heads_q, head_dim)", "k": "(total_k, heads_kv, head_dim)",
+              "v": "(total_k, heads_kv, head_dim_v)"}
+    for (name, expected), op in zip(shapes.items(), ops):
+        if op.array.ndim != 3:
+            raise ValueError(f"{name}: expected 3 dims {expected}; got shape {op.array.shape}")
+    return api._validate(*ops, "bshd")  # 3-D: batch 1, seqlen = total
+
+
+def _check_max_seqlen(value, name):
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected a non-negative int or None; got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name}: expected a non-negative int; got {value}")
+    return int(value)
+
+
+def _intake_seqlens(x, name, problem, q_array):
+    op = arrays.intake(x, name)
+    a = op.array
+    if a.dtype != _INT32:
+        raise TypeError(f"{name}: expected dtype int32; got {a.dtype}")
+    if a.ndim != 1:
+        raise ValueError(f"{name}: expected 1 dim (batch + 1,); got shape {a.shape}")
+    if a.shape[0] == 0:
+        raise ValueError(f"{name}: expected batch + 1 >= 1 entries; got an empty array")
+    if op.on_device and problem.on_device and arrays.device_id(a) != arrays.device_id(q_array):
+        raise ValueError(f"{name}: on device {arrays.device_id(a)}, q on device {arrays.device_id(q_array)}")
+    return op
+
+
+def _check_prefix_sums(values, name, total, total_name):
+    """cu_seqlens must be prefix sums of non-negative lengths: 0, ..., total."""
+    if values[0] != 0:
+        raise ValueError(f"{name}: expected to start at 0; got {int(values[0])}")
+    steps = np.diff(values.astype(np.int64))
+    if steps.size and steps.min() < 0:
+        i = int(np.argmax(steps < 0))
+        raise ValueError(
+            f"{name}: expected non-decreasing values; got {int(values[i + 1])} after "
+            f"{int(values[i])} at index {i + 1}"
+        )
+    if values[-1] != total:
+        raise ValueError(f"{name}: expected to end at {total_name} = {total}; got {int(values[-1])}")
+    return int(steps.max()) if steps.size else 0
+
+
+def _validate_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, problem, q_array):
+    cu_q = _intake_seqlens(cu_seqlens_q, "cu_seqlens_q", problem, q_array)
+    cu_k = _intake_seqlens(cu_seqlens_k, "cu_seqlens_k", problem, q_array)
+    if cu_q.array.shape != cu_k.array.shape:
+        raise ValueError(
+            f"cu_seqlens_q, cu_seqlens_k: expected the same length (batch + 1); got "
+            f"{cu_q.array.shape[0]} and {cu_k.array.shape[0]}"
+        )
+    batch = cu_q.array.shape[0] - 1
+    if batch > api._MAX_GRID_YZ:
+        raise ValueError(f"cu_seqlens_q: batch {batch} exceeds the supported {api._MAX_GRID_YZ}")
+    max_seqlen_q = _check_max_seqlen(max_seqlen_q, "max_seqlen_q")
+    max_seqlen_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k")
+    trusted = cu_q.on_device and cu_k.on_device and max_seqlen_q is not None
+    if trusted:  # no host copy: the values are the caller's promise (see the docstring)
+        return _Seqlens(cu_q.array, cu_k.array, batch, max_seqlen_q)
+    # host values: free for NumPy arrays, one small device->host copy (a sync) otherwise
+    host_q, host_k = (op.array.get() if op.on_device else op.array for op in (cu_q, cu_k))
+    longest_q = _check_prefix_sums(host_q, "cu_seqlens_q", problem.seqlen_q, "total_q (q.shape[0])")
+    longest_k = _check_prefix_sums(host_k, "cu_seqlens_k", problem.seqlen_k, "total_k (k.shape[0])")
+    for name, given, longest in (("max_seqlen_q", max_seqlen_q, longest_q), ("max_seqlen_k", max_seqlen_k, longest_k)):
+        if given is not None and given < longest:
+            raise ValueError(f"{name}: {given} is smaller than the longest sequence in cu_seqlens ({longest})")
+    return _Seqlens(cu_q.array, cu_k.array, batch, longest_q)
+
+
+def _varlen_spec(problem, causal, return_lse, views) -> ForwardSpec:
+    return dataclasses.replace(api.choose_forward_spec(problem, causal, return_lse, views), varlen=True)
+
+
+def forward_spec_varlen(q, k, v, *, causal=False, return_lse=False) -> ForwardSpec:
+    """The kernel specialization :func:`attention_varlen` would run for q, k, v (same
+    shapes and argument meanings); its ``key`` ends in "-varlen" and names it in logs
+    and benchmark rows. The choice does not depend on cu_seqlens."""
+    ops = [arrays.intake(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
+    problem, views = _validate_3d(ops)
+    return _varlen_spec(problem, api._check_flag(causal, "causal"), api._check_flag(return_lse, "return_lse"), views)
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None,
+                     causal=False, scale=None, return_lse=False, out=None, stream=None):
+    """Exact softmax attention over a batch of packed sequences of different lengths.
+
+    Sequence b owns queries cu_seqlens_q[b]:cu_seqlens_q[b + 1] and keys
+    cu_seqlens_k[b]:cu_seqlens_k[b + 1]; it attends only to its own keys. No padding:
+    the sequences lie one after another along the first axis.
+
+    Args:
+        q: (total_q, heads_q, head_dim), float16, bfloat16 (ml_dtypes.bfloat16),
+            float32 or float64.
+        k: (total_k, heads_kv, head_dim), q's dtype; heads_q a multiple of heads_kv (MQA/GQA).
+        v: (total_k, heads_kv, head_dim_v), q's dtype; head_dim, head_dim_v in 1..256.
+        cu_seqlens_q: int32 (batch + 1,), prefix sums of the query lengths: starts at 0,
+            non-decreasing, ends at total_q. NumPy or device array.
+        cu_seqlens_k: int32 (batch + 1,), the same for keys, ending at total_k.
+            Sequences may be empty: a sequence without queries produces nothing, one
+            without keys gets output 0 and lse -inf.
+        max_seqlen_q: int or None, an upper bound on the query lengths. Given with
+            device cu_seqlens it sizes the grid (cdiv(max_seqlen_q, block_m) CTAs per
+            head and sequence; a loose bound only adds CTAs that exit at once); when the
+            lengths are read on the host it is checked and the true longest is used.
+        max_seqlen_k: int or None, an upper bound on the key lengths; checked when the
+            lengths are known on the host, otherwise unused (the kernels read each
+            sequence's key length from cu_seqlens_k).
+        causal: hide key j of a sequence from its query i when j > i + seqlen_k - seqlen_q
+            (bottom-right aligned per sequence, as FlashAttention >= 2.1).
+        scale: factor on q k^T; default 1/sqrt(head_dim). Positive and finite.
+        return_lse: also return the log-sum-exp of the scaled, masked scores.
+        out: optional (total_q, heads_q, head_dim_v) array of q's dtype to write into.
+        stream: where the kernel runs, as for :func:`nbflash.attention` (default CuPy's
+            current stream).
+
+    What is checked on the host: shapes, dtypes, strides, devices and flags always.
+    The values of cu_seqlens (start at 0, non-decreasing, end at total) and that
+    max_seqlen_* bound the lengths are checked whenever the values are on the host:
+    always for NumPy cu_seqlens, and for device cu_seqlens when max_seqlen_q is None,
+    at the price of one device->host copy of the two arrays (it synchronizes with
+    the stream). With device cu_seqlens and max_seqlen_q given nothing is
+    copied and the values are trusted, as in FlashAttention: malformed cu_seqlens give
+    wrong results (never reads or writes outside q, k, v, out and lse: the kernels
+    clamp every sequence to the tensors), and query rows of a sequence beyond
+    max_seqlen_q are left unwritten.
+
+    Arrays are CuPy arrays, objects exposing ``__cuda_array_interface__`` or
+    ``__dlpack__`` (read in place), or NumPy arrays (moved to the GPU and back; on a
+    machine without a GPU they run on Numba's CUDA simulator, slowly).
+
+    Returns:
+        out: (total_q, heads_q, head_dim_v), q's dtype; CuPy for device inputs, NumPy
+            for NumPy inputs.
+        lse (with return_lse): float32 (heads_q, total_q), natural log; -inf for rows
+            that see no key (FlashAttention's varlen layout).
+
+    Accumulation is float32 for 16-bit and float32 inputs, float64 for float64.
+    Computed on the stream, without synchronizing (except the host copy above).
+    """
+    stream_ptr = launch.stream_handle(stream) if stream is not None else None
+    ops = [arrays.intake(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
+    problem, views = _validate_3d(ops)
+    causal = api._check_flag(causal, "causal")
+    return_lse = api._check_flag(return_lse, "return_lse")
+    scale = api._check_scale(scale, problem.head_dim)
+    with api._on_stream(stream_ptr):  # the host copy of cu_seqlens, if any, waits on the stream
+        seqlens = _validate_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, problem, ops[0].array)
+    out_op = api._check_out(out, problem, [op.array for op in ops]) if out is not None else None
+
+    if problem.on_device or device.SIMULATOR:
+        out, lse = _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, stream_ptr)
+    else:  # NumPy inputs with a GPU present: there and back
+        out, lse = _forward_varlen_via_gpu(ops, out_op, seqlens, causal, scale, return_lse, stream_ptr)
+    return (out, lse) if return_lse else out
+
+
+def _forward_varlen_via_gpu(ops, out_op, seqlens, causal, scale, return_lse, stream_ptr):
+    import cupy
+
+    with api._on_stream(stream_ptr):
+        dev_ops = [arrays.Operand(cupy.asarray(op.array), True) for op in ops]
+        problem, views = _validate_3d(dev_ops)
+        cu_q, cu_k = (cupy.asarray(a) for a in (seqlens.q, seqlens.k))
+        dev_seqlens = dataclasses.replace(seqlens, q=cu_q, k=cu_k)
+        out_dev, lse_dev = _forward_varlen(problem, views, None, dev_seqlens, causal, scale, return_lse, stream_ptr)
+        out_host = out_op[0].array if out_op is not None else np.empty(problem.out_shape(), problem.dtype)
+        out_host[...] = out_dev.get()
+        return out_host, (lse_dev.get() if lse_dev is not None else None)
+
+
+def _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, stream_ptr=None):
+    """Allocate what the caller did not give, pick the kernel, launch one CTA per
+    (query tile, query head, sequence)."""
+    with api._on_stream(stream_ptr):  # CuPy's pool reuses memory per stream: allocate on ours
+        out = out_op[0].array if out_op is not None else api._empty(problem, problem.out_shape(), problem.dtype)
+        lse = api._empty(problem, (problem.heads_q, problem.seqlen_q), np.float32) if return_lse else None
+    if problem.seqlen_q == 0 or problem.heads_q == 0 or seqlens.batch == 0 or seqlens.max_seqlen_q == 0:
+        return out, lse
+    spec = _varlen_spec(problem, causal, return_lse, views)
+    cu_q, cu_k = seqlens.q, seqlens.k
+    if problem.on_device:  # NumPy cu_seqlens with device q: upload (a no-op for CuPy ones)
+        import cupy
+
+        with api._on_stream(stream_ptr):
+            cu_q, cu_k = cupy.asarray(cu_q), cupy.asarray(cu_k)
+    lse_view = lse[None] if return_lse else api._dummy(problem, views, api._dummy_lse, (1, 1, 1), np.float32)
+    acc_type = np.float64 if problem.dtype == arrays.FLOAT64 else np.float32
+    kernel = launch.compiled(spec)
+    grid = (-(-seqlens.max_seqlen_q // spec.block_m), problem.heads_q, seqlens.batch)
+    args = [launch.numba_view(arrays.kernel_view(a, spec.kernel == "mma")) for a in (*views, out[None])]
+    args += [launch.numba_view(lse_view), acc_type(scale), problem.heads_q // problem.heads_kv]
+    args += [launch.numba_view(cu_q), launch.numba_view(cu_k)]
+    launch.launch(kernel, grid, spec.threads, args, launch.shared_bytes(spec), stream_ptr)
+    return out, lse

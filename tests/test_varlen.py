@@ -1,0 +1,334 @@
+"""nbflash.attention_varlen against the float64 oracle on random packed batches, and
+every refusal (error type, message naming the argument, buffers left as they were)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import nbflash
+from helpers import (
+    DTYPES, SIMULATOR, assert_close, assert_lse_close, draw_varlen, new_rng, poisoned,
+    random_array, to_device, to_host, VarlenShape,
+)
+from nbflash import tuning
+
+HALF_DTYPES = DTYPES[:2]
+SHIPPED = sorted(tuning.MMA_TILES)
+SIM_HEAD_DIM = 32  # the cheapest shipped tensor-core head_dim to emulate
+
+
+def run_and_check(shape: VarlenShape, dtype, *, causal, rng, seed, kernel=None, max_seqlens=False,
+                  slack=0, device_seqlens=False, values=None):
+    """Run attention_varlen into a NaN-poisoned out and compare out and lse with the
+    oracle. ``kernel`` pins the expected backend; ``max_seqlens`` passes the maxima
+    (plus ``slack``); ``device_seqlens`` passes cu_seqlens as device arrays."""
+    q, k, v = values if values is not None else (random_array(rng, s, dtype) for s in shape.qkv_shapes())
+    dq, dk, dv = (to_device(a) for a in (q, k, v))
+    cu_q, cu_k = shape.cu_seqlens()
+    spec = nbflash.forward_spec_varlen(dq, dk, dv, causal=causal, return_lse=True)
+    assert spec.varlen and "-varlen" in spec.key
+    if kernel is not None:
+        assert spec.kernel == kernel, f"expected the {kernel} kernel, got {spec.key}"
+    ref, ref_lse = nbflash.reference.attention_varlen(q, k, v, cu_q, cu_k, causal=causal, return_lse=True)
+    kwargs = {}
+    if max_seqlens:
+        kwargs = dict(max_seqlen_q=max(shape.seqlens_q, default=0) + slack,
+                      max_seqlen_k=max(shape.seqlens_k, default=0) + slack)
+    if device_seqlens:
+        cu_q, cu_k = to_device(cu_q), to_device(cu_k)
+    out = poisoned(ref.shape, dtype)
+    got, lse = nbflash.attention_varlen(dq, dk, dv, cu_q, cu_k, causal=causal, return_lse=True, out=out, **kwargs)
+    assert got is out
+    assert lse.dtype == np.float32 and lse.shape == (shape.heads_q, sum(shape.seqlens_q))
+    assert_close(got, ref, dtype, seed=seed)
+    assert_lse_close(lse, ref_lse, seed=seed)
+    return got, lse
+
+
+# --- the portable kernel, every dtype -------------------------------------------------
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_random_batches_match_oracle(dtype, causal):
+    rng, seed = new_rng()
+    shape = draw_varlen(rng)
+    run_and_check(shape, dtype, causal=causal, rng=rng, seed=seed, kernel="simt")
+
+
+@pytest.mark.parametrize("group", [2, 4])
+def test_gqa_batches_match_oracle(group):
+    rng, seed = new_rng()
+    shape = draw_varlen(rng, group=group)
+    run_and_check(shape, np.dtype(np.float32), causal=bool(rng.integers(2)), rng=rng, seed=seed, max_seqlens=True)
+
+
+def test_sequences_without_queries_or_keys():
+    """No keys: out 0 and lse -inf; no queries: nothing; causal with seqlen_q > seqlen_k:
+    the first rows see nothing."""
+    rng, seed = new_rng()
+    shape = VarlenShape([3, 0, 1, 9, 0], [0, 5, 1, 4, 0], heads_q=2, heads_kv=1, head_dim=5, head_dim_v=7)
+    got, lse = run_and_check(shape, np.dtype(np.float32), causal=True, rng=rng, seed=seed)
+    got, lse = to_host(got), to_host(lse)
+    assert np.all(got[:3] == 0) and np.all(np.isneginf(lse[:, :3]))
+    assert np.all(got[4:9] == 0) and np.all(np.isneginf(lse[:, 4:9]))  # rows 0..4 of the 4th see no key
+    assert np.all(np.isfinite(lse[:, 9:]))
+
+
+def test_equal_lengths_match_dense_attention_bit_for_bit():
+    """Equal lengths packed = the dense batch: the same kernel arithmetic, only offsets differ."""
+    rng, _ = new_rng()
+    batch, nq, nk, hq, hkv, d = 3, int(rng.integers(1, 30)), int(rng.integers(1, 30)), 2, 1, 8
+    q = random_array(rng, (batch, nq, hq, d), np.float32)
+    k, v = (random_array(rng, (batch, nk, hkv, d), np.float32) for _ in range(2))
+    dense, dense_lse = nbflash.attention(*(to_device(a) for a in (q, k, v)), causal=True, return_lse=True)
+    cu_q = np.arange(batch + 1, dtype=np.int32) * nq
+    cu_k = np.arange(batch + 1, dtype=np.int32) * nk
+    packed = [to_device(a.reshape(-1, *a.shape[2:])) for a in (q, k, v)]
+    out, lse = nbflash.attention_varlen(*packed, cu_q, cu_k, causal=True, return_lse=True)
+    assert np.array_equal(to_host(out), to_host(dense).reshape(-1, hq, d))
+    assert np.array_equal(to_host(lse), to_host(dense_lse).transpose(1, 0, 2).reshape(hq, -1))
+
+
+def test_bounds_larger_than_needed_and_no_lse():
+    rng, seed = new_rng()
+    shape = draw_varlen(rng, batch=3)
+    q, k, v = (random_array(rng, s, np.float64) for s in shape.qkv_shapes())
+    cu_q, cu_k = shape.cu_seqlens()
+    out = nbflash.attention_varlen(*(to_device(a) for a in (q, k, v)), cu_q, cu_k,
+                                   max_seqlen_q=max(shape.seqlens_q) + 40, max_seqlen_k=1000, scale=0.3)
+    assert not isinstance(out, tuple) and out.dtype == np.float64
+    assert_close(out, nbflash.reference.attention_varlen(q, k, v, cu_q, cu_k, scale=0.3), np.float64, seed=seed)
+
+
+def test_empty_batches():
+    rng, _ = new_rng()
+    q, k, v = (to_device(random_array(rng, (0, 2, 4), np.float16)) for _ in range(3))
+    for cu in (np.zeros(1, np.int32), np.zeros(4, np.int32)):  # batch 0, and 3 empty sequences
+        out, lse = nbflash.attention_varlen(q, k, v, cu, cu, return_lse=True)
+        assert out.shape == (0, 2, 4) and lse.shape == (2, 0)
+    # keys but no queries anywhere
+    k, v = (to_device(random_array(rng, (5, 2, 4), np.float16)) for _ in range(2))
+    out = nbflash.attention_varlen(q, k, v, np.zeros(3, np.int32), np.array([0, 2, 5], np.int32))
+    assert out.shape == (0, 2, 4)
+
+
+@pytest.mark.parametrize("kernel", ["simt", "mma"])
+def test_neighbouring_sequences_never_leak(kernel):
+    """Key-only filler sequences full of NaN between the real ones: a read past a
+    sequence's end into softmax or P V would turn its rows NaN."""
+    rng, seed = new_rng()
+    dtype, dim = (np.dtype(np.float16), SIM_HEAD_DIM) if kernel == "mma" else (np.dtype(np.float32), 6)
+    real_q = [int(rng.integers(1, 20)), int(rng.integers(1, 20))]
+    real_k = [int(rng.integers(1, 20)), int(rng.integers(1, 20))]
+    shape = VarlenShape([0, real_q[0], 0, real_q[1], 0], [3, real_k[0], 5, real_k[1], 7], 1, 1, dim, dim)
+    q, k, v = (random_array(rng, s, dtype) for s in shape.qkv_shapes())
+    cu_q, cu_k = shape.cu_seqlens()
+    for b in (0, 2, 4):
+        k[cu_k[b]:cu_k[b + 1]] = np.nan
+        v[cu_k[b]:cu_k[b + 1]] = np.nan
+    run_and_check(shape, dtype, causal=bool(rng.integers(2)), rng=rng, seed=seed, kernel=kernel, values=(q, k, v))
+
+
+# --- the tensor-core kernel on the simulator (fp16/bf16, head_dim 32) ----------------
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_mma_kernel_random_batches_match_oracle(dtype, causal):
+    rng, seed = new_rng()
+    shape = draw_varlen(rng, batch=3, group=int(rng.choice([1, 2])), head_dim=SIM_HEAD_DIM)
+    shape.heads_kv, shape.heads_q = 1, shape.heads_q // shape.heads_kv
+    run_and_check(shape, dtype, causal=causal, rng=rng, seed=seed, kernel="mma")
+
+
+# --- the GPU tier: thousands of tokens -------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_large_random_batches_match_oracle(dtype, causal):
+    rng, seed = new_rng()
+    shape = draw_varlen(rng, large=True)
+    run_and_check(shape, dtype, causal=causal, rng=rng, seed=seed, device_seqlens=bool(rng.integers(2)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", SHIPPED)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_mma_kernel_large_batches_every_shipped_head_dim(dtype, causal, head_dim):
+    rng, seed = new_rng()
+    shape = draw_varlen(rng, large=True, head_dim=head_dim)
+    run_and_check(shape, dtype, causal=causal, rng=rng, seed=seed, kernel="mma")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("max_seqlens", [False, True], ids=["host-copy", "trusted"])
+def test_device_cu_seqlens(max_seqlens):
+    """Device cu_seqlens: copied and checked without max_seqlen_q, trusted with it (a
+    loose bound only adds CTAs that exit at once)."""
+    rng, seed = new_rng()
+    shape = draw_varlen(rng, large=True, head_dim=int(rng.choice(SHIPPED)))
+    run_and_check(shape, HALF_DTYPES[0], causal=True, rng=rng, seed=seed, max_seqlens=max_seqlens,
+                  slack=int(rng.integers(0, 300)), device_seqlens=True)
+
+
+@pytest.mark.skipif(SIMULATOR, reason="NumPy-in, NumPy-out through the GPU needs a GPU")
+@pytest.mark.gpu
+def test_numpy_inputs_round_trip_through_the_gpu():
+    rng, seed = new_rng()
+    shape = draw_varlen(rng, large=True)
+    q, k, v = (random_array(rng, s, np.float32) for s in shape.qkv_shapes())
+    cu_q, cu_k = shape.cu_seqlens()
+    out, lse = nbflash.attention_varlen(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
+    assert isinstance(out, np.ndarray) and isinstance(lse, np.ndarray)
+    ref, ref_lse = nbflash.reference.attention_varlen(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
+    assert_close(out, ref, np.float32, seed=seed)
+    assert_lse_close(lse, ref_lse, seed=seed)
+
+
+# --- refusals ----------------------------------------------------------------------
+
+TQ, TK, HQ, HKV, D = 9, 12, 4, 2, 8
+CU_Q = [0, 4, 4, 9]
+CU_K = [0, 5, 7, 12]
+
+
+def operands(dtype=np.float32, **shapes):
+    rng, _ = new_rng()
+    s = {"q": (TQ, HQ, D), "k": (TK, HKV, D), "v": (TK, HKV, D), "out": (TQ, HQ, D)}
+    s.update(shapes)
+    made = {name: to_device(rng.standard_normal(shape).astype(dtype)) for name, shape in s.items()}
+    made["cu_q"] = to_device(np.array(CU_Q, np.int32))
+    made["cu_k"] = to_device(np.array(CU_K, np.int32))
+    return made
+
+
+def refused(exc, match, a, **kwargs):
+    """Call attention_varlen on the operands in ``a`` (overridden by kwargs), expect
+    ``exc`` matching ``match``, and check that every array is bit for bit what it was."""
+    args = {"q": a["q"], "k": a["k"], "v": a["v"], "cu_seqlens_q": a["cu_q"], "cu_seqlens_k": a["cu_k"],
+            "out": a["out"]}
+    args.update(kwargs)
+    arrays_ = {name: x for name, x in args.items() if hasattr(x, "shape")}
+    before = {name: to_host(x).copy() for name, x in arrays_.items()}
+    with pytest.raises(exc, match=match):
+        nbflash.attention_varlen(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("cu_seqlens_q"),
+                                 args.pop("cu_seqlens_k"), **args)
+    for name, x in arrays_.items():
+        assert np.array_equal(to_host(x), before[name], equal_nan=True), f"{name} was modified"
+
+
+def test_cu_seqlens_of_wrong_dtype():
+    a = operands()
+    refused(TypeError, r"cu_seqlens_q: expected dtype int32; got int64", a, cu_seqlens_q=to_device(np.array(CU_Q, np.int64)))
+
+
+def test_cu_seqlens_not_an_array():
+    a = operands()
+    refused(TypeError, r"cu_seqlens_k: expected a CuPy or NumPy array", a, cu_seqlens_k=CU_K)
+
+
+def test_cu_seqlens_of_wrong_ndim():
+    a = operands()
+    refused(ValueError, r"cu_seqlens_k: expected 1 dim \(batch \+ 1,\); got shape \(1, 4\)", a,
+            cu_seqlens_k=to_device(np.array([CU_K], np.int32)))
+
+
+def test_cu_seqlens_empty():
+    a = operands()
+    refused(ValueError, r"cu_seqlens_q: expected batch \+ 1 >= 1 entries; got an empty array", a,
+            cu_seqlens_q=to_device(np.zeros(0, np.int32)))
+
+
+def test_cu_seqlens_lengths_differ():
+    a = operands()
+    refused(ValueError, r"cu_seqlens_q, cu_seqlens_k: expected the same length \(batch \+ 1\); got 4 and 3", a,
+            cu_seqlens_k=to_device(np.array([0, 5, 12], np.int32)))
+
+
+def test_cu_seqlens_not_starting_at_zero():
+    a = operands()
+    refused(ValueError, r"cu_seqlens_q: expected to start at 0; got 1", a,
+            cu_seqlens_q=to_device(np.array([1, 4, 4, 9], np.int32)))
+
+
+def test_cu_seqlens_decreasing():
+    a = operands()
+    refused(ValueError, r"cu_seqlens_k: expected non-decreasing values; got 3 after 5 at index 2", a,
+            cu_seqlens_k=to_device(np.array([0, 5, 3, 12], np.int32)))
+
+
+@pytest.mark.parametrize("which", ["q", "k"])
+def test_cu_seqlens_not_ending_at_total(which):
+    a = operands()
+    if which == "q":
+        refused(ValueError, r"cu_seqlens_q: expected to end at total_q \(q.shape\[0\]\) = 9; got 8", a,
+                cu_seqlens_q=to_device(np.array([0, 4, 4, 8], np.int32)))
+    else:
+        refused(ValueError, r"cu_seqlens_k: expected to end at total_k \(k.shape\[0\]\) = 12; got 13", a,
+                cu_seqlens_k=to_device(np.array([0, 5, 7, 13], np.int32)))
+
+
+def test_batch_over_the_grid_limit():
+    a = operands(q=(0, HQ, D), k=(0, HKV, D), v=(0, HKV, D), out=(0, HQ, D))
+    cu = to_device(np.zeros(65537, np.int32))
+    refused(ValueError, r"cu_seqlens_q: batch 65536 exceeds the supported 65535", a, cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+
+def test_max_seqlen_smaller_than_a_sequence():
+    a = operands()
+    refused(ValueError, r"max_seqlen_q: 4 is smaller than the longest sequence in cu_seqlens \(5\)", a, max_seqlen_q=4)
+    refused(ValueError, r"max_seqlen_k: 4 is smaller than the longest sequence in cu_seqlens \(5\)", a, max_seqlen_k=4)
+
+
+def test_max_seqlen_of_wrong_type_or_sign():
+    a = operands()
+    refused(TypeError, r"max_seqlen_q: expected a non-negative int or None; got float", a, max_seqlen_q=5.0)
+    refused(TypeError, r"max_seqlen_k: expected a non-negative int or None; got bool", a, max_seqlen_k=True)
+    refused(ValueError, r"max_seqlen_q: expected a non-negative int; got -1", a, max_seqlen_q=-1)
+
+
+def test_inputs_with_a_batch_axis():
+    a = operands(q=(1, TQ, HQ, D))
+    refused(ValueError, r"q: expected 3 dims \(total_q, heads_q, head_dim\); got shape \(1, 9, 4, 8\)", a)
+
+
+def test_heads_and_dims_mismatch():
+    a = operands(k=(TK, 3, D), v=(TK, 3, D))
+    refused(ValueError, r"heads_q \(4\) must be a multiple of heads_kv \(3\)", a)
+    a = operands(k=(TK, HKV, D + 1))
+    refused(ValueError, r"k: head_dim 9 differs from q's head_dim 8", a)
+    a = operands(v=(TK + 1, HKV, D))
+    refused(ValueError, r"v: seqlen 13 differs from k's seqlen 12", a)
+
+
+def test_dtypes_mismatch():
+    a = operands()
+    refused(TypeError, r"k: dtype float16 differs from q's dtype float32", a, k=a["k"].astype(np.float16))
+
+
+def test_out_of_wrong_shape_or_dtype():
+    a = operands(out=(TQ, HQ, D + 1))
+    refused(ValueError, r"out: expected shape \(9, 4, 8\); got \(9, 4, 9\)", a)
+    a = operands()
+    refused(TypeError, r"out: expected dtype float32 \(q's\); got float64", a, out=a["out"].astype(np.float64))
+
+
+def test_flags_and_scale():
+    a = operands()
+    refused(TypeError, r"causal: expected a bool; got str", a, causal="yes")
+    refused(TypeError, r"return_lse: expected a bool; got int", a, return_lse=1)
+    refused(ValueError, r"scale: expected a positive finite number", a, scale=-1.0)
+
+
+@pytest.mark.skipif(not SIMULATOR, reason="the simulator's tile choice is what is overridden")
+@pytest.mark.parametrize("tiles", [(16, 16, 32, 2, True), (64, 32, 64, 2, False)], ids=["q-in-registers", "two-slices-per-warp"])
+def test_mma_kernel_variants_on_simulator(tiles, monkeypatch):
+    """Q kept in registers, and warps owning two 16-row slices, on packed sequences."""
+    monkeypatch.setattr(tuning, "MMA_TILES_SIMULATOR", tiles)
+    rng, seed = new_rng()
+    shape = draw_varlen(rng, batch=4, group=1, head_dim=SIM_HEAD_DIM)
+    shape.heads_kv = shape.heads_q = 1
+    shape.seqlens_q[int(np.argmax(shape.seqlens_q))] = int(rng.integers(40, 70))  # several row tiles
+    run_and_check(shape, HALF_DTYPES[int(rng.integers(2))], causal=True, rng=rng, seed=seed, kernel="mma")
