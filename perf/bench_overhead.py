@@ -87,7 +87,7 @@ def main():
     import nbflash
     from nbflash import api, launch
 
-    plan_module = sys.modules["nbflash.plan"]
+    plan_module = nbflash.plans
     gpu = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     sync = cupy.cuda.get_current_stream().synchronize
     rng = cupy.random.default_rng(1)
