@@ -126,6 +126,12 @@ def test_launcher_hands_the_driver_every_parameter_and_bound_swaps_only_pointers
              launch.DeviceArg(0xB000, lse.shape, lse.strides, f32, 24, 0, None), np.float32(0.5), 2]
     assert fake.calls[-1][1] == expected_params(layout, moved)
 
+    go = bound.fixed((5, 6, 7), 128, 2048)  # the plans' one-frame launch
+    go(0x77, 0xC000, 0xD000)
+    moved = [launch.DeviceArg(0xC000, a.shape, a.strides, f16, 192, 0, None),
+             launch.DeviceArg(0xD000, lse.shape, lse.strides, f32, 24, 0, None), np.float32(0.5), 2]
+    assert fake.calls[-1] == ((0xBEEF, (5, 6, 7), (128, 1, 1), 2048, 0x77), expected_params(layout, moved))
+
 
 def test_launcher_retries_once_in_the_primary_context_then_raises(monkeypatch):
     arg = launch.DeviceArg(0x7000, (4,), (4,), np.dtype(np.float32), 4, 0, None)
@@ -143,6 +149,13 @@ def test_launcher_retries_once_in_the_primary_context_then_raises(monkeypatch):
     fake.results = [1]
     with pytest.raises(launch.LaunchError, match="CUresult 1"):
         launcher.bind([arg])((1, 1, 1), (32, 1, 1), 0, 0, (0x8000,))
+    go = launcher.bind([arg]).fixed((1, 1, 1), (32, 1, 1), 0)
+    fake.results, made_current[:] = [201, 0], []
+    go(0, 0x8000)
+    assert made_current == [0] and fake.calls[-1][0][4] == 0
+    fake.results = [1]
+    with pytest.raises(launch.LaunchError, match="CUresult 1"):
+        go(0, 0x8000)
 
 
 def test_a_failing_fast_path_falls_back_to_numbas_launch_and_says_so_once(monkeypatch, caplog):
@@ -284,6 +297,45 @@ def test_disk_key_names_versions_source_arch_spec_and_signature():
     assert launch._disk_key("fwd_simt-fp32-d8", sig, (8, 0)) != key
 
 
+def _cache_worker(seed, cache):
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0", PYTHONHASHSEED=str(seed), NBFLASH_CACHE_DIR=str(cache))
+    src = os.path.join(os.path.dirname(__file__), "..", "src")
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    worker = os.path.join(os.path.dirname(__file__), "launch_cache_worker.py")
+    done = subprocess.run([sys.executable, worker], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_disk_cache_key_is_the_same_in_every_process_and_numbas_cubin_is_stored(tmp_path):
+    # Two fresh processes with different str-hash seeds: the key a process writes under
+    # must be the key the next one reads under. And the cubin numba-cuda's linker
+    # returns (a cuda.core ObjectCode since 0.2x, not bytes) must reach the disk: it
+    # once failed to hash inside disk_write, was dropped silently, and every new
+    # process compiled again.
+    first, second = _cache_worker(1, tmp_path), _cache_worker(2, tmp_path)
+    assert first["key"] == second["key"]
+    for row in (first, second):
+        assert row["elf"] and row["stored"] and row["read_back"], row
+
+
+def test_cubin_bytes_takes_bytes_and_cuda_core_object_code_and_refuses_the_rest(tmp_path):
+    class ObjectCodeLike:  # cuda.core.ObjectCode's interface: .code is bytes or a path
+        def __init__(self, code):
+            self.code = code
+
+    elf = b"\x7fELF" + os.urandom(64)
+    assert launch.cubin_bytes(elf) == elf and launch.cubin_bytes(bytearray(elf)) == elf
+    assert launch.cubin_bytes(ObjectCodeLike(elf)) == elf
+    path = tmp_path / "k.cubin"
+    path.write_bytes(elf)
+    assert launch.cubin_bytes(ObjectCodeLike(str(path))) == elf
+    with pytest.raises(TypeError, match="has no bytes"):
+        launch.cubin_bytes(object())
+    with pytest.raises(TypeError, match="cubin: expected bytes"):
+        launch.disk_write("key-a", "_Z6kernel", (8,), ObjectCodeLike(elf))  # never a silent miss
+
+
 # --- Threads -----------------------------------------------------------------
 
 
@@ -351,7 +403,7 @@ def test_fast_launch_gives_what_numbas_launch_gives(dtype, layout, monkeypatch):
     assert sig_count > 0, "the fast launcher was never made"
     with monkeypatch.context() as m:
         m.setattr(launch, "launcher_for", lambda *a, **k: None)  # Numba's launch only
-        plan_module = sys.modules["nbflash.plan"]  # nbflash.plan is the function
+        plan_module = nbflash.plans
         m.setattr(plan_module, "memoized_attention", lambda *a, **k: None)
         m.setattr(plan_module, "remember", lambda *a, **k: None)
         slow, slow_lse = nbflash.attention(q, k, v, causal=causal, layout=layout, return_lse=True)

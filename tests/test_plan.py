@@ -206,3 +206,104 @@ def test_gpu_plan_on_a_side_stream():
         out = plan(*dev, stream=stream)
     stream.synchronize()
     assert_close(out, nbflash.reference.attention(*host, causal=True), dtype, seed=seed)
+
+
+# --- The memo behind nbflash.attention (no GPU needed: fake device arrays) --------
+
+
+class _FakeMemory:
+    def __init__(self, ptr):
+        self.ptr, self.device_id = ptr, 0
+
+
+class _FakeDeviceArray:
+    """The attributes of a CuPy array the memo key reads."""
+
+    def __init__(self, shape, dtype, ptr):
+        self.shape, self.dtype, self.data = shape, np.dtype(dtype), _FakeMemory(ptr)
+        self.strides = tuple(int(s) for s in np.empty(shape, dtype).strides)
+
+
+class _Entry:
+    def __init__(self):
+        self.runs, self.overlap_checks = [], []
+
+    def check_overlap(self, out_ptr, qp, kp, vp):
+        self.overlap_checks.append((out_ptr, qp, kp, vp))
+
+    def run(self, qp, kp, vp, out, with_lse, stream):
+        self.runs.append((qp, kp, vp, out, with_lse, stream))
+        return "out", None
+
+
+def test_memo_lookup_builds_the_key_remember_stores_under(monkeypatch):
+    # memoized_attention builds its key inline (it runs on every call); a key that
+    # differs from _memo_key's by one element would mean the memo never hits.
+    plans = nbflash.plans
+    monkeypatch.setattr(plans, "_ndarray_type", _FakeDeviceArray)
+    monkeypatch.setattr(plans, "_memo", {})
+    q, k, v, out = (_FakeDeviceArray((1, 16, 4, 8), np.float16, 0x1000 * (i + 1)) for i in range(4))
+    for call in ((False, None, "bshd", False, None), (True, 0.25, "bhsd", True, out), (False, 1, "bshd", False, out)):
+        entry = plans._memo[plans._memo_key(q, k, v, *call)] = _Entry()
+        assert plans.memoized_attention(q, k, v, *call, "s") == ("out", None)
+        assert entry.runs == [(0x1000, 0x2000, 0x3000, call[4], call[3], "s")]
+        assert entry.overlap_checks == ([] if call[4] is None else [(0x4000, 0x1000, 0x2000, 0x3000)])
+    causal, scale, layout, return_lse, out_arg = call
+    assert plans.memoized_attention(q, k, v, not causal, scale, layout, return_lse, out_arg, None) is None
+    assert plans.memoized_attention(q, k, v, causal, 0.5, layout, return_lse, out_arg, None) is None
+    assert plans.memoized_attention(q, k, v, causal, scale, layout, return_lse, None, None) is None
+    assert plans.memoized_attention(q, k, v, 1, scale, layout, return_lse, out_arg, None) is None  # not a bool
+
+
+def test_attention_remembers_under_the_arguments_as_given(monkeypatch):
+    # The lookup sees the caller's arguments (scale=None), so the stored key must be
+    # made of them too, never of their validated forms (scale=1/sqrt(d)).
+    import dataclasses
+
+    from nbflash import api
+
+    seen = []
+    real_validate = api._validate
+    monkeypatch.setattr(api, "_validate", lambda *a: (lambda p, v: (dataclasses.replace(p, on_device=True), v))(
+        *real_validate(*a)))
+    monkeypatch.setattr(api, "_forward", lambda *a, **kw: ("out", "lse"))
+    monkeypatch.setattr(nbflash.plans, "remember", lambda *a: seen.append(a))
+    rng, _ = new_rng()
+    host, _ = qkv(rng, np.dtype(np.float32), 1, 3, 5)
+    nbflash.attention(*host)
+    nbflash.attention(*host, causal=True, scale=2, layout="bshd", return_lse=True)
+    assert [a[3:8] for a in seen] == [(False, None, "bshd", False, None), (True, 2, "bshd", True, None)]
+
+
+@pytest.mark.gpu
+def test_gpu_repeated_calls_skip_validation():
+    # The second call of a signature goes straight to the prepared launch: with the
+    # validation made to fail, it must still succeed (attention, attention(out=), plan).
+    import cupy
+
+    from nbflash import api
+
+    rng, seed = new_rng()
+    dtype = np.dtype(np.float16)
+    host, (q, k, v) = qkv(rng, dtype, 1, 128, 128, heads_q=8, heads_kv=8, head_dim=64)
+    out = cupy.full(q.shape, cupy.nan, q.dtype)
+    plan = nbflash.plan(q, k, v)
+    nbflash.attention(q, k, v)
+    nbflash.attention(q, k, v, out=out)
+    plan(q, k, v)
+    real = api._validate
+
+    def refuse(*a):
+        raise AssertionError("validated again: the memo missed")
+
+    api._validate = refuse
+    try:
+        got = nbflash.attention(q, k, v)
+        nbflash.attention(q, k, v, out=out)
+        from_plan = plan(q, k, v)
+    finally:
+        api._validate = real
+    cupy.cuda.get_current_stream().synchronize()
+    want = nbflash.reference.attention(*host)
+    for x in (got, out, from_plan):
+        assert_close(x, want, dtype, seed=seed)

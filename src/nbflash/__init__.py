@@ -6,7 +6,7 @@ from .api import attention, forward_spec
 from .api_varlen import attention_varlen, forward_spec_varlen
 from .api_backward import attention_backward, attention_vjp, backward_spec
 from .api_kvcache import attention_with_kvcache, kvcache_spec
-from .plan import AttentionPlan, plan
+from .plans import AttentionPlan, plan
 from .spec import BackwardSpec, DecodeSpec, ForwardSpec
 
 __version__ = "0.1.0"

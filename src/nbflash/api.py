@@ -238,24 +238,26 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=Fa
     (see :func:`nbflash.plan` for the least work per call).
     """
     if not device.SIMULATOR:
-        result = _plan.memoized_attention(q, k, v, causal, scale, layout, return_lse, out, stream)
+        result = _plans.memoized_attention(q, k, v, causal, scale, layout, return_lse, out, stream)
         if result is not None:
             return result if return_lse else result[0]
     stream_ptr = launch.stream_handle(stream) if stream is not None else None
     ops = [arrays.intake(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
     problem, views = _validate(*ops, layout)
-    causal = _check_flag(causal, "causal")
-    return_lse = _check_flag(return_lse, "return_lse")
-    scale = _check_scale(scale, problem.head_dim)
+    causal_ok = _check_flag(causal, "causal")
+    lse_ok = _check_flag(return_lse, "return_lse")
+    scale_ok = _check_scale(scale, problem.head_dim)
     out_op = _check_out(out, problem, [op.array for op in ops]) if out is not None else None
 
     if problem.on_device or device.SIMULATOR:
-        result = _forward(problem, views, out_op, causal, scale, return_lse, stream_ptr)
+        result = _forward(problem, views, out_op, causal_ok, scale_ok, lse_ok, stream_ptr)
         if problem.on_device:
-            _plan.remember(q, k, v, causal, scale, layout, return_lse, out, problem, views, result)
+            # keyed by the arguments exactly as given: the next call's lookup sees those,
+            # not their validated forms (scale=None is not 0.125)
+            _plans.remember(q, k, v, causal, scale, layout, return_lse, out, problem, views, result)
     else:  # NumPy inputs with a GPU present: there and back
-        result = _forward_via_gpu(problem, ops, out_op, causal, scale, return_lse, stream_ptr)
-    return result if return_lse else result[0]
+        result = _forward_via_gpu(problem, ops, out_op, causal_ok, scale_ok, lse_ok, stream_ptr)
+    return result if lse_ok else result[0]
 
 
 def _forward_via_gpu(problem, ops, out_op, causal, scale, return_lse, stream_ptr=None):
@@ -274,9 +276,7 @@ def _on_stream(stream_ptr):
     """CuPy work (allocations, copies) on the caller's stream, when one was given."""
     if stream_ptr is None or device.SIMULATOR:
         return contextlib.nullcontext()
-    import cupy
-
-    return cupy.cuda.ExternalStream(stream_ptr)
+    return launch.cupy_stream(stream_ptr)
 
 
 def _empty(problem, shape, dtype):
@@ -338,4 +338,4 @@ def forward_launch_args(problem: _Problem, spec: ForwardSpec, views, out_view, l
     return kernel, grid, args, launch.shared_bytes(spec)
 
 
-from . import plan as _plan  # noqa: E402  (plan builds on the validation above)
+from . import plans as _plans  # noqa: E402  (plans build on the validation above)

@@ -483,6 +483,38 @@ class Bound:
             self.launcher._failed(rc, _retried)
             self(grid, block, shared, stream, ptrs, True)
 
+    def fixed(self, grid, block, shared):
+        """A launch function ``go(stream, p0, p1, ...)`` for this block with the launch
+        configuration fixed too: one Python frame that writes the array data pointers
+        (one per array argument, in order) and calls the driver; raises LaunchError
+        (nothing launched). Opts in to ``shared`` bytes of shared memory now."""
+        grid, block = _as_dims(grid), _as_dims(block)
+        shared = int(shared)
+        self.launcher.allow_shared(shared)
+        names = [f"p{i}" for i in range(len(self._data_slots))]
+        stores = "".join(f"        slots[{slot}] = {p}\n" for slot, p in zip(self._data_slots, names))
+        params = "".join(f", {p}" for p in names)
+        source = (
+            f"def go(stream{params}):\n"
+            f"    sarg = streams_get(stream)\n"
+            f"    if sarg is None:\n"
+            f"        sarg = stream_arg(stream)\n"
+            f"    with lock:\n"
+            f"{stores}"
+            f"        rc = driver(handle, {grid[0]}, {grid[1]}, {grid[2]}, {block[0]}, {block[1]}, {block[2]}, "
+            f"{shared}, sarg, pointers, None)\n"
+            f"    if rc:\n"
+            f"        failed(rc, False)\n"
+            f"        bound({grid!r}, {block!r}, {shared}, stream, ({''.join(p + ', ' for p in names)}), True)\n"
+        )
+        namespace = {
+            "streams_get": _streams.get, "stream_arg": _stream_arg, "lock": self._lock,
+            "slots": self._slots, "driver": self._launch, "handle": self._handle_arg,
+            "pointers": self._pointers_arg, "failed": self.launcher._failed, "bound": self,
+        }
+        exec(source, namespace)  # noqa: S102 - generated from ints and fixed names only
+        return namespace["go"]
+
 
 # ---------------------------------------------------------------------------
 # Making launchers: compile (or load from disk) once per (kernel, signature, device)
@@ -571,8 +603,36 @@ def _numba_compile(kernel, sig):
     cufunc = library.get_cufunc()
     compiled.bind()  # module setup, once
     cacheable = not (library._setup_functions or library._teardown_functions or compiled.debug)
-    cubin = library.get_cubin() if cacheable else None
-    return int(cufunc.handle), library._entry_name, cubin, cacheable
+    cubin = library_cubin(library) if cacheable else None
+    return int(cufunc.handle), library._entry_name, cubin, cubin is not None
+
+
+def library_cubin(library):
+    """The bytes of a Numba code library's linked cubin for the current device, or
+    None (logged) where they cannot be had."""
+    try:
+        return cubin_bytes(library.get_cubin())
+    except TypeError as error:
+        log.info("nbflash: %s not cached on disk: %s", getattr(library, "_entry_name", library), error)
+        return None
+
+
+def cubin_bytes(cubin) -> bytes:
+    """The bytes of a linked cubin as numba-cuda hands it out: plain bytes from older
+    versions, a cuda.core ``ObjectCode`` (whose ``code`` holds the bytes, or a file
+    path) from numba-cuda 0.2x on. Raises TypeError for anything else."""
+    if isinstance(cubin, (bytes, bytearray, memoryview)):
+        return bytes(cubin)
+    code = getattr(cubin, "code", None)
+    if isinstance(code, (bytes, bytearray, memoryview)):
+        return bytes(code)
+    if isinstance(code, str):
+        import os
+
+        if os.path.isfile(code):
+            with open(code, "rb") as f:
+                return f.read()
+    raise TypeError(f"a cubin of type {type(cubin).__name__} has no bytes to store")
 
 
 def _check_params(handle, layout, name):
@@ -663,12 +723,16 @@ def _disk_path(key: str):
 
 
 def disk_write(key: str, entry: str, param_sizes, cubin: bytes) -> bool:
-    """Store one compiled kernel (atomically); False, silently, where it cannot be."""
+    """Store one compiled kernel (atomically); False, silently, where the file system
+    refuses. ``cubin`` must be bytes (see :func:`cubin_bytes`): anything else is a
+    programming error and raises TypeError, never a silent cache miss."""
     import hashlib
     import json
     import os
     import tempfile
 
+    if not isinstance(cubin, (bytes, bytearray, memoryview)):
+        raise TypeError(f"cubin: expected bytes; got {type(cubin).__name__} (see launch.cubin_bytes)")
     try:
         path = _disk_path(key)
         if path is None:
@@ -691,7 +755,7 @@ def disk_write(key: str, entry: str, param_sizes, cubin: bytes) -> bool:
             raise
         return True
     except Exception as error:
-        log.debug("nbflash: kernel cache not written (%s)", error)
+        log.info("nbflash: kernel cache not written (%s)", error)
         return False
 
 
@@ -780,6 +844,48 @@ def stream_handle(stream=None) -> int:
         f"stream: expected a CuPy or Numba stream, an object with __cuda_stream__, an int "
         f"handle or None; got {type(stream).__name__}"
     )
+
+
+class _StreamRef:
+    """A raw stream handle speaking the CUDA stream protocol (for Stream.from_external)."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+    def __cuda_stream__(self):
+        return (0, self.ptr)
+
+
+_cupy_streams: dict[tuple, object] = {}
+
+
+def cupy_stream(ptr: int):
+    """A CuPy stream object over the raw handle ``ptr`` on the current device, made
+    once per (handle, device) and kept: entering it makes CuPy allocate from the
+    pool of that stream. Costs a dict lookup per call, and never builds a stream
+    object (or goes through CuPy's deprecation warning for ExternalStream) twice."""
+    import cupy
+
+    key = (ptr, cupy.cuda.runtime.getDevice())
+    found = _cupy_streams.get(key)
+    if found is None:
+        if ptr == 0:
+            found = cupy.cuda.Stream.null
+        else:
+            try:
+                found = cupy.cuda.Stream.from_external(_StreamRef(ptr))
+            except Exception:  # CuPy < 14, or a handle from_external does not take
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    found = cupy.cuda.ExternalStream(ptr)
+        if len(_cupy_streams) > 256:
+            _cupy_streams.clear()
+        _cupy_streams[key] = found
+    return found
 
 
 def current_stream():

@@ -77,7 +77,7 @@ def set_override(text: str):
     os.environ[_OVERRIDE_VARIABLE] = text
     import importlib
 
-    importlib.import_module(".plan", __package__).forget()  # the module; nbflash.plan is the function
+    importlib.import_module(".plans", __package__).forget()
 
 
 def mma_tiles(head_dim: int, simulator: bool, arch: tuple = (8, 0), causal: bool = False):

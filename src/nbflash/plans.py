@@ -42,52 +42,52 @@ def _extent(a):
 class _Prepared:
     """One validated forward call with fixed shapes and strides, packed for launch."""
 
-    __slots__ = ("bound", "grid", "block", "shared", "out_shape", "dtype", "lse_shape",
-                 "dummy_ptr", "extents", "kernel", "sig", "dev", "memo_key", "lse_dtype")
+    __slots__ = ("go", "out_shape", "dtype", "lse_shape", "dummy_ptr", "overlap", "kernel", "sig",
+                 "dev", "memo_key")
 
-    def __init__(self, bound, grid, spec, shared, problem, dummy_ptr, extents, kernel, sig, dev):
-        self.bound = bound
-        self.grid = grid
-        self.block = (spec.threads, 1, 1)
-        self.shared = shared
+    def __init__(self, go, problem, dummy_ptr, extents, kernel, sig, dev):
+        self.go = go  # launch.Bound.fixed: go(stream, q, k, v, out, lse data pointers)
         self.out_shape = problem.out_shape()
         self.dtype = problem.dtype
         self.lse_shape = problem.lse_shape()
-        self.lse_dtype = np.dtype(np.float32)
         self.dummy_ptr = dummy_ptr  # the lse the kernel ignores when none is returned
-        self.extents = extents  # of q, k, v, out: for overlap checks of a caller's out
+        # for overlap checks of a caller's out: out's extent, then each input's
+        out_ext = extents[3]
+        self.overlap = None if out_ext is None else (out_ext, tuple(
+            (name, ext) for name, ext in zip(("q", "k", "v"), extents[:3]) if ext is not None))
         self.kernel = kernel
         self.sig = sig
         self.dev = dev
         self.memo_key = None
 
     def check_overlap(self, out_ptr, qp, kp, vp):
-        out_ext = self.extents[3]
-        if out_ext is None:
+        if self.overlap is None:
             return
-        a0, a1 = out_ptr + out_ext[0], out_ptr + out_ext[1]
-        for name, p, ext in (("q", qp, self.extents[0]), ("k", kp, self.extents[1]), ("v", vp, self.extents[2])):
-            if ext is not None and a0 <= p + ext[1] and p + ext[0] <= a1:
+        (lo, hi), inputs = self.overlap
+        a0, a1 = out_ptr + lo, out_ptr + hi
+        ptrs = {"q": qp, "k": kp, "v": vp}
+        for name, (x0, x1) in inputs:
+            p = ptrs[name]
+            if a0 <= p + x1 and p + x0 <= a1:
                 raise ValueError(f"out: overlaps {name} in memory; pass a separate buffer")
 
     def run(self, qp, kp, vp, out, with_lse, stream):
         """Allocate what is missing and launch; (out, lse), or None when the fast
         launch failed (nothing launched; the caller takes the validated slow path)."""
         nd = _ndarray_type
-        if stream is None:
-            sp = _current_stream().ptr
+        if stream is None:  # CuPy's current stream: allocate as CuPy would, no stream switch
+            sp = _get_current_stream().ptr
             if out is None:
                 out = nd(self.out_shape, self.dtype)
-            lse = nd(self.lse_shape, self.lse_dtype) if with_lse else None
+            lse = nd(self.lse_shape, _FLOAT32) if with_lse else None
         else:
             sp = launch.stream_handle(stream)
             with _allocation_stream(stream, sp):
                 if out is None:
                     out = nd(self.out_shape, self.dtype)
-                lse = nd(self.lse_shape, self.lse_dtype) if with_lse else None
+                lse = nd(self.lse_shape, _FLOAT32) if with_lse else None
         try:
-            self.bound(self.grid, self.block, self.shared, sp,
-                       (qp, kp, vp, out.data.ptr, lse.data.ptr if with_lse else self.dummy_ptr))
+            self.go(sp, qp, kp, vp, out.data.ptr, lse.data.ptr if with_lse else self.dummy_ptr)
         except launch.LaunchError as error:
             self.disable(error)
             return None
@@ -99,22 +99,27 @@ class _Prepared:
         launch._disable(self.kernel, self.sig, self.dev, error)
 
 
-def _current_stream():
+_FLOAT32 = np.dtype(np.float32)
+
+
+def _get_current_stream():
+    """cupy.cuda.get_current_stream(), resolved on first use."""
     import cupy
 
-    global _current_stream
-    _current_stream = cupy.cuda.get_current_stream
-    return _current_stream()
+    global _get_current_stream
+    _get_current_stream = cupy.cuda.get_current_stream
+    return _get_current_stream()
 
 
 def _allocation_stream(stream, ptr):
     """A context making CuPy allocate on the launch stream (its pool reuses memory per
-    stream): a CuPy stream is its own context."""
+    stream): a CuPy stream is its own context; any other stream's CuPy object is made
+    once per handle (launch.cupy_stream)."""
     import cupy
 
     if isinstance(stream, cupy.cuda.Stream):
         return stream
-    return cupy.cuda.ExternalStream(ptr)
+    return launch.cupy_stream(ptr)
 
 
 def _prepare(problem, spec, views, out_view, lse, scale, dev):
@@ -123,10 +128,15 @@ def _prepare(problem, spec, views, out_view, lse, scale, dev):
     launcher = launch.launcher_for(kernel, args, shared)
     if launcher is None:
         return None, (kernel, grid, args, shared)
+    sig = launch.signature_of(args)
+    try:
+        go = launcher.bind(args).fixed(grid, (spec.threads, 1, 1), shared)
+    except launch.LaunchError as error:  # e.g. the shared-memory opt-in: Numba's launch reports it
+        launch._disable(kernel, sig, dev, error)
+        return None, (kernel, grid, args, shared)
     extents = [_extent(a) for a in (*views, out_view)]
     dummy_ptr = args[4].ptr
-    prepared = _Prepared(launcher.bind(args), grid, spec, shared, problem, dummy_ptr, extents,
-                         kernel, launch.signature_of(args), dev)
+    prepared = _Prepared(go, problem, dummy_ptr, extents, kernel, sig, dev)
     return prepared, (kernel, grid, args, shared)
 
 
@@ -157,16 +167,36 @@ def _memo_key(q, k, v, causal, scale, layout, return_lse, out):
 
 
 def memoized_attention(q, k, v, causal, scale, layout, return_lse, out, stream):
-    """(out, lse) when this call repeats a remembered signature, else None."""
-    key = _memo_key(q, k, v, causal, scale, layout, return_lse, out)
-    if key is None:
+    """(out, lse) when this call repeats a remembered signature, else None.
+
+    The same key as :func:`_memo_key`, built inline: this runs on every call."""
+    nd = _ndarray_type
+    if nd is None:
+        nd = _ndarray()
+    if (
+        not nd or type(q) is not nd or type(k) is not nd or type(v) is not nd
+        or type(causal) is not bool or type(return_lse) is not bool or type(layout) is not str
+        or not (scale is None or type(scale) is float or type(scale) is int)
+    ):
         return None
-    entry = _memo.get(key)
-    if entry is None:
-        return None
-    qp, kp, vp = q.data.ptr, k.data.ptr, v.data.ptr
+    qm, km, vm = q.data, k.data, v.data
+    qp, kp, vp = qm.ptr, km.ptr, vm.ptr
+    key = (q.shape, q.strides, k.shape, k.strides, v.shape, v.strides, q.dtype, k.dtype, v.dtype,
+           qm.device_id, km.device_id, vm.device_id, not ((qp | kp | vp) & 15),
+           layout, causal, scale, return_lse)
     if out is not None:
-        entry.check_overlap(out.data.ptr, qp, kp, vp)
+        if type(out) is not nd:
+            return None
+        om = out.data
+        key += (out.shape, out.strides, out.dtype, om.device_id)
+        entry = _memo.get(key)
+        if entry is None:
+            return None
+        entry.check_overlap(om.ptr, qp, kp, vp)
+    else:
+        entry = _memo.get(key)
+        if entry is None:
+            return None
     return entry.run(qp, kp, vp, out, return_lse, stream)
 
 
@@ -255,9 +285,10 @@ class AttentionPlan:
                 qm, km, vm = q.data, k.data, v.data
                 dt, dev = self.dtype, self.device
                 if (
-                    (q.dtype is dt or q.dtype == dt) and k.dtype == dt and v.dtype == dt
+                    (q.dtype is dt or q.dtype == dt) and (k.dtype is dt or k.dtype == dt)
+                    and (v.dtype is dt or v.dtype == dt)
                     and qm.device_id == dev and km.device_id == dev and vm.device_id == dev
-                    and (out is None or (out.dtype == dt and out.data.device_id == dev))
+                    and (out is None or ((out.dtype is dt or out.dtype == dt) and out.data.device_id == dev))
                 ):
                     qp, kp, vp = qm.ptr, km.ptr, vm.ptr
                     if self._aligned and (qp | kp | vp) & 15:
