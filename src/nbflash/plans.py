@@ -42,7 +42,7 @@ def _extent(a):
 class _Prepared:
     """One validated forward call with fixed shapes and strides, packed for launch."""
 
-    __slots__ = ("go", "out_shape", "dtype", "lse_shape", "dummy_ptr", "overlap", "kernel", "sig",
+    __slots__ = ("go", "out_shape", "dtype", "lse_shape", "dummy_ptr", "seqlens_ptrs", "overlap", "kernel", "sig",
                  "dev", "memo_key")
 
     def __init__(self, go, problem, dummy_ptr, extents, kernel, sig, dev):
@@ -51,6 +51,7 @@ class _Prepared:
         self.dtype = problem.dtype
         self.lse_shape = problem.lse_shape()
         self.dummy_ptr = dummy_ptr  # the lse the kernel ignores when none is returned
+        self.seqlens_ptrs = ()  # the dummy cu_seqlens (varlen only) of dense calls
         # for overlap checks of a caller's out: out's extent, then each input's
         out_ext = extents[3]
         self.overlap = None if out_ext is None else (out_ext, tuple(
@@ -87,7 +88,7 @@ class _Prepared:
                     out = nd(self.out_shape, self.dtype)
                 lse = nd(self.lse_shape, _FLOAT32) if with_lse else None
         try:
-            self.go(sp, qp, kp, vp, out.data.ptr, lse.data.ptr if with_lse else self.dummy_ptr)
+            self.go(sp, qp, kp, vp, out.data.ptr, lse.data.ptr if with_lse else self.dummy_ptr, *self.seqlens_ptrs)
         except launch.LaunchError as error:
             self.disable(error)
             return None
@@ -137,6 +138,7 @@ def _prepare(problem, spec, views, out_view, lse, scale, dev):
     extents = [_extent(a) for a in (*views, out_view)]
     dummy_ptr = args[4].ptr
     prepared = _Prepared(go, problem, dummy_ptr, extents, kernel, sig, dev)
+    prepared.seqlens_ptrs = tuple(a.ptr for a in args[7:])  # the data pointers go() takes after lse
     return prepared, (kernel, grid, args, shared)
 
 
