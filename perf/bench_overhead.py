@@ -148,8 +148,8 @@ def main():
     bound = fast.bind(kargs).fixed(grid, (spec.threads, 1, 1), shared) if fast is not None else None
     if bound is not None:
         stream_ptr = cupy.cuda.get_current_stream().ptr
-        qp, kp, vp, op, lp = (a.ptr for a in kargs[:5])
-        row("part: prepared launch (go)", lambda: bound(stream_ptr, qp, kp, vp, op, lp))
+        ptrs = [a.ptr for a in kargs if hasattr(a, "ptr")]  # every array argument, cu_seqlens included
+        row("part: prepared launch (go)", lambda: bound(stream_ptr, *ptrs))
     row("part: get_current_stream", lambda: cupy.cuda.get_current_stream().ptr)
     row("part: cupy.ndarray (alloc)", lambda: cupy.ndarray(SHAPE, cupy.float16))
     row("part: memo key", lambda: (q.shape, q.strides, k.shape, k.strides, v.shape, v.strides, q.dtype,
