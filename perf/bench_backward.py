@@ -41,9 +41,10 @@ def repeats_for(one_call_ms, wanted):
     return int(max(5, min(wanted, TIME_PER_CASE_S * 1e3 / max(one_call_ms, 1e-3))))
 
 
-def nbflash_time(do, q, k, v, out, lse, causal, grads, repeats):
+def nbflash_time(do, q, k, v, out, lse, causal, grads, repeats, deterministic=False):
     dq, dk, dv = grads
-    fn = lambda: nbflash.attention_backward(do, q, k, v, out, lse, causal=causal, dq=dq, dk=dk, dv=dv)  # noqa: E731
+    fn = lambda: nbflash.attention_backward(  # noqa: E731
+        do, q, k, v, out, lse, causal=causal, deterministic=deterministic, dq=dq, dk=dk, dv=dv)
     one = nbflash.device.median_gpu_ms(fn, 1, 1)  # also compiles
     return nbflash.device.median_gpu_ms(fn, 2, repeats_for(one, repeats))
 
@@ -123,7 +124,10 @@ def main():
                     grads = [cupy.full(shape, cupy.nan, dtype=cupy.float32).astype(dtype) for _ in range(3)]
                     spec = nbflash.backward_spec(q, k, v, causal=causal)
                     flops = 2.5 * 4.0 * batch * HEADS * n * n * d / (2 if causal else 1)
-                    times = {"nbflash": nbflash_time(do, q, k, v, out, lse, causal, grads, args.repeats)}
+                    times = {
+                        "nbflash": nbflash_time(do, q, k, v, out, lse, causal, grads, args.repeats),
+                        "nbflash_determ": nbflash_time(do, q, k, v, out, lse, causal, grads, args.repeats, True),
+                    }
                     for name, run in peers.items():
                         try:
                             times[name] = run(do, q, k, v, causal, args.repeats)
@@ -151,7 +155,7 @@ def main():
     except Exception as e:
         print(f"# plot skipped: {e}", file=sys.stderr)
 
-    names = ["nbflash"] + list(peers)
+    names = ["nbflash", "nbflash_determ"] + list(peers)
     print(f"{'dtype':5} {'D':>3} {'N':>6} {'causal':6} " + " ".join(f"{n:>14}" for n in names) + "  ratio_vs_flash  spec")
     for r in rows:
         t = r["tflops"]

@@ -31,6 +31,20 @@ def visible(seqlen_q: int, seqlen_k: int, causal: bool) -> np.ndarray:
     return j <= i + seqlen_k - seqlen_q
 
 
+def _softmax(qd, kd, scale, causal):
+    """P = softmax(scale * Q K^T, masked) as (batch, heads, seqlen_q, seqlen_k) with
+    kd already repeated to q's heads; also the row max, row sum and whether a row saw
+    any key (rows that see none get P = 0, never NaN)."""
+    scores = np.einsum("bihd,bjhd->bhij", qd, kd) * scale
+    scores = np.where(visible(qd.shape[1], kd.shape[1], causal), scores, -np.inf)
+    row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)
+    seen = np.isfinite(row_max)
+    weights = np.where(seen, np.exp(scores - np.where(seen, row_max, 0.0)), 0.0)
+    row_sum = weights.sum(axis=-1, keepdims=True)
+    probs = np.where(row_sum > 0, weights / np.where(row_sum > 0, row_sum, 1.0), 0.0)
+    return probs, row_max, row_sum, seen
+
+
 def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=False):
     """float64 reference of :func:`nbflash.attention`.
 
@@ -47,15 +61,7 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=Fa
 
     kd = np.repeat(kd, group, axis=2)  # query head h reads kv head h // group
     vd = np.repeat(vd, group, axis=2)
-    scores = np.einsum("bihd,bjhd->bhij", qd, kd) * scale
-    mask = visible(seqlen_q, seqlen_k, causal)
-    scores = np.where(mask, scores, -np.inf)
-
-    row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)
-    seen = np.isfinite(row_max)
-    weights = np.where(seen, np.exp(scores - np.where(seen, row_max, 0.0)), 0.0)
-    row_sum = weights.sum(axis=-1, keepdims=True)
-    probs = np.where(row_sum > 0, weights / np.where(row_sum > 0, row_sum, 1.0), 0.0)
+    probs, row_max, row_sum, seen = _softmax(qd, kd, scale, causal)
     out = np.einsum("bhij,bjhd->bihd", probs, vd)
     with np.errstate(divide="ignore"):
         lse = np.where(seen, row_max + np.log(row_sum), -np.inf)[..., 0]
@@ -174,14 +180,7 @@ def attention_backward(do, q, k, v, *, causal=False, scale=None, layout="bshd"):
 
     kr = np.repeat(kd, group, axis=2)  # query head h reads kv head h // group
     vr = np.repeat(vd, group, axis=2)
-    scores = np.einsum("bihd,bjhd->bhij", qd, kr) * scale
-    mask = visible(seqlen_q, seqlen_k, causal)
-    scores = np.where(mask, scores, -np.inf)
-    row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)
-    seen = np.isfinite(row_max)
-    weights = np.where(seen, np.exp(scores - np.where(seen, row_max, 0.0)), 0.0)
-    row_sum = weights.sum(axis=-1, keepdims=True)
-    probs = np.where(row_sum > 0, weights / np.where(row_sum > 0, row_sum, 1.0), 0.0)
+    probs = _softmax(qd, kr, scale, causal)[0]
 
     # out = P V, so dV = P^T dO and dP = dO V^T; softmax's Jacobian gives
     # dS = P * (dP - rowsum(P * dP)), and S = scale * Q K^T gives dQ and dK.

@@ -44,6 +44,7 @@ from .tile_copy import make_issue_rows
 LOG2E = 1.4426950408889634
 PAD_WORDS = 4
 HEAD_DIMS = (32, 64, 96, 128)
+NO_OFFSET = np.int32(0)  # dense tensors: sequences start at row 0 (tile_copy's start)
 CONVERT_ROWS = 8  # rows of dQ per CTA of the dq_convert kernel
 CONVERT_THREADS = 128
 DQ_CHUNK = 32  # dQ columns one warp accumulates at a time in the dkdvq kernel
@@ -96,7 +97,6 @@ def _device_helpers(spec, threads):
     """Device functions shared by the kernels, closed over the tile constants."""
     D = spec.head_dim
     RW = D // 2 + PAD_WORDS
-    CHUNKS = D // 8  # 16-byte chunks per row
     INF = math.inf
 
     issue_rows = make_issue_rows(D, RW, threads)
@@ -205,12 +205,12 @@ def _build_dkdv(spec):
         n_iter = group * n_m
 
         if n_iter > 0:
-            issue_rows(k, smem, K_OFF, BN, b, hk, n0, seqlen_k, tid)
-            issue_rows(v, smem, V_OFF, BN, b, hk, n0, seqlen_k, tid)
+            issue_rows(k, smem, K_OFF, BN, b, hk, NO_OFFSET, n0, seqlen_k, tid)
+            issue_rows(v, smem, V_OFF, BN, b, hk, NO_OFFSET, n0, seqlen_k, tid)
             h = hk * group
             m0 = m_first * BM
-            issue_rows(q, smem, Q_OFF, BM, b, h, m0, seqlen_q, tid)
-            issue_rows(do, smem, DO_OFF, BM, b, h, m0, seqlen_q, tid)
+            issue_rows(q, smem, Q_OFF, BM, b, h, NO_OFFSET, m0, seqlen_q, tid)
+            issue_rows(do, smem, DO_OFF, BM, b, h, NO_OFFSET, m0, seqlen_q, tid)
             if tid < BM:
                 smem[LSE_OFF + tid] = ptx.f32_as_u32(lse_log2(lse, b, h, m0 + tid, seqlen_q))
                 smem[DELTA_OFF + tid] = ptx.f32_as_u32(delta_of(delta, b, h, m0 + tid, seqlen_q))
@@ -255,8 +255,8 @@ def _build_dkdv(spec):
                 gh1 = (it + 1) // n_m
                 h1 = hk * group + gh1
                 m1 = (m_first + it + 1 - gh1 * n_m) * BM
-                issue_rows(q, smem, Q_OFF + (1 - stage) * BM * RW, BM, b, h1, m1, seqlen_q, tid)
-                issue_rows(do, smem, DO_OFF + (1 - stage) * BM * RW, BM, b, h1, m1, seqlen_q, tid)
+                issue_rows(q, smem, Q_OFF + (1 - stage) * BM * RW, BM, b, h1, NO_OFFSET, m1, seqlen_q, tid)
+                issue_rows(do, smem, DO_OFF + (1 - stage) * BM * RW, BM, b, h1, NO_OFFSET, m1, seqlen_q, tid)
                 if tid < BM:  # loads in flight during this tile's math, stored at its end
                     next_lse = lse_log2(lse, b, h1, m1 + tid, seqlen_q)
                     next_delta = delta_of(delta, b, h1, m1 + tid, seqlen_q)
@@ -464,11 +464,11 @@ def _build_dq(spec):
             key_end = max(0, min(seqlen_k, row0 + BM + seqlen_k - seqlen_q))
         n_tiles = (key_end + BN - 1) // BN
 
-        issue_rows(q, smem, Q_OFF, BM, b, h, row0, seqlen_q, tid)
-        issue_rows(do, smem, DO_OFF, BM, b, h, row0, seqlen_q, tid)
+        issue_rows(q, smem, Q_OFF, BM, b, h, NO_OFFSET, row0, seqlen_q, tid)
+        issue_rows(do, smem, DO_OFF, BM, b, h, NO_OFFSET, row0, seqlen_q, tid)
         if n_tiles > 0:
-            issue_rows(k, smem, K_OFF, BN, b, hk, 0, seqlen_k, tid)
-            issue_rows(v, smem, V_OFF, BN, b, hk, 0, seqlen_k, tid)
+            issue_rows(k, smem, K_OFF, BN, b, hk, NO_OFFSET, 0, seqlen_k, tid)
+            issue_rows(v, smem, V_OFF, BN, b, hk, NO_OFFSET, 0, seqlen_k, tid)
         ptx.cp_async_commit()
 
         row_lse = cuda.local.array(ROWS, float32)
@@ -505,8 +505,8 @@ def _build_dq(spec):
             v_base = V_OFF + stage * BN * RW
             if it + 1 < n_tiles:
                 nxt = (1 - stage) * BN * RW
-                issue_rows(k, smem, K_OFF + nxt, BN, b, hk, n0 + BN, seqlen_k, tid)
-                issue_rows(v, smem, V_OFF + nxt, BN, b, hk, n0 + BN, seqlen_k, tid)
+                issue_rows(k, smem, K_OFF + nxt, BN, b, hk, NO_OFFSET, n0 + BN, seqlen_k, tid)
+                issue_rows(v, smem, V_OFF + nxt, BN, b, hk, NO_OFFSET, n0 + BN, seqlen_k, tid)
             ptx.cp_async_commit()
             ptx.cp_async_wait_group(1)
             cuda.syncthreads()

@@ -30,6 +30,7 @@ from numba.cuda import float32, int32, uint32
 
 from ..spec import ForwardSpec
 from . import ptx
+from .tile_copy import make_issue_rows
 from .varlen import sequence_span
 
 LOG2E = 1.4426950408889634
@@ -63,8 +64,6 @@ def build(spec: ForwardSpec):
     M_TILES = BM // (16 * WARPS)  # 16-row slices per warp
     assert M_TILES * 16 * WARPS == BM and BN % 16 == 0 and STAGES == 2 and D % 32 == 0
     ROW_WORDS = D // 2 + PAD_WORDS
-    CHUNKS = D // 8  # 16-byte chunks per row
-    RSTEP = T // CHUNKS  # rows one pass of all threads copies
     K_OFF = BM * ROW_WORDS
     V_OFF = K_OFF + STAGES * BN * ROW_WORDS
     D_BLOCKS = D // 8  # 8-column blocks of the output
@@ -79,41 +78,7 @@ def build(spec: ForwardSpec):
     CAUSAL, WITH_LSE, VARLEN = spec.causal, spec.with_lse, spec.varlen
     NEG_INF = -math.inf
 
-    @cuda.jit(device=True, inline=True)
-    def issue_chunk(src, smem, base, r, c, b, h, start, n0, seqlen):
-        """cp.async 16-byte chunk c of row start + n0 + r of src[b, :, h, :] to row r
-        of the shared tile at base. Rows past seqlen are zero-filled and their source
-        clamped to the sequence's last row: never the next packed sequence's rows."""
-        j = np.int32(n0 + r)
-        nbytes = np.int32(16) if j < seqlen else np.int32(0)
-        j = min(j, np.int32(seqlen - 1))
-        ptx.cp_async_16(
-            ptx.shared_address(smem, (base + r * np.int32(ROW_WORDS) + c * np.int32(4),)),
-            ptx.global_address(src, (b, start + j, h, c * np.int32(8))),
-            nbytes,
-        )
-
-    @cuda.jit(device=True, inline=True)
-    def issue_rows(src, smem, base, rows, b, h, start, n0, seqlen, tid):
-        """cp.async ``rows`` x D of src[b, start + n0:, h, :] to smem[base:] (rows past seqlen
-        are zero-filled). ``rows`` is a compile-time constant (BM or BN), so the trip
-        counts are fixed and the loops unroll; when the threads tile a row evenly each
-        thread keeps one chunk column, which keeps the hoisted addresses (registers)
-        few: only n0 changes from tile to tile."""
-        if T % CHUNKS == 0:
-            c = np.int32(tid % CHUNKS)
-            r0 = np.int32(tid // CHUNKS)
-            for it in range((rows + RSTEP - 1) // RSTEP):
-                r = r0 + np.int32(it * RSTEP)
-                if rows % RSTEP == 0 or r < rows:
-                    issue_chunk(src, smem, base, r, c, b, h, start, n0, seqlen)
-        else:
-            total = rows * CHUNKS
-            for it in range((total + T - 1) // T):
-                e = np.int32(tid + it * T)
-                if total % T == 0 or e < total:
-                    r = e // np.int32(CHUNKS)
-                    issue_chunk(src, smem, base, r, e - r * np.int32(CHUNKS), b, h, start, n0, seqlen)
+    issue_rows = make_issue_rows(D, ROW_WORDS, T)
 
     @cuda.jit(device=True, inline=True)
     def q_fragments(smem, warp_row, kk, lane):
