@@ -21,7 +21,9 @@ from nbflash import tuning  # noqa: E402
 from nbflash.kernels import backward_mma  # noqa: E402
 from ptx_gate_worker import ptxas_report  # noqa: E402
 
-PARTS = ("dkdv", "dkdvq", "dq")  # dq_convert has no tensor-core work
+def parts(plan):
+    """The kernels a shipped plan launches (dq_convert has no tensor-core work)."""
+    return ("dkdv", "dq", "dkdvq") if plan.dq_atomics else ("dkdv", "dq")
 ARCHS = ("sm_80", "sm_90a")
 
 
@@ -39,7 +41,7 @@ def shipped_specs(dtypes):
         for dtype in dtypes:
             for causal in (False, True):
                 plan = backward_mma.choose_spec(dtype, head_dim, causal, simulator=False)
-                for part in PARTS:
+                for part in parts(plan):
                     yield plan.__class__(**{**plan.__dict__, "part": part})
 
 

@@ -1,6 +1,7 @@
 """Compile every shipped tensor-core specialization (dense and varlen) for a real GPU target without a
 GPU, link it with nvJitLink (ptxas -v) and print one JSON line per kernel with its
-resources. Run by tests/test_ptx_gate.py in a subprocess with the simulator off."""
+resources. Run by tests/test_ptx_gate.py in subprocesses with the simulator off, one
+per dtype (the two run in parallel). Usage: ptx_gate_worker.py [fp16|bf16 ...]."""
 
 import json
 import os
@@ -29,35 +30,45 @@ def ptxas_report(ptx: str, arch: str) -> str:
     return log.decode()
 
 
-def main():
+def shipped_specs(dtypes):
+    """{spec: [archs that ship it]}: sm_80 and sm_90a share most tiles, and a spec's
+    compute_80 PTX is what ptxas assembles for either (Numba's front end is most of
+    the gate's time, so each spec is compiled to PTX once)."""
     targets = {"sm_80": (8, 0), "sm_90a": (9, 0, "a")}
+    found = {}
+    for arch, cc in targets.items():
+        for head_dim in sorted(tuning.MMA_TILES):
+            for dtype in dtypes:
+                for causal, varlen in ((False, False), (True, False), (False, True), (True, True)):
+                    bm, bn, threads, stages, q_regs = tuning.mma_tiles(head_dim, False, cc, causal)
+                    spec = ForwardSpec("mma", dtype, head_dim, head_dim, causal, True, bm, bn, threads, stages, q_regs,
+                                       varlen=varlen)
+                    found.setdefault(spec, []).append(arch)
+    return found
+
+
+def main():
     u16 = types.Array(types.uint16, 4, "A")
     seqlens = types.Array(types.int32, 1, "A")  # cu_seqlens_q, cu_seqlens_k (read by varlen kernels)
     sig = (u16, u16, u16, u16, types.Array(types.float32, 3, "A"), types.float32, types.int64, seqlens, seqlens)
-    for arch in sys.argv[1:] or targets:
-        for head_dim in sorted(tuning.MMA_TILES):
-            for dtype in ("fp16", "bf16"):
-                for causal, varlen in ((False, False), (True, False), (False, True), (True, True)):
-                    tiles = tuning.mma_tiles(head_dim, False, targets[arch], causal)
-                    bm, bn, threads, stages, q_regs = tiles
-                    spec = ForwardSpec("mma", dtype, head_dim, head_dim, causal, True, bm, bn, threads, stages, q_regs,
-                                       varlen=varlen)
-                    kernel = forward_mma.build(spec)
-                    fastmath = kernel.targetoptions.get("fastmath", False)
-                    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=targets[arch], fastmath=fastmath)
-                    log = ptxas_report(ptx, arch)
-                    grab = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
-                    print(json.dumps({
-                        "key": spec.key, "arch": arch, "threads": threads,
-                        "registers": grab(r"Used (\d+) registers"),
-                        "stack": grab(r"(\d+) bytes stack frame"),
-                        "spill_stores": grab(r"(\d+) bytes spill stores"),
-                        "spill_loads": grab(r"(\d+) bytes spill loads"),
-                        "mma": ptx.count("mma.sync.aligned.m16n8k16"),
-                        "ldmatrix": ptx.count("ldmatrix.sync.aligned"),
-                        "cp_async": ptx.count("cp.async.cg.shared.global"),
-                        "shared_bytes": forward_mma.shared_bytes(spec),
-                    }), flush=True)
+    for spec, archs in shipped_specs(sys.argv[1:] or ("fp16", "bf16")).items():
+        kernel = forward_mma.build(spec)
+        fastmath = kernel.targetoptions.get("fastmath", False)
+        ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(8, 0), fastmath=fastmath)
+        for arch in archs:
+            log = ptxas_report(ptx, arch)
+            grab = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
+            print(json.dumps({
+                "key": spec.key, "arch": arch, "threads": spec.threads,
+                "registers": grab(r"Used (\d+) registers"),
+                "stack": grab(r"(\d+) bytes stack frame"),
+                "spill_stores": grab(r"(\d+) bytes spill stores"),
+                "spill_loads": grab(r"(\d+) bytes spill loads"),
+                "mma": ptx.count("mma.sync.aligned.m16n8k16"),
+                "ldmatrix": ptx.count("ldmatrix.sync.aligned"),
+                "cp_async": ptx.count("cp.async.cg.shared.global"),
+                "shared_bytes": forward_mma.shared_bytes(spec),
+            }), flush=True)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from nbflash import tuning
 
 SHARED_PER_SM = {"sm_80": 164 * 1024, "sm_90a": 227 * 1024}
 DTYPES = ("fp16", "bf16")
-PARTS = 3  # dkdv, dkdvq, dq
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,8 @@ def reports():
         stdout, stderr = job.communicate(timeout=900)
         assert job.returncode == 0, stderr[-3000:]
         rows += [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == len(tuning.MMA_BWD_TILES) * len(DTYPES) * 2 * PARTS * 2, rows
+    parts = sum(3 if tuning.mma_bwd_dq_atomics(d, False) else 2 for d in tuning.MMA_BWD_TILES)
+    assert len(rows) == parts * len(DTYPES) * 2 * 2, rows  # x causal x arch
     return rows
 
 

@@ -113,6 +113,8 @@ class BackwardMmaSpec:
     dq_block_m / dq_block_n / dq_threads / dq_in_registers: the same for the
         separate dQ kernel (query rows per CTA, keys per streamed tile; Q and dO
         A-fragments in registers).
+    dq_atomics: without deterministic=True, dQ comes from float32 atomics in the
+        dK/dV kernel ("dkdvq" + "dq_convert") instead of the separate dQ kernel.
     """
 
     dtype: str
@@ -126,6 +128,7 @@ class BackwardMmaSpec:
     dq_block_n: int
     dq_threads: int
     dq_in_registers: bool
+    dq_atomics: bool = False
     part: str = "plan"
 
     @property
@@ -140,6 +143,7 @@ class BackwardMmaSpec:
             f"{name}-{self.dtype}-d{self.head_dim}{flags}"
             f"-m{self.block_m}n{self.block_n}t{self.threads}" + ("kvr" if self.kv_in_registers else "")
             + f"-dq_m{self.dq_block_m}n{self.dq_block_n}t{self.dq_threads}" + ("qr" if self.dq_in_registers else "")
+            + ("-dqatomic" if self.dq_atomics else "")
         )
 
     def __str__(self) -> str:

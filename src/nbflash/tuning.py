@@ -138,10 +138,15 @@ def backward_simt_tiles(acc_bytes: int, head_dim: int, head_dim_v: int, simulato
 # dQ kernel the number of 16-query slices per warp.
 MMA_BWD_TILES = {
     32: ((64, 64, 128, True), (64, 64, 128, True)),
-    64: ((32, 128, 256, True), (64, 64, 128, True)),
+    64: ((64, 128, 256, True), (64, 64, 128, True)),
     96: ((32, 64, 128, False), (64, 64, 128, False)),
-    128: ((32, 128, 256, False), (64, 64, 128, False)),
+    128: ((32, 64, 128, False), (64, 64, 128, True)),
 }
+# dQ by float32 atomics from the dK/dV kernel (FlashAttention-2's way) instead of the
+# separate dQ kernel. Measured on an H100 (perf/results/sweeps/H100-backward-tiles-*):
+# the separate kernel was faster in 27 of 28 (tiles, head_dim, causal) rows, by 10-35%,
+# so no head_dim ships atomics; the atomic path stays buildable for other GPUs.
+MMA_BWD_DQ_ATOMICS: dict[int, bool] = {}
 # One warp, 16-row tiles on the simulator: the emulated mma is slow.
 MMA_BWD_TILES_SIMULATOR = ((16, 16, 32, False), (16, 16, 32, False))
 
@@ -155,6 +160,12 @@ def mma_bwd_tiles(head_dim: int, simulator: bool):
     if simulator:
         return MMA_BWD_TILES_SIMULATOR
     return _bwd_override(head_dim) or MMA_BWD_TILES[head_dim]
+
+
+def mma_bwd_dq_atomics(head_dim: int, simulator: bool) -> bool:
+    """Whether the non-deterministic tensor-core backward accumulates dQ with float32
+    atomics (the simulator always does, so both paths stay tested)."""
+    return simulator or MMA_BWD_DQ_ATOMICS.get(head_dim, False)
 
 
 _BWD_OVERRIDE_VARIABLE = "NBFLASH_MMA_BWD_TILES"

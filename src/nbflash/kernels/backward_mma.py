@@ -78,7 +78,8 @@ def choose_spec(dtype: str, head_dim: int, causal: bool, simulator: bool):
     if tiles is None or dtype not in ("fp16", "bf16"):
         return None
     (bm, bn, threads, kv_regs), (qbm, qbn, qthreads, q_regs) = tiles
-    return BackwardMmaSpec(dtype, head_dim, causal, bm, bn, threads, kv_regs, qbm, qbn, qthreads, q_regs)
+    atomics = tuning.mma_bwd_dq_atomics(head_dim, simulator)
+    return BackwardMmaSpec(dtype, head_dim, causal, bm, bn, threads, kv_regs, qbm, qbn, qthreads, q_regs, atomics)
 
 
 def build(spec: BackwardMmaSpec):
@@ -649,8 +650,9 @@ def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, det
         delta (B, Hq, Nq) float32 = rowsum(do * out);
         dq (B, Nq, Hq, D), dk (B, Nk, Hkv, D), dv (B, Nk, Hkv, D): written, every element.
         scale: the forward's scale; group = Hq // Hkv (dk, dv sum over a group's heads).
-        deterministic: dQ by the separate kernel (bitwise repeatable) instead of
-            float32 atomics into a zeroed scratch (B, Nq, Hq, D) buffer.
+        deterministic: dQ by the separate kernel (bitwise repeatable) even where
+            spec.dq_atomics would accumulate it with float32 atomics into a zeroed
+            scratch (B, Nq, Hq, D) buffer.
     """
     from dataclasses import replace
 
@@ -662,6 +664,7 @@ def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, det
         return
     views = [launch.numba_view(a) for a in (q, k, v, do, lse, delta)]
     scale = np.float32(scale)
+    deterministic = deterministic or not spec.dq_atomics
     if deterministic:
         part = replace(spec, part="dkdv")
         dq_acc = _zeros(q, (1, 1, 1, 1))
