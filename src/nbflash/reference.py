@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from . import dropout
+
 
 def _to_bshd(x: np.ndarray, layout: str) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
@@ -18,35 +20,111 @@ def _to_bshd(x: np.ndarray, layout: str) -> np.ndarray:
     return x if layout == "bshd" else x.transpose(0, 2, 1, 3)
 
 
-def visible(seqlen_q: int, seqlen_k: int, causal: bool) -> np.ndarray:
+def visible(seqlen_q: int, seqlen_k: int, causal: bool, window=None) -> np.ndarray:
     """Boolean (seqlen_q, seqlen_k): True where query i may attend to key j.
 
     Causal is bottom-right aligned: key j is hidden from query i when
-    j > i + seqlen_k - seqlen_q.
+    j > i + seqlen_k - seqlen_q. window=(left, right) keeps keys with
+    i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right (-1: no
+    bound on that side).
     """
     i = np.arange(seqlen_q)[:, None]
     j = np.arange(seqlen_k)[None, :]
-    if not causal:
-        return np.ones((seqlen_q, seqlen_k), dtype=bool)
-    return j <= i + seqlen_k - seqlen_q
+    diagonal = i + seqlen_k - seqlen_q
+    seen = np.ones((seqlen_q, seqlen_k), dtype=bool)
+    if causal:
+        seen &= j <= diagonal
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            seen &= j >= diagonal - left
+        if right >= 0:
+            seen &= j <= diagonal + right
+    return seen
 
 
-def _softmax(qd, kd, scale, causal):
-    """P = softmax(scale * Q K^T, masked) as (batch, heads, seqlen_q, seqlen_k) with
-    kd already repeated to q's heads; also the row max, row sum and whether a row saw
-    any key (rows that see none get P = 0, never NaN)."""
+def _broadcast_scores_array(x, shape, squeeze, dtype):
+    """A user bias/mask as a (batch, heads_q, seqlen_q, seqlen_k) array."""
+    x = np.asarray(x, dtype=dtype)
+    return np.broadcast_to(x, shape[1:])[None] if squeeze else np.broadcast_to(x, shape)
+
+
+def _scores(qd, kd, scale, causal, variants):
+    """The scores as the softmax sees them, (batch, heads, seqlen_q, seqlen_k) with kd
+    already repeated to q's heads: scale * Q K^T, soft-capped, plus ALiBi and bias,
+    -inf where hidden (causal, window, mask); and d(capped)/d(uncapped) for the
+    backward (1 without softcap)."""
+    batch, seqlen_q, heads_q, _ = qd.shape
+    seqlen_k = kd.shape[1]
     scores = np.einsum("bihd,bjhd->bhij", qd, kd) * scale
-    scores = np.where(visible(qd.shape[1], kd.shape[1], causal), scores, -np.inf)
+    slope = np.ones_like(scores)
+    softcap = variants.get("softcap") or 0.0
+    if softcap:
+        t = np.tanh(scores / softcap)
+        scores = softcap * t
+        slope = 1.0 - t * t
+    slopes = variants.get("alibi_slopes")
+    if slopes is not None:
+        slopes = np.broadcast_to(np.asarray(slopes, dtype=np.float64), (batch, heads_q))
+        i = np.arange(seqlen_q)[:, None]
+        j = np.arange(seqlen_k)[None, :]
+        distance = np.abs(i + seqlen_k - seqlen_q - j)
+        scores = scores - slopes[:, :, None, None] * distance
+    shape = scores.shape
+    squeeze = variants.get("squeeze", False)
+    if variants.get("bias") is not None:
+        scores = scores + _broadcast_scores_array(variants["bias"], shape, squeeze, np.float64)
+    seen = visible(seqlen_q, seqlen_k, causal, variants.get("window"))
+    if variants.get("mask") is not None:
+        seen = seen & _broadcast_scores_array(variants["mask"], shape, squeeze, bool)
+    return np.where(seen, scores, -np.inf), slope
+
+
+def _softmax(qd, kd, scale, causal, variants=None):
+    """P = softmax(scores) (see _scores) as (batch, heads, seqlen_q, seqlen_k); also
+    the row max, row sum, whether a row saw any key (rows that see none get P = 0,
+    never NaN) and the softcap slope."""
+    scores, slope = _scores(qd, kd, scale, causal, variants or {})
     row_max = scores.max(axis=-1, keepdims=True, initial=-np.inf)
     seen = np.isfinite(row_max)
     weights = np.where(seen, np.exp(scores - np.where(seen, row_max, 0.0)), 0.0)
     row_sum = weights.sum(axis=-1, keepdims=True)
     probs = np.where(row_sum > 0, weights / np.where(row_sum > 0, row_sum, 1.0), 0.0)
-    return probs, row_max, row_sum, seen
+    return probs, row_max, row_sum, seen, slope
 
 
-def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=False):
-    """float64 reference of :func:`nbflash.attention`.
+def _dropout_factor(variants, shape):
+    """keep / (1 - p) as (batch, heads_q, seqlen_q, seqlen_k), or None without dropout."""
+    p = variants.get("dropout_p") or 0.0
+    if not p:
+        return None
+    keep = variants.get("dropout_mask")
+    if keep is None:
+        if variants.get("seed") is None:
+            raise ValueError("seed: required when dropout_p > 0")
+        keep = dropout.keep_mask(variants["seed"], p, *shape)
+    return np.asarray(keep, dtype=np.float64) / (1.0 - p)
+
+
+def _variants(window, softcap, alibi_slopes, bias, mask, dropout_p, seed, dropout_mask, squeeze):
+    return {"window": window, "softcap": softcap, "alibi_slopes": alibi_slopes, "bias": bias,
+            "mask": mask, "dropout_p": dropout_p, "seed": seed, "dropout_mask": dropout_mask,
+            "squeeze": squeeze}
+
+
+def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=False, window=None,
+              softcap=0.0, alibi_slopes=None, bias=None, mask=None, dropout_p=0.0, seed=None,
+              dropout_mask=None):
+    """float64 reference of :func:`nbflash.attention`, variants included.
+
+    Scores: t = scale * q k^T; t = softcap * tanh(t / softcap) when softcap > 0;
+    t -= slope[b, h] * |i + seqlen_k - seqlen_q - j| with alibi_slopes ((heads_q,) or
+    (batch, heads_q)); t += bias (broadcastable to (batch, heads_q, seqlen_q,
+    seqlen_k), or (heads_q, seqlen_q, seqlen_k) for 3-D inputs); hidden where causal,
+    outside window=(left, right) or where the boolean mask is False. P = softmax(t);
+    with dropout_p > 0, P is multiplied by keep / (1 - dropout_p), keep from
+    nbflash.dropout.keep_mask(seed, ...) or the given dropout_mask ((batch, heads_q,
+    seqlen_q, seqlen_k) bool). lse is of the scores before dropout.
 
     Returns out (float64, q's layout, v's head_dim) and, with return_lse, lse
     (float64, (batch, heads_q, seqlen_q); -inf for rows that see no key).
@@ -58,10 +136,14 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=Fa
     group = heads_q // heads_kv
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
+    variants = _variants(window, softcap, alibi_slopes, bias, mask, dropout_p, seed, dropout_mask, squeeze)
 
     kd = np.repeat(kd, group, axis=2)  # query head h reads kv head h // group
     vd = np.repeat(vd, group, axis=2)
-    probs, row_max, row_sum, seen = _softmax(qd, kd, scale, causal)
+    probs, row_max, row_sum, seen, _ = _softmax(qd, kd, scale, causal, variants)
+    factor = _dropout_factor(variants, probs.shape)
+    if factor is not None:
+        probs = probs * factor
     out = np.einsum("bhij,bjhd->bihd", probs, vd)
     with np.errstate(divide="ignore"):
         lse = np.where(seen, row_max + np.log(row_sum), -np.inf)[..., 0]
@@ -162,13 +244,17 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
     return (out, lse) if return_lse else out
 
 
-def attention_backward(do, q, k, v, *, causal=False, scale=None, layout="bshd"):
+def attention_backward(do, q, k, v, *, causal=False, scale=None, layout="bshd", window=None,
+                       softcap=0.0, alibi_slopes=None, bias=None, mask=None, dropout_p=0.0, seed=None,
+                       dropout_mask=None, return_dbias=False):
     """float64 reference of :func:`nbflash.attention_backward`: the gradients of
-    sum(do * out) with out = attention(q, k, v), from the materialized P.
+    sum(do * out) with out = attention(q, k, v, **the same variants), from the
+    materialized P.
 
     do has out's shape (q's layout, v's head_dim). Returns (dq, dk, dv), float64, in
-    the shapes of q, k, v. For GQA, dk and dv sum over the query heads that share a kv
-    head; rows that see no key contribute nothing (their dq is 0).
+    the shapes of q, k, v, and with return_dbias also dbias in bias's shape (summed
+    over the axes bias broadcasts along). For GQA, dk and dv sum over the query heads
+    that share a kv head; rows that see no key contribute nothing (their dq is 0).
     """
     squeeze = np.ndim(q) == 3
     qd, kd, vd, dod = (_to_bshd(x, layout) for x in (q, k, v, do))
@@ -177,18 +263,26 @@ def attention_backward(do, q, k, v, *, causal=False, scale=None, layout="bshd"):
     group = heads_q // heads_kv
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
+    variants = _variants(window, softcap, alibi_slopes, bias, mask, dropout_p, seed, dropout_mask, squeeze)
 
     kr = np.repeat(kd, group, axis=2)  # query head h reads kv head h // group
     vr = np.repeat(vd, group, axis=2)
-    probs = _softmax(qd, kr, scale, causal)[0]
+    probs, _, _, _, cap_slope = _softmax(qd, kr, scale, causal, variants)
+    factor = _dropout_factor(variants, probs.shape)
+    dropped = probs if factor is None else probs * factor
 
-    # out = P V, so dV = P^T dO and dP = dO V^T; softmax's Jacobian gives
-    # dS = P * (dP - rowsum(P * dP)), and S = scale * Q K^T gives dQ and dK.
-    dv = np.einsum("bhij,bihd->bjhd", probs, dod)
+    # out = P_d V with P_d = P * keep / (1 - p), so dV = P_d^T dO and dP = (dO V^T) *
+    # keep / (1 - p); softmax's Jacobian gives dS = P * (dP - rowsum(P * dP)); the
+    # bias gradient is dS; softcap scales it by 1 - tanh^2; t = scale * Q K^T gives
+    # dQ and dK.
+    dv = np.einsum("bhij,bihd->bjhd", dropped, dod)
     dp = np.einsum("bihd,bjhd->bhij", dod, vr)
+    if factor is not None:
+        dp = dp * factor
     ds = probs * (dp - (probs * dp).sum(axis=-1, keepdims=True))
-    dq = scale * np.einsum("bhij,bjhd->bihd", ds, kr)
-    dk = scale * np.einsum("bhij,bihd->bjhd", ds, qd)
+    dt = ds * cap_slope
+    dq = scale * np.einsum("bhij,bjhd->bihd", dt, kr)
+    dk = scale * np.einsum("bhij,bihd->bjhd", dt, qd)
     # GQA: sum the group's query heads into their kv head
     dk = dk.reshape(batch, seqlen_k, heads_kv, group, head_dim).sum(axis=3)
     dv = dv.reshape(batch, seqlen_k, heads_kv, group, vd.shape[3]).sum(axis=3)
@@ -198,7 +292,19 @@ def attention_backward(do, q, k, v, *, causal=False, scale=None, layout="bshd"):
         grads = [g.transpose(0, 2, 1, 3) for g in grads]
     if squeeze:
         grads = [g[0] for g in grads]
+    if return_dbias:
+        if bias is None:
+            raise ValueError("return_dbias: requires a bias")
+        grads.append(_sum_to_shape(ds[0] if squeeze else ds, np.shape(bias)))
     return tuple(grads)
+
+
+def _sum_to_shape(x, shape):
+    """Sum x over the axes a broadcast of ``shape`` expanded (NumPy's rules)."""
+    lead = x.ndim - len(shape)
+    x = x.sum(axis=tuple(range(lead))) if lead else x
+    axes = tuple(a for a, n in enumerate(shape) if n == 1 and x.shape[a] != 1)
+    return x.sum(axis=axes, keepdims=True) if axes else x
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, causal=False, scale=None, return_lse=False):

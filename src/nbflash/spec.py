@@ -10,6 +10,45 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class Variant:
+    """The attention variants compiled into a kernel (issue 7); their run-time values
+    (window bounds, softcap, slopes, bias, mask, dropout threshold and seed) are kernel
+    arguments, see nbflash.variants.
+
+    window: a sliding window (left, right) bounds each row's keys; tiles outside it
+        are skipped.
+    softcap: scores become softcap * tanh(scores / softcap) before the softmax.
+    alibi: -slope * |i + seqlen_k - seqlen_q - j| is added to the scores.
+    bias: "" for none, else the short dtype name of an additive bias read through
+        its strides.
+    mask: a boolean mask (True attends) read through its strides.
+    dropout: Philox dropout on P (nbflash.dropout).
+    """
+
+    window: bool = False
+    softcap: bool = False
+    alibi: bool = False
+    bias: str = ""
+    mask: bool = False
+    dropout: bool = False
+
+    @property
+    def key(self) -> str:
+        """"" for plain attention, else e.g. "-win-cap-alibi-bias_fp32-mask-drop"."""
+        parts = [name for name, on in (("win", self.window), ("cap", self.softcap), ("alibi", self.alibi))
+                 if on]
+        parts += [f"bias_{self.bias}"] if self.bias else []
+        parts += [name for name, on in (("mask", self.mask), ("drop", self.dropout)) if on]
+        return "".join("-" + p for p in parts)
+
+    def __bool__(self) -> bool:
+        return self != PLAIN
+
+
+PLAIN = Variant()
+
+
+@dataclass(frozen=True)
 class ForwardSpec:
     """A forward-attention kernel specialization.
 
@@ -24,6 +63,7 @@ class ForwardSpec:
         being re-read from shared memory every key tile (mma only).
     varlen: packed variable-length sequences (nbflash.attention_varlen): each CTA reads
         its sequence's offsets and lengths from cu_seqlens arrays.
+    variant: the attention variants compiled in (window, softcap, ...; see Variant).
     """
 
     kernel: str
@@ -38,6 +78,7 @@ class ForwardSpec:
     stages: int = 1
     q_in_registers: bool = False
     varlen: bool = False
+    variant: Variant = PLAIN
 
     @property
     def module(self) -> str:
@@ -47,7 +88,7 @@ class ForwardSpec:
     @property
     def key(self) -> str:
         flags = ("-causal" if self.causal else "") + ("-lse" if self.with_lse else "")
-        flags += "-varlen" if self.varlen else ""
+        flags += ("-varlen" if self.varlen else "") + self.variant.key
         stages = f"s{self.stages}" + ("qr" if self.q_in_registers else "") if self.kernel != "simt" else ""
         return (
             f"fwd_{self.kernel}-{self.dtype}-d{self.head_dim}-dv{self.head_dim_v}{flags}"
@@ -67,6 +108,7 @@ class BackwardSpec:
     dtype, head_dim, head_dim_v, causal: as in ForwardSpec.
     block_m / block_n: query rows and key rows per tile; threads: per CTA.
     stages: shared-memory buffers per streamed tile (1 for simt).
+    variant: the attention variants compiled in (see Variant).
     """
 
     kernel: str
@@ -78,6 +120,7 @@ class BackwardSpec:
     block_n: int
     threads: int
     stages: int = 1
+    variant: Variant = PLAIN
 
     @property
     def module(self) -> str:
@@ -86,7 +129,7 @@ class BackwardSpec:
 
     @property
     def key(self) -> str:
-        flags = "-causal" if self.causal else ""
+        flags = ("-causal" if self.causal else "") + self.variant.key
         stages = f"s{self.stages}" if self.kernel != "simt" else ""
         return (
             f"bwd_{self.kernel}-{self.dtype}-d{self.head_dim}-dv{self.head_dim_v}{flags}"
@@ -115,6 +158,7 @@ class BackwardMmaSpec:
         A-fragments in registers).
     dq_atomics: without deterministic=True, dQ comes from float32 atomics in the
         dK/dV kernel ("dkdvq" + "dq_convert") instead of the separate dQ kernel.
+    variant: the attention variants compiled in (see Variant).
     """
 
     dtype: str
@@ -129,6 +173,7 @@ class BackwardMmaSpec:
     dq_threads: int
     dq_in_registers: bool
     dq_atomics: bool = False
+    variant: Variant = PLAIN
     part: str = "plan"
 
     @property
@@ -138,7 +183,7 @@ class BackwardMmaSpec:
     @property
     def key(self) -> str:
         name = "bwd_mma" if self.part == "plan" else f"bwd_mma_{self.part}"
-        flags = "-causal" if self.causal else ""
+        flags = ("-causal" if self.causal else "") + self.variant.key
         return (
             f"{name}-{self.dtype}-d{self.head_dim}{flags}"
             f"-m{self.block_m}n{self.block_n}t{self.threads}" + ("kvr" if self.kv_in_registers else "")
