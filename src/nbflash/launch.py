@@ -432,7 +432,7 @@ class Launcher:
     """A kernel ready to launch for one argument-type signature on one device: the
     driver handle and the parameter layout. Thread safe."""
 
-    def __init__(self, handle: int, layout: ParamLayout, device_id: int, name: str):
+    def __init__(self, handle: int, layout: ParamLayout, device_id: int, name: str, driver=None):
         import ctypes
 
         self.handle = handle
@@ -443,7 +443,7 @@ class Launcher:
         self._pointers_addr = ctypes.addressof(self._pointers)
         self._lock = threading.Lock()
         self._shared_allowed = _STATIC_SHARED_LIMIT
-        self._driver = _get_driver()
+        self._driver = driver or _get_driver()  # a given _Driver: benchmarks comparing them
         self._launch = self._driver.launch_kernel
 
     def allow_shared(self, nbytes: int):
