@@ -30,13 +30,18 @@ FAKE_LIBCUDA = r"""
 #include <stdint.h>
 typedef int CUresult;
 static long calls;
+static unsigned long long last[11];
 CUresult cuInit(unsigned int f) { return 0; }
 CUresult cuDriverGetVersion(int *v) { *v = 13000; return 0; }
 CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                         unsigned bz, unsigned shared, void *stream, void **params, void **extra) {
+  unsigned long long v[11] = {(unsigned long long)f, gx, gy, gz, bx, by, bz, shared,
+                              (unsigned long long)stream, (unsigned long long)params, (unsigned long long)extra};
+  for (int i = 0; i < 11; i++) last[i] = v[i];
   calls++; return f == (void *)0xDEAD ? 201 : 0;
 }
 long fake_calls(void) { return calls; }
+unsigned long long fake_last(int i) { return last[i]; }
 CUresult cuGetErrorName(int e, const char **s) { *s = "CUDA_ERROR_FAKE"; return 0; }
 CUresult cuGetErrorString(int e, const char **s) { *s = "fake"; return 0; }
 CUresult cuGetProcAddress_v2(const char *sym, void **pfn, int v, uint64_t fl, int *status) {

@@ -516,3 +516,26 @@ def test_warm_disk_cache_loads_without_compiling(tmp_path):
     cold, warm = (r.stdout.strip().split(" ", 1) for r in runs)
     assert "[disk]" not in cold[1] and "[disk]" in warm[1], (cold, warm)
     assert float(warm[0]) < 1.0, warm
+
+
+def test_both_driver_kinds_reach_libcuda_with_the_arguments_given(tmp_path):
+    # CuPy's Cython launchKernel and the ctypes fallback, against a no-op libcuda.so.1
+    # built here (the C compiler is part of the dev and CI images)
+    import os
+    import subprocess
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "perf"))
+    try:
+        import stub_host_path
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "fake.c").write_text(stub_host_path.FAKE_LIBCUDA)
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(tmp_path / "libcuda.so.1"), str(tmp_path / "fake.c"),
+                    "-ldl"], check=True)
+    here = os.path.dirname(__file__)
+    env = dict(os.environ, LD_LIBRARY_PATH=str(tmp_path), NUMBA_ENABLE_CUDASIM="1",
+               PYTHONPATH=os.path.join(here, "..", "src"))
+    done = subprocess.run([sys.executable, os.path.join(here, "launch_driver_worker.py")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
