@@ -1,19 +1,27 @@
 """Host overhead per call on a tiny problem (batch 1, heads 8, seqlen 128, head_dim 64,
 fp16), where launch cost, not the GPU, decides throughput (decoding, small layers).
 
-For each way of running the same attention: wall-clock microseconds per call over
---calls calls with no synchronization inside the loop ("host us": what the calling
-thread spends), and including one synchronization at the end ("wall us": bounded
-below by the GPU time when the GPU is the bottleneck). Ways: nbflash.attention, a
-plan (allocating, and writing into a given out), Numba's own launch of the same
-compiled kernel, and torch SDPA when torch imports (a yardstick, never a dependency).
-Then the first call in a fresh process with an empty disk cache (cold: compiles) and
-with the cache filled (warm), each in a subprocess.
+For each way of running the same attention, microseconds per call:
+- host us: wall time per call of the calling thread, timed in chunks of 50 calls while
+  a spin kernel holds the GPU busy (the calls' kernels queue behind it), so GPU time
+  never enters; median over chunks. "cpu us": the thread's CPU time alike.
+- free us: the same chunks with the GPU free; wall us: an unbroken loop plus one final
+  synchronization (bounded below by the GPU time per call).
+- syncs: whether one call behind a 50 ms spin kernel waited for it (nothing in a call
+  path may synchronize).
+Ways: nbflash.attention, a plan (allocating, and writing into a given out), Numba's
+own launch of the same compiled kernel, the parts of a call (the prepared driver
+launch through CuPy's launchKernel and through ctypes, the parameters as one packed
+buffer, CUkernel and CUfunction handles, an empty kernel's launch as the driver's
+floor, CuPy's allocation, the memo key), and torch SDPA when torch imports (a
+yardstick, never a dependency). The kernel's own GPU time: CUDA events around 200
+back-to-back calls queued behind a spin kernel. Then the first call in a fresh process
+with an empty disk cache (cold: compiles) and with the cache filled (warm).
 
-    python perf/bench_overhead.py [--quick] [--calls 2000] [--out perf/results]
+    python perf/bench_overhead.py [--quick] [--calls N] [--out perf/results]
 
 Writes <out>/<gpu-name>-overhead.json and prints a table last. Targets (issue 6):
-attention <= 10 us, plan <= 5 us, warm first call < 1 s.
+attention <= 10 us, plan <= 5 us of host time, warm first call < 1 s.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,18 +60,73 @@ print(json.dumps({"import_s": t1 - t0, "first_call_s": t3 - t2, "compile_seconds
 """
 
 
-CHUNK = 100  # calls between synchronizations when timing host cost
+CHUNK = 50  # calls per timed chunk
+HOLD_US_PER_CALL = 200  # the GPU is held busy this long per call of a chunk
+
+SPIN = r"""
+extern "C" __global__ void nbflash_bench_spin(unsigned long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); } while (t - t0 < ns);
+}
+extern "C" __global__ void nbflash_bench_empty() {}
+"""
 
 
-def per_call(fn, calls, sync):
-    """(host us per call, wall us per call incl. one final sync), after warm-up.
+class Gpu:
+    """A spin kernel that holds CuPy's current stream busy for a given time: work
+    launched behind it queues, so the host side of a call is timed apart from the GPU."""
 
-    Host time is summed over chunks of CHUNK calls with a synchronization between
-    chunks (not timed): once calls are cheaper than the kernel, an unbroken loop
-    fills the driver's launch queue and then measures the GPU, not the host."""
+    def __init__(self):
+        import cupy
+        import numpy as np
+
+        module = cupy.RawModule(code=SPIN)
+        self._spin = module.get_function("nbflash_bench_spin")
+        self.empty = module.get_function("nbflash_bench_empty")
+        self._u64 = np.uint64
+        self.stream = cupy.cuda.get_current_stream()
+        self.hold(1000)
+        self.stream.synchronize()
+
+    def hold(self, us):
+        self._spin((1,), (1,), (self._u64(int(us * 1000)),))
+
+    def busy(self):
+        return not self.stream.done
+
+    def sync(self):
+        self.stream.synchronize()
+
+
+def host_per_call(fn, calls, gpu):
+    """Host time per call with the GPU held busy through each timed chunk: (median
+    wall us per call over chunks, median calling-thread CPU us per call, whether the
+    GPU was still busy after every chunk). A call that synchronized would wait out the
+    hold: both the times and the last flag would show it."""
     for _ in range(20):
         fn()
-    sync()
+    gpu.sync()
+    walls, cpus, held = [], [], True
+    done = 0
+    while done < calls:
+        n = min(CHUNK, calls - done)
+        gpu.hold(n * HOLD_US_PER_CALL)
+        c0, t0 = time.thread_time(), time.perf_counter()
+        for _ in range(n):
+            fn()
+        t1, c1 = time.perf_counter(), time.thread_time()
+        held = held and gpu.busy()
+        gpu.sync()
+        walls.append((t1 - t0) / n * 1e6)
+        cpus.append((c1 - c0) / n * 1e6)
+        done += n
+    return statistics.median(walls), statistics.median(cpus), held
+
+
+def free_per_call(fn, calls, gpu):
+    """(host us per call in chunks with the GPU free, wall us per call of an unbroken
+    loop and one final sync: bounded below by the GPU time per call)."""
     host = 0.0
     done = 0
     while done < calls:
@@ -71,14 +135,44 @@ def per_call(fn, calls, sync):
         for _ in range(n):
             fn()
         host += time.perf_counter() - start
-        sync()
+        gpu.sync()
         done += n
     start = time.perf_counter()
     for _ in range(calls):
         fn()
-    sync()
-    wall = time.perf_counter() - start
-    return host / calls * 1e6, wall / calls * 1e6
+    gpu.sync()
+    return host / calls * 1e6, (time.perf_counter() - start) / calls * 1e6
+
+
+def kernel_gpu_us(fn, gpu, calls=200):
+    """GPU microseconds per call of fn launched back to back: CUDA events around
+    ``calls`` calls queued behind a spin kernel, so the host never starves the GPU."""
+    import cupy
+
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    for _ in range(10):
+        fn()
+    gpu.hold(calls * HOLD_US_PER_CALL)
+    start.record()
+    for _ in range(calls):
+        fn()
+    stop.record()
+    held = gpu.busy()
+    stop.synchronize()
+    return cupy.cuda.get_elapsed_time(start, stop) * 1e3 / calls, held
+
+
+def syncs(fn, gpu):
+    """True when a call waits for the GPU: one call behind a 50 ms spin."""
+    fn()
+    gpu.sync()
+    gpu.hold(50_000)
+    start = time.perf_counter()
+    fn()
+    took = time.perf_counter() - start
+    busy = gpu.busy()
+    gpu.sync()
+    return took > 0.025 or not busy
 
 
 def first_call(cache_dir):
@@ -91,12 +185,55 @@ def first_call(cache_dir):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def packed_extra_launch(bound, layout, handle, grid, block, shared, stream_ptr):
+    """A launch of ``bound``'s parameters as one packed buffer through cuLaunchKernel's
+    ``extra`` (CU_LAUNCH_PARAM_BUFFER_POINTER), instead of a void* per parameter:
+    each parameter at its natural alignment, as the PTX entry lays them out."""
+    import ctypes
+
+    from cuda.bindings import driver
+    from cupy_backends.cuda.api.driver import launchKernel
+
+    offsets, end = [], 0
+    for n in layout.param_sizes:
+        end = -(-end // n) * n
+        offsets.append(end)
+        end += n
+    # never launch on a guess: the driver's own offsets must agree (CUDA 12.4+)
+    told = []
+    for i in range(len(offsets)):
+        err, offset, size = driver.cuKernelGetParamInfo(driver.CUkernel(handle), i)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            err, offset, size = driver.cuFuncGetParamInfo(driver.CUfunction(handle), i)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"parameter {i}: no offset from the driver ({err})")
+        told.append(offset)
+    if told != offsets:
+        raise RuntimeError(f"parameter offsets {told} differ from the packed ones {offsets}")
+    total = -(-end // 8) * 8
+    buffer = (ctypes.c_uint8 * max(total, 8))()
+    raw = bytes(bound._buffer)
+    for i, (offset, n) in enumerate(zip(offsets, layout.param_sizes)):
+        ctypes.memmove(ctypes.addressof(buffer) + offset, raw[8 * i: 8 * i + n], n)
+    size = ctypes.c_size_t(total)
+    extra = (ctypes.c_void_p * 5)(1, ctypes.addressof(buffer), 2, ctypes.addressof(size), 0)
+    keep = (buffer, size, extra)
+    address = ctypes.addressof(extra)
+
+    def go():
+        launchKernel(handle, *grid, *block, shared, stream_ptr, 0, address)
+
+    go.keep = keep
+    return go
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="(the default size already runs in well under 2 minutes)")
-    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--quick", action="store_true", help="fewer calls per row (1000)")
+    ap.add_argument("--calls", type=int, default=None, help="calls per row (default 3000, --quick 1000)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
+    calls = args.calls or (1000 if args.quick else 3000)
 
     import cupy
 
@@ -104,26 +241,39 @@ def main():
     from nbflash import api, launch
 
     plan_module = nbflash.plans
-    gpu = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    sync = cupy.cuda.get_current_stream().synchronize
+    gpu_name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    gpu = Gpu()
     rng = cupy.random.default_rng(1)
     q, k, v = (rng.standard_normal(SHAPE, dtype=cupy.float32).astype(cupy.float16) for _ in range(3))
     out = cupy.empty_like(q)
     spec = nbflash.forward_spec(q, k, v)
     rows, results = [], {}
 
+    def optional(way, make):
+        """A row whose setup or run may fail on some driver: reported, never fatal."""
+        try:
+            fn = make()
+            if fn is not None:
+                row(way, fn)
+        except Exception as error:
+            gpu.sync()
+            print(f"# row {way!r} left out: {type(error).__name__}: {error}", file=sys.stderr)
+
     def row(way, fn, peer=None):
-        host, wall = per_call(fn, args.calls, sync)
-        results[way] = (host, wall)
-        rows.append({"way": way, "host_us": host, "wall_us": wall, "spec": spec.key, "gpu": gpu,
-                     "peer": peer, "shape_bshd": SHAPE, "dtype": "fp16", "calls": args.calls})
+        host, cpu, held = host_per_call(fn, calls, gpu)
+        free, wall = free_per_call(fn, calls, gpu)
+        synced = syncs(fn, gpu)
+        results[way] = (host, cpu, free, wall, held, synced)
+        rows.append({"way": way, "host_us": host, "thread_cpu_us": cpu, "host_us_gpu_free": free, "wall_us": wall,
+                     "gpu_held_through_chunks": held, "syncs": synced, "spec": spec.key, "gpu": gpu_name,
+                     "peer": peer, "shape_bshd": SHAPE, "dtype": "fp16", "calls": calls})
         print(json.dumps(rows[-1]), file=sys.stderr)
 
     # The same answer every way (a fast path that launched nothing would show here)
     want = nbflash.attention(q, k, v)
     plan = nbflash.plan(q, k, v)
     got = plan(q, k, v)
-    sync()
+    gpu.sync()
     assert bool(cupy.array_equal(want, got)), "plan and attention disagree"
 
     row("nbflash.attention", lambda: nbflash.attention(q, k, v))
@@ -135,25 +285,73 @@ def main():
     problem, views = api._validate(*(nbflash.arrays.intake(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v"))), "bshd")
     kernel, grid, kargs, shared = api.forward_launch_args(problem, spec, views, out, None, 1 / 8)
     numba_args = [a.numba() if isinstance(a, launch.DeviceArg) else a for a in kargs]
-    numba_stream = launch.current_stream()
-    numba_launch = kernel[grid, spec.threads, numba_stream, shared]
+    numba_launch = kernel[grid, spec.threads, launch.current_stream(), shared]
     row("numba kernel[...](...)", lambda: numba_launch(*numba_args))
+
+    # Where a call's host time goes: its parts alone, and the driver call in other forms
+    stream_ptr = cupy.cuda.get_current_stream().ptr
+    block = (spec.threads, 1, 1)
     fast = launch.launcher_for(kernel, kargs, shared)
     if fast is not None:
-        stream_ptr = cupy.cuda.get_current_stream().ptr
-        block = (spec.threads, 1, 1)
-        row("nbflash launcher alone", lambda: fast(grid, block, shared, stream_ptr, kargs))
+        ptrs = [a.ptr for a in kargs[:4]]
+        row("nbflash Launcher (packs all)", lambda: fast(grid, block, shared, stream_ptr, kargs))
+        go = fast.bind(kargs).fixed(grid, block, shared, varying=4)
+        row(f"part: prepared launch ({fast._driver.kind})", lambda: go(stream_ptr, *ptrs))
+        if fast._driver.kind == "cupy":
+            def ctypes_go():
+                slow = launch.Launcher(fast.handle, fast.layout, fast.device, fast.name, driver=launch._Driver("ctypes"))
+                go_c = slow.bind(kargs).fixed(grid, block, shared, varying=4)
+                return lambda: go_c(stream_ptr, *ptrs)
 
-    # Where a plan call's host time goes: its parts alone
-    bound = fast.bind(kargs).fixed(grid, (spec.threads, 1, 1), shared) if fast is not None else None
-    if bound is not None:
-        stream_ptr = cupy.cuda.get_current_stream().ptr
-        ptrs = [a.ptr for a in kargs if hasattr(a, "ptr")]  # every array argument, cu_seqlens included
-        row("part: prepared launch (go)", lambda: bound(stream_ptr, *ptrs))
+            optional("part: prepared launch (ctypes)", ctypes_go)
+
+            def extra_go():
+                check = cupy.full_like(out, cupy.nan)
+                bound_check = fast.bind(kargs)
+                bound_check._slots[fast.layout.data_slots[3]] = check.data.ptr
+                packed_extra_launch(bound_check, fast.layout, fast.handle, grid, block, shared, stream_ptr)()
+                gpu.sync()
+                if not bool(cupy.array_equal(check, want)):
+                    raise AssertionError("the packed-buffer launch gave another answer")
+                return packed_extra_launch(fast.bind(kargs), fast.layout, fast.handle, grid, block, shared,
+                                           stream_ptr)
+
+        def handle_kinds():
+            # a disk-cache load gives a CUkernel, a compile a CUfunction (this process's
+            # launcher has either, depending on whether the disk cache held the kernel)
+            from cuda.bindings import driver
+
+            sig = launch.signature_of(kargs)
+            cc = launch._compute_capability(fast.device)
+            loaded = launch._disk_load(launch._disk_key(spec.key, sig, cc), fast.layout)
+            if loaded is None:
+                raise LookupError("kernel not in the disk cache")
+            handles = {"CUkernel": loaded[0]}
+            err, function = driver.cuKernelGetFunction(driver.CUkernel(loaded[0]))
+            if err == driver.CUresult.CUDA_SUCCESS:
+                handles["CUfunction"] = int(function)
+            return handles
+
+        try:
+            handles = handle_kinds()
+        except Exception as error:
+            handles = {}
+            print(f"# handle kinds not compared: {type(error).__name__}: {error}", file=sys.stderr)
+        for kind_name, handle in handles.items():
+            def go_for(handle=handle):
+                go_h = launch.Launcher(handle, fast.layout, fast.device, fast.name).bind(kargs).fixed(
+                    grid, block, shared, varying=4)
+                return lambda: go_h(stream_ptr, *ptrs)
+
+            optional(f"part: prepared launch, {kind_name}", go_for)
+    from cupy_backends.cuda.api.driver import launchKernel
+
+    empty = gpu.empty.kernel.ptr
+    optional("floor: empty kernel, no params",
+             lambda: lambda: launchKernel(empty, 1, 1, 1, 32, 1, 1, 0, stream_ptr, 0, 0))
     row("part: get_current_stream", lambda: cupy.cuda.get_current_stream().ptr)
     row("part: cupy.ndarray (alloc)", lambda: cupy.ndarray(SHAPE, cupy.float16))
-    row("part: memo key", lambda: (q.shape, q.strides, k.shape, k.strides, v.shape, v.strides, q.dtype,
-                                   k.dtype, v.dtype, q.data.device_id, q.data.ptr))
+    row("part: memo key", lambda: plan_module._memo_key(q, k, v, False, None, "bshd", False, None))
 
     try:
         import torch
@@ -164,30 +362,41 @@ def main():
     except ImportError:
         print("# torch not importable: no SDPA yardstick", file=sys.stderr)
 
-    gpu_us = nbflash.device.median_gpu_ms(lambda: plan(q, k, v, out=out), 10, 50) * 1e3
+    gpu_us, gpu_held = kernel_gpu_us(lambda: plan(q, k, v, out=out), gpu)
+    if fast is not None and fast._driver.kind == "cupy":  # last: a wrong layout could fault the context
+        optional("part: one packed buffer (extra)", extra_go)
 
     with tempfile.TemporaryDirectory() as cache:
         cold = first_call(cache)
         warm = first_call(cache)
     for name, r in (("cold first call", cold), ("warm first call", warm)):
         rows.append({"way": name, "first_call_s": r["first_call_s"], "import_s": r["import_s"],
-                     "compile_seconds": r["compile_seconds"], "spec": spec.key, "gpu": gpu})
+                     "compile_seconds": r["compile_seconds"], "spec": spec.key, "gpu": gpu_name})
 
     os.makedirs(args.out, exist_ok=True)
-    tag = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-")
+    tag = re.sub(r"[^A-Za-z0-9]+", "-", gpu_name).strip("-")
     with open(os.path.join(args.out, f"{tag}-overhead.json"), "w") as f:
-        json.dump({"gpu": gpu, "spec": spec.key, "kernel_gpu_us": gpu_us, "rows": rows,
-                   "memo_entries": len(plan_module._memo), "fast_launchers": sum(
+        json.dump({"gpu": gpu_name, "spec": spec.key, "kernel_gpu_us": gpu_us, "kernel_gpu_us_method":
+                   "CUDA events around 200 back-to-back plan(out=) calls queued behind a spin kernel",
+                   "launch_driver": fast._driver.kind if fast is not None else "numba",
+                   "rows": rows, "memo_entries": len(plan_module._memo), "fast_launchers": sum(
                        1 for x in launch._launchers.values() if x is not launch._NUMBA)}, f, indent=1)
 
-    print(f"\n{gpu}  {spec.key}  B1 H8 N128 D64 fp16  kernel GPU time {gpu_us:.1f} us  ({args.calls} calls)")
-    print(f"{'way':28} {'host us/call':>13} {'wall us/call':>13}")
-    for way, (host, wall) in results.items():
-        print(f"{way:28} {host:13.2f} {wall:13.2f}")
+    print(f"\n{gpu_name}  {spec.key}  B1 H8 N128 D64 fp16  ({calls} calls a row)")
+    print(f"kernel GPU time {gpu_us:.2f} us per call (back to back behind a spin kernel"
+          f"{'' if gpu_held else '; WARNING: the spin ended before the last launch'})")
+    print("host us: wall time per call in chunks of %d with the GPU held busy (median of chunks); cpu: the "
+          "calling thread's CPU time; free: chunks with the GPU free; wall: unbroken loop + one sync" % CHUNK)
+    print(f"{'way':36} {'host us':>8} {'cpu us':>8} {'free us':>8} {'wall us':>8}  syncs")
+    for way, (host, cpu, free, wall, held, synced) in results.items():
+        flag = "YES" if synced else "no"
+        if not held:
+            flag += " (GPU went idle in a chunk)"
+        print(f"{way:36} {host:8.2f} {cpu:8.2f} {free:8.2f} {wall:8.2f}  {flag}")
     for name, r in (("cold first call", cold), ("warm first call", warm)):
-        print(f"{name:28} {r['first_call_s']:12.3f}s  (import {r['import_s']:.2f}s; {sorted(r['compile_seconds'])})")
+        print(f"{name:36} {r['first_call_s']:8.3f}s  (import {r['import_s']:.2f}s; {sorted(r['compile_seconds'])})")
     a, p = results["nbflash.attention"][0], results["plan(q, k, v, out=)"][0]
-    print(f"targets: attention {a:.1f} us <= 10: {'yes' if a <= 10 else 'NO'}; plan {p:.1f} us <= 5: "
+    print(f"targets: attention {a:.1f} us <= 10: {'yes' if a <= 10 else 'NO'}; plan(out=) {p:.1f} us <= 5: "
           f"{'yes' if p <= 5 else 'NO'}; warm first call {warm['first_call_s']:.2f} s < 1: "
           f"{'yes' if warm['first_call_s'] < 1 else 'NO'}")
 

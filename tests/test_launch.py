@@ -80,23 +80,56 @@ def test_device_arg_exposes_a_stream_free_cuda_array_interface():
 
 
 class RecordingDriver:
-    """Stands in for libcuda's cuLaunchKernel: reads every parameter through the
-    void** array the way the driver does, and answers with the queued result codes."""
+    """Stands in for libcuda's cuLaunchKernel as launch._Driver calls it (plain ints,
+    returning the CUresult, as the ctypes driver does): reads every parameter through
+    the void** array the way the driver does, and answers with the queued result codes."""
+
+    kind = "recording"
 
     def __init__(self, sizes, results=()):
         self.sizes = sizes
         self.results = list(results)
         self.calls = []
 
-    def launch_kernel(self, handle, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+    def launch_kernel(self, handle, gx, gy, gz, bx, by, bz, shared, stream, params):
         import ctypes
 
-        for arg in (gx, gy, gz, bx, by, bz, shared):
-            assert type(arg) is int  # what ctypes passes as a C int without argtypes
+        for arg in (handle, gx, gy, gz, bx, by, bz, shared, stream, params):
+            assert type(arg) is int  # what CuPy's launchKernel takes as C integers
         pointers = ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p))
         values = b"".join(ctypes.string_at(pointers[i], n) for i, n in enumerate(self.sizes))
-        self.calls.append(((handle.value, (gx, gy, gz), (bx, by, bz), shared, stream.value or 0), values))
+        self.calls.append(((handle, (gx, gy, gz), (bx, by, bz), shared, stream), values))
         return self.results.pop(0) if self.results else 0
+
+
+class FakeDriverError(Exception):
+    def __init__(self, status):
+        super().__init__(f"CUresult {status}")
+        self.status = status
+
+
+class RaisingRecordingDriver(RecordingDriver):
+    """The same, shaped like CuPy's launchKernel: ``raw`` takes an 11th argument
+    (extra) and raises ``error`` (with ``.status``) instead of returning a code."""
+
+    kind = "recording-raising"
+    error = FakeDriverError
+
+    def raw(self, handle, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        assert extra == 0
+        rc = RecordingDriver.launch_kernel(self, handle, gx, gy, gz, bx, by, bz, shared, stream, params)
+        if rc:
+            raise FakeDriverError(rc)
+
+    def launch_kernel(self, *args):
+        try:
+            self.raw(*args, 0)
+        except FakeDriverError as error:
+            return error.status
+        return 0
+
+
+DRIVERS = [RecordingDriver, RaisingRecordingDriver]
 
 
 def expected_params(layout, args):
@@ -106,13 +139,14 @@ def expected_params(layout, args):
     return b"".join(raw[8 * i: 8 * i + n] for i, n in enumerate(layout.param_sizes))
 
 
-def test_launcher_hands_the_driver_every_parameter_and_bound_swaps_only_pointers(monkeypatch):
+@pytest.mark.parametrize("driver", DRIVERS, ids=lambda d: d.kind)
+def test_launcher_hands_the_driver_every_parameter_and_bound_swaps_only_pointers(driver, monkeypatch):
     f16, f32 = np.dtype(np.float16), np.dtype(np.float32)
     a = launch.DeviceArg(0x7000, (2, 3, 4, 8), (192, 64, 16, 2), f16, 192, 0, None)
     lse = launch.DeviceArg(0x9000, (2, 4, 3), (48, 12, 4), f32, 24, 0, None)
     args = [a, lse, np.float32(0.5), 2]
     layout = launch.ParamLayout(launch.signature_of(args))
-    fake = RecordingDriver(layout.param_sizes)
+    fake = driver(layout.param_sizes)
     monkeypatch.setattr(launch, "_driver", fake)
     launcher = launch.Launcher(0xBEEF, layout, 0, "kernel")
     launcher((3, 4, 2), (128, 1, 1), 1024, 0x51, args)
@@ -132,11 +166,17 @@ def test_launcher_hands_the_driver_every_parameter_and_bound_swaps_only_pointers
              launch.DeviceArg(0xD000, lse.shape, lse.strides, f32, 24, 0, None), np.float32(0.5), 2]
     assert fake.calls[-1] == ((0xBEEF, (5, 6, 7), (128, 1, 1), 2048, 0x77), expected_params(layout, moved))
 
+    go = launcher.bind(args).fixed((5, 6, 7), 128, 2048, varying=1)  # lse keeps its packed pointer
+    go(0x78, 0xE000)
+    moved = [launch.DeviceArg(0xE000, a.shape, a.strides, f16, 192, 0, None), lse, np.float32(0.5), 2]
+    assert fake.calls[-1] == ((0xBEEF, (5, 6, 7), (128, 1, 1), 2048, 0x78), expected_params(layout, moved))
 
-def test_launcher_retries_once_in_the_primary_context_then_raises(monkeypatch):
+
+@pytest.mark.parametrize("driver", DRIVERS, ids=lambda d: d.kind)
+def test_launcher_retries_once_in_the_primary_context_then_raises(driver, monkeypatch):
     arg = launch.DeviceArg(0x7000, (4,), (4,), np.dtype(np.float32), 4, 0, None)
     layout = launch.ParamLayout(launch.signature_of([arg]))
-    fake = RecordingDriver(layout.param_sizes, results=[201, 0])
+    fake = driver(layout.param_sizes, results=[201, 0])
     monkeypatch.setattr(launch, "_driver", fake)
     made_current = []
     monkeypatch.setattr(launch, "_make_context_current", made_current.append)
@@ -156,6 +196,10 @@ def test_launcher_retries_once_in_the_primary_context_then_raises(monkeypatch):
     fake.results = [1]
     with pytest.raises(launch.LaunchError, match="CUresult 1"):
         go(0, 0x8000)
+    go = launcher.bind([arg]).fixed((1, 1, 1), (32, 1, 1), 0, varying=0)  # the retry keeps the packed pointer
+    fake.results, made_current[:] = [201, 0], []
+    go(0)
+    assert made_current == [0] and fake.calls[-1][1] == fake.calls[-2][1] == expected_params(layout, [arg])
 
 
 def test_a_failing_fast_path_falls_back_to_numbas_launch_and_says_so_once(monkeypatch, caplog):
@@ -472,3 +516,30 @@ def test_warm_disk_cache_loads_without_compiling(tmp_path):
     cold, warm = (r.stdout.strip().split(" ", 1) for r in runs)
     assert "[disk]" not in cold[1] and "[disk]" in warm[1], (cold, warm)
     assert float(warm[0]) < 1.0, warm
+
+
+def test_both_driver_kinds_reach_libcuda_with_the_arguments_given(tmp_path):
+    # CuPy's Cython launchKernel and the ctypes fallback, against a no-op libcuda.so.1
+    # built here (the C compiler is part of the dev and CI images; a GPU box may lack one)
+    import os
+    import shutil
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler to build the stand-in libcuda")
+    import subprocess
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "perf"))
+    try:
+        import stub_host_path
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "fake.c").write_text(stub_host_path.FAKE_LIBCUDA)
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(tmp_path / "libcuda.so.1"), str(tmp_path / "fake.c"),
+                    "-ldl"], check=True)
+    here = os.path.dirname(__file__)
+    env = dict(os.environ, LD_LIBRARY_PATH=str(tmp_path), NUMBA_ENABLE_CUDASIM="1",
+               PYTHONPATH=os.path.join(here, "..", "src"))
+    done = subprocess.run([sys.executable, os.path.join(here, "launch_driver_worker.py")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

@@ -329,32 +329,68 @@ _CUDA_ERROR_INVALID_CONTEXT = 201
 
 
 class _Driver:
-    """cuLaunchKernel through ctypes, declared without argtypes: the pointer arguments
-    (kernel handle, stream, parameter array) arrive as prebuilt ctypes.c_void_p and the
-    eight unsigned ints as Python ints, which skips ctypes' per-argument conversion
-    (about a microsecond of Python per call instead of three)."""
+    """cuLaunchKernel, called with plain ints: ``launch_kernel(handle, gx, gy, gz, bx, by,
+    bz, shared, stream, params)`` (params: the address of the void* array) returns the
+    CUresult.
 
-    def __init__(self):
-        import ctypes
+    ``kind`` "cupy": CuPy's Cython binding (cupy_backends.cuda.api.driver.launchKernel,
+    typed C arguments: about 0.1 us of Python per call, against about 0.5 us for a
+    ctypes foreign call of 11 arguments, both timed with the driver stubbed; see
+    perf/stub_host_path.py). It raises CUDADriverError instead of returning the code:
+    ``raw`` and ``error`` let generated launch code call it bare and read the code from
+    the exception. ``kind`` "ctypes": libcuda's symbol through ctypes, without argtypes,
+    pointer arguments as cached ctypes.c_void_p (the fallback without CuPy).
+    $NBFLASH_LAUNCH_DRIVER ("cupy" or "ctypes") picks one; default: cupy where it imports."""
 
-        lib = ctypes.CDLL("libcuda.so.1")
-        fn = lib.cuLaunchKernel
-        fn.restype = ctypes.c_int
-        self.launch_kernel = fn
+    def __init__(self, kind=None):
+        import os
+
+        kind = kind or os.environ.get("NBFLASH_LAUNCH_DRIVER") or "cupy"
+        self.raw = self.error = None
+        if kind == "cupy":
+            try:
+                from cupy_backends.cuda.api.driver import CUDADriverError, launchKernel
+            except Exception:  # no CuPy: ctypes
+                kind = "ctypes"
+            else:
+                self.raw, self.error = launchKernel, CUDADriverError
+                self.launch_kernel = self._cupy_launch
+        if kind != "cupy":
+            if kind != "ctypes":
+                raise ValueError(f"NBFLASH_LAUNCH_DRIVER: expected 'cupy' or 'ctypes'; got {kind!r}")
+            import ctypes
+
+            fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
+            fn.restype = ctypes.c_int
+            self.ctypes_fn = fn
+            self.launch_kernel = self._ctypes_launch
+        self.kind = kind
+
+    def _cupy_launch(self, handle, gx, gy, gz, bx, by, bz, shared, stream, params):
+        try:
+            self.raw(handle, gx, gy, gz, bx, by, bz, shared, stream, params, 0)
+        except self.error as error:
+            return error.status
+        return 0
+
+    def _ctypes_launch(self, handle, gx, gy, gz, bx, by, bz, shared, stream, params):
+        arg = _void_p
+        return self.ctypes_fn(arg(handle), gx, gy, gz, bx, by, bz, shared, arg(stream), arg(params), None)
 
 
-_streams: dict[int, object] = {}
+_void_ps: dict[int, object] = {}
 
 
-def _stream_arg(handle: int):
-    """A ctypes.c_void_p for a stream handle, kept per handle (a call costs no allocation)."""
-    arg = _streams.get(handle)
+def _void_p(value: int):
+    """A ctypes.c_void_p per address (kernel handles, streams, parameter arrays: few and
+    long-lived), kept, so a ctypes launch allocates none."""
+    arg = _void_ps.get(value)
     if arg is None:
         import ctypes
 
-        if len(_streams) > 256:
-            _streams.clear()
-        arg = _streams[handle] = ctypes.c_void_p(handle)
+        if len(_void_ps) > 1024:
+            _void_ps.clear()
+        arg = _void_ps[value] = ctypes.c_void_p(value)
     return arg
 
 
@@ -396,19 +432,19 @@ class Launcher:
     """A kernel ready to launch for one argument-type signature on one device: the
     driver handle and the parameter layout. Thread safe."""
 
-    def __init__(self, handle: int, layout: ParamLayout, device_id: int, name: str):
+    def __init__(self, handle: int, layout: ParamLayout, device_id: int, name: str, driver=None):
         import ctypes
 
         self.handle = handle
-        self._handle_arg = ctypes.c_void_p(handle)
         self.layout = layout
         self.device = device_id
         self.name = name
         self._buffer, self._pointers = layout.new_buffer()
-        self._pointers_arg = ctypes.c_void_p(ctypes.addressof(self._pointers))
+        self._pointers_addr = ctypes.addressof(self._pointers)
         self._lock = threading.Lock()
         self._shared_allowed = _STATIC_SHARED_LIMIT
-        self._launch = _get_driver().launch_kernel
+        self._driver = driver or _get_driver()  # a given _Driver: benchmarks comparing them
+        self._launch = self._driver.launch_kernel
 
     def allow_shared(self, nbytes: int):
         """Opt in to more than 48 KB of dynamic shared memory (once per size)."""
@@ -429,8 +465,8 @@ class Launcher:
             self.allow_shared(shared)
         with self._lock:
             self.layout.pack(self._buffer, args)
-            rc = self._launch(self._handle_arg, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                              shared, _stream_arg(stream), self._pointers_arg, None)
+            rc = self._launch(self.handle, grid[0], grid[1], grid[2], block[0], block[1], block[2],
+                              shared, stream, self._pointers_addr)
         if rc:
             self._failed(rc, _retried)
             self(grid, block, shared, stream, args, True)
@@ -454,21 +490,21 @@ class Bound:
     array data pointers (``ptrs``, one per array argument, in order) and calls the
     driver. For callers whose shapes and strides repeat (plans, memoized calls)."""
 
-    __slots__ = ("launcher", "_buffer", "_pointers", "_pointers_arg", "_slots", "_data_slots", "_lock",
-                 "_launch", "_handle_arg")
+    __slots__ = ("launcher", "_buffer", "_pointers", "_pointers_addr", "_slots", "_data_slots", "_lock",
+                 "_launch", "_handle")
 
     def __init__(self, launcher: Launcher, args):
         import ctypes
 
         self.launcher = launcher
         self._buffer, self._pointers = launcher.layout.new_buffer()
-        self._pointers_arg = ctypes.c_void_p(ctypes.addressof(self._pointers))
+        self._pointers_addr = ctypes.addressof(self._pointers)
         launcher.layout.pack(self._buffer, args)
         self._slots = memoryview(self._buffer).cast("B").cast("Q")
         self._data_slots = launcher.layout.data_slots
         self._lock = threading.Lock()
         self._launch = launcher._launch
-        self._handle_arg = launcher._handle_arg
+        self._handle = launcher.handle
 
     def __call__(self, grid, block, shared, stream, ptrs, _retried=False):
         if shared > self.launcher._shared_allowed:
@@ -477,41 +513,67 @@ class Bound:
         with self._lock:
             for i, p in zip(self._data_slots, ptrs):
                 slots[i] = p
-            rc = self._launch(self._handle_arg, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-                              shared, _stream_arg(stream), self._pointers_arg, None)
+            rc = self._launch(self._handle, grid[0], grid[1], grid[2], block[0], block[1], block[2],
+                              shared, stream, self._pointers_addr)
         if rc:
             self.launcher._failed(rc, _retried)
             self(grid, block, shared, stream, ptrs, True)
 
-    def fixed(self, grid, block, shared):
+    def fixed(self, grid, block, shared, varying=None):
         """A launch function ``go(stream, p0, p1, ...)`` for this block with the launch
         configuration fixed too: one Python frame that writes the array data pointers
-        (one per array argument, in order) and calls the driver; raises LaunchError
-        (nothing launched). Opts in to ``shared`` bytes of shared memory now."""
+        and calls the driver; raises LaunchError (nothing launched). ``go`` takes the
+        first ``varying`` array arguments' pointers (default: every array argument's, in
+        order); the others keep the pointers packed at :meth:`Launcher.bind` (arrays the
+        caller keeps alive, e.g. dummies). Opts in to ``shared`` bytes of shared memory now."""
         grid, block = _as_dims(grid), _as_dims(block)
         shared = int(shared)
         self.launcher.allow_shared(shared)
-        names = [f"p{i}" for i in range(len(self._data_slots))]
-        stores = "".join(f"        slots[{slot}] = {p}\n" for slot, p in zip(self._data_slots, names))
+        slots = self._data_slots if varying is None else self._data_slots[:varying]
+        names = [f"p{i}" for i in range(len(slots))]
+        stores = "".join(f"        slots[{slot}] = {p}\n" for slot, p in zip(slots, names))
         params = "".join(f", {p}" for p in names)
+        config = f"{grid[0]}, {grid[1]}, {grid[2]}, {block[0]}, {block[1]}, {block[2]}, {shared}"
+        driver = self.launcher._driver
+        if getattr(driver, "raw", None) is not None:  # raises on failure: nothing to test on success
+            call = (
+                f"        try:\n"
+                f"            driver(handle, {config}, stream, pointers, 0)\n"
+                f"            return\n"
+                f"        except error as failure:\n"
+                f"            rc = failure.status\n"
+            )
+            namespace = {"driver": driver.raw, "error": driver.error}
+        elif getattr(driver, "kind", None) == "ctypes":  # the foreign function itself, c_void_p arguments
+            call = (
+                f"        rc = driver(handle_p, {config}, void_ps_get(stream) or void_p(stream), pointers_p, None)\n"
+                f"        if not rc:\n"
+                f"            return\n"
+            )
+            namespace = {"driver": driver.ctypes_fn, "handle_p": _void_p(self._handle),
+                         "pointers_p": _void_p(self._pointers_addr), "void_ps_get": _void_ps.get, "void_p": _void_p}
+        else:
+            call = (
+                f"        rc = driver(handle, {config}, stream, pointers)\n"
+                f"        if not rc:\n"
+                f"            return\n"
+            )
+            namespace = {"driver": self._launch}
+        all_ptrs = "".join(f"{p}, " for p in names)
+        if varying is not None:  # a retry writes every pointer: the fixed ones as packed now
+            all_ptrs += "".join(f"{self._slots[slot]}, " for slot in self._data_slots[varying:])
         source = (
             f"def go(stream{params}):\n"
-            f"    sarg = streams_get(stream)\n"
-            f"    if sarg is None:\n"
-            f"        sarg = stream_arg(stream)\n"
             f"    with lock:\n"
             f"{stores}"
-            f"        rc = driver(handle, {grid[0]}, {grid[1]}, {grid[2]}, {block[0]}, {block[1]}, {block[2]}, "
-            f"{shared}, sarg, pointers, None)\n"
-            f"    if rc:\n"
-            f"        failed(rc, False)\n"
-            f"        bound({grid!r}, {block!r}, {shared}, stream, ({''.join(p + ', ' for p in names)}), True)\n"
+            f"{call}"
+            f"    failed(rc, False)\n"
+            f"    bound({grid!r}, {block!r}, {shared}, stream, ({all_ptrs}), True)\n"
         )
-        namespace = {
-            "streams_get": _streams.get, "stream_arg": _stream_arg, "lock": self._lock,
-            "slots": self._slots, "driver": self._launch, "handle": self._handle_arg,
-            "pointers": self._pointers_arg, "failed": self.launcher._failed, "bound": self,
-        }
+        namespace.update({
+            "lock": self._lock, "slots": self._slots, "handle": self._handle,
+            "pointers": self._pointers_addr, "failed": self.launcher._failed, "bound": self,
+        })
         exec(source, namespace)  # noqa: S102 - generated from ints and fixed names only
         return namespace["go"]
 

@@ -42,20 +42,22 @@ def _extent(a):
 class _Prepared:
     """One validated forward call with fixed shapes and strides, packed for launch."""
 
-    __slots__ = ("go", "out_shape", "dtype", "lse_shape", "dummy_ptr", "seqlens_ptrs", "overlap", "kernel", "sig",
+    __slots__ = ("go", "out_shape", "dtype", "lse_shape", "with_lse", "keep", "overlap", "kernel", "sig",
                  "dev", "memo_key")
 
-    def __init__(self, go, problem, dummy_ptr, extents, kernel, sig, dev):
-        self.go = go  # launch.Bound.fixed: go(stream, q, k, v, out, lse data pointers)
+    def __init__(self, go, problem, with_lse, keep, extents, kernel, sig, dev):
+        # go(stream, q, k, v, out[, lse] data pointers): launch.Bound.fixed, the other
+        # array arguments (the dummy lse without with_lse, cu_seqlens) stay as packed
+        self.go = go
         self.out_shape = problem.out_shape()
         self.dtype = problem.dtype
         self.lse_shape = problem.lse_shape()
-        self.dummy_ptr = dummy_ptr  # the lse the kernel ignores when none is returned
-        self.seqlens_ptrs = ()  # the dummy cu_seqlens (varlen only) of dense calls
+        self.with_lse = with_lse
+        self.keep = keep  # the arrays behind the packed pointers go() never rewrites
         # for overlap checks of a caller's out: out's extent, then each input's
         out_ext = extents[3]
         self.overlap = None if out_ext is None else (out_ext, tuple(
-            (name, ext) for name, ext in zip(("q", "k", "v"), extents[:3]) if ext is not None))
+            (i, ext) for i, ext in enumerate(extents[:3]) if ext is not None))
         self.kernel = kernel
         self.sig = sig
         self.dev = dev
@@ -66,29 +68,35 @@ class _Prepared:
             return
         (lo, hi), inputs = self.overlap
         a0, a1 = out_ptr + lo, out_ptr + hi
-        ptrs = {"q": qp, "k": kp, "v": vp}
-        for name, (x0, x1) in inputs:
-            p = ptrs[name]
+        for i, (x0, x1) in inputs:
+            p = qp if i == 0 else kp if i == 1 else vp
             if a0 <= p + x1 and p + x0 <= a1:
-                raise ValueError(f"out: overlaps {name} in memory; pass a separate buffer")
+                raise ValueError(f"out: overlaps {'qkv'[i]} in memory; pass a separate buffer")
 
     def run(self, qp, kp, vp, out, with_lse, stream):
         """Allocate what is missing and launch; (out, lse), or None when the fast
-        launch failed (nothing launched; the caller takes the validated slow path)."""
+        launch failed (nothing launched; the caller takes the validated slow path).
+        ``with_lse`` is the entry's own (its key holds return_lse)."""
         nd = _ndarray_type
+        lse = None
         if stream is None:  # CuPy's current stream: allocate as CuPy would, no stream switch
             sp = _get_current_stream().ptr
             if out is None:
                 out = nd(self.out_shape, self.dtype)
-            lse = nd(self.lse_shape, _FLOAT32) if with_lse else None
+            if with_lse:
+                lse = nd(self.lse_shape, _FLOAT32)
         else:
             sp = launch.stream_handle(stream)
             with _allocation_stream(stream, sp):
                 if out is None:
                     out = nd(self.out_shape, self.dtype)
-                lse = nd(self.lse_shape, _FLOAT32) if with_lse else None
+                if with_lse:
+                    lse = nd(self.lse_shape, _FLOAT32)
         try:
-            self.go(sp, qp, kp, vp, out.data.ptr, lse.data.ptr if with_lse else self.dummy_ptr, *self.seqlens_ptrs)
+            if lse is None:
+                self.go(sp, qp, kp, vp, out.data.ptr)
+            else:
+                self.go(sp, qp, kp, vp, out.data.ptr, lse.data.ptr)
         except launch.LaunchError as error:
             self.disable(error)
             return None
@@ -131,14 +139,15 @@ def _prepare(problem, spec, views, out_view, lse, scale, dev):
         return None, (kernel, grid, args, shared)
     sig = launch.signature_of(args)
     try:
-        go = launcher.bind(args).fixed(grid, (spec.threads, 1, 1), shared)
+        # go() rewrites q, k, v, out (and lse when returned); the dummies stay packed
+        go = launcher.bind(args).fixed(grid, (spec.threads, 1, 1), shared, varying=5 if lse is not None else 4)
     except launch.LaunchError as error:  # e.g. the shared-memory opt-in: Numba's launch reports it
         launch._disable(kernel, sig, dev, error)
         return None, (kernel, grid, args, shared)
     extents = [_extent(a) for a in (*views, out_view)]
-    dummy_ptr = args[4].ptr
-    prepared = _Prepared(go, problem, dummy_ptr, extents, kernel, sig, dev)
-    prepared.seqlens_ptrs = tuple(a.ptr for a in args[7:])  # the data pointers go() takes after lse
+    with_lse = lse is not None
+    keep = tuple(a for a in args[4 + with_lse:] if type(a) is launch.DeviceArg)  # dummy lse, cu_seqlens
+    prepared = _Prepared(go, problem, with_lse, keep, extents, kernel, sig, dev)
     return prepared, (kernel, grid, args, shared)
 
 
@@ -272,9 +281,6 @@ class AttentionPlan:
                 f"heads={self.heads_q}/{self.heads_kv}, layout={self.layout!r}, "
                 f"scale={self.scale:.6g}, return_lse={self.return_lse})")
 
-    def __call__(self, q, k, v, out=None, stream=None):
-        return self.run(q, k, v, out=out, stream=stream)
-
     def run(self, q, k, v, out=None, stream=None):
         """Attention of q, k, v under the plan; arguments, shapes and the return
         value as :func:`nbflash.attention` (``out`` and ``stream`` as there)."""
@@ -302,6 +308,8 @@ class AttentionPlan:
                         return result if self.return_lse else result[0]
                     self._entries.clear()
         return self._run_checked(q, k, v, out, stream)
+
+    __call__ = run  # one Python frame less per call than a method calling run
 
     def _misaligned(self, qp, kp, vp):
         bad = [name for name, p in (("q", qp), ("k", kp), ("v", vp)) if p % 16]

@@ -1,0 +1,184 @@
+"""Python-side host cost per call of nbflash's hot paths, with the CUDA driver stubbed:
+runs on a machine without a GPU (no CuPy arrays either), so it shows what nbflash's
+own Python costs per call, apart from the driver's cuLaunchKernel and CuPy.
+
+The driver is a no-op libcuda.so.1 (cuLaunchKernel returns at once) built with the
+C compiler into a temporary folder and put first on LD_LIBRARY_PATH, so the real
+foreign-call machinery (CuPy's Cython launchKernel, cuda.bindings, ctypes) is what
+gets timed; CuPy arrays are stood in for by a plain Python class (attribute reads
+and a Python constructor: cheaper than CuPy's own, whose cost the H100 bench shows).
+
+    python perf/stub_host_path.py          (needs cc; about 30 s)
+
+Prints a table of microseconds per call (best of 5 repeats of 100k calls).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import timeit
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(HERE, "..", "src")
+
+FAKE_LIBCUDA = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdint.h>
+typedef int CUresult;
+static long calls;
+static unsigned long long last[11];
+CUresult cuInit(unsigned int f) { return 0; }
+CUresult cuDriverGetVersion(int *v) { *v = 13000; return 0; }
+CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                        unsigned bz, unsigned shared, void *stream, void **params, void **extra) {
+  unsigned long long v[11] = {(unsigned long long)f, gx, gy, gz, bx, by, bz, shared,
+                              (unsigned long long)stream, (unsigned long long)params, (unsigned long long)extra};
+  for (int i = 0; i < 11; i++) last[i] = v[i];
+  calls++; return f == (void *)0xDEAD ? 201 : 0;
+}
+long fake_calls(void) { return calls; }
+unsigned long long fake_last(int i) { return last[i]; }
+CUresult cuGetErrorName(int e, const char **s) { *s = "CUDA_ERROR_FAKE"; return 0; }
+CUresult cuGetErrorString(int e, const char **s) { *s = "fake"; return 0; }
+CUresult cuGetProcAddress_v2(const char *sym, void **pfn, int v, uint64_t fl, int *status) {
+  *pfn = dlsym(RTLD_DEFAULT, sym); if (status) *status = *pfn ? 0 : 1; return *pfn ? 0 : 500;
+}
+CUresult cuGetProcAddress(const char *sym, void **pfn, int v, uint64_t fl) {
+  return cuGetProcAddress_v2(sym, pfn, v, fl, 0);
+}
+"""
+
+
+def reexec_with_fake_driver():
+    folder = tempfile.mkdtemp(prefix="nbflash-fakecuda-")
+    src = os.path.join(folder, "fake.c")
+    with open(src, "w") as f:
+        f.write(FAKE_LIBCUDA)
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", os.path.join(folder, "libcuda.so.1"), src, "-ldl"],
+                   check=True)
+    env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join([folder, os.environ.get("LD_LIBRARY_PATH", "")]),
+               NBFLASH_STUB_DRIVER="1", NUMBA_ENABLE_CUDASIM="1")
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+class FakeMemory:
+    __slots__ = ("ptr", "device_id")
+
+    def __init__(self, ptr, device_id=0):
+        self.ptr = ptr
+        self.device_id = device_id
+
+
+class FakeArray:
+    """What the hot paths read of a cupy.ndarray."""
+
+    __slots__ = ("shape", "strides", "dtype", "data", "size", "itemsize", "ndim")
+    _next = [0x7F0000000000]
+
+    def __init__(self, shape, dtype):
+        import numpy as np
+
+        self.dtype = dtype = np.dtype(dtype)
+        self.shape = shape = tuple(shape)
+        strides, step = [], dtype.itemsize
+        for n in reversed(shape):
+            strides.insert(0, step)
+            step *= n
+        self.strides = tuple(strides)
+        self.size = step // dtype.itemsize
+        self.itemsize = dtype.itemsize
+        self.ndim = len(shape)
+        self._next[0] += (step + 255) // 256 * 256
+        self.data = FakeMemory(self._next[0])
+
+
+class FakeStream:
+    ptr = 0x5151
+
+
+def main():
+    if os.environ.get("NBFLASH_STUB_DRIVER") != "1":
+        reexec_with_fake_driver()
+    sys.path.insert(0, SRC)
+    import ctypes
+    import types
+
+    import numpy as np
+
+    import nbflash
+    from nbflash import launch, plans
+
+    nbflash.device.SIMULATOR = False  # the fast paths from here on; nothing is ever launched for real
+    launch.device.SIMULATOR = False
+    plans._ndarray_type = FakeArray
+    plans._get_current_stream = lambda: FakeStream
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.fake_calls.restype = ctypes.c_long
+
+    B, S, H, D = 1, 128, 8, 64
+    f16 = np.dtype(np.float16)
+    q, k, v, out = (FakeArray((B, S, H, D), f16) for _ in range(4))
+
+    def arg(a, dtype=None):
+        dtype = dtype or a.dtype
+        return launch.DeviceArg(a.data.ptr, a.shape, a.strides, dtype, a.size, 0, a)
+
+    lse_dummy, seqlens = FakeArray((1, 1, 1), np.float32), FakeArray((1,), np.int32)
+    u16 = np.dtype(np.uint16)
+    args = [arg(a, u16) for a in (q, k, v, out)] + [arg(lse_dummy), np.float32(0.125), 1, arg(seqlens), arg(seqlens)]
+    layout = launch.ParamLayout(launch.signature_of(args))
+    launcher = launch.Launcher(0x1234, layout, 0, "stub")
+    grid, block = (1, H, B), (128, 1, 1)
+    go = launcher.bind(args).fixed(grid, block, 0, varying=4)  # as plans._prepare without lse
+    problem = types.SimpleNamespace(out_shape=lambda: (B, S, H, D), lse_shape=lambda: (B, H, S), dtype=f16)
+    extents = [plans._extent(a) for a in (q, k, v, out)]
+    prepared = plans._Prepared(go, problem, False, tuple(args[4:]), extents, None, None, 0)
+    for o in (None, out):
+        key = plans._memo_key(q, k, v, False, None, "bshd", False, o)
+        prepared_for = prepared
+        plans._memo[key] = prepared_for
+    plan = plans.AttentionPlan.__new__(plans.AttentionPlan)
+    plan.dtype, plan.device, plan._aligned, plan.return_lse = f16, 0, True, False
+    plan._lock = None
+    plan._entries = {}
+    for o in (None, out):
+        plan._entries[(q.shape, q.strides, k.shape, k.strides, v.shape, v.strides,
+                       None if o is None else (o.shape, o.strides))] = prepared
+
+    before = lib.fake_calls()
+    assert nbflash.attention(q, k, v).shape == out.shape
+    assert plan(q, k, v, out=out) is out
+    assert lib.fake_calls() == before + 2, "the stubbed driver was not reached"
+
+    ptrs = [a.ptr for a in args[:4]]
+    sp = FakeStream.ptr
+    rows = [
+        ("nbflash.attention(q, k, v)", lambda: nbflash.attention(q, k, v)),
+        ("nbflash.attention(..., out=)", lambda: nbflash.attention(q, k, v, out=out)),
+        ("plan(q, k, v)", lambda: plan(q, k, v)),
+        ("plan(q, k, v, out=)", lambda: plan(q, k, v, out=out)),
+        ("part: prepared launch go()", lambda: go(sp, *ptrs)),
+        ("part: Launcher (packs all args)", lambda: launcher(grid, block, 0, sp, args)),
+        *([("part: driver call alone", driver_call(launch))] if hasattr(launch._get_driver(), "kind") else []),
+        ("part: FakeArray alloc (not CuPy's)", lambda: FakeArray((B, S, H, D), f16)),
+        ("part: memo key", lambda: plans._memo_key(q, k, v, False, None, "bshd", False, None)),
+    ]
+    n = 100_000
+    print(f"driver: {getattr(launch._get_driver(), 'kind', 'ctypes (old)')}; stubbed libcuda; {n} calls x best of 5")
+    print(f"{'way':36} {'us/call':>8}")
+    for name, fn in rows:
+        best = min(timeit.repeat(fn, number=n, repeat=5)) / n * 1e6
+        print(f"{name:36} {best:8.3f}")
+
+
+def driver_call(launch):
+    d = launch._get_driver()
+    return lambda: d.launch_kernel(0x1234, 1, 8, 1, 128, 1, 1, 0, 0x5151, 0x1000)
+
+
+if __name__ == "__main__":
+    main()
