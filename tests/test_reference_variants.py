@@ -156,3 +156,33 @@ def test_device_philox_matches_host():
     kernel[1, rows](got)
     want = dropout.keep_mask(seed, 0.37, 1, bh + 1, rows, cols)[0, bh]
     assert np.array_equal(to_host(got).astype(bool), want), seed
+
+
+def test_device_window_helpers_match_the_oracle():
+    from nbflash.kernels import score_mods
+    from nbflash.variants import UNBOUNDED
+
+    rng, seed = new_rng()
+    seqlen_q, seqlen_k = int(rng.integers(1, 12)), int(rng.integers(1, 12))
+    left, right = int(rng.integers(-1, 5)), int(rng.integers(-1, 5))
+    causal = bool(rng.integers(2))
+    left_k = left if left >= 0 else UNBOUNDED
+    right_k = min(right if right >= 0 else UNBOUNDED, 0 if causal else UNBOUNDED)
+
+    @cuda.jit
+    def kernel(vis, ranges):
+        i = cuda.threadIdx.x
+        for j in range(seqlen_k):
+            vis[i, j] = score_mods.window_visible(i, j, seqlen_q, seqlen_k, left_k, right_k)
+        first, end = score_mods.window_key_range(i, i + 1, seqlen_q, seqlen_k, left_k, right_k)
+        ranges[i, 0] = first
+        ranges[i, 1] = end
+
+    vis = to_device(np.zeros((seqlen_q, seqlen_k), np.uint8))
+    ranges = to_device(np.zeros((seqlen_q, 2), np.int64))
+    kernel[1, seqlen_q](vis, ranges)
+    want = nbflash.reference.visible(seqlen_q, seqlen_k, causal, (left, right))
+    assert np.array_equal(to_host(vis).astype(bool), want), seed
+    for i, (first, end) in enumerate(to_host(ranges)):
+        seen = np.flatnonzero(want[i])
+        assert (first, end) == ((seen[0], seen[-1] + 1) if seen.size else (first, first)), (i, seed)

@@ -1,0 +1,64 @@
+"""The attention variants inside a kernel: which keys a row sees (causal and sliding
+window), which key tiles a block of rows can skip, and how a score is modified
+(softcap, ALiBi, bias) before the softmax. Shared by the forward and backward
+kernels, so both compute the same scores; values arrive as the kernel arguments in
+nbflash.variants.KERNEL_ARGS (window bounds with causal folded in, UNBOUNDED for no
+bound).
+
+Order (as nbflash.reference._scores): t = scale * q.k; t = softcap * tanh(t /
+softcap); t -= slope * |i + seqlen_k - seqlen_q - j|; t += bias[b, h, i, j]; hidden
+(-inf) outside the window or where mask[b, h, i, j] is 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+from numba import cuda, float32
+
+from .convert import bf16_bits_to_f32
+
+
+@cuda.jit(device=True, inline=True)
+def window_visible(i, j, seqlen_q, seqlen_k, window_left, window_right):
+    """Key j is visible to query i: inside the keys and the window band around the
+    bottom-right-aligned diagonal i + seqlen_k - seqlen_q."""
+    diagonal = i + seqlen_k - seqlen_q
+    return j < seqlen_k and j >= diagonal - window_left and j <= diagonal + window_right
+
+
+@cuda.jit(device=True, inline=True)
+def window_key_range(row_start, row_end, seqlen_q, seqlen_k, window_left, window_right):
+    """[first, end) of the keys any query row in [row_start, row_end) can see: key
+    tiles outside it are skipped (row_end > row_start; the range may be empty)."""
+    offset = seqlen_k - seqlen_q
+    first = max(0, row_start + offset - window_left)
+    end = min(seqlen_k, row_end - 1 + offset + window_right + 1)
+    return first, max(first, end)
+
+
+@cuda.jit(device=True, inline=True)
+def soft_cap(t, softcap):
+    """(softcap * tanh(t / softcap), its derivative 1 - tanh^2) in float32."""
+    th = math.tanh(float32(t) / softcap)
+    return softcap * th, float32(1) - th * th
+
+
+@cuda.jit(device=True, inline=True)
+def alibi_term(slope, i, j, seqlen_q, seqlen_k):
+    """-slope * |i + seqlen_k - seqlen_q - j|, added to the score of (i, j)."""
+    return -slope * float32(abs(i + seqlen_k - seqlen_q - j))
+
+
+def bias_reader(dtype: str):
+    """A device function reading bias[b, h, i, j] as float32 for a bias of short dtype
+    name ``dtype`` (bfloat16 arrives as uint16 bits, see variants.kernel_values)."""
+    if dtype == "bf16":
+        @cuda.jit(device=True, inline=True)
+        def read(bias, b, h, i, j):
+            return bf16_bits_to_f32(bias[b, h, i, j])
+    else:
+        @cuda.jit(device=True, inline=True)
+        def read(bias, b, h, i, j):
+            return float32(bias[b, h, i, j])
+    return read
