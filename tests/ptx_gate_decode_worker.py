@@ -93,6 +93,7 @@ def main():
             print(json.dumps({
                 "key": spec.key, "arch": arch, "threads": spec.threads, "gated": gated,
                 "kind": "mma" if module is decode_mma else "simt",
+                "head_dim": getattr(spec, "head_dim", 0), "head_dim_v": getattr(spec, "head_dim_v", 0),
                 "registers": grab(r"Used (\d+) registers"),
                 "stack": grab(r"(\d+) bytes stack frame"),
                 "spill_stores": grab(r"(\d+) bytes spill stores"),

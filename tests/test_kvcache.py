@@ -377,6 +377,13 @@ def test_auto_splits_fill_the_gpu_and_keep_splits_long():
     assert 64 * mid >= sms and 32768 // mid >= 256
     assert choose_num_splits(8, 300, sms, 256) == 1  # too short to split
     assert choose_num_splits(0, 100, sms, 256) == 1
+    # the tensor-core kernel: two CTAs per SM fill it, splits of >= 512 keys
+    busy, keys = nbflash.tuning.DECODE_MMA_BUSY_CTAS_PER_SM, nbflash.tuning.DECODE_MMA_MIN_SPLIT_KEYS
+    assert choose_num_splits(64 * 8, 4096, sms, keys, busy) == 1  # 512 CTAs: ~2 rounds of 2 per SM
+    wide = choose_num_splits(1 * 8, 131072, sms, keys, busy)
+    assert 8 * wide >= 1.9 * sms and 131072 // wide >= keys
+    mid = choose_num_splits(8 * 8, 32768, sms, keys, busy)
+    assert 1.9 * sms <= 64 * mid <= busy * sms
 
 
 @pytest.mark.gpu

@@ -10,7 +10,8 @@ split (tiles warp, warp + W, warp + 2W, ...) through a private ring of STAGES
 shared-memory buffers filled by 16-byte cp.async copies: STAGES - 1 tiles of K and V
 per warp are in flight while it computes one, and warps never wait for each other
 before the end. A paged cache costs one block-table read per tile when 16 divides the
-block size (else one per row).
+block size, made one tile ahead so its latency hides behind the math (else one read
+per row).
 
 A tile's math is forward_mma's with a single 16-row slice: S = Q K^T (Q's A fragments
 in registers, K's B fragments by ldmatrix), the online softmax in the exp2 domain
@@ -119,10 +120,7 @@ def build(spec: DecodeMmaSpec):
         ITERS = (TOTAL + 31) // 32
 
         @cuda.jit(device=True, inline=True)
-        def issue(cache, smem, base, block_table, b, hk, t0, key_end, lane):
-            block = int32(0)
-            if TILE_IN_ONE_BLOCK:
-                block = block_table[b, t0 // BS]
+        def issue(cache, smem, base, block_table, block, b, hk, t0, key_end, lane):
             for it in range(ITERS):
                 e = int32(lane + it * 32)
                 if TOTAL % 32 == 0 or e < TOTAL:
@@ -150,9 +148,17 @@ def build(spec: DecodeMmaSpec):
     issue_v = make_issue(VP // 8, DV // 8, VROW)
 
     @cuda.jit(device=True, inline=True)
-    def issue_tile(k_cache, v_cache, smem, base, block_table, b, hk, t0, key_end, lane):
-        issue_k(k_cache, smem, base, block_table, b, hk, t0, key_end, lane)
-        issue_v(v_cache, smem, base + int32(KEYS * KROW), block_table, b, hk, t0, key_end, lane)
+    def issue_tile(k_cache, v_cache, smem, base, block_table, block, b, hk, t0, key_end, lane):
+        """Both halves of a tile; ``block``: its block id when TILE_IN_ONE_BLOCK."""
+        issue_k(k_cache, smem, base, block_table, block, b, hk, t0, key_end, lane)
+        issue_v(v_cache, smem, base + int32(KEYS * KROW), block_table, block, b, hk, t0, key_end, lane)
+
+    @cuda.jit(device=True, inline=True)
+    def block_of(block_table, b, t0):
+        """The block holding the tile at key t0 (when one block holds each tile)."""
+        if TILE_IN_ONE_BLOCK:
+            return block_table[b, t0 // int32(BS)]
+        return int32(0)
 
     def decode_mma(q, k_cache, v_cache, block_table, seqlens, n_new, out, lse, scale, group, row_chunks):
         tid = cuda.threadIdx.x
@@ -185,9 +191,15 @@ def build(spec: DecodeMmaSpec):
 
         for s in range(STAGES - 1):  # prologue: the first STAGES - 1 tiles in flight
             if s < n_tiles:
-                issue_tile(k_cache, v_cache, smem, ring + int32(s * TILE_WORDS), block_table, b, hk,
-                           first + int32(s * CTA_KEYS), j_end, lane)
+                t_s = first + int32(s * CTA_KEYS)
+                issue_tile(k_cache, v_cache, smem, ring + int32(s * TILE_WORDS), block_table,
+                           block_of(block_table, b, t_s), b, hk, t_s, j_end, lane)
             ptx.cp_async_commit()
+        # the block id of the next tile to issue is read one iteration ahead, so the
+        # table read's latency hides behind a tile's math instead of delaying the copies
+        next_block = int32(0)
+        if STAGES - 1 < n_tiles:
+            next_block = block_of(block_table, b, first + int32((STAGES - 1) * CTA_KEYS))
 
         # Q's A fragments (rows g and g + 8 of this chunk), 16-bit pairs; zeros past D
         # and for rows past the group. last_key: the last key each of the two rows sees.
@@ -225,8 +237,10 @@ def build(spec: DecodeMmaSpec):
             ptx.syncwarp()  # ... every lane's; and all lanes are done with tile it - 1
             nxt = it + STAGES - 1  # refill the buffer tile it - 1 used
             if nxt < n_tiles:
-                issue_tile(k_cache, v_cache, smem, ring + int32((nxt % STAGES) * TILE_WORDS), block_table, b, hk,
-                           first + int32(nxt * CTA_KEYS), j_end, lane)
+                issue_tile(k_cache, v_cache, smem, ring + int32((nxt % STAGES) * TILE_WORDS), block_table,
+                           next_block, b, hk, first + int32(nxt * CTA_KEYS), j_end, lane)
+                if TILE_IN_ONE_BLOCK and nxt + 1 < n_tiles:
+                    next_block = block_of(block_table, b, first + int32((nxt + 1) * CTA_KEYS))
             ptx.cp_async_commit()
             t0 = first + int32(it * CTA_KEYS)
             k_base = ring + int32(stage * TILE_WORDS)
