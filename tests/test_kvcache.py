@@ -185,7 +185,7 @@ def test_tensor_core_kernel_matches_oracle(block_size, dtype, large):
     head_dim_v = head_dim if rng.random() < 0.5 else max(8, head_dim - 8)  # Dv != D, still a multiple of 8
     case = draw_case(rng, dtype, large=large, group=8 if large or rng.random() < 0.7 else 2,
                      seqlen_q=int(rng.integers(1, 4)), head_dim=head_dim, head_dim_v=head_dim_v,
-                     new=int(rng.choice([0, 1])), block_size=block_size or 16, max_len=(5000 if large else 70),
+                     new=int(rng.choice([0, 1])), block_size=block_size or 16, max_len=(5000 if large else 48),
                      zero_lengths=rng.random() < 0.3)
     paged = block_size > 0
     kc, vc, table = case.caches(paged)
