@@ -54,14 +54,15 @@ def paginate(rng, cache, block_size, spare=2):
 
 
 def draw_case(rng, dtype, *, large=False, batch=None, seqlen_q=None, group=None, new=None, block_size=None,
-              head_dim=None, max_len=None, zero_lengths=False):
+              head_dim=None, head_dim_v=None, max_len=None, zero_lengths=False):
     batch = batch if batch is not None else int(rng.integers(1, 5 if large else 3))
     seqlen_q = seqlen_q if seqlen_q is not None else int(rng.choice([1, 1, 2, 3]))
     group = group if group is not None else int(rng.choice([1, 2, 4]))
     heads_kv = int(rng.integers(1, 3))
     if head_dim is None:
         head_dim = int(rng.choice([64, 128, 80, 256])) if large else int(rng.choice([8, 16, 5]))
-    head_dim_v = head_dim if rng.random() < 0.7 else (head_dim - 16 if large else 12)
+    if head_dim_v is None:
+        head_dim_v = head_dim if rng.random() < 0.7 else (head_dim - 16 if large else 12)
     new = new if new is not None else int(rng.choice([0, 1, 3]))
     max_len = max_len if max_len is not None else (3000 if large else 40)
     lengths = rng.integers(0 if zero_lengths else 1, max_len + 1, batch).astype(np.int32)
@@ -171,6 +172,29 @@ def test_gqa_groups_and_query_row_chunks(group, seqlen_q, large):
     run_case(case, paged=bool(rng.integers(2)), causal=True, seed=seed)
 
 
+@pytest.mark.parametrize("large", TIERS)
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
+@pytest.mark.parametrize("block_size", [0, 16, 64, 256], ids=lambda b: f"paged{b}" if b else "contiguous")
+def test_tensor_core_kernel_matches_oracle(block_size, dtype, large):
+    """The fast path (kernels/decode_mma.py): 16-bit caches with 16-byte aligned rows.
+    GQA 8 with 1-3 query rows each (8, 16 or 24 rows: a padded, a full and two row
+    chunks of 16), head dims that need zero-padded columns (8, 24, 40 stage as 32 / 16
+    / 48), causal or not, one split or several (some of them empty)."""
+    rng, seed = new_rng()
+    head_dim = int(rng.choice([64, 128, 96]) if large else rng.choice([8, 16, 24, 32]))
+    head_dim_v = head_dim if rng.random() < 0.5 else max(8, head_dim - 8)  # Dv != D, still a multiple of 8
+    case = draw_case(rng, dtype, large=large, group=8 if large or rng.random() < 0.7 else 2,
+                     seqlen_q=int(rng.integers(1, 4)), head_dim=head_dim, head_dim_v=head_dim_v,
+                     new=int(rng.choice([0, 1])), block_size=block_size or 16, max_len=(5000 if large else 48),
+                     zero_lengths=rng.random() < 0.3)
+    paged = block_size > 0
+    kc, vc, table = case.caches(paged)
+    spec = nbflash.kvcache_spec(case.q, kc, vc, cache_seqlens=case.lengths, k=case.k, v=case.v, block_table=table)
+    assert spec.key.startswith("decode_mma-"), spec.key
+    causal = bool(rng.integers(2))
+    run_case(case, paged=paged, causal=causal, num_splits=int(rng.choice([0, 1, 2, 5])), seed=seed)
+
+
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_speculative_rows_and_rows_that_see_no_key(causal):
     """seqlen_q > total length: under causal the first rows see no key (0, lse -inf)."""
@@ -199,7 +223,8 @@ def test_misaligned_cache_falls_back_to_scalar_loads():
     args = dict(cache_seqlens=lengths, k=to_device(k), v=to_device(v))
     assert "-scalar" in nbflash.kvcache_spec(q, kc, vc, **args).key
     host_k, host_v = to_host(kc).copy(), to_host(vc).copy()
-    assert "-v16" in nbflash.kvcache_spec(q, host_k, host_v, cache_seqlens=lengths, k=k, v=v).key
+    # the same values in aligned buffers take the tensor-core kernel (16-byte cp.async copies)
+    assert nbflash.kvcache_spec(q, host_k, host_v, cache_seqlens=lengths, k=k, v=v).key.startswith("decode_mma-")
     ref = nbflash.reference.attention_with_kvcache(q, host_k, host_v, cache_seqlens=lengths, k=k, v=v)
     got = nbflash.attention_with_kvcache(to_device(q), kc, vc, num_splits=2, **args)
     assert_close(got, ref, F16, seed=seed)
@@ -352,6 +377,13 @@ def test_auto_splits_fill_the_gpu_and_keep_splits_long():
     assert 64 * mid >= sms and 32768 // mid >= 256
     assert choose_num_splits(8, 300, sms, 256) == 1  # too short to split
     assert choose_num_splits(0, 100, sms, 256) == 1
+    # the tensor-core kernel: two CTAs per SM fill it, splits of >= 512 keys
+    busy, keys = nbflash.tuning.DECODE_MMA_BUSY_CTAS_PER_SM, nbflash.tuning.DECODE_MMA_MIN_SPLIT_KEYS
+    assert choose_num_splits(64 * 8, 4096, sms, keys, busy) == 1  # 512 CTAs: ~2 rounds of 2 per SM
+    wide = choose_num_splits(1 * 8, 131072, sms, keys, busy)
+    assert 8 * wide >= 1.9 * sms and 131072 // wide >= keys
+    mid = choose_num_splits(8 * 8, 32768, sms, keys, busy)
+    assert 1.9 * sms <= 64 * mid <= busy * sms
 
 
 @pytest.mark.gpu

@@ -1,6 +1,7 @@
 """attention_with_kvcache: decoding over a KV cache (contiguous or paged), with the
-new tokens appended in place first, computed by split-KV kernels (kernels/decode.py,
-decode_combine.py, kv_append.py).
+new tokens appended in place first, computed by split-KV kernels (kernels/decode_mma.py,
+the tensor-core fast path for 16-bit caches with 16-byte aligned rows; kernels/decode.py,
+the portable path for the rest; decode_combine.py, kv_append.py).
 
 As everywhere in nbflash, every argument is checked before anything is launched or
 written; the cache lengths are checked on the host.
@@ -16,7 +17,7 @@ import numpy as np
 
 from . import arrays, device, launch, tuning
 from .api import MAX_HEAD_DIM, _check_flag, _check_scale
-from .spec import AppendSpec, CombineSpec, DecodeSpec
+from .spec import AppendSpec, CombineSpec, DecodeMmaSpec, DecodeSpec
 
 MAX_SPLITS = 1024
 _MAX_GRID_YZ = 65535
@@ -214,18 +215,20 @@ def _sm_count() -> int:
     return int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
 
 
-def choose_num_splits(ctas: int, max_total: int, sms: int, min_split_keys: int) -> int:
+def choose_num_splits(ctas: int, max_total: int, sms: int, min_split_keys: int, busy: int | None = None) -> int:
     """Splits for ``ctas`` (batch x kv heads x row chunks) CTAs over keys of up to
     ``max_total``. Model: the busiest SM bounds the time, and an SM is only fully busy
-    with tuning.DECODE_BUSY_CTAS_PER_SM CTAs, so S splits cost max(ceil(ctas * S / sms),
-    busy) / S. Takes the fewest splits within 5% of the best cost (each split adds
-    partial results and combine work), never splits shorter than min_split_keys keys."""
+    with ``busy`` CTAs (default tuning.DECODE_BUSY_CTAS_PER_SM), so S splits cost
+    max(ceil(ctas * S / sms), busy) / S. Takes the fewest splits within 5% of the best
+    cost (each split adds partial results and combine work), never splits shorter than
+    min_split_keys keys."""
     if ctas == 0 or max_total == 0:
         return 1
+    busy = tuning.DECODE_BUSY_CTAS_PER_SM if busy is None else busy
     limit = max(1, min(tuning.DECODE_MAX_AUTO_SPLITS, max_total // max(1, min_split_keys)))
 
     def cost(splits):
-        return max(-(-ctas * splits // sms), tuning.DECODE_BUSY_CTAS_PER_SM) / splits
+        return max(-(-ctas * splits // sms), busy) / splits
 
     best = min(cost(s) for s in range(1, limit + 1))
     return next(s for s in range(1, limit + 1) if cost(s) <= 1.05 * best)
@@ -242,6 +245,46 @@ def _vectorizable(problem, caches) -> bool:
         if base % 16 or any(st % 16 for st, n in zip(c.strides[:3], c.shape[:3]) if n > 1):
             return False
     return True
+
+
+def _tensor_core_path(problem: _KVProblem, vectorized: bool) -> bool:
+    """kernels/decode_mma.py runs 16-bit caches read 16 bytes at a time (rows on 16
+    bytes, head dims multiples of 8) with head dims up to DECODE_MMA_MAX_HEAD_DIM."""
+    return (vectorized and problem.dtype.itemsize == 2
+            and max(problem.head_dim, problem.head_dim_v) <= tuning.DECODE_MMA_MAX_HEAD_DIM)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    spec: object  # DecodeSpec or DecodeMmaSpec
+    num_splits: int
+    row_chunks: int
+
+
+def _plan(problem: _KVProblem, caches, causal: bool, with_lse: bool, num_splits: int) -> _Plan:
+    """The kernel (tensor-core or portable), its split count and row chunks."""
+    vectorized = _vectorizable(problem, caches)
+    if _tensor_core_path(problem, vectorized):
+        threads, stages = tuning.decode_mma_tiles(problem.head_dim, problem.head_dim_v, device.SIMULATOR)
+
+        def make(split):
+            return DecodeMmaSpec(arrays.short_name(problem.dtype), problem.head_dim, problem.head_dim_v, causal,
+                                 problem.block_size, split, with_lse and not split, threads, stages)
+
+        busy, min_keys = tuning.DECODE_MMA_BUSY_CTAS_PER_SM, tuning.DECODE_MMA_MIN_SPLIT_KEYS
+    else:
+
+        def make(split):
+            return decode_spec(problem, causal, split, with_lse, vectorized)
+
+        busy, min_keys = tuning.DECODE_BUSY_CTAS_PER_SM, tuning.DECODE_MIN_SPLIT_KEYS
+    if device.SIMULATOR:
+        min_keys = tuning.DECODE_MIN_SPLIT_KEYS_SIMULATOR
+    row_chunks = -(-problem.group * problem.seqlen_q // make(False).rows)
+    if num_splits == 0:
+        num_splits = choose_num_splits(problem.batch * problem.heads_kv * row_chunks, problem.max_total,
+                                       _sm_count(), min_keys, busy)
+    return _Plan(make(num_splits > 1), num_splits, row_chunks)
 
 
 def decode_spec(problem: _KVProblem, causal: bool, split: bool, with_lse: bool, vectorized: bool) -> DecodeSpec:
@@ -315,13 +358,12 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
     num_splits = _check_num_splits(num_splits)
     if out is not None:
         _check_out(problem, a)
-    rows, _, _ = tuning.decode_tiles(problem.dtype.itemsize, problem.head_dim, problem.head_dim_v,
-                                     problem.group * problem.seqlen_q, False, device.SIMULATOR)
-    if problem.heads_kv * -(-problem.group * problem.seqlen_q // rows) > _MAX_GRID_YZ:
-        raise ValueError(f"q: heads_kv x chunks of {rows} query rows exceeds the grid limit {_MAX_GRID_YZ}")
+    plan = _plan(problem, (a["k_cache"], a["v_cache"]), causal, return_lse, num_splits)
+    if problem.heads_kv * plan.row_chunks > _MAX_GRID_YZ:
+        raise ValueError(f"q: heads_kv x chunks of {plan.spec.rows} query rows exceeds the grid limit {_MAX_GRID_YZ}")
 
     if problem.on_device or device.SIMULATOR:
-        result = _run(problem, a, seqlens_array, causal, scale, num_splits, return_lse)
+        result = _run(problem, a, seqlens_array, causal, scale, num_splits, return_lse, plan)
     else:
         result = _run_via_gpu(problem, a, causal, scale, num_splits, return_lse)
     return result if return_lse else result[0]
@@ -350,8 +392,8 @@ def _xp(problem):
     return np
 
 
-def _run(problem: _KVProblem, a, seqlens_array, causal, scale, num_splits, return_lse):
-    """Allocate, append the new tokens, decode, combine."""
+def _run(problem: _KVProblem, a, seqlens_array, causal, scale, num_splits, return_lse, plan=None):
+    """Allocate, append the new tokens, decode, combine (``plan``: from _plan on these arrays)."""
     xp = _xp(problem)
     out = a["out"] if "out" in a else xp.empty(problem.out_shape(), problem.dtype)
     lse = xp.empty(problem.lse_shape(), np.float32) if return_lse else None
@@ -372,17 +414,13 @@ def _run(problem: _KVProblem, a, seqlens_array, causal, scale, num_splits, retur
     if problem.seqlen_q == 0 or problem.heads_q == 0:
         return out, lse
 
-    vectorized = _vectorizable(problem, (a["k_cache"], a["v_cache"]))
-    probe = decode_spec(problem, causal, False, return_lse, vectorized)
-    row_chunks = -(-problem.group * problem.seqlen_q // probe.rows)
-    ctas = problem.batch * problem.heads_kv * row_chunks
-    if num_splits == 0:
-        min_keys = tuning.DECODE_MIN_SPLIT_KEYS_SIMULATOR if device.SIMULATOR else tuning.DECODE_MIN_SPLIT_KEYS
-        num_splits = choose_num_splits(ctas, problem.max_total, _sm_count(), min_keys)
+    if plan is None:
+        plan = _plan(problem, (a["k_cache"], a["v_cache"]), causal, return_lse, num_splits)
+    spec, num_splits, row_chunks = plan.spec, plan.num_splits, plan.row_chunks
     split = num_splits > 1
-    spec = decode_spec(problem, causal, split, return_lse, vectorized)
+    mma = isinstance(spec, DecodeMmaSpec)
     acc_type = np.float64 if problem.dtype == arrays.FLOAT64 else np.float32
-    raw = vectorized  # 16-bit caches as uint16 bits for the vector loads
+    raw = mma or spec.vectorized  # 16-bit caches as uint16 bits for the vector loads
     caches = [view(arrays.kernel_view(a[name], raw)) for name in ("k_cache", "v_cache")]
     out_k = view(arrays.kernel_view(out))
     if split:
@@ -393,9 +431,9 @@ def _run(problem: _KVProblem, a, seqlens_array, causal, scale, num_splits, retur
         lse_arg = lse if return_lse else xp.empty((1, 1, 1), np.float32)
         results = [out_k, view(lse_arg)]
     grid = (num_splits, problem.heads_kv * row_chunks, problem.batch)
-    args = [view(arrays.kernel_view(a["q"])), *caches, view(table), view(seqlens_array),
+    args = [view(arrays.kernel_view(a["q"], mma)), *caches, view(table), view(seqlens_array),
             problem.seqlen_new, *results, acc_type(scale), problem.group, row_chunks]
-    launch.launch(launch.compiled(spec), grid, spec.threads, args)
+    launch.launch(launch.compiled(spec), grid, spec.threads, args, launch.shared_bytes(spec))
     if split:
         threads = 32 if device.SIMULATOR else tuning.COMBINE_THREADS
         cspec = CombineSpec(spec.dtype, problem.head_dim_v, return_lse, threads)
@@ -406,16 +444,21 @@ def _run(problem: _KVProblem, a, seqlens_array, causal, scale, num_splits, retur
 
 
 def kvcache_spec(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None, block_table=None, causal=True,
-                 num_splits=0, return_lse=False) -> DecodeSpec:
+                 num_splits=0, return_lse=False):
     """The decode-kernel specialization :func:`attention_with_kvcache` runs for these
-    arguments (same meanings); its ``key`` names it in logs and benchmark rows."""
+    arguments (same meanings): a DecodeMmaSpec (tensor cores: 16-bit caches with
+    16-byte aligned rows) or a DecodeSpec (the portable kernel). Its ``key`` names it
+    in logs and benchmark rows."""
+    return kvcache_plan(q, k_cache, v_cache, cache_seqlens=cache_seqlens, k=k, v=v, block_table=block_table,
+                        causal=causal, num_splits=num_splits, return_lse=return_lse)[0]
+
+
+def kvcache_plan(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None, block_table=None, causal=True,
+                 num_splits=0, return_lse=False):
+    """(spec, num_splits): the decode kernel and the split count (num_splits=0
+    resolved) that :func:`attention_with_kvcache` uses for these arguments."""
     problem, a, _ = _validate(q, k_cache, v_cache, cache_seqlens, k, v, block_table, None)
     num_splits = _check_num_splits(num_splits)
-    vectorized = _vectorizable(problem, (a["k_cache"], a["v_cache"]))
-    probe = decode_spec(problem, causal, False, return_lse, vectorized)
-    if num_splits == 0:
-        row_chunks = -(-problem.group * problem.seqlen_q // probe.rows)
-        min_keys = tuning.DECODE_MIN_SPLIT_KEYS_SIMULATOR if device.SIMULATOR else tuning.DECODE_MIN_SPLIT_KEYS
-        num_splits = choose_num_splits(problem.batch * problem.heads_kv * row_chunks, problem.max_total,
-                                       _sm_count(), min_keys)
-    return decode_spec(problem, _check_flag(causal, "causal"), num_splits > 1, return_lse, vectorized)
+    plan = _plan(problem, (a["k_cache"], a["v_cache"]), _check_flag(causal, "causal"),
+                 _check_flag(return_lse, "return_lse"), num_splits)
+    return plan.spec, plan.num_splits

@@ -288,3 +288,44 @@ class AppendSpec:
 
     def __str__(self) -> str:
         return self.key
+
+
+@dataclass(frozen=True)
+class DecodeMmaSpec:
+    """The tensor-core split-KV decoding kernel (kernels/decode_mma.py): the fast path
+    of attention_with_kvcache for float16 / bfloat16 caches whose rows start on 16
+    bytes, head dims multiples of 8.
+
+    One CTA owns one (split, kv head, batch) and 16 query rows (``rows``) of that kv
+    head's group; each of its threads // 32 warps streams its own 16-key tiles of K
+    and V through a ``stages``-deep cp.async ring in shared memory.
+    dtype: "fp16" or "bf16". causal, block_size, split, with_lse: as DecodeSpec's.
+    """
+
+    dtype: str
+    head_dim: int
+    head_dim_v: int
+    causal: bool
+    block_size: int
+    split: bool
+    with_lse: bool
+    threads: int
+    stages: int
+
+    rows = 16  # one m16n8k16 row slice
+
+    @property
+    def module(self) -> str:
+        return "decode_mma"
+
+    @property
+    def key(self) -> str:
+        cache = f"-paged{self.block_size}" if self.block_size else "-contig"
+        out = "-split" if self.split else ("-lse" if self.with_lse else "")
+        return (
+            f"decode_mma-{self.dtype}-d{self.head_dim}-dv{self.head_dim_v}-r{self.rows}"
+            f"{'-causal' if self.causal else ''}{cache}{out}-w{self.threads // 32}s{self.stages}"
+        )
+
+    def __str__(self) -> str:
+        return self.key

@@ -254,3 +254,49 @@ DECODE_GATE = [
     ("fp16", 256, 4, 0, True, True, False),
     ("fp32", 128, 4, 0, True, True, False),
 ]
+
+
+# ---- split-KV decoding on the tensor cores (kernels/decode_mma.py) ------------------
+# The fast path for 16-bit caches with 16-byte aligned rows. Sizing (perf/NOTES.md,
+# "Decode"): HBM3 needs ~20-30 KB in flight per SM (3 TB/s x ~1 us / 132 SMs). A warp
+# owns a ring of `stages` buffers of 16 keys of K and V (8 KB of data at d128, 8.5 KB
+# with the bank-conflict padding), stages - 1 of them in flight while it computes: 4
+# warps x 3 stages = 104 KB of shared memory per CTA, two CTAs per SM, ~128 KB in flight
+# per SM. The tensor cores and shared memory have ~10x headroom at 3 TB/s.
+DECODE_MMA_THREADS = 128
+DECODE_MMA_STAGES = 3
+DECODE_MMA_SIMULATOR = (64, 2)  # two warps, so the cross-warp merge is exercised
+DECODE_MMA_BUSY_CTAS_PER_SM = 2  # CTAs that fit an SM's shared memory (the split heuristic)
+DECODE_MMA_MAX_HEAD_DIM = 256
+DECODE_MMA_MIN_SPLIT_KEYS = 512  # num_splits=0 keeps each split >= 8 tiles per warp
+_DECODE_MMA_OVERRIDE = "NBFLASH_DECODE_MMA_TILES"  # "threads,stages" for perf/ sweeps
+
+
+def decode_mma_tiles(head_dim: int, head_dim_v: int, simulator: bool):
+    """(threads, stages) of the tensor-core decode kernel; at head dims above 128 the
+    rows are twice as long, so one stage fewer keeps two CTAs per SM."""
+    if simulator:
+        return DECODE_MMA_SIMULATOR
+    override = os.environ.get(_DECODE_MMA_OVERRIDE, "")
+    if override:
+        threads, stages = (int(x) for x in override.split(","))
+        return threads, stages
+    if max(head_dim, head_dim_v) > 128:
+        return DECODE_MMA_THREADS, 2
+    return DECODE_MMA_THREADS, DECODE_MMA_STAGES
+
+
+# Tensor-core decode specializations the no-GPU gate compiles (tests/test_ptx_gate_decode.py):
+# (dtype, head_dim, head_dim_v, block_size, causal, split, with_lse).
+# Measured (sm_90a, 0 spills): d128 243-246 registers (two 128-thread CTAs per SM fit
+# both registers and the 104 KB of shared memory), d64 166, d96/80 228, d256 255 with
+# 132 KB of shared memory (one CTA per SM).
+DECODE_MMA_GATE = [
+    ("fp16", 128, 128, 0, True, True, False),
+    ("fp16", 128, 128, 16, True, False, False),
+    ("fp16", 128, 128, 256, True, False, True),
+    ("bf16", 128, 128, 64, False, True, False),
+    ("fp16", 64, 64, 16, True, True, False),
+    ("fp16", 256, 256, 0, True, True, False),
+    ("bf16", 96, 80, 8, True, True, False),
+]

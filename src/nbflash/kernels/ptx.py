@@ -170,6 +170,10 @@ if SIMULATED:
         words = np.array(address.words(count), dtype=address.array.dtype).view(np.uint32)
         return int(words[0]), int(words[1]), int(words[2]), int(words[3])
 
+    def syncwarp():
+        """bar.warp.sync: the lanes of a warp meet here (and see each other's writes)."""
+        current_warp().barrier.wait()
+
     def f16x2_to_f32(word):
         """The two float16 halves of a .b32 word widened to float32 (lo, hi)."""
         lo, hi = _halves(word, np.float16)
@@ -409,3 +413,12 @@ else:
             return _tuple(context, builder, sig, res, 2)
 
         return types.UniTuple(types.float32, 2)(word), codegen
+
+
+if not SIMULATED:
+
+    @cuda.jit(device=True, inline=True)
+    def syncwarp():
+        """bar.warp.sync 0xffffffff (PTX ISA 9.7.13.2): the lanes of a warp meet here,
+        and shared-memory writes before it are visible to every lane after it."""
+        cuda.syncwarp(0xFFFFFFFF)
