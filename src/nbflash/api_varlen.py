@@ -228,3 +228,85 @@ def _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, 
     args += [launch.numba_view(cu_q), launch.numba_view(cu_k)]
     launch.launch(kernel, grid, spec.threads, args, launch.shared_bytes(spec), stream_ptr)
     return out, lse
+
+
+def attention_varlen_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
+                              max_seqlen_k=None, causal=False, scale=None, deterministic=False,
+                              dq=None, dk=None, dv=None):
+    """Gradients of :func:`attention_varlen`: given dO = dL/d(out), return dL/dq,
+    dL/dk, dL/dv of a packed batch.
+
+    Args:
+        do: (total_q, heads_q, head_dim_v), q's dtype: the gradient of the loss with
+            respect to out.
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale:
+            exactly as the forward took them (see :func:`attention_varlen`).
+        out: the forward's output, (total_q, heads_q, head_dim_v), q's dtype.
+        lse: the forward's lse, float32 (heads_q, total_q) (float64 accepted for
+            float64 inputs, as :func:`nbflash.attention_backward` does).
+        deterministic: as in :func:`nbflash.attention_backward`.
+        dq, dk, dv: optional arrays of q's, k's, v's shapes and q's dtype to write into;
+            no overlap with any input or each other.
+
+    The lengths are read on the host (one small device->host copy for device
+    cu_seqlens, which synchronizes with the stream) and every check of
+    :func:`attention_varlen` applies. The gradients of each sequence come from the
+    dense backward kernels run on that sequence's slices (views, no padding, no
+    copies): one backward per non-empty sequence, so many tiny sequences pay one
+    launch group each. A single-launch varlen backward (the forward's per-sequence
+    offsets inside the backward kernels) is future work.
+
+    Returns:
+        (dq, dk, dv): the shapes of q, k, v, q's dtype; CuPy for device inputs, NumPy
+        for NumPy inputs. For GQA, dk and dv sum over the query heads that share a kv
+        head; keys of a sequence without queries get 0, as do queries without keys.
+    """
+    from .api_backward import attention_backward
+    from .api_backward import _check_array
+
+    ops = [arrays.intake(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
+    problem, _ = _validate_3d(ops)
+    causal = api._check_flag(causal, "causal")
+    deterministic = api._check_flag(deterministic, "deterministic")
+    scale = api._check_scale(scale, problem.head_dim)
+    qa = ops[0].array
+    seqlens = _validate_seqlens(cu_seqlens_q, cu_seqlens_k, None, max_seqlen_k, problem, qa)
+    if max_seqlen_q is not None and _check_max_seqlen(max_seqlen_q, "max_seqlen_q") < seqlens.max_seqlen_q:
+        raise ValueError(f"max_seqlen_q: {max_seqlen_q} is smaller than the longest sequence in "
+                         f"cu_seqlens ({seqlens.max_seqlen_q})")
+    packed_out = (problem.seqlen_q, problem.heads_q, problem.head_dim_v)
+    do_a = _check_array(do, "do", problem, qa, packed_out, bshd=False)[0].array
+    out_a = _check_array(out, "out", problem, qa, packed_out, bshd=False)[0].array
+    lse_dtypes = (arrays.FLOAT32, arrays.FLOAT64) if problem.dtype == arrays.FLOAT64 else (arrays.FLOAT32,)
+    lse_a = _check_array(lse, "lse", problem, qa, (problem.heads_q, problem.seqlen_q), lse_dtypes,
+                         bshd=False)[0].array
+    inputs = {"q": qa, "k": ops[1].array, "v": ops[2].array, "do": do_a, "out": out_a, "lse": lse_a}
+    grads = {}
+    for name, g, like in zip(("dq", "dk", "dv"), (dq, dk, dv), ops):
+        if g is not None:
+            grads[name] = _check_array(g, name, problem, qa, like.array.shape, writable=True)[0].array
+            for other, x in inputs.items():
+                if arrays.overlaps(grads[name], x):
+                    raise ValueError(f"{name}: overlaps {other} in memory; pass a separate buffer")
+            for other, x in list(grads.items())[:-1]:
+                if arrays.overlaps(grads[name], x):
+                    raise ValueError(f"{name}: overlaps {other} in memory; pass a separate buffer")
+    for name, like in zip(("dq", "dk", "dv"), ops):
+        if name not in grads:
+            grads[name] = api._empty(problem, like.array.shape, problem.dtype)
+
+    host_q, host_k = (a.get() if not isinstance(a, np.ndarray) else a for a in (seqlens.q, seqlens.k))
+    dq_a, dk_a, dv_a = grads["dq"], grads["dk"], grads["dv"]
+    for b in range(seqlens.batch):
+        qs = slice(int(host_q[b]), int(host_q[b + 1]))
+        ks = slice(int(host_k[b]), int(host_k[b + 1]))
+        if qs.start == qs.stop or ks.start == ks.stop:  # nothing attends: zero gradients
+            dq_a[qs] = 0
+            if qs.start == qs.stop:
+                dk_a[ks] = 0
+                dv_a[ks] = 0
+            continue
+        attention_backward(do_a[qs], qa[qs], ops[1].array[ks], ops[2].array[ks], out_a[qs], lse_a[:, qs],
+                           causal=causal, scale=scale, deterministic=deterministic,
+                           dq=dq_a[qs], dk=dk_a[ks], dv=dv_a[ks])
+    return dq_a, dk_a, dv_a
