@@ -254,3 +254,19 @@ DECODE_GATE = [
     ("fp16", 256, 4, 0, True, True, False),
     ("fp32", 128, 4, 0, True, True, False),
 ]
+
+
+# ---- variants in the portable backward (kernels/backward_simt.py) ------------------
+
+
+def backward_simt_variant_tiles(acc_bytes: int, head_dim: int, head_dim_v: int, simulator: bool, softcap: bool):
+    """backward_simt_tiles for a variant spec: softcap keeps 1 - tanh^2 of every P
+    element in one more block_m x block_n tile, so the tiles shrink until it fits too."""
+    if not softcap or simulator:
+        return backward_simt_tiles(acc_bytes, head_dim, head_dim_v, simulator)
+    for block_m, block_n in _BACKWARD_SIMT_TILES:
+        words = block_m * block_n
+        if backward_simt_shared_bytes(block_m, block_n, head_dim, head_dim_v, acc_bytes) + words * acc_bytes \
+                <= _STATIC_SHARED_BYTES:
+            return block_m, block_n, 128
+    raise AssertionError("unreachable: 4x4 tiles fit every head_dim up to 256")
