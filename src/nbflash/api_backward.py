@@ -8,7 +8,6 @@ checked. Kernels see (batch, seqlen, heads, head_dim) views.
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import numpy as np
 
@@ -38,9 +37,9 @@ def choose_backward_spec(problem: _Problem, causal: bool, deterministic: bool, v
     ):
         from .kernels import backward_mma
 
-        spec = backward_mma.choose_spec(dtype, problem.head_dim, causal, device.SIMULATOR)
+        spec = backward_mma.choose_spec(dtype, problem.head_dim, causal, device.SIMULATOR, variant, dbias)
         if spec is not None:
-            return replace(spec, variant=variant, dbias=dbias)
+            return spec
     return _simt_spec(problem, causal, variant, dbias)
 
 
@@ -302,8 +301,8 @@ _dummy_variant_arrays: dict = {}
 
 
 def _variant_args(problem, views, vargs, acc_type):
-    """The ten KERNEL_ARGS values as kernel arguments (softcap in accumulation
-    precision, so float64 stays float64 in the portable kernels)."""
+    """The ten KERNEL_ARGS values as kernel arguments (softcap and keep_scale in
+    accumulation precision, so float64 stays float64 in the portable kernels)."""
 
     def dummy(shape, dtype):
         cache = _dummy_variant_arrays.setdefault((shape, np.dtype(dtype).str), {})
@@ -311,6 +310,7 @@ def _variant_args(problem, views, vargs, acc_type):
 
     values = variants.kernel_values(vargs, dummy)
     values[2] = acc_type(vargs.softcap)
+    values[7] = acc_type(1.0) / acc_type(1.0 - vargs.dropout_p)  # keep_scale
     return [launch.numba_view(x) if hasattr(x, "shape") and x.ndim else x for x in values]
 
 

@@ -270,3 +270,19 @@ def backward_simt_variant_tiles(acc_bytes: int, head_dim: int, head_dim_v: int, 
                 <= _STATIC_SHARED_BYTES:
             return block_m, block_n, 128
     raise AssertionError("unreachable: 4x4 tiles fit every head_dim up to 256")
+
+
+# Tensor-core backward tiles for variant specs where the plain ones spill: the
+# per-element variant step (scores, visibility, dropout, dbias) needs registers that
+# the d128 dQ kernel's Q/dO fragments in registers use up (tests/
+# test_ptx_gate_backward_variants.py), so its fragments stay in shared memory.
+MMA_BWD_VARIANT_TILES = {
+    128: ((32, 64, 128, False), (64, 64, 128, False)),
+}
+
+
+def mma_bwd_variant_tiles(head_dim: int, simulator: bool):
+    """mma_bwd_tiles for a spec with variants on."""
+    if head_dim not in MMA_BWD_TILES or simulator or _bwd_override(head_dim):
+        return mma_bwd_tiles(head_dim, simulator)
+    return MMA_BWD_VARIANT_TILES.get(head_dim, MMA_BWD_TILES[head_dim])

@@ -41,6 +41,7 @@ multiplied by softcap's 1 - tanh^2 before dK and dQ. A window skips the query ti
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 from numba import cuda
@@ -81,16 +82,23 @@ def shared_bytes(spec: BackwardMmaSpec) -> int:
     return 0
 
 
-def choose_spec(dtype: str, head_dim: int, causal: bool, simulator: bool):
-    """The plan for a problem, or None when no tensor-core backward ships for head_dim."""
+def choose_spec(dtype: str, head_dim: int, causal: bool, simulator: bool, variant=None, dbias: bool = False):
+    """The plan for a problem, or None when no tensor-core backward ships for head_dim;
+    with variants (spec.Variant) on, from tuning's variant tile table."""
     from .. import tuning
 
-    tiles = tuning.mma_bwd_tiles(head_dim, simulator)
+    if variant:
+        tiles = tuning.mma_bwd_variant_tiles(head_dim, simulator)
+    else:
+        tiles = tuning.mma_bwd_tiles(head_dim, simulator)
     if tiles is None or dtype not in ("fp16", "bf16"):
         return None
     (bm, bn, threads, kv_regs), (qbm, qbn, qthreads, q_regs) = tiles
     atomics = tuning.mma_bwd_dq_atomics(head_dim, simulator)
-    return BackwardMmaSpec(dtype, head_dim, causal, bm, bn, threads, kv_regs, qbm, qbn, qthreads, q_regs, atomics)
+    spec = BackwardMmaSpec(dtype, head_dim, causal, bm, bn, threads, kv_regs, qbm, qbn, qthreads, q_regs, atomics)
+    if variant:
+        spec = replace(spec, variant=variant, dbias=dbias)
+    return spec
 
 
 def build(spec: BackwardMmaSpec):
@@ -809,8 +817,6 @@ def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, det
             Numba views) followed by the dbias buffer (float32 (B, Hq, Nq, Nk), zeroed,
             or a dummy); None for a PLAIN spec (dummies are made here).
     """
-    from dataclasses import replace
-
     from .. import launch
 
     batch, seqlen_q, heads_q, _ = q.shape
