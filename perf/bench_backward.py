@@ -10,8 +10,13 @@ takes long), fresh random normal inputs (never zeros). Peers: torch SDPA's flash
 cuDNN and efficient backends when torch imports (optional).
 
     python perf/bench_backward.py [--quick] [--out perf/results]
+    python perf/bench_backward.py --variants [--out perf/results]
 
 Writes <out>/<gpu-name>-backward.json and a PNG plot, and prints a table last.
+--variants (issue 7): fp16, head_dim 128, 16 heads, one 16k-token sequence; the
+backward of plain causal attention, with softcap, with ALiBi, and with a sliding
+window (1024, 0), each timed and printed with its ratio to plain causal; writes
+<out>/<gpu-name>-backward-variants.json.
 """
 
 from __future__ import annotations
@@ -41,10 +46,10 @@ def repeats_for(one_call_ms, wanted):
     return int(max(5, min(wanted, TIME_PER_CASE_S * 1e3 / max(one_call_ms, 1e-3))))
 
 
-def nbflash_time(do, q, k, v, out, lse, causal, grads, repeats, deterministic=False):
+def nbflash_time(do, q, k, v, out, lse, causal, grads, repeats, deterministic=False, **variants):
     dq, dk, dv = grads
     fn = lambda: nbflash.attention_backward(  # noqa: E731
-        do, q, k, v, out, lse, causal=causal, deterministic=deterministic, dq=dq, dk=dk, dv=dv)
+        do, q, k, v, out, lse, causal=causal, deterministic=deterministic, dq=dq, dk=dk, dv=dv, **variants)
     one = nbflash.device.median_gpu_ms(fn, 1, 1)  # also compiles
     return nbflash.device.median_gpu_ms(fn, 2, repeats_for(one, repeats))
 
@@ -95,14 +100,65 @@ def torch_peers():
     return {name: make(b) for name, b in backends.items()}
 
 
+VARIANT_CASES = [  # (name, causal, variant arguments)
+    ("plain causal", True, {}),
+    ("softcap 30", True, {"softcap": 30.0}),
+    ("alibi", True, {"alibi_slopes": "slopes"}),
+    ("window (1024, 0)", False, {"window": (1024, 0)}),
+]
+
+
+def variants_main(args):
+    """The --variants table: each variant's backward time against plain causal's."""
+    seqlen, d, dtype = 16384, 128, np.float16
+    batch = max(1, TOKENS // seqlen)
+    gpu = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    rng = cupy.random.default_rng()
+    shape = (batch, seqlen, HEADS, d)
+    q, k, v, do = (rng.standard_normal(shape, dtype=cupy.float32).astype(dtype) for _ in range(4))
+    grads = [cupy.full(shape, cupy.nan, dtype=cupy.float32).astype(dtype) for _ in range(3)]
+    slopes = cupy.asarray(2.0 ** (-8.0 * (np.arange(HEADS) + 1) / HEADS), dtype=cupy.float32)
+    rows = []
+    for name, causal, variants in VARIANT_CASES:
+        variants = {key: (slopes if val == "slopes" else val) for key, val in variants.items()}
+        try:  # the variant forward's out and lse (nbflash.attention with the variants)
+            out, lse = nbflash.attention(q, k, v, causal=causal, return_lse=True, **variants)
+            forward = "variant"
+        except TypeError:  # a forward without variants: its out and lse time the same kernels
+            out, lse = nbflash.attention(q, k, v, causal=causal, return_lse=True)
+            forward = "plain"
+        spec = nbflash.backward_spec(q, k, v, causal=causal, **variants)
+        ms = nbflash_time(do, q, k, v, out, lse, causal, grads, args.repeats, **variants)
+        rows.append({"gpu": gpu, "case": name, "dtype": "fp16", "batch": batch, "heads": HEADS, "seqlen": seqlen,
+                     "head_dim": d, "causal": causal, "spec": spec.key, "ms": ms, "forward": forward})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+        del out, lse
+    plain = rows[0]["ms"]
+    for r in rows:
+        r["ratio_to_plain_causal"] = r["ms"] / plain
+    os.makedirs(args.out, exist_ok=True)
+    tag = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-")
+    with open(os.path.join(args.out, f"{tag}-backward-variants.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"{'case':18} {'ms':>9} {'x plain causal':>15}  spec")
+    for r in rows:
+        print(f"{r['case']:18} {r['ms']:9.2f} {r['ratio_to_plain_causal']:15.3f}  {r['spec']}")
+    print(f"# gpu: {gpu}; backward of fp16 d{d} H{HEADS} {batch}x{seqlen} tokens; targets: softcap and alibi "
+          f"<= 1.10x, window (1024, 0) <= 1/8 of plain causal")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="seqlen 4096, fp16 only")
+    ap.add_argument("--variants", action="store_true", help="the variants' cost at 16k tokens (issue 7)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--dtypes", default=None, help="default fp16,bf16 (fp16 with --quick)")
     args = ap.parse_args()
+    if args.variants:
+        variants_main(args)
+        return
 
     dtypes = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16}
     dtype_names = (args.dtypes or ("fp16" if args.quick else "fp16,bf16")).split(",")

@@ -36,10 +36,13 @@ def main():
         t4 = types.Array(STORAGE[dtype], 4, "A")
         a3 = types.Array(acc, 3, "A")
         lse = types.Array(acc, 3, "A")
+        extra = (types.int32, types.int32, types.float32, types.Array(types.float32, 2, "A"),
+                 types.Array(types.float32, 4, "A"), types.Array(types.uint8, 4, "A"),
+                 types.uint32, types.float32, types.uint32, types.uint32, types.Array(types.float32, 4, "A"))
         sigs = {
             "preprocess": (t4, t4, a3),
-            "dkdv": (t4, t4, t4, t4, lse, a3, t4, t4, t4, acc, types.int64),
-            "dq": (t4, t4, t4, t4, lse, a3, t4, t4, t4, acc, types.int64),
+            "dkdv": (t4, t4, t4, t4, lse, a3, t4, t4, t4, acc, types.int64, *extra),
+            "dq": (t4, t4, t4, t4, lse, a3, t4, t4, t4, acc, types.int64, *extra),
         }
         for part, sig in sigs.items():
             ptx, _ = cuda.compile_ptx(getattr(kernels, part).py_func, sig, cc=TARGETS[arch])

@@ -27,13 +27,21 @@ def parts(plan):
 ARCHS = ("sm_80", "sm_90a")
 
 
-def signature(part):
+def variant_types(bias_dtype=types.float32):
+    """Types of the ten nbflash.variants.KERNEL_ARGS values (bias of the spec's dtype)."""
+    return (types.int32, types.int32, types.float32, types.Array(types.float32, 2, "A"),
+            types.Array(bias_dtype, 4, "A"), types.Array(types.uint8, 4, "A"),
+            types.uint32, types.float32, types.uint32, types.uint32)
+
+
+def signature(part, bias_dtype=types.float32):
     u16 = types.Array(types.uint16, 4, "A")
     f32_3 = types.Array(types.float32, 3, "A")
+    f32_4 = types.Array(types.float32, 4, "A")
     inputs = (u16, u16, u16, u16, f32_3, f32_3)
     if part == "dq":
-        return (*inputs, u16, types.float32, types.int64)
-    return (*inputs, u16, u16, types.Array(types.float32, 4, "A"), types.float32, types.int64)
+        return (*inputs, u16, types.float32, types.int64, *variant_types(bias_dtype))
+    return (*inputs, u16, u16, f32_4, types.float32, types.int64, *variant_types(bias_dtype), f32_4)
 
 
 def shipped_specs(dtypes):

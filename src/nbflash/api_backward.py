@@ -8,22 +8,25 @@ checked. Kernels see (batch, seqlen, heads, head_dim) views.
 
 from __future__ import annotations
 
+
 import numpy as np
 
-from . import arrays, device, launch, tuning
+from . import arrays, device, launch, tuning, variants
 from .api import _bshd, _check_flag, _check_scale, _Problem, _rows_16_byte_aligned, _validate, choose_forward_spec
 from .api import _dummy, _dummy_seqlens
-from .spec import BackwardSpec
+from .spec import PLAIN, BackwardSpec, Variant
 
 
-def choose_backward_spec(problem: _Problem, causal: bool, deterministic: bool, views=None):
+def choose_backward_spec(problem: _Problem, causal: bool, deterministic: bool, views=None,
+                         variant: Variant = PLAIN, dbias: bool = False):
     """The kernel family and tiles that run this problem's backward pass: the
     tensor-core kernels (kernels/backward_mma.py) for fp16/bf16 with a shipped
     head_dim equal for q and v, 16-byte aligned rows in every array in ``views`` and
     an sm_80+ GPU; the portable kernels (any dtype and head_dim) otherwise.
 
     Every family honours ``deterministic``: the tensor-core family then computes dQ in
-    a kernel of its own instead of with float32 atomics.
+    a kernel of its own instead of with float32 atomics. ``variant`` and ``dbias`` are
+    compiled into the spec (spec.Variant; dbias: the kernels also write dS).
     """
     dtype = arrays.short_name(problem.dtype)
     if (
@@ -34,31 +37,55 @@ def choose_backward_spec(problem: _Problem, causal: bool, deterministic: bool, v
     ):
         from .kernels import backward_mma
 
-        spec = backward_mma.choose_spec(dtype, problem.head_dim, causal, device.SIMULATOR)
+        spec = backward_mma.choose_spec(dtype, problem.head_dim, causal, device.SIMULATOR, variant, dbias)
         if spec is not None:
             return spec
-    return _simt_spec(problem, causal)
+    return _simt_spec(problem, causal, variant, dbias)
 
 
-def _simt_spec(problem: _Problem, causal: bool) -> BackwardSpec:
+def _simt_spec(problem: _Problem, causal: bool, variant: Variant = PLAIN, dbias: bool = False) -> BackwardSpec:
     acc_bytes = 8 if problem.dtype == arrays.FLOAT64 else 4
-    block_m, block_n, threads = tuning.backward_simt_tiles(
-        acc_bytes, problem.head_dim, problem.head_dim_v, device.SIMULATOR
+    block_m, block_n, threads = tuning.backward_simt_variant_tiles(
+        acc_bytes, problem.head_dim, problem.head_dim_v, device.SIMULATOR, variant.softcap
     )
     return BackwardSpec(
         "simt", arrays.short_name(problem.dtype), problem.head_dim, problem.head_dim_v,
-        causal, block_m, block_n, threads,
+        causal, block_m, block_n, threads, variant=variant, dbias=dbias,
     )
 
 
-def backward_spec(q, k, v, *, causal=False, layout="bshd", deterministic=False) -> BackwardSpec:
-    """The specialization :func:`attention_backward` would run for these arguments;
-    its ``key`` names it in logs and benchmark rows."""
+def backward_spec(q, k, v, *, causal=False, layout="bshd", deterministic=False, window=None, softcap=0.0,
+                  alibi_slopes=None, bias=None, mask=None, dropout_p=0.0, seed=None, return_dbias=False):
+    """The specialization :func:`attention_backward` would run for these arguments
+    (same meanings, shapes and dtypes); its ``key`` names it in logs and benchmark rows."""
     ops = [arrays.intake(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
     problem, views = _validate(*ops, layout)
-    return choose_backward_spec(
-        problem, _check_flag(causal, "causal"), _check_flag(deterministic, "deterministic"), views
+    causal = _check_flag(causal, "causal")
+    vargs = variants.check_variants(
+        problem, ops[0].array, causal=causal, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+        bias=bias, mask=mask, dropout_p=dropout_p, seed=seed,
     )
+    dbias = _check_return_dbias(return_dbias, vargs, problem)
+    return choose_backward_spec(
+        problem, causal, _check_flag(deterministic, "deterministic"), views, vargs.variant, dbias
+    )
+
+
+def _check_return_dbias(return_dbias, vargs, problem: _Problem) -> bool:
+    """return_dbias needs a bias with its own query and key axes (a gradient summed
+    over a broadcast query or key axis is not what dS is)."""
+    if not _check_flag(return_dbias, "return_dbias"):
+        return False
+    if vargs.bias_shape is None:
+        raise ValueError("return_dbias: requires a bias")
+    shape = vargs.bias_shape
+    expected = (problem.seqlen_q, problem.seqlen_k)
+    if len(shape) < 2 or tuple(shape[-2:]) != expected:
+        raise ValueError(
+            f"return_dbias: bias of shape {shape} is broadcast along the query or key axis; "
+            f"its last two axes must be (seqlen_q, seqlen_k) = {expected}"
+        )
+    return True
 
 
 def _check_array(x, name, problem: _Problem, q, shape, dtypes=None, *, bshd=True, writable=False):
@@ -92,13 +119,16 @@ def _check_array(x, name, problem: _Problem, q, shape, dtypes=None, *, bshd=True
     return op, view
 
 
-def _check_all(ops, do, out, lse, grads, causal, deterministic, scale, layout):
+def _check_all(ops, do, out, lse, grads, causal, deterministic, scale, layout, options):
     """Validate every argument of attention_backward; return what the run needs."""
     problem, views = _validate(*ops, layout)
     causal = _check_flag(causal, "causal")
     deterministic = _check_flag(deterministic, "deterministic")
     scale = _check_scale(scale, problem.head_dim)
     q = ops[0].array
+    return_dbias = options.pop("return_dbias")
+    vargs = variants.check_variants(problem, q, causal=causal, **options)
+    dbias = _check_return_dbias(return_dbias, vargs, problem)
     do_op, do_view = _check_array(do, "do", problem, q, problem.out_shape())
     out_op, out_view = _check_array(out, "out", problem, q, problem.out_shape())
     lse_dtypes = (arrays.FLOAT32, arrays.FLOAT64) if problem.dtype == arrays.FLOAT64 else (arrays.FLOAT32,)
@@ -117,12 +147,13 @@ def _check_all(ops, do, out, lse, grads, causal, deterministic, scale, layout):
         for other in names[:i]:
             if arrays.overlaps(given[name], given[other]):
                 raise ValueError(f"{name}: overlaps {other} in memory; pass a separate buffer")
-    return problem, views, (do_view, out_view, lse_view), given, causal, deterministic, scale
+    return problem, views, (do_view, out_view, lse_view), given, causal, deterministic, scale, vargs, dbias
 
 
 def attention_backward(
     do, q, k, v, out, lse, *, causal=False, scale=None, layout="bshd", deterministic=False,
-    dq=None, dk=None, dv=None,
+    dq=None, dk=None, dv=None, window=None, softcap=0.0, alibi_slopes=None, bias=None, mask=None,
+    dropout_p=0.0, seed=None, return_dbias=False,
 ):
     """Gradients of attention: given dO = dL/d(out), return dL/dq, dL/dk, dL/dv.
 
@@ -146,6 +177,18 @@ def attention_backward(
             not chosen when this is True.
         dq, dk, dv: optional arrays of q's, k's and v's shapes and q's dtype to write
             into; they must not overlap any input or each other.
+        window, softcap, alibi_slopes, bias, mask, dropout_p, seed: the forward's
+            variants, exactly as given to :func:`nbflash.attention` (same meanings and
+            refusals): window (left, right) ints >= -1 or None; softcap a float >= 0
+            (0 off); alibi_slopes float32 (heads_q,) or (batch, heads_q); bias a float16,
+            bfloat16, float32 or float64 array broadcastable to (batch, heads_q,
+            seqlen_q, seqlen_k) ((heads_q, seqlen_q, seqlen_k) for 3-D inputs); mask a
+            bool array broadcastable the same way (True attends); dropout_p in [0, 1)
+            with seed an int (required when dropout_p > 0; the same seed gives the
+            forward's dropout mask). P is recomputed from the modified scores.
+        return_dbias: also return the gradient of bias. Requires a bias whose last two
+            axes are (seqlen_q, seqlen_k) (not broadcast along the query or key axis;
+            batch and head axes may broadcast and are summed over).
 
     Arrays are CuPy arrays, ``__cuda_array_interface__`` / ``__dlpack__`` objects (read
     in place) or NumPy arrays (through the GPU and back; on the simulator without a
@@ -154,28 +197,39 @@ def attention_backward(
     Returns:
         (dq, dk, dv): the shapes of q, k, v, q's dtype and layout. For GQA, dk and dv
         sum over the query heads that share a kv head. Rows that see no key get a zero
-        dq and add nothing to dk and dv.
+        dq and add nothing to dk and dv. With return_dbias, (dq, dk, dv, dbias): dbias
+        in bias's shape and dtype, summed over the axes bias broadcasts along.
 
     Accumulation is float32 (float64 for float64 inputs); P and dS are never rounded to
     the storage dtype. Extra memory: delta, (batch, heads_q, seqlen_q) in accumulation
     precision (plus, for float64 with a float32 lse, a float64 lse and a scratch
-    output). Computed on CuPy's current stream, without synchronizing.
+    output; with return_dbias, dS as (batch, heads_q, seqlen_q, seqlen_k) in
+    accumulation precision).
+    Computed on CuPy's current stream, without synchronizing.
     """
     ops = [arrays.intake(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
-    problem, views, (do_view, out_view, lse_view), given, causal, deterministic, scale = _check_all(
-        ops, do, out, lse, (dq, dk, dv), causal, deterministic, scale, layout
+    options = dict(window=window, softcap=softcap, alibi_slopes=alibi_slopes, bias=bias, mask=mask,
+                   dropout_p=dropout_p, seed=seed, return_dbias=return_dbias)
+    problem, views, (do_view, out_view, lse_view), given, causal, deterministic, scale, vargs, dbias = _check_all(
+        ops, do, out, lse, (dq, dk, dv), causal, deterministic, scale, layout, dict(options)
     )
     if problem.on_device or device.SIMULATOR:
-        return _backward(problem, views, do_view, out_view, lse_view, given, ops, causal, deterministic, scale)
-    return _backward_via_gpu(do, q, k, v, out, lse, given, causal, deterministic, scale, layout)
+        return _backward(problem, views, do_view, out_view, lse_view, given, ops, causal, deterministic, scale,
+                         vargs, dbias)
+    return _backward_via_gpu(do, q, k, v, out, lse, given, causal, deterministic, scale, layout, options)
 
 
-def _backward_via_gpu(do, q, k, v, out, lse, given, causal, deterministic, scale, layout):
+def _backward_via_gpu(do, q, k, v, out, lse, given, causal, deterministic, scale, layout, options):
     """NumPy inputs with a GPU present: there and back, into the caller's buffers if given."""
     import cupy
 
     dev = [cupy.asarray(x) for x in (do, q, k, v, out, lse)]
-    grads = attention_backward(*dev, causal=causal, scale=scale, layout=layout, deterministic=deterministic)
+    options = dict(options)
+    for name in ("alibi_slopes", "bias", "mask"):
+        if options[name] is not None:
+            options[name] = cupy.asarray(options[name])
+    grads = attention_backward(*dev, causal=causal, scale=scale, layout=layout, deterministic=deterministic,
+                               **options)
     result = []
     for name, g in zip(("dq", "dk", "dv"), grads):
         host = given.get(name)
@@ -183,35 +237,108 @@ def _backward_via_gpu(do, q, k, v, out, lse, given, causal, deterministic, scale
             host = np.empty(g.shape, g.dtype)
         host[...] = g.get()
         result.append(host)
+    if len(grads) == 4:
+        result.append(grads[3].get())
     return tuple(result)
 
 
-def _backward(problem, views, do_view, out_view, lse_view, given, ops, causal, deterministic, scale):
+def _backward(problem, views, do_view, out_view, lse_view, given, ops, causal, deterministic, scale,
+              vargs=variants.NO_VARIANTS, dbias=False):
     """Allocate what the caller did not give, recompute a float64 lse if needed, launch."""
     grads = []
     for name, op in zip(("dq", "dk", "dv"), ops):
         grads.append(given[name] if name in given else _empty(problem, op.array.shape, problem.dtype))
+    acc_type = np.float64 if problem.dtype == arrays.FLOAT64 else np.float32
+    ds = None
+    if dbias:  # dS of every (batch, head, query, key), summed to bias's shape at the end
+        ds = _zeros(problem, (problem.batch, problem.heads_q, problem.seqlen_q, problem.seqlen_k), acc_type)
     if min(problem.batch, problem.seqlen_q, problem.seqlen_k, problem.heads_q) == 0:
         for g in grads:  # no query sees a key: every gradient is 0
             g[...] = 0
-        return tuple(grads)
+        return tuple(grads) + ((_dbias(ds, vargs, problem),) if dbias else ())
     grad_views = [_bshd(g, problem.layout, problem.squeeze) for g in grads]
-    spec = choose_backward_spec(problem, causal, deterministic, [*views, do_view, *grad_views])
-    acc_type = np.float64 if problem.dtype == arrays.FLOAT64 else np.float32
+    spec = choose_backward_spec(problem, causal, deterministic, [*views, do_view, *grad_views], vargs.variant, dbias)
     if lse_view.dtype != acc_type:  # float64 inputs with the forward's float32 lse
-        lse_view = _float64_lse(problem, views, causal, scale)
+        if vargs.variant:
+            lse_view = _float64_variant_lse(spec, problem, views, vargs, scale)
+        else:
+            lse_view = _float64_lse(problem, views, causal, scale)
     delta = _empty(problem, (problem.batch, problem.heads_q, problem.seqlen_q), acc_type)
-    _launch_backward(spec, problem, views, do_view, out_view, lse_view, delta, grad_views, acc_type(scale), deterministic)
-    return tuple(grads)
+    _launch_backward(spec, problem, views, do_view, out_view, lse_view, delta, grad_views, acc_type(scale),
+                     deterministic, vargs, ds)
+    return tuple(grads) + ((_dbias(ds, vargs, problem),) if dbias else ())
 
 
-def _launch_backward(spec, problem, views, do_view, out_view, lse_view, delta, grad_views, scale, deterministic):
+def _dbias(ds, vargs, problem):
+    """dS summed over the axes the bias broadcasts along (in accumulation precision),
+    in the bias's shape and dtype."""
+    shape = vargs.bias_shape
+    x = ds[0] if problem.squeeze else ds
+    lead = x.ndim - len(shape)
+    if lead:
+        x = x.sum(axis=tuple(range(lead)))
+    axes = tuple(a for a, n in enumerate(shape) if n == 1 and x.shape[a] != 1)
+    if axes:
+        x = x.sum(axis=axes, keepdims=True)
+    return _cast(x.reshape(shape), vargs.bias.dtype)
+
+
+def _cast(x, dtype):
+    """float32/float64 x to ``dtype``, rounding to nearest even; bfloat16 on CuPy (which has
+    no bfloat16 arithmetic) by rounding the bits."""
+    if isinstance(x, np.ndarray) or dtype != arrays.BFLOAT16:
+        return x.astype(dtype)
+    import cupy
+
+    x = cupy.ascontiguousarray(x, dtype=np.float32)
+    bits = x.view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    rounded = cupy.where(cupy.isnan(x), np.uint32(0x7FC0), rounded)
+    return rounded.astype(np.uint16).view(arrays.BFLOAT16)
+
+
+_dummy_variant_arrays: dict = {}
+
+
+def _variant_args(problem, views, vargs, acc_type):
+    """The ten KERNEL_ARGS values as kernel arguments (softcap and keep_scale in
+    accumulation precision, so float64 stays float64 in the portable kernels)."""
+
+    def dummy(shape, dtype):
+        cache = _dummy_variant_arrays.setdefault((shape, np.dtype(dtype).str), {})
+        return _dummy(problem, views, cache, shape, dtype)
+
+    values = variants.kernel_values(vargs, dummy)
+    values[2] = acc_type(vargs.softcap)
+    values[7] = acc_type(1.0) / acc_type(1.0 - vargs.dropout_p)  # keep_scale
+    return [launch.numba_view(x) if hasattr(x, "shape") and x.ndim else x for x in values]
+
+
+def _float64_variant_lse(spec, problem, views, vargs, scale):
+    """The float64 lse of a variant problem, by the portable row_lse kernel."""
+    simt = spec if spec.module == "backward_simt" else _simt_spec(problem, spec.causal, vargs.variant)
+    lse = _empty(problem, (problem.batch, problem.heads_q, problem.seqlen_q), np.float64)
+    q, k, _ = views
+    args = [launch.numba_view(q), launch.numba_view(k), launch.numba_view(lse), np.float64(scale)]
+    args += _variant_args(problem, views, vargs, np.float64)
+    grid = (-(-problem.seqlen_q // simt.threads), problem.heads_q, problem.batch)
+    launch.launch(launch.compiled(simt).row_lse, grid, simt.threads, args)
+    return lse
+
+
+def _launch_backward(spec, problem, views, do_view, out_view, lse_view, delta, grad_views, scale, deterministic,
+                     vargs=variants.NO_VARIANTS, ds=None):
     """delta = rowsum(dO * O) by the portable preprocess kernel, then one family's
-    kernels (contract: kernels/backward_simt.py's docstring)."""
+    kernels (contract: kernels/backward_simt.py's docstring) with the variant values
+    and the dS buffer for dbias appended."""
     b, hq, hkv = problem.batch, problem.heads_q, problem.heads_kv
     cdiv = lambda n, d: -(-n // d)  # noqa: E731
     simt = spec if spec.module == "backward_simt" else _simt_spec(problem, spec.causal)
     kernels = launch.compiled(simt)
+    extra = _variant_args(problem, views, vargs, type(scale))
+    if ds is None:
+        ds = _dummy(problem, views, _dummy_variant_arrays.setdefault("dbias", {}), (1, 1, 1, 1), np.float32)
+    extra.append(launch.numba_view(ds))
     view = lambda a: launch.numba_view(arrays.kernel_view(a))  # noqa: E731
     launch.launch(
         kernels.preprocess, (cdiv(problem.seqlen_q, simt.threads), hq, b), simt.threads,
@@ -225,12 +352,12 @@ def _launch_backward(spec, problem, views, do_view, out_view, lse_view, delta, g
         raw = lambda a: arrays.kernel_view(a, True)  # noqa: E731
         backward_mma.launch_backward(
             spec, raw(q), raw(k), raw(v), raw(do_view), lse_view, delta, raw(dq), raw(dk), raw(dv),
-            scale, hq // hkv, deterministic,
+            scale, hq // hkv, deterministic, extra,
         )
         return
     args = [
         view(q), view(k), view(v), view(do_view), launch.numba_view(lse_view), launch.numba_view(delta),
-        view(dq), view(dk), view(dv), scale, hq // hkv,
+        view(dq), view(dk), view(dv), scale, hq // hkv, *extra,
     ]
     shared = launch.shared_bytes(spec)
     launch.launch(kernels.dkdv, (cdiv(problem.seqlen_k, spec.block_n), hkv, b), spec.threads, args, shared)
@@ -262,19 +389,35 @@ def _empty(problem, shape, dtype):
     return np.empty(shape, dtype)
 
 
-def attention_vjp(q, k, v, *, causal=False, scale=None, layout="bshd", deterministic=False):
+def _zeros(problem, shape, dtype):
+    if problem.on_device:
+        import cupy
+
+        return cupy.zeros(shape, dtype)
+    return np.zeros(shape, dtype)
+
+
+def attention_vjp(q, k, v, *, causal=False, scale=None, layout="bshd", deterministic=False, window=None,
+                  softcap=0.0, alibi_slopes=None, bias=None, mask=None, dropout_p=0.0, seed=None,
+                  return_dbias=False):
     """Attention and its vector-Jacobian product, as a functional pair (JAX's ``vjp``).
 
     Args:
         q, k, v, causal, scale, layout: as in :func:`nbflash.attention`.
         deterministic: as in :func:`attention_backward`.
+        window, softcap, alibi_slopes, bias, mask, dropout_p, seed: the variants, as in
+            :func:`nbflash.attention` (shapes and dtypes there); the forward and the
+            backward both get them.
+        return_dbias: vjp(do) also returns the gradient of bias (see
+            :func:`attention_backward`).
 
     Returns:
         (out, vjp): out as :func:`nbflash.attention` returns it, and a function
-        ``vjp(do) -> (dq, dk, dv)`` with ``do`` of out's shape and dtype, results as
-        :func:`attention_backward` returns them. The forward runs once and keeps its
-        lse (float64 for float64 inputs, so no recompute is needed) and references to
-        q, k, v and out (not copies: change them and the gradients change).
+        ``vjp(do) -> (dq, dk, dv)`` (``(dq, dk, dv, dbias)`` with return_dbias) with
+        ``do`` of out's shape and dtype, results as :func:`attention_backward` returns
+        them. The forward runs once and keeps its lse (float64 for float64 inputs
+        without variants, so no recompute is needed) and references to q, k, v, out and
+        the variant arrays (not copies: change them and the gradients change).
     """
     from .api import _forward
 
@@ -283,6 +426,12 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, layout="bshd", determini
     causal = _check_flag(causal, "causal")
     deterministic = _check_flag(deterministic, "deterministic")
     scale = _check_scale(scale, problem.head_dim)
+    options = dict(window=window, softcap=softcap, alibi_slopes=alibi_slopes, bias=bias, mask=mask,
+                   dropout_p=dropout_p, seed=seed)
+    vargs = variants.check_variants(problem, ops[0].array, causal=causal, **options)
+    _check_return_dbias(return_dbias, vargs, problem)
+    # plain attention (every variant off) keeps the plain forward and its float64 lse
+    given = {name: x for name, x in options.items() if not _is_default(name, x)} if vargs.variant else {}
 
     host_via_gpu = not problem.on_device and not device.SIMULATOR
     if host_via_gpu:  # keep device copies for the backward, hand NumPy back
@@ -290,16 +439,24 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, layout="bshd", determini
 
         ops = [arrays.Operand(cupy.asarray(op.array), True) for op in ops]
         problem, views = _validate(*ops, layout)
+        given = {name: (cupy.asarray(x) if name in ("alibi_slopes", "bias", "mask") else x)
+                 for name, x in given.items()}
     saved = [op.array for op in ops]
-    if problem.dtype == arrays.FLOAT64 and min(problem.batch, problem.seqlen_q, problem.heads_q) > 0:
+    if given:  # the variant forward (nbflash.attention) with its lse
+        from . import api
+
+        out, lse = api.attention(*saved, causal=causal, scale=scale, layout=layout, return_lse=True, **given)
+    elif problem.dtype == arrays.FLOAT64 and min(problem.batch, problem.seqlen_q, problem.heads_q) > 0:
         out = _empty(problem, problem.out_shape(), problem.dtype)
         lse = _float64_lse(problem, views, causal, scale, _bshd(out, layout, problem.squeeze))
         lse = lse[0] if problem.squeeze else lse
     else:
         out, lse = _forward(problem, views, None, causal, scale, True)
+    backward_options = dict(given, return_dbias=return_dbias)
 
     def vjp(do):
-        """(dq, dk, dv) for the gradient ``do`` of the loss with respect to out."""
+        """(dq, dk, dv) (and dbias with return_dbias) for the gradient ``do`` of the loss
+        with respect to out."""
         if host_via_gpu:
             import cupy
 
@@ -307,11 +464,24 @@ def attention_vjp(q, k, v, *, causal=False, scale=None, layout="bshd", determini
                 raise TypeError(f"do: expected a host array like q; got {type(do).__name__}")
             grads = attention_backward(
                 cupy.asarray(do), *saved, out, lse,
-                causal=causal, scale=scale, layout=layout, deterministic=deterministic,
+                causal=causal, scale=scale, layout=layout, deterministic=deterministic, **backward_options,
             )
             return tuple(g.get() for g in grads)
         return attention_backward(
-            do, *saved, out, lse, causal=causal, scale=scale, layout=layout, deterministic=deterministic
+            do, *saved, out, lse, causal=causal, scale=scale, layout=layout, deterministic=deterministic,
+            **backward_options,
         )
 
     return (out.get() if host_via_gpu else out), vjp
+
+
+_VARIANT_DEFAULTS = {"window": None, "softcap": 0.0, "alibi_slopes": None, "bias": None, "mask": None,
+                     "dropout_p": 0.0, "seed": None}
+
+
+def _is_default(name, value) -> bool:
+    """The variant argument is left at its default (so plain attention's forward runs)."""
+    default = _VARIANT_DEFAULTS[name]
+    if default is None:
+        return value is None
+    return not isinstance(value, (np.ndarray,)) and value == default

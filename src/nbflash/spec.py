@@ -109,6 +109,8 @@ class BackwardSpec:
     block_m / block_n: query rows and key rows per tile; threads: per CTA.
     stages: shared-memory buffers per streamed tile (1 for simt).
     variant: the attention variants compiled in (see Variant).
+    dbias: the kernels also write dS, the gradient of an additive bias (needs a bias
+        variant; attention_backward(..., return_dbias=True)).
     """
 
     kernel: str
@@ -121,6 +123,7 @@ class BackwardSpec:
     threads: int
     stages: int = 1
     variant: Variant = PLAIN
+    dbias: bool = False
 
     @property
     def module(self) -> str:
@@ -129,7 +132,7 @@ class BackwardSpec:
 
     @property
     def key(self) -> str:
-        flags = ("-causal" if self.causal else "") + self.variant.key
+        flags = ("-causal" if self.causal else "") + self.variant.key + ("-dbias" if self.dbias else "")
         stages = f"s{self.stages}" if self.kernel != "simt" else ""
         return (
             f"bwd_{self.kernel}-{self.dtype}-d{self.head_dim}-dv{self.head_dim_v}{flags}"
@@ -159,6 +162,7 @@ class BackwardMmaSpec:
     dq_atomics: without deterministic=True, dQ comes from float32 atomics in the
         dK/dV kernel ("dkdvq" + "dq_convert") instead of the separate dQ kernel.
     variant: the attention variants compiled in (see Variant).
+    dbias: the dK/dV kernel also writes dS, the gradient of an additive bias.
     """
 
     dtype: str
@@ -175,6 +179,7 @@ class BackwardMmaSpec:
     dq_atomics: bool = False
     variant: Variant = PLAIN
     part: str = "plan"
+    dbias: bool = False
 
     @property
     def module(self) -> str:
@@ -183,7 +188,7 @@ class BackwardMmaSpec:
     @property
     def key(self) -> str:
         name = "bwd_mma" if self.part == "plan" else f"bwd_mma_{self.part}"
-        flags = ("-causal" if self.causal else "") + self.variant.key
+        flags = ("-causal" if self.causal else "") + self.variant.key + ("-dbias" if self.dbias else "")
         return (
             f"{name}-{self.dtype}-d{self.head_dim}{flags}"
             f"-m{self.block_m}n{self.block_n}t{self.threads}" + ("kvr" if self.kv_in_registers else "")

@@ -300,3 +300,35 @@ DECODE_MMA_GATE = [
     ("fp16", 256, 256, 0, True, True, False),
     ("bf16", 96, 80, 8, True, True, False),
 ]
+
+
+# ---- variants in the portable backward (kernels/backward_simt.py) ------------------
+
+
+def backward_simt_variant_tiles(acc_bytes: int, head_dim: int, head_dim_v: int, simulator: bool, softcap: bool):
+    """backward_simt_tiles for a variant spec: softcap keeps 1 - tanh^2 of every P
+    element in one more block_m x block_n tile, so the tiles shrink until it fits too."""
+    if not softcap or simulator:
+        return backward_simt_tiles(acc_bytes, head_dim, head_dim_v, simulator)
+    for block_m, block_n in _BACKWARD_SIMT_TILES:
+        words = block_m * block_n
+        if backward_simt_shared_bytes(block_m, block_n, head_dim, head_dim_v, acc_bytes) + words * acc_bytes \
+                <= _STATIC_SHARED_BYTES:
+            return block_m, block_n, 128
+    raise AssertionError("unreachable: 4x4 tiles fit every head_dim up to 256")
+
+
+# Tensor-core backward tiles for variant specs where the plain ones spill: the
+# per-element variant step (scores, visibility, dropout, dbias) needs registers that
+# the d128 dQ kernel's Q/dO fragments in registers use up (tests/
+# test_ptx_gate_backward_variants.py), so its fragments stay in shared memory.
+MMA_BWD_VARIANT_TILES = {
+    128: ((32, 64, 128, False), (64, 64, 128, False)),
+}
+
+
+def mma_bwd_variant_tiles(head_dim: int, simulator: bool):
+    """mma_bwd_tiles for a spec with variants on."""
+    if head_dim not in MMA_BWD_TILES or simulator or _bwd_override(head_dim):
+        return mma_bwd_tiles(head_dim, simulator)
+    return MMA_BWD_VARIANT_TILES.get(head_dim, MMA_BWD_TILES[head_dim])

@@ -27,11 +27,21 @@ Shared memory is one dynamic buffer of 32-bit words. 16-bit tiles use rows of
 head_dim / 2 words plus 4 words of padding, so 8 consecutive rows read by ldmatrix hit
 distinct banks; lse (as log2, +inf where no key is seen: P = 0 there, never NaN) and
 delta are staged as float32 bits. Fragment layouts are those of ptx.py.
+
+Variants (spec.variant, compile-time; PLAIN specs compile to the plain code): every
+kernel takes the ten nbflash.variants.KERNEL_ARGS values after its own arguments, the
+dK/dV kernels then a float32 (B, Hq, Nq, Nk) dbias buffer (written with dS when
+spec.dbias). P is recomputed from the modified scores (softcap, ALiBi, bias; hidden
+outside the window or the mask) as in the forward; dropout multiplies P and dP by
+keep / (1 - p) with the forward's Philox mask; dS = P * (dP - delta) is dbias and is
+multiplied by softcap's 1 - tanh^2 before dK and dQ. A window skips the query tiles
+(dK/dV) and key tiles (dQ) outside its band.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 from numba import cuda
@@ -39,6 +49,8 @@ from numba.cuda import float32, uint32
 
 from ..spec import BackwardMmaSpec
 from . import ptx
+from .philox import keep_pair
+from .score_mods import alibi_term, bias_reader, soft_cap, window_key_range, window_query_range, window_visible
 from .tile_copy import make_issue_rows
 
 LOG2E = 1.4426950408889634
@@ -70,16 +82,23 @@ def shared_bytes(spec: BackwardMmaSpec) -> int:
     return 0
 
 
-def choose_spec(dtype: str, head_dim: int, causal: bool, simulator: bool):
-    """The plan for a problem, or None when no tensor-core backward ships for head_dim."""
+def choose_spec(dtype: str, head_dim: int, causal: bool, simulator: bool, variant=None, dbias: bool = False):
+    """The plan for a problem, or None when no tensor-core backward ships for head_dim;
+    with variants (spec.Variant) on, from tuning's variant tile table."""
     from .. import tuning
 
-    tiles = tuning.mma_bwd_tiles(head_dim, simulator)
+    if variant:
+        tiles = tuning.mma_bwd_variant_tiles(head_dim, simulator)
+    else:
+        tiles = tuning.mma_bwd_tiles(head_dim, simulator)
     if tiles is None or dtype not in ("fp16", "bf16"):
         return None
     (bm, bn, threads, kv_regs), (qbm, qbn, qthreads, q_regs) = tiles
     atomics = tuning.mma_bwd_dq_atomics(head_dim, simulator)
-    return BackwardMmaSpec(dtype, head_dim, causal, bm, bn, threads, kv_regs, qbm, qbn, qthreads, q_regs, atomics)
+    spec = BackwardMmaSpec(dtype, head_dim, causal, bm, bn, threads, kv_regs, qbm, qbn, qthreads, q_regs, atomics)
+    if variant:
+        spec = replace(spec, variant=variant, dbias=dbias)
+    return spec
 
 
 def build(spec: BackwardMmaSpec):
@@ -148,6 +167,61 @@ def _device_helpers(spec, threads):
     return issue_rows, a_fragments, bt_fragments, b_fragments, lse_log2, delta_of
 
 
+def _variant_element(spec, with_dbias):
+    """The per-element step of a variant spec, shared by the dK/dV and dQ kernels:
+    (P_d, dS * d(capped)/d(score)) of query i and key j from the raw dot products
+    s = q.k and dp = dO.v (nbflash.reference.attention_backward's derivation)."""
+    CAUSAL = spec.causal
+    WINDOW, SOFTCAP, ALIBI = spec.variant.window, spec.variant.softcap, spec.variant.alibi
+    BIAS, MASK, DROPOUT = bool(spec.variant.bias), spec.variant.mask, spec.variant.dropout
+    DBIAS = with_dbias and spec.dbias
+    read_bias = bias_reader(spec.variant.bias or "fp32")
+
+    @cuda.jit(device=True, inline=True)
+    def element(s, dp, b, h, i, j, seqlen_q, seqlen_k, check_band, scale, lse_log2, delta_i, keep,
+                window_left, window_right, softcap, alibi, bias, mask, keep_scale, dbias):
+        """keep: dropout keeps (i, j) (ignored without dropout); check_band: the tile
+        crosses the causal diagonal or the window's edges (else every element of the
+        tile is inside them). lse_log2 is +inf for rows without keys: P = 0 there."""
+        inside = i < seqlen_q and j < seqlen_k
+        seen = inside
+        if check_band:
+            if WINDOW:
+                seen = seen and window_visible(i, j, seqlen_q, seqlen_k, window_left, window_right)
+            elif CAUSAL:
+                seen = seen and j <= i + seqlen_k - seqlen_q
+        if MASK:
+            if seen:
+                seen = mask[b, h, i, j] != 0
+        t = s * scale
+        slope = float32(1)
+        if SOFTCAP:
+            t, slope = soft_cap(t, softcap)
+        if ALIBI:
+            t += alibi_term(alibi[b, h], i, j, seqlen_q, seqlen_k)
+        if BIAS:
+            if inside:
+                t += read_bias(bias, b, h, i, j)
+        p = float32(0)
+        if seen:
+            p = ptx.ex2(t * float32(LOG2E) - lse_log2)
+        p_d = p
+        if DROPOUT:
+            if keep:
+                p_d = p * keep_scale
+                dp = dp * keep_scale
+            else:
+                p_d = float32(0)
+                dp = float32(0)
+        ds = p * (dp - delta_i)
+        if DBIAS:
+            if inside:
+                dbias[b, h, i, j] = ds
+        return p_d, ds * slope
+
+    return element
+
+
 def _build_dkdv(spec):
     mma = ptx.mma_f16 if spec.dtype == "fp16" else ptx.mma_bf16
     pack = ptx.pack_f16x2 if spec.dtype == "fp16" else ptx.pack_bf16x2
@@ -180,9 +254,15 @@ def _build_dkdv(spec):
     DQ_ITEMS = (BM // 16) * DQ_CHUNKS  # (16-query slice, column chunk) pairs
     DQ_REGS = DQ_CHUNK // 8 * 4
     NEG_INF = -math.inf
+    VARIANT = bool(spec.variant)
+    WINDOW, DROPOUT = spec.variant.window, spec.variant.dropout
+    PLAIN_Q_BLOCKS = 0 if VARIANT else Q_BLOCKS  # the plain P/dS loop (variants have their own)
     issue_rows, a_fragments, bt_fragments, b_fragments, lse_log2, delta_of = _device_helpers(spec, T)
+    element = _variant_element(spec, True)
 
-    def backward_dkdv(q, k, v, do, lse, delta, dk, dv, dq_acc, scale, group):
+    def backward_dkdv(q, k, v, do, lse, delta, dk, dv, dq_acc, scale, group,
+                      window_left, window_right, softcap, alibi, bias, mask,
+                      keep_threshold, keep_scale, seed_lo, seed_hi, dbias):
         tid = cuda.threadIdx.x
         lane = tid % 32
         warp = tid // 32
@@ -200,9 +280,14 @@ def _build_dkdv(spec):
 
         # the query tiles that see at least one of keys n0..n0+BN-1, for each head of the group
         m_first = 0
-        if CAUSAL:
+        m_tiles = (seqlen_q + BM - 1) // BM
+        if WINDOW:
+            q_first, q_end = window_query_range(n0, n0 + BN, seqlen_q, seqlen_k, window_left, window_right)
+            m_first = q_first // BM
+            m_tiles = (q_end + BM - 1) // BM
+        elif CAUSAL:
             m_first = max(0, n0 - (seqlen_k - seqlen_q)) // BM
-        n_m = max(0, (seqlen_q + BM - 1) // BM - m_first)
+        n_m = max(0, m_tiles - m_first)
         n_iter = group * n_m
 
         if n_iter > 0:
@@ -302,11 +387,39 @@ def _build_dkdv(spec):
                             va[4 * m], va[4 * m + 1], va[4 * m + 2], va[4 * m + 3], e2, e3,
                             dp[j], dp[j + 1], dp[j + 2], dp[j + 3])
 
+            if VARIANT:
+                # P^T and dS^T element by element with the variants (module docstring)
+                diagonal = m0 + seqlen_k - seqlen_q
+                check_band = False
+                if WINDOW:  # the tile crosses an edge of the window's band
+                    check_band = n0 + BN - 1 > diagonal + window_right or n0 < diagonal + BM - 1 - window_left
+                elif CAUSAL:
+                    check_band = n0 + BN - 1 > diagonal
+                heads_q = q.shape[2]
+                for nb in range(Q_BLOCKS):
+                    for e in range(2):
+                        col = nb * 8 + 2 * t + e
+                        i = m0 + col
+                        row_lse = ptx.u32_as_f32(smem[lse_base + col])
+                        row_delta = ptx.u32_as_f32(smem[delta_base + col])
+                        for m in range(N_TILES):
+                            for half in range(2):
+                                j = (m * Q_BLOCKS + nb) * 4 + 2 * half + e
+                                key = n0 + warp_key + m * 16 + g + 8 * half
+                                keep = True
+                                if DROPOUT:  # this thread's keys are g and g + 8: one pair each
+                                    k0, k1 = keep_pair(seed_lo, seed_hi, b * heads_q + h, i, key - (key & 1),
+                                                       keep_threshold)
+                                    keep = k1 if key & 1 else k0
+                                s[j], dp[j] = element(
+                                    s[j], dp[j], b, h, i, key, seqlen_q, seqlen_k, check_band, scale, row_lse,
+                                    row_delta, keep, window_left, window_right, softcap, alibi, bias, mask,
+                                    keep_scale, dbias)
             # mask only tiles that cross seqlen_k or the causal diagonal
             needs_mask = n0 + BN > seqlen_k
             if CAUSAL:
                 needs_mask = needs_mask or (n0 + BN - 1 > m0 + seqlen_k - seqlen_q)
-            if needs_mask:
+            if needs_mask and not VARIANT:
                 for m in range(N_TILES):
                     for nb in range(Q_BLOCKS):
                         for r in range(4):
@@ -320,7 +433,7 @@ def _build_dkdv(spec):
 
             # P^T = exp2(S^T scale log2(e) - lse log2(e)); dS^T = P^T (dP^T - delta)
             # (FlashAttention-2, Algorithm 2, lines 13 and 16)
-            for nb in range(Q_BLOCKS):
+            for nb in range(PLAIN_Q_BLOCKS):
                 for e in range(2):
                     col = nb * 8 + 2 * t + e
                     row_lse = ptx.u32_as_f32(smem[lse_base + col])
@@ -439,9 +552,15 @@ def _build_dq(spec):
     A_REGS = 4 * M_TILES
     ROWS = 2 * M_TILES
     NEG_INF = -math.inf
+    VARIANT = bool(spec.variant)
+    WINDOW, DROPOUT = spec.variant.window, spec.variant.dropout
+    PLAIN_M_TILES = 0 if VARIANT else M_TILES  # the plain P/dS loop (variants have their own)
     issue_rows, a_fragments, bt_fragments, b_fragments, lse_log2, delta_of = _device_helpers(spec, T)
+    element = _variant_element(spec, False)
 
-    def backward_dq(q, k, v, do, lse, delta, dq, scale, group):
+    def backward_dq(q, k, v, do, lse, delta, dq, scale, group,
+                    window_left, window_right, softcap, alibi, bias, mask,
+                    keep_threshold, keep_scale, seed_lo, seed_hi):
         tid = cuda.threadIdx.x
         lane = tid % 32
         warp = tid // 32
@@ -461,15 +580,19 @@ def _build_dq(spec):
         smem = cuda.shared.array(0, uint32)
 
         key_end = seqlen_k
-        if CAUSAL:
+        tile0 = 0  # the first key tile any of these rows sees
+        if WINDOW:
+            key_first, key_end = window_key_range(row0, row0 + BM, seqlen_q, seqlen_k, window_left, window_right)
+            tile0 = key_first // BN
+        elif CAUSAL:
             key_end = max(0, min(seqlen_k, row0 + BM + seqlen_k - seqlen_q))
-        n_tiles = (key_end + BN - 1) // BN
+        n_tiles = max(0, (key_end + BN - 1) // BN - tile0)
 
         issue_rows(q, smem, Q_OFF, BM, b, h, NO_OFFSET, row0, seqlen_q, tid)
         issue_rows(do, smem, DO_OFF, BM, b, h, NO_OFFSET, row0, seqlen_q, tid)
         if n_tiles > 0:
-            issue_rows(k, smem, K_OFF, BN, b, hk, NO_OFFSET, 0, seqlen_k, tid)
-            issue_rows(v, smem, V_OFF, BN, b, hk, NO_OFFSET, 0, seqlen_k, tid)
+            issue_rows(k, smem, K_OFF, BN, b, hk, NO_OFFSET, tile0 * BN, seqlen_k, tid)
+            issue_rows(v, smem, V_OFF, BN, b, hk, NO_OFFSET, tile0 * BN, seqlen_k, tid)
         ptx.cp_async_commit()
 
         row_lse = cuda.local.array(ROWS, float32)
@@ -501,7 +624,7 @@ def _build_dq(spec):
 
         for it in range(n_tiles):
             stage = it % 2
-            n0 = it * BN
+            n0 = (tile0 + it) * BN
             k_base = K_OFF + stage * BN * RW
             v_base = V_OFF + stage * BN * RW
             if it + 1 < n_tiles:
@@ -549,10 +672,38 @@ def _build_dq(spec):
                             oa[4 * m], oa[4 * m + 1], oa[4 * m + 2], oa[4 * m + 3], e2, e3,
                             dp[j], dp[j + 1], dp[j + 2], dp[j + 3])
 
+            if VARIANT:
+                # P and dS element by element with the variants (module docstring)
+                diagonal = row0 + seqlen_k - seqlen_q
+                check_band = False
+                if WINDOW:  # the tile crosses an edge of the window's band
+                    check_band = n0 + BN - 1 > diagonal + window_right or n0 < diagonal + BM - 1 - window_left
+                elif CAUSAL:
+                    check_band = n0 + BN - 1 > diagonal
+                heads_q = q.shape[2]
+                for m in range(M_TILES):
+                    for half in range(2):
+                        row = 2 * m + half
+                        i = row0 + warp_row + m * 16 + g + 8 * half
+                        for nb in range(N_BLOCKS):
+                            key = n0 + nb * 8 + 2 * t  # even: keys key and key + 1 share a Philox call
+                            keep0 = True
+                            keep1 = True
+                            if DROPOUT:
+                                keep0, keep1 = keep_pair(seed_lo, seed_hi, b * heads_q + h, i, key, keep_threshold)
+                            j = (m * N_BLOCKS + nb) * 4 + 2 * half
+                            _, dp[j] = element(
+                                s[j], dp[j], b, h, i, key, seqlen_q, seqlen_k, check_band, scale, row_lse[row],
+                                row_delta[row], keep0, window_left, window_right, softcap, alibi, bias, mask,
+                                keep_scale, dq)
+                            _, dp[j + 1] = element(
+                                s[j + 1], dp[j + 1], b, h, i, key + 1, seqlen_q, seqlen_k, check_band, scale,
+                                row_lse[row], row_delta[row], keep1, window_left, window_right, softcap, alibi,
+                                bias, mask, keep_scale, dq)
             needs_mask = n0 + BN > seqlen_k
             if CAUSAL:
                 needs_mask = needs_mask or (n0 + BN - 1 > row0 + seqlen_k - seqlen_q)
-            if needs_mask:
+            if needs_mask and not VARIANT:
                 for m in range(M_TILES):
                     for nb in range(N_BLOCKS):
                         for r in range(4):
@@ -565,7 +716,7 @@ def _build_dq(spec):
                                 s[(m * N_BLOCKS + nb) * 4 + r] = NEG_INF
 
             # P = exp2(S scale log2(e) - lse log2(e)); dS = P (dP - delta)
-            for m in range(M_TILES):
+            for m in range(PLAIN_M_TILES):
                 for half in range(2):
                     row = 2 * m + half
                     for nb in range(N_BLOCKS):
@@ -640,7 +791,16 @@ def _zeros(like, shape):
     return cupy.zeros(shape, np.float32)
 
 
-def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, deterministic):
+def _zeros_like_of(like, shape, dtype):
+    """A small zeroed placeholder of any dtype where ``like`` lives."""
+    if isinstance(like, np.ndarray):
+        return np.zeros(shape, dtype)
+    import cupy
+
+    return cupy.zeros(shape, dtype)
+
+
+def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, deterministic, extra=None):
     """Launch the backward for one problem (``spec`` is a "plan" BackwardMmaSpec).
 
     Args (all (batch, seqlen, heads, head_dim) "bshd" views, NumPy on the simulator,
@@ -653,9 +813,10 @@ def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, det
         deterministic: dQ by the separate kernel (bitwise repeatable) even where
             spec.dq_atomics would accumulate it with float32 atomics into a zeroed
             scratch (B, Nq, Hq, D) buffer.
+        extra: the ten variant kernel arguments (nbflash.variants.KERNEL_ARGS, as
+            Numba views) followed by the dbias buffer (float32 (B, Hq, Nq, Nk), zeroed,
+            or a dummy); None for a PLAIN spec (dummies are made here).
     """
-    from dataclasses import replace
-
     from .. import launch
 
     batch, seqlen_q, heads_q, _ = q.shape
@@ -664,6 +825,13 @@ def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, det
         return
     views = [launch.numba_view(a) for a in (q, k, v, do, lse, delta)]
     scale = np.float32(scale)
+    if extra is None:
+        from .. import variants
+
+        extra = variants.kernel_values(variants.NO_VARIANTS, lambda shape, dtype: _zeros_like_of(q, shape, dtype))
+        extra = [launch.numba_view(x) if hasattr(x, "shape") and x.ndim else x for x in extra]
+        extra.append(launch.numba_view(_zeros(q, (1, 1, 1, 1))))
+    variant_args, dbias = list(extra[:-1]), extra[-1]
     deterministic = deterministic or not spec.dq_atomics
     if deterministic:
         part = replace(spec, part="dkdv")
@@ -673,14 +841,15 @@ def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, det
         dq_acc = _zeros(q, q.shape)
     if seqlen_k > 0:
         grid = (-(-seqlen_k // spec.block_n), heads_kv, batch)
-        args = [*views, launch.numba_view(dk), launch.numba_view(dv), launch.numba_view(dq_acc), scale, group]
+        args = [*views, launch.numba_view(dk), launch.numba_view(dv), launch.numba_view(dq_acc), scale, group,
+                *variant_args, dbias]
         launch.launch(launch.compiled(part), grid, spec.threads, args, launch.shared_bytes(part))
     if seqlen_q == 0:
         return
     if deterministic:
         part = replace(spec, part="dq")
         grid = (-(-seqlen_q // spec.dq_block_m), heads_q, batch)
-        args = [*views, launch.numba_view(dq), scale, group]
+        args = [*views, launch.numba_view(dq), scale, group, *variant_args]
         launch.launch(launch.compiled(part), grid, spec.dq_threads, args, launch.shared_bytes(part))
     else:
         part = replace(spec, part="dq_convert")

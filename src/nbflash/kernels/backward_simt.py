@@ -20,14 +20,28 @@ Kernel argument contract, shared by every backward family (backward_<kernel>.py)
   build(spec) returns BackwardKernels(preprocess, dkdv, dq); each launches with
   spec.threads threads and shared_bytes(spec) dynamic shared memory (0 here):
   preprocess(do, out, delta)                                  grid (cdiv(Nq, threads), Hq, B)
-  dkdv(q, k, v, do, lse, delta, dq, dk, dv, scale, group)     grid (cdiv(Nk, block_n), Hkv, B)
-  dq(q, k, v, do, lse, delta, dq, dk, dv, scale, group)       grid (cdiv(Nq, block_m), Hq, B)
+  dkdv(q, k, v, do, lse, delta, dq, dk, dv, scale, group, *variant_args, dbias)
+                                                              grid (cdiv(Nk, block_n), Hkv, B)
+  dq(q, k, v, do, lse, delta, dq, dk, dv, scale, group, *variant_args, dbias)
+                                                              grid (cdiv(Nq, block_m), Hq, B)
+  row_lse(q, k, lse, scale, *variant_args)                    grid (cdiv(Nq, threads), Hq, B)
 with (batch, seqlen, heads, head_dim) views of any strides (unit-stride last axis):
 q (B, Nq, Hq, D), k (B, Nk, Hkv, D), v (B, Nk, Hkv, Dv), do and out (B, Nq, Hq, Dv),
 lse and delta (B, Hq, Nq) in accumulation precision (lse -inf for rows that see no
 key), dq (B, Nq, Hq, D), dk (B, Nk, Hkv, D), dv (B, Nk, Hkv, Dv), scale in accumulation
 precision, group = Hq // Hkv. bfloat16 arrives as uint16 bits. dkdv writes only dk
-and dv, dq only dq; each writes every element of its outputs.
+and dv, dq only dq; each writes every element of its outputs. variant_args are the
+ten values of nbflash.variants.KERNEL_ARGS (dummies when spec.variant is PLAIN);
+dbias is a float32 (B, Hq, Nq, Nk) buffer, zeroed by the caller, into which dkdv
+writes dS (the gradient of an additive bias) when spec.dbias, else a dummy.
+row_lse (float64 lse for variant specs, see below) is the portable family's only.
+
+Variants (spec.variant, compile-time; nbflash.reference._scores is the definition):
+P is recomputed from the modified scores t (softcap, ALiBi, bias; hidden outside the
+window or the mask) as exp(t - lse); dropout multiplies P and dP by keep / (1 - p)
+with the forward's Philox mask; dS = P * (dP - delta) is the bias gradient, and
+softcap multiplies it by 1 - tanh^2 before dQ and dK. A sliding window skips the
+query tiles (dkdv) and key tiles (dq) outside its band.
 """
 
 from __future__ import annotations
@@ -39,7 +53,10 @@ from numba import cuda
 
 from ..spec import BackwardSpec
 from ..tuning import _odd
+from .convert import bf16_bits_to_f32
 from .forward_simt import _converters
+from .philox import keep_pair
+from .score_mods import window_key_range, window_query_range, window_visible
 from .softmax import is_visible, last_visible_key_end
 
 
@@ -49,6 +66,7 @@ class BackwardKernels(NamedTuple):
     preprocess: object
     dkdv: object
     dq: object
+    row_lse: object = None
 
 
 def shared_bytes(spec: BackwardSpec) -> int:
@@ -75,6 +93,19 @@ def build_preprocess(dtype: str, head_dim_v: int, threads: int):
     return backward_preprocess
 
 
+def _bias_loader(dtype: str, acc_t):
+    """bias[b, h, i, j] in accumulation precision (bfloat16 arrives as uint16 bits)."""
+    if dtype == "bf16":
+        @cuda.jit(device=True, inline=True)
+        def read(bias, b, h, i, j):
+            return acc_t(bf16_bits_to_f32(bias[b, h, i, j]))
+    else:
+        @cuda.jit(device=True, inline=True)
+        def read(bias, b, h, i, j):
+            return acc_t(bias[b, h, i, j])
+    return read
+
+
 def build(spec: BackwardSpec) -> BackwardKernels:
     """Compile-time specialized kernels; see the module docstring for launches."""
     assert spec.kernel == "simt"
@@ -87,6 +118,12 @@ def build(spec: BackwardSpec) -> BackwardKernels:
     DQ_PER_THREAD = (BM * D + T - 1) // T
     CAUSAL = spec.causal
     NEG_INF = -math.inf
+    VARIANT = bool(spec.variant)
+    WINDOW, SOFTCAP, ALIBI = spec.variant.window, spec.variant.softcap, spec.variant.alibi
+    BIAS, MASK, DROPOUT = bool(spec.variant.bias), spec.variant.mask, spec.variant.dropout
+    DBIAS = spec.dbias
+    SLOPE_M, SLOPE_N = (BM, BN) if SOFTCAP else (1, 1)  # softcap's 1 - tanh^2 per element of P
+    read_bias = _bias_loader(spec.variant.bias or "fp32", acc_t)
 
     @cuda.jit(device=True, inline=True)
     def load_rows(src, b, h, row0, seqlen, width, dst, rows, tid):
@@ -123,6 +160,57 @@ def build(spec: BackwardSpec) -> BackwardKernels:
         return p
 
     @cuda.jit(device=True, inline=True)
+    def modified_score(s, b, h, i, j, seqlen_q, seqlen_k, scale, softcap, alibi, bias):
+        """(t, dt/d(scale s)) for the raw dot product s: the score the forward's softmax
+        saw (softcap, ALiBi, bias; nbflash.reference._scores) and softcap's 1 - tanh^2
+        (1 without softcap). In accumulation precision, so fp64 stays fp64."""
+        t = s * scale
+        slope = acc_t(1)
+        if SOFTCAP:
+            th = math.tanh(t / acc_t(softcap))
+            t = acc_t(softcap) * th
+            slope = acc_t(1) - th * th
+        if ALIBI:
+            t -= acc_t(alibi[b, h]) * acc_t(abs(i + seqlen_k - seqlen_q - j))
+        if BIAS:
+            t += read_bias(bias, b, h, i, j)
+        return t, slope
+
+    @cuda.jit(device=True, inline=True)
+    def seen(b, h, i, j, lse_i, seqlen_q, seqlen_k, window_left, window_right, mask):
+        """Query i sees key j: inside both sequences, the causal/window band and the
+        mask, and the row saw some key in the forward (lse_i finite)."""
+        ok = lse_i != NEG_INF and i < seqlen_q and j < seqlen_k
+        if WINDOW:
+            ok = ok and window_visible(i, j, seqlen_q, seqlen_k, window_left, window_right)
+        elif CAUSAL:
+            ok = ok and j <= i + seqlen_k - seqlen_q
+        if MASK:
+            if ok:
+                ok = mask[b, h, i, j] != 0
+        return ok
+
+    @cuda.jit(device=True, inline=True)
+    def kept(b, h, heads_q, i, j, keep_threshold, seed_lo, seed_hi):
+        """Dropout keeps element (b, h, i, j): the forward's Philox word (nbflash.dropout)."""
+        k0, k1 = keep_pair(seed_lo, seed_hi, b * heads_q + h, i, j - (j & 1), keep_threshold)
+        return k1 if j & 1 else k0
+
+    @cuda.jit(device=True, inline=True)
+    def variant_probability(q_s, k_s, r, c, b, h, i, j, lse_i, seqlen_q, seqlen_k, scale,
+                            window_left, window_right, softcap, alibi, bias, mask):
+        """(P_ij, softcap slope) with the variants: exp(t_ij - lse_i), 0 where hidden."""
+        p = acc_t(0)
+        slope = acc_t(1)
+        if seen(b, h, i, j, lse_i, seqlen_q, seqlen_k, window_left, window_right, mask):
+            s = acc_t(0)
+            for d in range(D):
+                s += q_s[r, d] * k_s[c, d]
+            t, slope = modified_score(s, b, h, i, j, seqlen_q, seqlen_k, scale, softcap, alibi, bias)
+            p = math.exp(t - lse_i)
+        return p, slope
+
+    @cuda.jit(device=True, inline=True)
     def score_gradient(do_s, v_s, r, c, p, delta_i):
         """dS_ij = P_ij (dP_ij - delta_i) with dP = dO V^T (Alg. 2 lines 14-16); 0
         where P is, so a hidden row never turns garbage in delta into NaN."""
@@ -134,20 +222,38 @@ def build(spec: BackwardSpec) -> BackwardKernels:
             ds = p * (dp - delta_i)
         return ds
 
+    @cuda.jit(device=True, inline=True)
+    def dropout_score_gradient(do_s, v_s, r, c, p, keep, keep_scale, delta_i):
+        """dS_ij = P_ij (dP_ij keep / (1 - p) - delta_i): dropout scales dP as it scaled
+        P (delta = rowsum(dO * O) already holds the dropped P)."""
+        ds = acc_t(0)
+        if p != 0:
+            dp = acc_t(0)
+            if keep:
+                for d in range(DV):
+                    dp += do_s[r, d] * v_s[c, d]
+                dp *= acc_t(keep_scale)
+            ds = p * (dp - delta_i)
+        return ds
+
     @cuda.jit
-    def backward_dkdv_simt(q, k, v, do, lse, delta, dq, dk, dv, scale, group):
+    def backward_dkdv_simt(q, k, v, do, lse, delta, dq, dk, dv, scale, group,
+                           window_left, window_right, softcap, alibi, bias, mask,
+                           keep_threshold, keep_scale, seed_lo, seed_hi, dbias):
         tid = cuda.threadIdx.x
         n0 = cuda.blockIdx.x * BN
         hk = cuda.blockIdx.y
         b = cuda.blockIdx.z
         seqlen_q = q.shape[1]
         seqlen_k = k.shape[1]
+        heads_q = q.shape[2]
 
         k_s = cuda.shared.array((BN, K_W), acc_t)
         v_s = cuda.shared.array((BN, V_W), acc_t)
         q_s = cuda.shared.array((BM, D), acc_t)
         do_s = cuda.shared.array((BM, DV), acc_t)
-        p_s = cuda.shared.array((BM, BN), acc_t)  # P, then dS in place
+        p_s = cuda.shared.array((BM, BN), acc_t)  # P (dropped elements as -P), then dS in place
+        slope_s = cuda.shared.array((SLOPE_M, SLOPE_N), acc_t)
         lse_s = cuda.shared.array(BM, acc_t)
         delta_s = cuda.shared.array(BM, acc_t)
 
@@ -161,13 +267,18 @@ def build(spec: BackwardSpec) -> BackwardKernels:
             dv_acc[t] = 0
 
         # Causal: query i sees key n0 only when i >= n0 - (seqlen_k - seqlen_q);
-        # query tiles before that one are fully masked and skipped.
+        # query tiles before that one are fully masked and skipped. A window also
+        # ends the walk after the last query that sees these keys.
         m_begin = 0
-        if CAUSAL:
+        m_end = seqlen_q
+        if WINDOW:
+            first, m_end = window_query_range(n0, n0 + BN, seqlen_q, seqlen_k, window_left, window_right)
+            m_begin = (first // BM) * BM
+        elif CAUSAL:
             m_begin = (max(0, n0 - (seqlen_k - seqlen_q)) // BM) * BM
         for g in range(group):
             h = hk * group + g
-            for m0 in range(m_begin, seqlen_q, BM):
+            for m0 in range(m_begin, m_end, BM):
                 cuda.syncthreads()  # the previous query tile is consumed
                 load_rows(q, b, h, m0, seqlen_q, D, q_s, BM, tid)
                 load_rows(do, b, h, m0, seqlen_q, DV, do_s, BM, tid)
@@ -176,7 +287,18 @@ def build(spec: BackwardSpec) -> BackwardKernels:
                 for e in range(tid, BM * BN, T):
                     r = e // BN
                     c = e - r * BN
-                    p_s[r, c] = probability(q_s, k_s, r, c, m0 + r, n0 + c, lse_s[r], seqlen_q, seqlen_k, scale)
+                    if VARIANT:
+                        p, slope = variant_probability(
+                            q_s, k_s, r, c, b, h, m0 + r, n0 + c, lse_s[r], seqlen_q, seqlen_k, scale,
+                            window_left, window_right, softcap, alibi, bias, mask)
+                        if SOFTCAP:
+                            slope_s[r, c] = slope
+                        if DROPOUT:  # the sign keeps the keep bit: P >= 0
+                            if not kept(b, h, heads_q, m0 + r, n0 + c, keep_threshold, seed_lo, seed_hi):
+                                p = -p
+                        p_s[r, c] = p
+                    else:
+                        p_s[r, c] = probability(q_s, k_s, r, c, m0 + r, n0 + c, lse_s[r], seqlen_q, seqlen_k, scale)
                 cuda.syncthreads()
                 # dV += P^T dO (Alg. 2 line 12). The accumulator loop is innermost: its
                 # fixed trip count unrolls, so dv_acc and dk_acc stay in registers.
@@ -185,12 +307,25 @@ def build(spec: BackwardSpec) -> BackwardKernels:
                         e = tid + t * T
                         if e < BN * DV:
                             j = e // DV
-                            dv_acc[t] += p_s[r, j] * do_s[r, e - j * DV]
+                            if DROPOUT:  # dropped elements (stored as -P) add nothing
+                                dv_acc[t] += max(p_s[r, j], acc_t(0)) * acc_t(keep_scale) * do_s[r, e - j * DV]
+                            else:
+                                dv_acc[t] += p_s[r, j] * do_s[r, e - j * DV]
                 cuda.syncthreads()  # P is read; dS overwrites it
                 for e in range(tid, BM * BN, T):
                     r = e // BN
                     c = e - r * BN
-                    p_s[r, c] = score_gradient(do_s, v_s, r, c, p_s[r, c], delta_s[r])
+                    if DROPOUT:
+                        p = p_s[r, c]
+                        ds = dropout_score_gradient(do_s, v_s, r, c, abs(p), p > 0, keep_scale, delta_s[r])
+                    else:
+                        ds = score_gradient(do_s, v_s, r, c, p_s[r, c], delta_s[r])
+                    if DBIAS:
+                        if m0 + r < seqlen_q and n0 + c < seqlen_k:
+                            dbias[b, h, m0 + r, n0 + c] = ds
+                    if SOFTCAP:
+                        ds *= slope_s[r, c]
+                    p_s[r, c] = ds
                 cuda.syncthreads()
                 # dK += dS^T Q (Alg. 2 line 18; the factor scale is applied once, at the end)
                 for r in range(BM):
@@ -216,7 +351,9 @@ def build(spec: BackwardSpec) -> BackwardKernels:
                     dv[b, n0 + j, hk, c] = store(dv_acc[t])
 
     @cuda.jit
-    def backward_dq_simt(q, k, v, do, lse, delta, dq, dk, dv, scale, group):
+    def backward_dq_simt(q, k, v, do, lse, delta, dq, dk, dv, scale, group,
+                         window_left, window_right, softcap, alibi, bias, mask,
+                         keep_threshold, keep_scale, seed_lo, seed_hi, dbias):
         tid = cuda.threadIdx.x
         row0 = cuda.blockIdx.x * BM
         h = cuda.blockIdx.y
@@ -224,6 +361,7 @@ def build(spec: BackwardSpec) -> BackwardKernels:
         hk = h // group
         seqlen_q = q.shape[1]
         seqlen_k = k.shape[1]
+        heads_q = q.shape[2]
 
         q_s = cuda.shared.array((BM, D), acc_t)
         do_s = cuda.shared.array((BM, DV), acc_t)
@@ -240,8 +378,13 @@ def build(spec: BackwardSpec) -> BackwardKernels:
         for t in range(DQ_PER_THREAD):
             dq_acc[t] = 0
 
-        key_end = last_visible_key_end(row0 + BM, seqlen_q, seqlen_k, CAUSAL)
-        for n0 in range(0, key_end, BN):
+        key_begin = 0
+        if WINDOW:
+            first, key_end = window_key_range(row0, row0 + BM, seqlen_q, seqlen_k, window_left, window_right)
+            key_begin = (first // BN) * BN
+        else:
+            key_end = last_visible_key_end(row0 + BM, seqlen_q, seqlen_k, CAUSAL)
+        for n0 in range(key_begin, key_end, BN):
             cuda.syncthreads()  # the previous K tile and dS are consumed
             load_rows(k, b, hk, n0, seqlen_k, D, k_s, BN, tid)
             load_rows(v, b, hk, n0, seqlen_k, DV, v_s, BN, tid)
@@ -249,8 +392,19 @@ def build(spec: BackwardSpec) -> BackwardKernels:
             for e in range(tid, BM * BN, T):
                 r = e // BN
                 c = e - r * BN
-                p = probability(q_s, k_s, r, c, row0 + r, n0 + c, lse_s[r], seqlen_q, seqlen_k, scale)
-                ds_s[r, c] = score_gradient(do_s, v_s, r, c, p, delta_s[r])
+                if VARIANT:
+                    p, slope = variant_probability(
+                        q_s, k_s, r, c, b, h, row0 + r, n0 + c, lse_s[r], seqlen_q, seqlen_k, scale,
+                        window_left, window_right, softcap, alibi, bias, mask)
+                    if DROPOUT:
+                        keep = kept(b, h, heads_q, row0 + r, n0 + c, keep_threshold, seed_lo, seed_hi)
+                        ds = dropout_score_gradient(do_s, v_s, r, c, p, keep, keep_scale, delta_s[r])
+                    else:
+                        ds = score_gradient(do_s, v_s, r, c, p, delta_s[r])
+                    ds_s[r, c] = ds * slope
+                else:
+                    p = probability(q_s, k_s, r, c, row0 + r, n0 + c, lse_s[r], seqlen_q, seqlen_k, scale)
+                    ds_s[r, c] = score_gradient(do_s, v_s, r, c, p, delta_s[r])
             cuda.syncthreads()
             # dQ += dS K (Alg. 2 line 17; scale applied at the end)
             for j in range(BN):
@@ -268,4 +422,38 @@ def build(spec: BackwardSpec) -> BackwardKernels:
                 if row0 + r < seqlen_q:
                     dq[b, row0 + r, h, c] = store(dq_acc[t] * scale)
 
-    return BackwardKernels(build_preprocess(spec.dtype, DV, T), backward_dkdv_simt, backward_dq_simt)
+    @cuda.jit
+    def backward_row_lse_simt(q, k, lse, scale, window_left, window_right, softcap, alibi, bias, mask,
+                              keep_threshold, keep_scale, seed_lo, seed_hi):
+        """lse[b, h, i] = log sum_j exp(t_ij) over the keys row i sees, in accumulation
+        precision (-inf where none): for float64 inputs whose forward lse is float32
+        (P recomputed from it would cap the gradients at ~1e-7). One thread per row;
+        only fp64 variant specs use it, so it favours plainness over speed."""
+        i = cuda.blockIdx.x * T + cuda.threadIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        seqlen_q = q.shape[1]
+        seqlen_k = k.shape[1]
+        hk = h // (q.shape[2] // k.shape[2])
+        if i < seqlen_q:
+            m_i = acc_t(NEG_INF)
+            l_i = acc_t(0)
+            for j in range(seqlen_k):
+                if seen(b, h, i, j, acc_t(0), seqlen_q, seqlen_k, window_left, window_right, mask):
+                    s = acc_t(0)
+                    for d in range(D):
+                        s += load(q[b, i, h, d]) * load(k[b, j, hk, d])
+                    t, _ = modified_score(s, b, h, i, j, seqlen_q, seqlen_k, scale, softcap, alibi, bias)
+                    if t > m_i:
+                        l_i = l_i * math.exp(m_i - t) + acc_t(1)
+                        m_i = t
+                    else:
+                        l_i += math.exp(t - m_i)
+            if l_i > 0:
+                lse[b, h, i] = m_i + math.log(l_i)
+            else:
+                lse[b, h, i] = NEG_INF
+
+    return BackwardKernels(
+        build_preprocess(spec.dtype, DV, T), backward_dkdv_simt, backward_dq_simt, backward_row_lse_simt
+    )

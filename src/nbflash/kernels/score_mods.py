@@ -62,3 +62,16 @@ def bias_reader(dtype: str):
         def read(bias, b, h, i, j):
             return float32(bias[b, h, i, j])
     return read
+
+
+@cuda.jit(device=True, inline=True)
+def window_query_range(key_start, key_end, seqlen_q, seqlen_k, window_left, window_right):
+    """[first, end) of the query rows that see any key in [key_start, key_end) (the
+    backward's dK/dV kernels skip the query tiles outside it; key_end > key_start, keys
+    past seqlen_k ignored; the range may be empty). Query i sees key j when
+    j - offset - window_right <= i <= j - offset + window_left, offset = seqlen_k - seqlen_q."""
+    offset = seqlen_k - seqlen_q
+    last_key = min(key_end, seqlen_k) - 1
+    first = max(0, key_start - offset - window_right)
+    end = min(seqlen_q, last_key - offset + window_left + 1)
+    return first, max(first, end)
