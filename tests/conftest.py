@@ -10,3 +10,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session):
+    """Start the compile gates' workers in the background (tests/gate_jobs.py) and run
+    the gate tests last, so their compiles overlap the simulator tests."""
+    import gate_jobs
+
+    names = []
+    for item in session.items:
+        name = gate_jobs.module_gate(str(item.fspath))
+        if name and name not in names:
+            names.append(name)
+    if names:
+        gates = [i for i in session.items if gate_jobs.module_gate(str(i.fspath))]
+        others = [i for i in session.items if not gate_jobs.module_gate(str(i.fspath))]
+        session.items[:] = others + gates
+        gate_jobs.start(names)

@@ -5,13 +5,9 @@ frame (fragments stay in registers) and a register count its CTA can launch with
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
+import gate_jobs
 from nbflash import tuning
 
 SHARED_PER_SM = {"sm_80": 164 * 1024, "sm_90a": 227 * 1024}
@@ -20,17 +16,12 @@ SHARED_PER_SM = {"sm_80": 164 * 1024, "sm_90a": 227 * 1024}
 DTYPES = ("fp16", "bf16")
 
 
+gate_jobs.register_module(__file__, "forward", [["ptx_gate_worker.py", dtype] for dtype in DTYPES])
+
+
 @pytest.fixture(scope="module")
 def reports():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
-    worker = os.path.join(os.path.dirname(__file__), "ptx_gate_worker.py")
-    jobs = [subprocess.Popen([sys.executable, worker, dtype], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for dtype in DTYPES]
-    rows = []
-    for job in jobs:
-        stdout, stderr = job.communicate(timeout=900)
-        assert job.returncode == 0, stderr[-3000:]
-        rows += [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    rows = gate_jobs.rows("forward")
     # every (arch, head_dim, dtype, causal, varlen) the tuning ships, each once
     assert len(rows) == 2 * len(tuning.MMA_TILES) * len(DTYPES) * 4, rows
     assert len({(r["arch"], r["key"]) for r in rows}) == len(rows), rows

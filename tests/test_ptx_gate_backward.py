@@ -5,30 +5,21 @@ registers) and a register count its CTA can launch with."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
+import gate_jobs
 from nbflash import tuning
 
 SHARED_PER_SM = {"sm_80": 164 * 1024, "sm_90a": 227 * 1024}
 DTYPES = ("fp16", "bf16")
 
 
+gate_jobs.register_module(__file__, "backward", [["ptx_gate_backward_worker.py", dtype] for dtype in DTYPES])
+
+
 @pytest.fixture(scope="module")
 def reports():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
-    worker = os.path.join(os.path.dirname(__file__), "ptx_gate_backward_worker.py")
-    jobs = [subprocess.Popen([sys.executable, worker, dtype], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for dtype in DTYPES]
-    rows = []
-    for job in jobs:
-        stdout, stderr = job.communicate(timeout=900)
-        assert job.returncode == 0, stderr[-3000:]
-        rows += [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    rows = gate_jobs.rows("backward")
     parts = sum(3 if tuning.mma_bwd_dq_atomics(d, False) else 2 for d in tuning.MMA_BWD_TILES)
     assert len(rows) == parts * len(DTYPES) * 2 * 2, rows  # x causal x arch
     return rows

@@ -6,23 +6,17 @@ tests/ptx_gate_backward_simt_worker.py with no case list sweeps more."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+import gate_jobs
 
 CASES = ["bf16:64", "fp32:256", "fp64:256"]
 
 
+gate_jobs.register_module(__file__, "backward_simt", [["ptx_gate_backward_simt_worker.py", "sm_90a", *CASES]])
+
+
 def test_backward_kernels_compile_without_spills_for_sm_90a():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
-    here = os.path.dirname(__file__)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH", "")]))
-    worker = os.path.join(here, "ptx_gate_backward_simt_worker.py")
-    done = subprocess.run([sys.executable, worker, "sm_90a", *CASES], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 3 * len(CASES), done.stdout
+    rows = gate_jobs.rows("backward_simt")
+    assert len(rows) == 3 * len(CASES), rows
     for r in rows:
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
         assert r["stack"] == 0, r

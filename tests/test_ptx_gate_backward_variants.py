@@ -7,27 +7,18 @@ kernel have one, a speed matter, not a correctness one.)"""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
+import gate_jobs
 
 BATCHES = [["mma-d128-causal-cap-alibi", "simt-fp32-d128-everything"], ["mma-d128-everything", "mma-d64-window"]]
 KERNELS = 2 + 2 + 3 + 2
 
 
+gate_jobs.register_module(__file__, "backward_variants",
+                          [["ptx_gate_backward_variants_worker.py", *batch] for batch in BATCHES])
+
+
 def test_variant_kernels_compile_without_spills_for_sm_90a():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
-    here = os.path.dirname(__file__)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH", "")]))
-    worker = os.path.join(here, "ptx_gate_backward_variants_worker.py")
-    jobs = [subprocess.Popen([sys.executable, worker, *batch], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for batch in BATCHES]
-    rows = []
-    for job in jobs:
-        stdout, stderr = job.communicate(timeout=600)
-        assert job.returncode == 0, stderr[-3000:]
-        rows += [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    rows = gate_jobs.rows("backward_variants")
     assert len(rows) == KERNELS, rows
     for r in rows:
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r

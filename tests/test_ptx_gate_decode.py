@@ -8,13 +8,9 @@ scalar-load decode, combine and append kernels must compile (the worker fails if
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
+import gate_jobs
 from nbflash import tuning
 
 SM90_REGISTERS = 65536
@@ -22,16 +18,15 @@ SM90_SHARED_PER_SM = 228 * 1024  # of which 1 KB per CTA is reserved
 SM90_SHARED_PER_CTA = 227 * 1024
 
 
+gate_jobs.register_module(__file__, "decode", [["ptx_gate_decode_worker.py", "sm_90a"]])
+
+
 @pytest.fixture(scope="module")
 def reports():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
-    worker = os.path.join(os.path.dirname(__file__), "ptx_gate_decode_worker.py")
-    done = subprocess.run([sys.executable, worker, "sm_90a"], env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    rows = gate_jobs.rows("decode")
     gated = [r for r in rows if r["gated"]]
-    assert len([r for r in gated if r["kind"] == "simt"]) == len(tuning.DECODE_GATE), done.stdout
-    assert len([r for r in gated if r["kind"] == "mma"]) == len(tuning.DECODE_MMA_GATE), done.stdout
+    assert len([r for r in gated if r["kind"] == "simt"]) == len(tuning.DECODE_GATE), rows
+    assert len([r for r in gated if r["kind"] == "mma"]) == len(tuning.DECODE_MMA_GATE), rows
     assert len(rows) > len(gated), "the scalar decode, combine and append kernels compile too"
     return gated
 
