@@ -52,10 +52,19 @@ def padded_dims(spec: DecodeMmaSpec):
     return -(-spec.head_dim // 32) * 32, -(-spec.head_dim_v // 16) * 16
 
 
+def q_in_shared(spec: DecodeMmaSpec) -> bool:
+    """Above 128 staged K columns Q's A fragments (K_STEPS x 4 registers) would not
+    leave the loop enough registers at 128 threads: they are read from shared memory
+    by ldmatrix per tile instead (one x4 per k-step)."""
+    return padded_dims(spec)[0] > 128
+
+
 def _words(spec: DecodeMmaSpec):
     kp, vp = padded_dims(spec)
     warps = spec.threads // 32
     pipeline = warps * spec.stages * KEYS * (kp // 2 + vp // 2 + 2 * PAD_WORDS)
+    if q_in_shared(spec):
+        pipeline += spec.rows * (kp // 2 + PAD_WORDS)
     merge = warps * spec.rows * (vp + PAD_WORDS) + 2 * warps * spec.rows
     return pipeline, merge
 
@@ -100,7 +109,10 @@ def build(spec: DecodeMmaSpec):
     WARP_WORDS = STAGES * TILE_WORDS
     K_STEPS = KP // 16  # k-steps of S = Q K^T
     D_BLOCKS = VP // 8  # 8-column blocks of the output
-    Q_REGS = K_STEPS * 4
+    Q_SMEM = q_in_shared(spec)
+    Q_REGS = 4 if Q_SMEM else K_STEPS * 4
+    QROW = KP // 2 + PAD_WORDS  # words per row of Q in shared memory (Q_SMEM)
+    Q_OFF = W * WARP_WORDS  # Q after the rings (the merge may reuse it)
     ACC_REGS = D_BLOCKS * 4
     CTA_KEYS = W * KEYS
     ROWS = spec.rows
@@ -220,23 +232,20 @@ def build(spec: DecodeMmaSpec):
         per_split = int32((per_split + int32(CTA_KEYS - 1)) // int32(CTA_KEYS) * int32(CTA_KEYS))
         j_begin = int32(split * per_split)
         j_end = int32(min(seqlen_k, j_begin + per_split))
-        first = int32(j_begin + warp * int32(KEYS))
-        n_tiles = int32(0)
-        if j_end > first:
-            n_tiles = int32((j_end - first + int32(CTA_KEYS - 1)) // int32(CTA_KEYS))
+        first = int32(j_begin + warp * int32(KEYS))  # this warp's tiles start at first, first + CTA_KEYS, ...
         ring = int32(warp * int32(WARP_WORDS))
 
         for s in range(STAGES - 1):  # prologue: the first STAGES - 1 tiles in flight
-            if int32(s) < n_tiles:
-                t_s = int32(first + int32(s * CTA_KEYS))
+            t_s = int32(first + int32(s * CTA_KEYS))
+            if t_s < j_end:
                 issue_tile(k_cache, v_cache, smem, int32(ring + int32(s * TILE_WORDS)), block_table,
                            block_of(block_table, b, t_s), b, hk, t_s, j_end, lane)
             ptx.cp_async_commit()
         # the block id of the next tile to issue is read one iteration ahead, so the
         # table read's latency hides behind a tile's math instead of delaying the copies
-        t_next = int32(first + int32((STAGES - 1) * CTA_KEYS))  # key of the next tile to issue
         next_block = int32(0)
-        if TILE_IN_ONE_BLOCK and int32(STAGES - 1) < n_tiles:
+        t_next = int32(first + int32((STAGES - 1) * CTA_KEYS))  # the key of the next tile to issue
+        if TILE_IN_ONE_BLOCK and t_next < j_end:
             next_block = block_of(block_table, b, t_next)
 
         # Q's A fragments (rows g and g + 8 of this chunk), 16-bit pairs; zeros past D
@@ -258,7 +267,13 @@ def build(spec: DecodeMmaSpec):
                     word = uint32(0)
                     if valid and c < int32(D):
                         word = uint32(q[b, i, hq, c]) | (uint32(q[b, i, hq, c + int32(1)]) << uint32(16))
-                    q_frag[kk * 4 + half + 2 * p] = word
+                    if Q_SMEM:
+                        if warp == 0:
+                            smem[int32(Q_OFF) + int32(g + 8 * half) * int32(QROW) + int32(kk * 8 + 4 * p) + t] = word
+                    else:
+                        q_frag[kk * 4 + half + 2 * p] = word
+        if Q_SMEM:
+            cuda.syncthreads()
 
         acc = cuda.local.array(ACC_REGS, float32)
         for x in range(ACC_REGS):
@@ -271,23 +286,20 @@ def build(spec: DecodeMmaSpec):
             l_i[half] = 0
         diag = int32(seqlen_k - seqlen_q)  # causal: the last key query row 0 sees
 
-        it = int32(0)
-        stage = int32(0)  # ring buffer of tile it
-        fill = int32(STAGES - 1)  # ring buffer the next issued tile goes to
+        stage = int32(0)  # ring buffer of the tile at t0; the tile issued next goes to the one before it
         t0 = first
-        while it < n_tiles:
-            ptx.cp_async_wait_group(WAIT)  # this lane's copies of tile `it` have landed
-            ptx.syncwarp()  # ... every lane's; and all lanes are done with tile it - 1
-            if int32(it + int32(STAGES - 1)) < n_tiles:  # refill the buffer tile it - 1 used
+        while t0 < j_end:
+            ptx.cp_async_wait_group(WAIT)  # this lane's copies of the tile at t0 have landed
+            ptx.syncwarp()  # ... every lane's; and all lanes are done with the tile before
+            t_next = int32(t0 + int32((STAGES - 1) * CTA_KEYS))
+            if t_next < j_end:  # refill the buffer the previous tile used
+                fill = int32(stage - int32(1)) if stage > int32(0) else int32(STAGES - 1)
                 issue_tile(k_cache, v_cache, smem, int32(ring + fill * int32(TILE_WORDS)), block_table,
                            next_block, b, hk, t_next, j_end, lane)
-                t_next = int32(t_next + int32(CTA_KEYS))
-                if TILE_IN_ONE_BLOCK and t_next < j_end:
-                    next_block = block_of(block_table, b, t_next)
+                t_after = int32(t_next + int32(CTA_KEYS))
+                if TILE_IN_ONE_BLOCK and t_after < j_end:
+                    next_block = block_of(block_table, b, t_after)
             ptx.cp_async_commit()
-            fill = int32(fill + int32(1))
-            if fill == int32(STAGES):
-                fill = int32(0)
             k_base = int32(ring + stage * int32(TILE_WORDS))
             v_base = int32(k_base + int32(KEYS * KROW))
 
@@ -300,14 +312,17 @@ def build(spec: DecodeMmaSpec):
                     b0, b1, b2, b3 = ptx.ldmatrix_x4(
                         ptx.shared_address(smem, (int32(k_base + key * int32(KROW) + int32(kk2 * 16) + mat * int32(4)),)))
                     j = nb * 4
-                    a = (2 * kk2) * 4
-                    s[j], s[j + 1], s[j + 2], s[j + 3] = mma(
-                        q_frag[a], q_frag[a + 1], q_frag[a + 2], q_frag[a + 3], b0, b1,
-                        s[j], s[j + 1], s[j + 2], s[j + 3])
-                    a += 4
-                    s[j], s[j + 1], s[j + 2], s[j + 3] = mma(
-                        q_frag[a], q_frag[a + 1], q_frag[a + 2], q_frag[a + 3], b2, b3,
-                        s[j], s[j + 1], s[j + 2], s[j + 3])
+                    for h2 in range(2):  # the two k-steps of this ldmatrix
+                        a = 0 if Q_SMEM else (2 * kk2 + h2) * 4
+                        if Q_SMEM:  # A fragments of k-step 2 kk2 + h2: rows lane % 16, 8 columns
+                            q_frag[0], q_frag[1], q_frag[2], q_frag[3] = ptx.ldmatrix_x4(ptx.shared_address(
+                                smem, (int32(Q_OFF + (2 * kk2 + h2) * 8) + (lane % int32(16)) * int32(QROW)
+                                       + (lane // int32(16)) * int32(4),)))
+                        bb0 = b0 if h2 == 0 else b2
+                        bb1 = b1 if h2 == 0 else b3
+                        s[j], s[j + 1], s[j + 2], s[j + 3] = mma(
+                            q_frag[a], q_frag[a + 1], q_frag[a + 2], q_frag[a + 3], bb0, bb1,
+                            s[j], s[j + 1], s[j + 2], s[j + 3])
 
             # mask only tiles that reach past the split or the causal diagonal
             needs_mask = int32(t0 + int32(KEYS)) > j_end
@@ -359,7 +374,6 @@ def build(spec: DecodeMmaSpec):
                 acc[d], acc[d + 1], acc[d + 2], acc[d + 3] = mma(
                     a0, a1, a2, a3, b2, b3, acc[d], acc[d + 1], acc[d + 2], acc[d + 3])
 
-            it = int32(it + int32(1))
             t0 = int32(t0 + int32(CTA_KEYS))
             stage = int32(stage + int32(1))
             if stage == int32(STAGES):
