@@ -11,8 +11,10 @@ that only reads them (16-byte loads, grid-stride; TB/s of bytes read: the ceilin
 decode kernel can reach), and "memcpy", cudaMemcpyAsync device to device (TB/s of
 bytes read + written). (The yardstick used to be CuPy's elementwise `dk[...] = kc`,
 which read 0.82 TB/s at batch 1 / 128k against 2.9 at the other cases: a kernel's
-speed, not the memory's.) CUDA events after warm-up, median of --repeats; random
-normal inputs, never zeros.
+speed, not the memory's.) GPU time: CUDA events around 10 calls queued behind a
+spin kernel (so no host time enters), median of 5; the "nbflash_call" column is one
+whole attention_with_kvcache call between events, host work and its synchronizing
+cache_seqlens copy included (what a caller waits). Random normal inputs, never zeros.
 
     python perf/bench_decode.py [--quick] [--out perf/results] [--sweep]
 
@@ -36,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import cupy  # noqa: E402
 
 import nbflash  # noqa: E402
+from nbflash import api_kvcache  # noqa: E402
 from nbflash.api_kvcache import kvcache_plan  # noqa: E402
 
 HEADS_Q, HEADS_KV, HEAD_DIM = 32, 8, 128
@@ -45,7 +48,47 @@ SWEEP = ["128,2", "128,4", "64,4", "64,6", "256,2"]  # threads,stages of decode_
 
 
 def timed(fn, warmup, repeats):
+    """Per-call milliseconds as a caller sees them: CUDA events around one call, which
+    include the call's host work before its launches (for attention_with_kvcache with a
+    device cache_seqlens: validation, the synchronizing length copy, planning)."""
     return nbflash.device.median_gpu_ms(fn, warmup, repeats)
+
+
+_SPIN = r"""
+extern "C" __global__ void spin(long long cycles) {
+    long long start = clock64();
+    while (clock64() - start < cycles) { }
+}
+"""
+
+
+def gpu_timed(go, warmup=3, repeats=5, calls=10, spin_ms=30.0):
+    """Milliseconds of GPU time per call of ``go`` (launches only, no synchronization
+    inside): a spin kernel holds the stream while ``calls`` calls queue behind it, so
+    the events around them time the kernels back to back, not the host. Median of
+    ``repeats``."""
+    kernel = cupy.RawKernel(_SPIN, "spin")
+    clock_khz = cupy.cuda.Device().attributes["ClockRate"]
+    cycles = cupy.int64(int(spin_ms * clock_khz))
+    for _ in range(warmup):
+        go()
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    times = []
+    for _ in range(repeats):
+        kernel((1,), (1,), (cycles,))
+        start.record()
+        for _ in range(calls):
+            go()
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop) / calls)
+    return float(np.median(times))
+
+
+def prepared(q, kc, vc, lengths, out, block_table=None, num_splits=0):
+    """attention_with_kvcache's launches without its per-call validation and sync."""
+    return api_kvcache._prepared(q, kc, vc, cache_seqlens=lengths, block_table=block_table, num_splits=num_splits,
+                                 out=out)
 
 
 def random_fp16(rng, shape):
@@ -79,7 +122,7 @@ def yardsticks(kc, vc, warmup, repeats):
     sink = cupy.zeros(1, cupy.uint32)
     n = kc.nbytes // 16
     read = lambda: kernel((sms * 8,), (256,), (kc, vc, cupy.uint64(n), sink))  # noqa: E731
-    results = {"read_only": (timed(read, warmup, repeats), kc.nbytes + vc.nbytes)}
+    results = {"read_only": (gpu_timed(read, warmup, repeats), kc.nbytes + vc.nbytes)}
     dk, dv = cupy.empty_like(kc), cupy.empty_like(vc)
     stream = cupy.cuda.get_current_stream().ptr
     kind = cupy.cuda.runtime.memcpyDeviceToDevice
@@ -88,7 +131,7 @@ def yardsticks(kc, vc, warmup, repeats):
         cupy.cuda.runtime.memcpyAsync(dk.data.ptr, kc.data.ptr, kc.nbytes, kind, stream)
         cupy.cuda.runtime.memcpyAsync(dv.data.ptr, vc.data.ptr, vc.nbytes, kind, stream)
 
-    results["memcpy"] = (timed(copy, warmup, repeats), 2 * (kc.nbytes + vc.nbytes))
+    results["memcpy"] = (gpu_timed(copy, warmup, repeats), 2 * (kc.nbytes + vc.nbytes))
     del dk, dv
     return results
 
@@ -116,7 +159,7 @@ def torch_peers(q, kc, vc, warmup, repeats):
                     fn = lambda: torch.nn.functional.scaled_dot_product_attention(tq, k_, v_, **extra)  # noqa: E731
                     fn()
                     torch.cuda.synchronize()
-                    ms = timed(fn, warmup, repeats)
+                    ms = gpu_timed(fn, warmup, repeats)  # behind the spin kernel: same null stream
                 nbytes = (k_.numel() + v_.numel()) * k_.element_size()
                 results[name] = (ms, nbytes, how)
                 break
@@ -173,21 +216,23 @@ def main():
         nbytes = 2 * kc.nbytes
 
         spec, splits = kvcache_plan(q, kc, vc, cache_seqlens=lengths)
-        ms = timed(lambda: nbflash.attention_with_kvcache(q, kc, vc, cache_seqlens=lengths, out=out), warmup, repeats)
+        # "nbflash": the kernels' GPU time; "nbflash_call": one API call as a caller
+        # sees it (host validation, the cache_seqlens copy that synchronizes, launches)
+        ms = gpu_timed(prepared(q, kc, vc, lengths, out))
         record(case, "contiguous", "nbflash", ms, nbytes, spec.key, splits)
+        ms = timed(lambda: nbflash.attention_with_kvcache(q, kc, vc, cache_seqlens=lengths, out=out), warmup, repeats)
+        record(case, "contiguous", "nbflash_call", ms, nbytes, spec.key, splits)
         if args.sweep:
             for tiles in SWEEP:
                 os.environ["NBFLASH_DECODE_MMA_TILES"] = tiles
                 s, splits = kvcache_plan(q, kc, vc, cache_seqlens=lengths)
-                ms = timed(lambda: nbflash.attention_with_kvcache(q, kc, vc, cache_seqlens=lengths, out=out),
-                           warmup, repeats)
+                ms = gpu_timed(prepared(q, kc, vc, lengths, out))
                 record(case, "contiguous", "nbflash", ms, nbytes, s.key, splits, f"sweep {tiles}")
             os.environ.pop("NBFLASH_DECODE_MMA_TILES")
         for block_size in BLOCK_SIZES:
             pk, pv, table = paged_copy(rng, kc, vc, block_size)
             s, splits = kvcache_plan(q, pk, pv, cache_seqlens=lengths, block_table=table)
-            ms = timed(lambda: nbflash.attention_with_kvcache(q, pk, pv, cache_seqlens=lengths, block_table=table,
-                                                              out=out), warmup, repeats)
+            ms = gpu_timed(prepared(q, pk, pv, lengths, out, block_table=table))
             record(case, f"paged{block_size}", "nbflash", ms, nbytes, s.key, splits)
             del pk, pv, table
             cupy.get_default_memory_pool().free_all_blocks()
@@ -205,7 +250,7 @@ def main():
                    "head_dim": HEAD_DIM, "dtype": "fp16", "seqlen_q": 1, "rows": rows}, f, indent=1)
 
     print(f"\n{gpu}: decode, fp16, heads_q {HEADS_Q}, heads_kv {HEADS_KV}, head_dim {HEAD_DIM}; TB/s = K+V bytes / time")
-    backends = ["nbflash", "sdpa_flash", "sdpa_cudnn", "read_only", "memcpy"]
+    backends = ["nbflash", "nbflash_call", "sdpa_flash", "sdpa_cudnn", "read_only", "memcpy"]
     print(f"{'batch':>5} {'cache':>7} {'layout':>10} " + " ".join(f"{b:>11}" for b in backends))
     for batch, seqlen in CASES:
         for layout in ["contiguous"] + [f"paged{b}" for b in BLOCK_SIZES]:

@@ -1,6 +1,7 @@
 """Time the tensor-core decode kernel over split counts and (threads, stages) on the
 issue's cases (fp16, heads 32/8, head_dim 128, contiguous cache), TB/s of K+V read;
-the winners go into nbflash.tuning (DECODE_MMA_*).
+the winners go into nbflash.tuning (DECODE_MMA_*). GPU time of the decode and combine
+kernels (launches queued behind a spin kernel: no host time, see bench_decode.gpu_timed).
 
     python perf/sweep_decode.py [--tiles 128,3 64,4 ...] [--splits 1,2,4,8,16,32,64]
 """
@@ -18,15 +19,15 @@ import cupy  # noqa: E402
 
 import nbflash  # noqa: E402
 from nbflash import api_kvcache  # noqa: E402
-from bench_decode import HEAD_DIM, HEADS_KV, HEADS_Q, timed  # noqa: E402
+from bench_decode import HEAD_DIM, HEADS_KV, HEADS_Q, gpu_timed, prepared  # noqa: E402
 
 CASES = ((8, 32768), (64, 4096), (1, 131072))
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tiles", nargs="*", default=["128,3"])
-    ap.add_argument("--splits", default="0,1,2,4,8,16,32,64,128")
+    ap.add_argument("--tiles", nargs="*", default=["128,3", "128,2", "256,2", "64,4"])
+    ap.add_argument("--splits", default="0,1,2,4,8,16,32,64")
     args = ap.parse_args()
     rng = cupy.random.default_rng()
     print(f"{'batch':>5} {'cache':>7} {'tiles':>6} {'splits':>6} {'ms':>8} {'TB/s':>6}  spec")
@@ -39,11 +40,9 @@ def main():
         for tiles in args.tiles:
             os.environ["NBFLASH_DECODE_MMA_TILES"] = tiles
             for splits in (int(s) for s in args.splits.split(",")):
-                fn = lambda: nbflash.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, num_splits=splits,  # noqa: E731
-                                                           out=out)
                 try:
-                    fn()
-                    ms = timed(fn, 3, 20)
+                    nbflash.attention_with_kvcache(q, kc, vc, cache_seqlens=lens, num_splits=splits, out=out)
+                    ms = gpu_timed(prepared(q, kc, vc, lens, out, num_splits=splits))
                 except Exception as e:
                     print(f"{batch:5} {cache:7} {tiles:>6} {splits:6} failed: {type(e).__name__}: {str(e)[:70]}")
                     continue

@@ -9,6 +9,7 @@ written; the cache lengths are checked on the host.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -225,7 +226,14 @@ def choose_num_splits(ctas: int, max_total: int, sms: int, min_split_keys: int, 
     if ctas == 0 or max_total == 0:
         return 1
     busy = tuning.DECODE_BUSY_CTAS_PER_SM if busy is None else busy
-    limit = max(1, min(tuning.DECODE_MAX_AUTO_SPLITS, max_total // max(1, min_split_keys)))
+    return _choose_num_splits(ctas, max_total, sms, min_split_keys, busy, tuning.DECODE_MAX_AUTO_SPLITS)
+
+
+@functools.lru_cache(maxsize=1024)
+def _choose_num_splits(ctas: int, max_total: int, sms: int, min_split_keys: int, busy: int, max_auto: int) -> int:
+    """choose_num_splits's search (up to DECODE_MAX_AUTO_SPLITS costs: ~50 us of Python,
+    so remembered per argument set)."""
+    limit = max(1, min(max_auto, max_total // max(1, min_split_keys)))
 
     def cost(splits):
         return max(-(-ctas * splits // sms), busy) / splits
@@ -462,3 +470,26 @@ def kvcache_plan(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None, block_ta
     plan = _plan(problem, (a["k_cache"], a["v_cache"]), _check_flag(causal, "causal"),
                  _check_flag(return_lse, "return_lse"), num_splits)
     return plan.spec, plan.num_splits
+
+
+def _prepared(q, k_cache, v_cache, *, cache_seqlens, block_table=None, causal=True, scale=None, num_splits=0,
+              out):
+    """For benchmarks (perf/): validate once (as attention_with_kvcache does, with its one
+    synchronizing copy of a device cache_seqlens) and return ``go()``, which launches the
+    decode (and combine) kernels into ``out`` again without validating or synchronizing,
+    so that launches can queue on the stream and CUDA events time the kernels alone.
+    The arrays, including cache_seqlens, must stay alive and unchanged in shape."""
+    problem, a, seqlens_array = _validate(q, k_cache, v_cache, cache_seqlens, None, None, block_table, out)
+    causal = _check_flag(causal, "causal")
+    scale = _check_scale(scale, problem.head_dim)
+    num_splits = _check_num_splits(num_splits)
+    _check_out(problem, a)
+    plan = _plan(problem, (a["k_cache"], a["v_cache"]), causal, False, num_splits)
+    if seqlens_array is None:
+        seqlens_array = _xp(problem).asarray(problem.lengths.astype(np.int32))
+
+    def go():
+        _run(problem, a, seqlens_array, causal, scale, plan.num_splits, False, plan)
+
+    return go
+

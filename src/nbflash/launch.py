@@ -457,6 +457,11 @@ class Launcher:
         (err,) = driver.cuKernelSetAttribute(attr, nbytes, driver.CUkernel(self.handle), dev)
         if err != driver.CUresult.CUDA_SUCCESS:
             raise LaunchError(f"{self.name}: could not allow {nbytes} bytes of shared memory: {err}")
+        # prefer the largest shared-memory carveout, so that as many CTAs as the
+        # shared memory allows are resident (a hint; the driver otherwise may pick a
+        # split with more L1 that fits fewer of these CTAs)
+        carveout = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
+        driver.cuKernelSetAttribute(carveout, 100, driver.CUkernel(self.handle), dev)
         self._shared_allowed = nbytes
 
     def __call__(self, grid, block, shared, stream, args, _retried=False):

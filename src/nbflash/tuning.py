@@ -288,9 +288,9 @@ def decode_mma_tiles(head_dim: int, head_dim_v: int, simulator: bool):
 
 # Tensor-core decode specializations the no-GPU gate compiles (tests/test_ptx_gate_decode.py):
 # (dtype, head_dim, head_dim_v, block_size, causal, split, with_lse).
-# Measured (sm_90a, 0 spills): d128 243-246 registers (two 128-thread CTAs per SM fit
-# both registers and the 104 KB of shared memory), d64 166, d96/80 228, d256 255 with
-# 132 KB of shared memory (one CTA per SM).
+# Measured (sm_90a, 0 spills): d128 166-168 registers (32-bit issue math; two 128-thread
+# CTAs per SM fit both registers and the 102 KB of shared memory, three would by
+# registers), d64 128, d96/80 168, d256 254 with Q in shared memory (140 KB: one CTA per SM).
 DECODE_MMA_GATE = [
     ("fp16", 128, 128, 0, True, True, False),
     ("fp16", 128, 128, 16, True, False, False),

@@ -52,10 +52,19 @@ def padded_dims(spec: DecodeMmaSpec):
     return -(-spec.head_dim // 32) * 32, -(-spec.head_dim_v // 16) * 16
 
 
+def q_in_shared(spec: DecodeMmaSpec) -> bool:
+    """Above 128 staged K columns Q's A fragments (K_STEPS x 4 registers) would not
+    leave the loop enough registers at 128 threads: they are read from shared memory
+    by ldmatrix per tile instead (one x4 per k-step)."""
+    return padded_dims(spec)[0] > 128
+
+
 def _words(spec: DecodeMmaSpec):
     kp, vp = padded_dims(spec)
     warps = spec.threads // 32
     pipeline = warps * spec.stages * KEYS * (kp // 2 + vp // 2 + 2 * PAD_WORDS)
+    if q_in_shared(spec):
+        pipeline += spec.rows * (kp // 2 + PAD_WORDS)
     merge = warps * spec.rows * (vp + PAD_WORDS) + 2 * warps * spec.rows
     return pipeline, merge
 
@@ -100,7 +109,10 @@ def build(spec: DecodeMmaSpec):
     WARP_WORDS = STAGES * TILE_WORDS
     K_STEPS = KP // 16  # k-steps of S = Q K^T
     D_BLOCKS = VP // 8  # 8-column blocks of the output
-    Q_REGS = K_STEPS * 4
+    Q_SMEM = q_in_shared(spec)
+    Q_REGS = 4 if Q_SMEM else K_STEPS * 4
+    QROW = KP // 2 + PAD_WORDS  # words per row of Q in shared memory (Q_SMEM)
+    Q_OFF = W * WARP_WORDS  # Q after the rings (the merge may reuse it)
     ACC_REGS = D_BLOCKS * 4
     CTA_KEYS = W * KEYS
     ROWS = spec.rows
@@ -111,36 +123,70 @@ def build(spec: DecodeMmaSpec):
     PAGED, BS = spec.block_size > 0, max(spec.block_size, 1)
     TILE_IN_ONE_BLOCK = PAGED and BS % KEYS == 0  # tiles start on multiples of 16
     NEG_INF = -math.inf
+    assert T % ROWS == 0
+    TPR = T // ROWS  # merge: threads per output row
+    COLS_PER_THREAD = -(-DV // TPR)
+
+    POW2 = BS & (BS - 1) == 0
+    SHIFT = BS.bit_length() - 1
+
+    @cuda.jit(device=True, inline=True)
+    def row_in_block(j):
+        """j % BS for a key j >= 0 (an AND when BS is a power of two)."""
+        if POW2:
+            return int32(j & int32(BS - 1))
+        return int32(j % int32(BS))
+
+    @cuda.jit(device=True, inline=True)
+    def block_index(j):
+        """j // BS for a key j >= 0."""
+        if POW2:
+            return int32(j >> int32(SHIFT))
+        return int32(j // int32(BS))
 
     def make_issue(CH, DCH, ROW):
         """issue(cache, ...): cp.async one warp tile (16 rows, CH 16-byte chunks each,
         the first DCH holding data) into the ring at word `base`; rows at or past
-        key_end and padding chunks are zero-filled, their source clamped in bounds."""
-        TOTAL = KEYS * CH
-        ITERS = (TOTAL + 31) // 32
+        key_end and padding chunks are zero-filled, their source clamped in bounds.
+        All index arithmetic is 32-bit and, when CH divides 32, each lane keeps one
+        chunk column (rows r0, r0 + 32 / CH, ...), so a copy costs a few instructions."""
+        FIXED = 32 % CH == 0
+        RSTEP = 32 // CH if FIXED else 0
+        ITERS = -(-KEYS // RSTEP) if FIXED else -(-(KEYS * CH) // 32)
+        EXACT = (KEYS % RSTEP == 0) if FIXED else ((KEYS * CH) % 32 == 0)
 
         @cuda.jit(device=True, inline=True)
         def issue(cache, smem, base, block_table, block, b, hk, t0, key_end, lane):
+            last = int32(key_end - int32(1))
             for it in range(ITERS):
-                e = int32(lane + it * 32)
-                if TOTAL % 32 == 0 or e < TOTAL:
-                    r = e // int32(CH)
-                    c = e - r * int32(CH)
-                    j = t0 + r
-                    nbytes = int32(16)
-                    if j >= key_end or c >= DCH:
-                        nbytes = int32(0)
-                    if j >= key_end:
-                        j = t0
-                    col = c * int32(8) if c < DCH else int32(0)
+                if FIXED:
+                    c = int32(lane % int32(CH))
+                    r = int32(lane // int32(CH) + int32(it * RSTEP))
+                    inside = EXACT or r < int32(KEYS)
+                else:
+                    e = int32(lane + int32(it * 32))
+                    r = int32(e // int32(CH))
+                    c = int32(e - r * int32(CH))
+                    inside = EXACT or e < int32(KEYS * CH)
+                if inside:
+                    j = int32(t0 + r)
+                    ok = j <= last
+                    if DCH < CH:
+                        ok = ok and c < int32(DCH)
+                    nbytes = int32(16) if ok else int32(0)
+                    j = min(j, last)
+                    col = int32(c * int32(8))
+                    if DCH < CH:
+                        col = col if c < int32(DCH) else int32(0)
                     if PAGED:
                         if TILE_IN_ONE_BLOCK:
-                            src = ptx.global_address(cache, (block, j % int32(BS), hk, col))
+                            src = ptx.global_address(cache, (block, row_in_block(j), hk, col))
                         else:
-                            src = ptx.global_address(cache, (block_table[b, j // int32(BS)], j % int32(BS), hk, col))
+                            src = ptx.global_address(cache, (block_table[b, block_index(j)], row_in_block(j), hk, col))
                     else:
                         src = ptx.global_address(cache, (b, j, hk, col))
-                    ptx.cp_async_16(ptx.shared_address(smem, (base + r * int32(ROW) + c * int32(4),)), src, nbytes)
+                    dst = int32(base + r * int32(ROW) + c * int32(4))
+                    ptx.cp_async_16(ptx.shared_address(smem, (dst,)), src, nbytes)
 
         return issue
 
@@ -157,69 +203,77 @@ def build(spec: DecodeMmaSpec):
     def block_of(block_table, b, t0):
         """The block holding the tile at key t0 (when one block holds each tile)."""
         if TILE_IN_ONE_BLOCK:
-            return block_table[b, t0 // int32(BS)]
+            return int32(block_table[b, block_index(t0)])
         return int32(0)
 
     def decode_mma(q, k_cache, v_cache, block_table, seqlens, n_new, out, lse, scale, group, row_chunks):
-        tid = cuda.threadIdx.x
-        lane = tid % 32
-        warp = tid // 32
-        g = lane // 4
-        t = lane % 4
-        mat = lane // 8  # which 8x8 matrix this lane addresses in ldmatrix
-        split = cuda.blockIdx.x
-        n_splits = cuda.gridDim.x
-        hk = cuda.blockIdx.y // row_chunks
-        chunk = cuda.blockIdx.y % row_chunks
-        b = cuda.blockIdx.z
+        tid = int32(cuda.threadIdx.x)
+        lane = int32(tid % int32(32))
+        warp = int32(tid // int32(32))
+        g = int32(lane // int32(4))
+        t = int32(lane % int32(4))
+        mat = int32(lane // int32(8))  # which 8x8 matrix this lane addresses in ldmatrix
+        split = int32(cuda.blockIdx.x)
+        n_splits = int32(cuda.gridDim.x)
+        rc = int32(row_chunks)
+        hk = int32(cuda.blockIdx.y // rc)
+        chunk = int32(cuda.blockIdx.y - hk * rc)
+        b = int32(cuda.blockIdx.z)
         seqlen_q = int32(q.shape[1])
-        rows_total = int32(group * seqlen_q)
+        grp = int32(group)
+        rows_total = int32(grp * seqlen_q)
         seqlen_k = int32(seqlens[b] + n_new)
         scale_log2 = float32(scale * LOG2E)
         smem = cuda.shared.array(0, uint32)
 
-        # this split's keys (a multiple of CTA_KEYS each) and this warp's tiles in it
-        per_split = (seqlen_k + n_splits - 1) // n_splits
-        per_split = int32((per_split + CTA_KEYS - 1) // CTA_KEYS * CTA_KEYS)
+        # this split's keys (a multiple of CTA_KEYS each) and this warp's tiles in it;
+        # 32-bit loop state throughout (Python ints would make it 64-bit)
+        per_split = int32((seqlen_k + n_splits - int32(1)) // n_splits)
+        per_split = int32((per_split + int32(CTA_KEYS - 1)) // int32(CTA_KEYS) * int32(CTA_KEYS))
         j_begin = int32(split * per_split)
-        j_end = min(seqlen_k, j_begin + per_split)
-        first = j_begin + int32(warp * KEYS)
-        n_tiles = int32(0)
-        if j_end > first:
-            n_tiles = (j_end - first + int32(CTA_KEYS - 1)) // int32(CTA_KEYS)
-        ring = int32(warp * WARP_WORDS)
+        j_end = int32(min(seqlen_k, j_begin + per_split))
+        first = int32(j_begin + warp * int32(KEYS))  # this warp's tiles start at first, first + CTA_KEYS, ...
+        ring = int32(warp * int32(WARP_WORDS))
 
         for s in range(STAGES - 1):  # prologue: the first STAGES - 1 tiles in flight
-            if s < n_tiles:
-                t_s = first + int32(s * CTA_KEYS)
-                issue_tile(k_cache, v_cache, smem, ring + int32(s * TILE_WORDS), block_table,
+            t_s = int32(first + int32(s * CTA_KEYS))
+            if t_s < j_end:
+                issue_tile(k_cache, v_cache, smem, int32(ring + int32(s * TILE_WORDS)), block_table,
                            block_of(block_table, b, t_s), b, hk, t_s, j_end, lane)
             ptx.cp_async_commit()
         # the block id of the next tile to issue is read one iteration ahead, so the
         # table read's latency hides behind a tile's math instead of delaying the copies
         next_block = int32(0)
-        if STAGES - 1 < n_tiles:
-            next_block = block_of(block_table, b, first + int32((STAGES - 1) * CTA_KEYS))
+        t_next = int32(first + int32((STAGES - 1) * CTA_KEYS))  # the key of the next tile to issue
+        if TILE_IN_ONE_BLOCK and t_next < j_end:
+            next_block = block_of(block_table, b, t_next)
 
         # Q's A fragments (rows g and g + 8 of this chunk), 16-bit pairs; zeros past D
         # and for rows past the group. last_key: the last key each of the two rows sees.
         q_frag = cuda.local.array(Q_REGS, uint32)
         last_key = cuda.local.array(2, int32)
         for half in range(2):
-            row = int32(chunk * ROWS + g + 8 * half)
+            row = int32(chunk * int32(ROWS) + g + int32(8 * half))
             valid = row < rows_total
-            hq = hk * group + row // seqlen_q
-            i = row % seqlen_q
-            last_key[half] = seqlen_k - 1
+            head_row = int32(row // seqlen_q)
+            hq = int32(hk * grp + head_row)
+            i = int32(row - head_row * seqlen_q)
+            last_key[half] = int32(seqlen_k - int32(1))
             if CAUSAL and valid:
-                last_key[half] = i + seqlen_k - seqlen_q
+                last_key[half] = int32(i + seqlen_k - seqlen_q)
             for kk in range(K_STEPS):
                 for p in range(2):
-                    c = kk * 16 + 8 * p + 2 * t
+                    c = int32(kk * 16 + 8 * p) + int32(2) * t
                     word = uint32(0)
-                    if valid and c < D:
-                        word = uint32(q[b, i, hq, c]) | (uint32(q[b, i, hq, c + 1]) << uint32(16))
-                    q_frag[kk * 4 + half + 2 * p] = word
+                    if valid and c < int32(D):
+                        word = uint32(q[b, i, hq, c]) | (uint32(q[b, i, hq, c + int32(1)]) << uint32(16))
+                    if Q_SMEM:
+                        if warp == 0:
+                            smem[int32(Q_OFF) + int32(g + 8 * half) * int32(QROW) + int32(kk * 8 + 4 * p) + t] = word
+                    else:
+                        q_frag[kk * 4 + half + 2 * p] = word
+        if Q_SMEM:
+            cuda.syncthreads()
 
         acc = cuda.local.array(ACC_REGS, float32)
         for x in range(ACC_REGS):
@@ -230,50 +284,56 @@ def build(spec: DecodeMmaSpec):
         for half in range(2):
             m_i[half] = NEG_INF
             l_i[half] = 0
+        diag = int32(seqlen_k - seqlen_q)  # causal: the last key query row 0 sees
 
-        for it in range(n_tiles):
-            stage = it % STAGES
-            ptx.cp_async_wait_group(WAIT)  # this lane's copies of tile `it` have landed
-            ptx.syncwarp()  # ... every lane's; and all lanes are done with tile it - 1
-            nxt = it + STAGES - 1  # refill the buffer tile it - 1 used
-            if nxt < n_tiles:
-                issue_tile(k_cache, v_cache, smem, ring + int32((nxt % STAGES) * TILE_WORDS), block_table,
-                           next_block, b, hk, first + int32(nxt * CTA_KEYS), j_end, lane)
-                if TILE_IN_ONE_BLOCK and nxt + 1 < n_tiles:
-                    next_block = block_of(block_table, b, first + int32((nxt + 1) * CTA_KEYS))
+        stage = int32(0)  # ring buffer of the tile at t0; the tile issued next goes to the one before it
+        t0 = first
+        while t0 < j_end:
+            ptx.cp_async_wait_group(WAIT)  # this lane's copies of the tile at t0 have landed
+            ptx.syncwarp()  # ... every lane's; and all lanes are done with the tile before
+            t_next = int32(t0 + int32((STAGES - 1) * CTA_KEYS))
+            if t_next < j_end:  # refill the buffer the previous tile used
+                fill = int32(stage - int32(1)) if stage > int32(0) else int32(STAGES - 1)
+                issue_tile(k_cache, v_cache, smem, int32(ring + fill * int32(TILE_WORDS)), block_table,
+                           next_block, b, hk, t_next, j_end, lane)
+                t_after = int32(t_next + int32(CTA_KEYS))
+                if TILE_IN_ONE_BLOCK and t_after < j_end:
+                    next_block = block_of(block_table, b, t_after)
             ptx.cp_async_commit()
-            t0 = first + int32(it * CTA_KEYS)
-            k_base = ring + int32(stage * TILE_WORDS)
-            v_base = k_base + int32(KEYS * KROW)
+            k_base = int32(ring + stage * int32(TILE_WORDS))
+            v_base = int32(k_base + int32(KEYS * KROW))
 
             # S = Q K^T: one ldmatrix_x4 gives the B fragments of 8 keys x 2 k-steps
             for x in range(8):
                 s[x] = 0
             for kk2 in range(K_STEPS // 2):
                 for nb in range(2):
-                    key = nb * 8 + lane % 8
+                    key = int32(nb * 8) + lane % int32(8)
                     b0, b1, b2, b3 = ptx.ldmatrix_x4(
-                        ptx.shared_address(smem, (k_base + key * KROW + kk2 * 16 + mat * 4,)))
+                        ptx.shared_address(smem, (int32(k_base + key * int32(KROW) + int32(kk2 * 16) + mat * int32(4)),)))
                     j = nb * 4
-                    a = (2 * kk2) * 4
-                    s[j], s[j + 1], s[j + 2], s[j + 3] = mma(
-                        q_frag[a], q_frag[a + 1], q_frag[a + 2], q_frag[a + 3], b0, b1,
-                        s[j], s[j + 1], s[j + 2], s[j + 3])
-                    a += 4
-                    s[j], s[j + 1], s[j + 2], s[j + 3] = mma(
-                        q_frag[a], q_frag[a + 1], q_frag[a + 2], q_frag[a + 3], b2, b3,
-                        s[j], s[j + 1], s[j + 2], s[j + 3])
+                    for h2 in range(2):  # the two k-steps of this ldmatrix
+                        a = 0 if Q_SMEM else (2 * kk2 + h2) * 4
+                        if Q_SMEM:  # A fragments of k-step 2 kk2 + h2: rows lane % 16, 8 columns
+                            q_frag[0], q_frag[1], q_frag[2], q_frag[3] = ptx.ldmatrix_x4(ptx.shared_address(
+                                smem, (int32(Q_OFF + (2 * kk2 + h2) * 8) + (lane % int32(16)) * int32(QROW)
+                                       + (lane // int32(16)) * int32(4),)))
+                        bb0 = b0 if h2 == 0 else b2
+                        bb1 = b1 if h2 == 0 else b3
+                        s[j], s[j + 1], s[j + 2], s[j + 3] = mma(
+                            q_frag[a], q_frag[a + 1], q_frag[a + 2], q_frag[a + 3], bb0, bb1,
+                            s[j], s[j + 1], s[j + 2], s[j + 3])
 
             # mask only tiles that reach past the split or the causal diagonal
-            needs_mask = t0 + KEYS > j_end
+            needs_mask = int32(t0 + int32(KEYS)) > j_end
             if CAUSAL:
-                needs_mask = needs_mask or t0 + KEYS - 1 > seqlen_k - seqlen_q
+                needs_mask = needs_mask or int32(t0 + int32(KEYS - 1)) > diag
             if needs_mask:
                 for half in range(2):
-                    visible = min(j_end - 1, last_key[half]) - t0  # last column this row sees
+                    visible = int32(min(int32(j_end - int32(1)), last_key[half]) - t0)  # last column this row sees
                     for nb in range(2):
                         for e in range(2):
-                            if int32(nb * 8 + 2 * t + e) > visible:
+                            if int32(nb * 8 + e) + int32(2) * t > visible:
                                 s[nb * 4 + 2 * half + e] = NEG_INF
 
             # online softmax, exp2 domain (FlashAttention-2, Algorithm 1, lines 8-10)
@@ -302,16 +362,22 @@ def build(spec: DecodeMmaSpec):
             a1 = pack(s[2], s[3])
             a2 = pack(s[4], s[5])
             a3 = pack(s[6], s[7])
-            key = (mat % 2) * 8 + lane % 8
+            key = (mat % int32(2)) * int32(8) + lane % int32(8)
             for db2 in range(D_BLOCKS // 2):
                 b0, b1, b2, b3 = ptx.ldmatrix_x4_trans(
-                    ptx.shared_address(smem, (v_base + key * VROW + db2 * 8 + (mat // 2) * 4,)))
+                    ptx.shared_address(smem, (int32(v_base + key * int32(VROW) + int32(db2 * 8)
+                                                    + (mat // int32(2)) * int32(4)),)))
                 d = db2 * 8
                 acc[d], acc[d + 1], acc[d + 2], acc[d + 3] = mma(
                     a0, a1, a2, a3, b0, b1, acc[d], acc[d + 1], acc[d + 2], acc[d + 3])
                 d += 4
                 acc[d], acc[d + 1], acc[d + 2], acc[d + 3] = mma(
                     a0, a1, a2, a3, b2, b3, acc[d], acc[d + 1], acc[d + 2], acc[d + 3])
+
+            t0 = int32(t0 + int32(CTA_KEYS))
+            stage = int32(stage + int32(1))
+            if stage == int32(STAGES):
+                stage = int32(0)
 
         # merge the warps: (acc, m, l) through shared memory, which the rings leave free
         ptx.cp_async_wait_group(0)  # only empty groups remain, but none may land later
@@ -321,44 +387,53 @@ def build(spec: DecodeMmaSpec):
             l_sum = l_i[half]
             l_sum += ptx.shfl_xor(l_sum, 1)
             l_sum += ptx.shfl_xor(l_sum, 2)
-            r = warp * ROWS + g + 8 * half
+            r = warp * int32(ROWS) + g + int32(8 * half)
             for db in range(D_BLOCKS):
                 for e in range(2):
-                    merge[r * AROW + db * 8 + 2 * t + e] = acc[db * 4 + 2 * half + e]
+                    merge[r * int32(AROW) + int32(db * 8 + e) + int32(2) * t] = acc[db * 4 + 2 * half + e]
             if t == 0:
-                merge[M_OFF + r] = m_i[half]
-                merge[L_OFF + r] = l_sum
+                merge[int32(M_OFF) + r] = m_i[half]
+                merge[int32(L_OFF) + r] = l_sum
         cuda.syncthreads()
-        for idx in range(tid, ROWS * DV, T):
-            r = idx // DV
-            d = idx - r * DV
-            row = chunk * ROWS + r
-            if row < rows_total:
-                hq = hk * group + row // seqlen_q
-                i = row % seqlen_q
-                m_tot = merge[M_OFF + r]
-                for w in range(1, W):
-                    m_tot = max(m_tot, merge[M_OFF + w * ROWS + r])
-                m_use = m_tot if m_tot != NEG_INF else float32(0)
-                l_tot = float32(0)
-                o = float32(0)
-                for w in range(W):
-                    factor = ptx.ex2(merge[M_OFF + w * ROWS + r] - m_use)
-                    l_tot += merge[L_OFF + w * ROWS + r] * factor
-                    o += merge[(w * ROWS + r) * AROW + d] * factor
-                lse_row = float32(NEG_INF)
-                if l_tot > 0:
-                    o = o / l_tot
-                    lse_row = m_tot * float32(LN2) + math.log(l_tot)
-                else:
+        # TPR threads per row, each with every TPR-th column: the row's statistics
+        # (max, warp weights, sum, lse) once per thread, then only a weighted sum and a
+        # store per element; consecutive threads write consecutive columns
+        r = int32(tid // int32(TPR))
+        part = int32(tid - r * int32(TPR))
+        row = int32(chunk * int32(ROWS) + r)
+        if row < rows_total:
+            head_row = int32(row // seqlen_q)
+            hq = int32(hk * grp + head_row)
+            i = int32(row - head_row * seqlen_q)
+            m_tot = merge[int32(M_OFF) + r]
+            for w in range(1, W):
+                m_tot = max(m_tot, merge[int32(M_OFF + w * ROWS) + r])
+            m_use = m_tot if m_tot != NEG_INF else float32(0)
+            factor = cuda.local.array(W, float32)
+            l_tot = float32(0)
+            for w in range(W):
+                factor[w] = ptx.ex2(merge[int32(M_OFF + w * ROWS) + r] - m_use)
+                l_tot += merge[int32(L_OFF + w * ROWS) + r] * factor[w]
+            lse_row = float32(NEG_INF)
+            inv = float32(0)
+            if l_tot > 0:
+                inv = float32(1) / l_tot
+                lse_row = m_tot * float32(LN2) + math.log(l_tot)
+            for k in range(COLS_PER_THREAD):
+                d = int32(part + int32(k * TPR))
+                if DV % TPR == 0 or d < int32(DV):
                     o = float32(0)
+                    for w in range(W):
+                        o += merge[int32((w * ROWS) * AROW) + r * int32(AROW) + d] * factor[w]
+                    o *= inv
+                    if SPLIT:
+                        out[split, b, hq, i, d] = o
+                    else:
+                        out[b, i, hq, d] = store(o)
+            if part == 0:
                 if SPLIT:
-                    out[split, b, hq, i, d] = o
-                    if d == 0:
-                        lse[split, b, hq, i] = lse_row
-                else:
-                    out[b, i, hq, d] = store(o)
-                    if WITH_LSE and d == 0:
-                        lse[b, hq, i] = lse_row
+                    lse[split, b, hq, i] = lse_row
+                elif WITH_LSE:
+                    lse[b, hq, i] = lse_row
 
     return cuda.jit(decode_mma, fastmath={"contract"})
