@@ -12,7 +12,7 @@ import numbers
 
 import numpy as np
 
-from . import api, arrays, device, launch
+from . import api, arrays, device, launch, variants
 from .spec import ForwardSpec
 
 _INT32 = np.dtype(np.int32)
@@ -226,5 +226,6 @@ def _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, 
     args = [launch.numba_view(arrays.kernel_view(a, spec.kernel == "mma")) for a in (*views, out[None])]
     args += [launch.numba_view(lse_view), acc_type(scale), problem.heads_q // problem.heads_kv]
     args += [launch.numba_view(cu_q), launch.numba_view(cu_k)]
+    args += api.variant_kernel_args(problem, views, variants.NO_VARIANTS)
     launch.launch(kernel, grid, spec.threads, args, launch.shared_bytes(spec), stream_ptr)
     return out, lse

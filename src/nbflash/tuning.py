@@ -254,3 +254,21 @@ DECODE_GATE = [
     ("fp16", 256, 4, 0, True, True, False),
     ("fp32", 128, 4, 0, True, True, False),
 ]
+
+
+# ---- attention variants (issue 7) ----------------------------------------------
+
+# (head_dim, causal, heavy) -> tensor-core tiles for specs with variants compiled in,
+# where the plain tiles would spill; heavy: a bias, mask or dropout (per-element
+# reads or Philox words), else only window / softcap / ALiBi. Each entry compiles
+# without spills for sm_90a (tests/test_ptx_gate_variants.py).
+MMA_VARIANT_TILES: dict = {}
+
+
+def mma_variant_tiles(head_dim: int, simulator: bool, arch: tuple, causal: bool, variant, tiles):
+    """The tensor-core tiles for a spec with ``variant`` compiled in: ``tiles`` (the
+    plain ones) unless MMA_VARIANT_TILES names smaller ones."""
+    if simulator or _override(head_dim):
+        return tiles
+    heavy = bool(variant.bias or variant.mask or variant.dropout)
+    return MMA_VARIANT_TILES.get((head_dim, causal, heavy), tiles)
