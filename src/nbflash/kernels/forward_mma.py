@@ -31,7 +31,7 @@ from numba.cuda import float32, int32, uint32
 from ..spec import ForwardSpec
 from . import ptx
 from .philox import keep_pair
-from .score_mods import bias_reader, window_key_range
+from .score_mods import bias_reader, tanh_fast, window_key_range
 from .tile_copy import make_issue_rows
 from .varlen import sequence_span
 
@@ -262,7 +262,7 @@ def build(spec: ForwardSpec):
                                 idx = (m * N_BLOCKS + nb) * 4 + 2 * half + e
                                 x = s[idx]
                                 if SOFTCAP:
-                                    x = cap_log2 * ptx.tanh_approx(x * scale_cap)
+                                    x = cap_log2 * tanh_fast(x * scale_cap)
                                 else:
                                     x = x * scale_log2
                                 if ALIBI:
