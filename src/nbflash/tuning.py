@@ -262,7 +262,17 @@ DECODE_GATE = [
 # where the plain tiles would spill; heavy: a bias, mask or dropout (per-element
 # reads or Philox words), else only window / softcap / ALiBi. Each entry compiles
 # without spills for sm_90a (tests/test_ptx_gate_variants.py).
-MMA_VARIANT_TILES: dict = {}
+MMA_VARIANT_TILES: dict = {
+    # heavy variants with two 16-row slices per warp spill (bf16, every variant: 4 to
+    # 132 bytes): one slice per warp, or d128's 256-thread tile, halves acc and S
+    (32, False, True): (64, 64, 128, 2, True),
+    (32, True, True): (64, 64, 128, 2, True),
+    (64, False, True): (64, 32, 128, 2, True),
+    (64, True, True): (64, 32, 128, 2, True),
+    (96, False, True): (64, 32, 128, 2, False),
+    (96, True, True): (64, 32, 128, 2, False),
+    (128, False, True): (128, 64, 256, 2, False),
+}
 
 
 def mma_variant_tiles(head_dim: int, simulator: bool, arch: tuple, causal: bool, variant, tiles):

@@ -320,19 +320,24 @@ def build(spec: ForwardSpec):
                     m_use = m_new if m_new != NEG_INF else float32(0)
                     alpha = ptx.ex2(m_i[row] - m_use)
                     row_sum = float32(0)
-                    if DROPOUT:
+                    if DROPOUT:  # keep bit 2 nb + e of this row's keys, first, in a loop of its
+                        # own: Philox inside the loop below stops its unrolling (s to local memory)
                         i = np.int32(row0 + warp_row + m * 16 + g + 8 * half)
-                    for nb in range(N_BLOCKS):
-                        if DROPOUT:  # one Philox call covers this thread's two keys
+                        keep_bits = uint32(0)
+                        for nb in range(N_BLOCKS):  # one Philox call covers this thread's two keys
                             keep0, keep1 = keep_pair(seed_lo, seed_hi, bh, i, np.int32(n0 + nb * 8 + 2 * t),
                                                      keep_threshold)
+                            keep_bits |= (uint32(keep0) | (uint32(keep1) << uint32(1))) << uint32(2 * nb)
+                    for nb in range(N_BLOCKS):
                         for e in range(2):
                             j = (m * N_BLOCKS + nb) * 4 + 2 * half + e
                             p = ptx.ex2(s[j] * s_log2 - m_use)
                             row_sum += p  # l_i sums P before dropout
                             if DROPOUT:
-                                kept = keep0 if e == 0 else keep1
-                                p = p * keep_scale if kept else float32(0)
+                                if (keep_bits >> uint32(2 * nb + e)) & uint32(1):
+                                    p = p * keep_scale
+                                else:
+                                    p = float32(0)
                             s[j] = p
                     m_i[row] = m_new
                     l_i[row] = l_i[row] * alpha + row_sum  # partial over this thread's columns
