@@ -337,3 +337,62 @@ def test_mma_sliding_window_long_sequences(dtype, head_dim):
     run(rng, seed, shape, dtype, "mma", causal=bool(rng.integers(2)), window=window,
         softcap=float(rng.choice(SOFTCAPS)), alibi_slopes=slopes_of(rng, shape, False))
 
+
+
+# --- varlen: window, softcap, ALiBi -------------------------------------------------------
+
+
+def varlen_oracle(q, k, v, cu_q, cu_k, causal, window, softcap, alibi_slopes):
+    """reference.attention on each packed sequence, its own ALiBi slopes."""
+    out = np.zeros((q.shape[0], q.shape[1], v.shape[2]))
+    lse = np.full((q.shape[1], q.shape[0]), -np.inf)
+    for b in range(len(cu_q) - 1):
+        qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        s = alibi_slopes if alibi_slopes.ndim == 1 else alibi_slopes[b]
+        out[qs], lse[:, qs] = nbflash.reference.attention(q[qs], k[ks], v[ks], causal=causal, window=window,
+                                                          softcap=softcap, alibi_slopes=s, return_lse=True)
+    return out, lse
+
+
+@pytest.mark.parametrize("large", [pytest.param(False, id="small"), pytest.param(True, id="large", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("case", [KERNELS[0], KERNELS[3]])
+def test_varlen_window_softcap_alibi(case, large):
+    from helpers import draw_varlen
+
+    dtype, kernel = case
+    rng, seed = new_rng()
+    dim = (int(rng.choice(sorted(tuning.MMA_TILES))) if large else MMA_HEAD_DIM) if kernel == "mma" else None
+    shape = draw_varlen(rng, large=large, head_dim=dim, batch=None if large else 3, group=1 if not large else None)
+    if kernel == "simt" and shape.head_dim in tuning.MMA_TILES:
+        shape.head_dim = shape.head_dim_v = shape.head_dim + 1
+    if not large:
+        shape.heads_q = shape.heads_kv = 1
+    q, k, v = (random_array(rng, s, dtype) for s in shape.qkv_shapes())
+    cu_q, cu_k = shape.cu_seqlens()
+    batch = len(shape.seqlens_q)
+    window = (int(rng.integers(-1, 12)), int(rng.integers(-1, 8)))
+    softcap = float(rng.choice((0.0,) + SOFTCAPS))
+    slopes = rng.uniform(0, 0.5, [(shape.heads_q,), (batch, shape.heads_q)][int(rng.integers(2))]).astype(np.float32)
+    causal = bool(rng.integers(2))
+    kwargs = dict(window=window, softcap=softcap, alibi_slopes=slopes)
+    dev = dict(kwargs, alibi_slopes=to_device(slopes))
+    spec = nbflash.forward_spec_varlen(*(to_device(a) for a in (q, k, v)), causal=causal, **dev)
+    assert spec.kernel == kernel and spec.varlen and spec.variant.alibi, spec.key
+    ref, ref_lse = varlen_oracle(q, k, v, cu_q, cu_k, causal, **kwargs)
+    out = poisoned(ref.shape, dtype)
+    got, lse = nbflash.attention_varlen(*(to_device(a) for a in (q, k, v)), cu_q, cu_k, causal=causal,
+                                        return_lse=True, out=out, **dev)
+    assert_close(got, ref, dtype, seed=seed)
+    assert_lse_close(lse, ref_lse, seed=seed)
+
+
+def test_varlen_refuses_bad_slopes_before_writing():
+    rng, _ = new_rng()
+    q, k, v = (to_device(random_array(rng, s, FP32)) for s in ((6, 2, 8), (5, 1, 8), (5, 1, 8)))
+    cu_q, cu_k = np.array([0, 2, 6], np.int32), np.array([0, 3, 5], np.int32)
+    out = poisoned((6, 2, 8), FP32)
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        nbflash.attention_varlen(q, k, v, cu_q, cu_k, out=out, alibi_slopes=to_device(np.ones((3, 2), np.float32)))
+    with pytest.raises(ValueError, match="window"):
+        nbflash.attention_varlen(q, k, v, cu_q, cu_k, out=out, window=(-3, 0))
+    assert np.isnan(to_host(out)).all()
