@@ -218,8 +218,9 @@ MAX_DROPOUT_MASK_ELEMENTS = 1 << 26
 
 def _plain(window, softcap, alibi_slopes, bias, mask, dropout_p, seed, return_dropout_mask) -> bool:
     """No variant argument given (the memo's fast path serves only such calls)."""
-    return (window is None and not softcap and alibi_slopes is None and bias is None and mask is None
-            and not dropout_p and seed is None and return_dropout_mask is False)
+    return (window is None and alibi_slopes is None and bias is None and mask is None and seed is None
+            and (softcap is None or (type(softcap) in (float, int) and softcap == 0))
+            and type(dropout_p) in (float, int) and dropout_p == 0 and return_dropout_mask is False)
 
 
 def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=False, out=None, stream=None,
@@ -251,7 +252,8 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=Fa
             tiles outside the band are skipped: time grows with the window, not seqlen_k.
         softcap: float >= 0, FlashAttention's ``softcap``: scores t = scale * q k^T
             become softcap * tanh(t / softcap) before anything else is added; 0
-            disables. The kernels receive it as float32.
+            disables. The kernels receive it as float32 (float64 inputs: exact for
+            softcaps a float32 holds).
         alibi_slopes: None, or float32 (heads_q,) or (batch, heads_q), FlashAttention's
             ``alibi_slopes``: -slope[b, h] * |i + seqlen_k - seqlen_q - j| is added to
             the (capped) scores.
@@ -266,7 +268,7 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=Fa
         dropout_p: float in [0, 1): each element of P is dropped with probability
             dropout_p and the kept ones scaled by 1 / (1 - dropout_p), as in
             FlashAttention and SDPA (training); the row sums (and lse) are of P before
-            dropout.
+            dropout. 1 / (1 - dropout_p) reaches the kernels as float32.
         seed: int, required when dropout_p > 0: the Philox key (nbflash.dropout); the
             same seed gives the same mask for any tile configuration, and in the
             backward.

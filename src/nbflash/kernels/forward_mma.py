@@ -31,7 +31,7 @@ from numba.cuda import float32, int32, uint32
 from ..spec import ForwardSpec
 from . import ptx
 from .philox import keep_pair
-from .score_mods import bias_reader, tanh_fast, window_key_range
+from .score_mods import bias_reader, window_key_range
 from .tile_copy import make_issue_rows
 from .varlen import sequence_span
 
@@ -134,9 +134,10 @@ def build(spec: ForwardSpec):
         s_log2 = scale_log2  # what turns an S value into exp2 units in the softmax
         if MODS:
             s_log2 = float32(1)  # S already holds scores in exp2 units
-        if SOFTCAP:  # softcap * tanh(s * scale / softcap), times log2(e)
+        if SOFTCAP:  # softcap * tanh(s * scale / softcap) * log2(e), tanh(y) = 1 - 2 / (e^2y + 1)
+            cap_in = float32(scale / softcap * (2 * LOG2E))  # s -> 2y log2(e)
             cap_log2 = float32(softcap * LOG2E)
-            scale_cap = float32(scale / softcap)
+            cap_neg2 = float32(-2 * softcap * LOG2E)
         if ALIBI:
             slope_log2 = float32(alibi[cuda.blockIdx.z, h] * LOG2E)
         if DROPOUT:  # Philox counts (batch [varlen: sequence] * heads_q + head, row, key)
@@ -261,8 +262,8 @@ def build(spec: ForwardSpec):
                                 jj = np.int32(n0 + nb * 8 + 2 * t + e)
                                 idx = (m * N_BLOCKS + nb) * 4 + 2 * half + e
                                 x = s[idx]
-                                if SOFTCAP:
-                                    x = cap_log2 * tanh_fast(x * scale_cap)
+                                if SOFTCAP:  # two MUFU ops (ex2, rcp), within a few ulps of softcap
+                                    x = cap_log2 + cap_neg2 * ptx.rcp_approx(ptx.ex2(x * cap_in) + float32(1))
                                 else:
                                     x = x * scale_log2
                                 if ALIBI:

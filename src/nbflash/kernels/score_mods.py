@@ -16,7 +16,6 @@ import math
 
 from numba import cuda, float32
 
-from . import ptx
 from .convert import bf16_bits_to_f32
 
 
@@ -64,11 +63,3 @@ def bias_reader(dtype: str):
             return float32(bias[b, h, i, j])
     return read
 
-
-@cuda.jit(device=True, inline=True)
-def tanh_fast(x):
-    """tanh(x) in float32 as 1 - 2 / (2^(2 x log2(e)) + 1): two MUFU operations (ex2,
-    rcp) and within a few float32 ulps of 1 (absolute), where libdevice's tanhf costs a
-    long polynomial and tanh.approx.f32 errs by up to 2^-11 relative; saturates to +-1
-    (never NaN) for large |x|."""
-    return float32(1) - float32(2) * ptx.rcp_approx(ptx.ex2(x * float32(2 * 1.4426950408889634)) + float32(1))
