@@ -6,8 +6,13 @@ Peers: torch SDPA's flash, cuDNN and efficient backends when torch imports (opti
 and a naive CuPy attention (materialized scores) where it fits in memory.
 
     python perf/bench_forward.py [--quick] [--out perf/results]
+    python perf/bench_forward.py --variants [--out perf/results]
 
 Writes <out>/<gpu-name>-forward.json and a PNG plot, and prints a table last.
+--variants (issue 7) times the attention variants instead, fp16, head_dim 128, 16
+heads, 16k tokens: softcap, ALiBi and a sliding window (1024, 0) against plain causal
+attention at seqlen 16384, and a (B, H, N, N) float16 bias and bool mask against
+plain attention at seqlen 4096; writes <gpu-name>-forward-variants.json.
 """
 
 from __future__ import annotations
@@ -100,7 +105,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--dtypes", default="fp16,bf16")
+    ap.add_argument("--variants", action="store_true", help="the attention variants (issue 7) instead")
     args = ap.parse_args()
+    if args.variants:
+        return bench_variants(args)
 
     dtypes = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16}
     seqlens = [4096] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
@@ -155,6 +163,103 @@ def main():
         ratio = t["nbflash"] / t["sdpa_flash"] if t.get("sdpa_flash") else float("nan")
         print(f"{r['dtype']:5} {r['head_dim']:>3} {r['seqlen']:>6} {str(r['causal']):6} {cells}  {ratio:.2f}")
     print(f"# gpu: {gpu}; TFLOP/s; spec keys in the JSON")
+
+
+BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s of HBM, for the bias/mask targets
+
+
+def visible_pairs(n, causal, window=None):
+    """(query, key) pairs a seqlen-n square problem computes."""
+    i = np.arange(n)
+    hi = i if causal else np.full(n, n - 1)
+    lo = np.zeros(n, dtype=np.int64)
+    if window is not None:
+        left, right = window
+        if left >= 0:
+            lo = np.maximum(lo, i - left)
+        if right >= 0:
+            hi = np.minimum(hi, i + right)
+    return float(np.maximum(hi - lo + 1, 0).sum())
+
+
+def bench_variants(args):
+    """Rows (name, seqlen, causal, variant kwargs, baseline row name); the table
+    prints TFLOP/s over the visible pairs and the time ratio to the baseline."""
+    d, dtype = 128, np.float16
+    gpu = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    rng = cupy.random.default_rng()
+    slopes = (2.0 ** (-8.0 * (np.arange(HEADS) + 1) / HEADS)).astype(np.float32)  # ALiBi's geometric slopes
+    inputs = {}
+
+    def qkv(n):
+        if n not in inputs:
+            inputs.clear()  # one size at a time on the GPU
+            shape = (max(1, TOKENS // n), n, HEADS, d)
+            inputs[n] = [rng.standard_normal(shape, dtype=cupy.float32).astype(dtype) for _ in range(3)]
+        return inputs[n]
+
+    big = 4096
+    b_big = max(1, TOKENS // big)
+    plan = [
+        ("full 16k", 16384, False, {}, None),
+        ("causal", 16384, True, {}, None),
+        ("causal+softcap", 16384, True, {"softcap": 30.0}, "causal"),
+        ("causal+alibi", 16384, True, {"alibi_slopes": cupy.asarray(slopes)}, "causal"),
+        ("causal+softcap+alibi", 16384, True, {"softcap": 30.0, "alibi_slopes": cupy.asarray(slopes)}, "causal"),
+        ("window(1024,0)", 16384, False, {"window": (1024, 0)}, "causal"),
+        ("full", big, False, {}, None),
+        ("bias fp16 BHNN", big, False, {"bias": "bias"}, "full"),
+        ("mask BHNN", big, False, {"mask": "mask"}, "full"),
+        ("dropout 0.1", big, False, {"dropout_p": 0.1, "seed": 1234}, "full"),
+    ]
+    rows, by_name = [], {}
+    for name, n, causal, kwargs, base in plan:
+        q, k, v = qkv(n)
+        batch = q.shape[0]
+        extra_bytes = 0
+        if kwargs.get("bias") == "bias":
+            kwargs = {"bias": rng.standard_normal((b_big, HEADS, n, n), dtype=cupy.float32).astype(dtype)}
+            extra_bytes = kwargs["bias"].nbytes
+        if kwargs.get("mask") == "mask":
+            kwargs = {"mask": rng.random((b_big, HEADS, n, n), dtype=cupy.float32) < 0.9}
+            extra_bytes = kwargs["mask"].nbytes
+        out = cupy.empty_like(q)
+        spec = nbflash.forward_spec(q, k, v, causal=causal, **kwargs)
+        ms = cupy_time(lambda: nbflash.attention(q, k, v, causal=causal, out=out, **kwargs), 3, args.repeats)
+        pairs = visible_pairs(n, causal, kwargs.get("window"))
+        row = {"gpu": gpu, "name": name, "dtype": "fp16", "batch": batch, "heads": HEADS, "seqlen": n,
+               "head_dim": d, "causal": causal, "spec": spec.key, "ms": ms,
+               "tflops": 4.0 * batch * HEADS * pairs * d / (ms * 1e-3) / 1e12, "baseline": base}
+        if base is not None:
+            row["ratio_time_to_baseline"] = ms / by_name[base]["ms"]
+        if extra_bytes:
+            bw = next((b for key, b in BANDWIDTH.items() if key in gpu), None)
+            row["extra_bytes"] = extra_bytes
+            row["extra_ms_at_bandwidth"] = extra_bytes / bw * 1e3 if bw else None
+        del kwargs
+        by_name[name] = row
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+
+    os.makedirs(args.out, exist_ok=True)
+    tag = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-")
+    with open(os.path.join(args.out, f"{tag}-forward-variants.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"{'variant':22} {'N':>6} {'ms':>9} {'TFLOP/s':>8} {'x base time':>11}  target")
+    for r in rows:
+        ratio = r.get("ratio_time_to_baseline")
+        target = ""
+        if r["name"].startswith("causal+"):
+            target = "<= 1.10x causal"
+        elif r["name"].startswith("window"):
+            target = (f"causal/window = {1 / ratio:.1f}x, full/window = "
+                      f"{by_name['full 16k']['ms'] / r['ms']:.1f}x (>= 8x; visible pairs: causal/window = "
+                      f"{visible_pairs(16384, True) / visible_pairs(16384, False, (1024, 0)):.1f}x)")
+        elif "extra_ms_at_bandwidth" in r and r["extra_ms_at_bandwidth"]:
+            target = f"+{r['ms'] - by_name['full']['ms']:.2f} ms vs {r['extra_ms_at_bandwidth']:.2f} ms of bytes"
+        cell = f"{ratio:11.2f}" if ratio is not None else f"{'-':>11}"
+        print(f"{r['name']:22} {r['seqlen']:>6} {r['ms']:9.3f} {r['tflops']:8.1f} {cell}  {target}")
+    print(f"# gpu: {gpu}; fp16 d{d} H{HEADS}, {TOKENS} tokens; TFLOP/s over visible pairs; spec keys in the JSON")
 
 
 def plot(rows, path):

@@ -47,10 +47,19 @@ def shipped_specs(dtypes):
     return found
 
 
+def variant_types(bias=types.float32):
+    """The types of the variant arguments (nbflash.variants.KERNEL_ARGS) appended to
+    every forward kernel's; arrays with any strides (user views broadcast)."""
+    return (types.int32, types.int32, types.float32, types.Array(types.float32, 2, "A"),
+            types.Array(bias, 4, "A"), types.Array(types.uint8, 4, "A"),
+            types.uint32, types.float32, types.uint32, types.uint32)
+
+
 def main():
     u16 = types.Array(types.uint16, 4, "A")
     seqlens = types.Array(types.int32, 1, "A")  # cu_seqlens_q, cu_seqlens_k (read by varlen kernels)
     sig = (u16, u16, u16, u16, types.Array(types.float32, 3, "A"), types.float32, types.int64, seqlens, seqlens)
+    sig += variant_types()
     for spec, archs in shipped_specs(sys.argv[1:] or ("fp16", "bf16")).items():
         kernel = forward_mma.build(spec)
         fastmath = kernel.targetoptions.get("fastmath", False)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import arrays, device, launch, tuning
-from .spec import ForwardSpec
+from . import arrays, device, dropout, launch, tuning, variants
+from .spec import PLAIN, ForwardSpec, Variant
 
 LAYOUTS = ("bshd", "bhsd")
 MAX_HEAD_DIM = 256
@@ -165,12 +165,17 @@ def _rows_16_byte_aligned(a) -> bool:
 
 
 
-def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool, views=None) -> ForwardSpec:
+def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool, views=None,
+                        variant: Variant = PLAIN) -> ForwardSpec:
     """The kernel specialization that runs this problem: the tensor-core kernel for
     fp16/bf16 with a shipped head_dim (equal for q and v), 16-byte aligned q/k/v rows
-    and an sm_80+ GPU; the portable kernel otherwise."""
+    and an sm_80+ GPU; the portable kernel otherwise. ``variant`` (window, softcap,
+    ...; see spec.Variant) is compiled in and may pick smaller tensor-core tiles."""
     dtype = arrays.short_name(problem.dtype)
     tiles = tuning.mma_tiles(problem.head_dim, device.SIMULATOR, device.compute_capability(), causal)
+    if variant and tiles is not None:
+        tiles = tuning.mma_variant_tiles(problem.head_dim, device.SIMULATOR, device.compute_capability(),
+                                         causal, variant, tiles)
     if (
         dtype in ("fp16", "bf16")
         and tiles is not None
@@ -180,26 +185,47 @@ def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool, views=N
     ):
         block_m, block_n, threads, stages, q_in_registers = tiles
         return ForwardSpec("mma", dtype, problem.head_dim, problem.head_dim, causal, with_lse,
-                           block_m, block_n, threads, stages, q_in_registers)
+                           block_m, block_n, threads, stages, q_in_registers, variant=variant)
     acc_bytes = 8 if problem.dtype == arrays.FLOAT64 else 4
     block_m, block_n, threads = tuning.simt_tiles(
         acc_bytes, problem.head_dim, problem.head_dim_v, device.SIMULATOR
     )
     return ForwardSpec(
         "simt", arrays.short_name(problem.dtype), problem.head_dim, problem.head_dim_v,
-        causal, with_lse, block_m, block_n, threads,
+        causal, with_lse, block_m, block_n, threads, variant=variant,
     )
 
 
-def forward_spec(q, k, v, *, causal=False, layout="bshd", return_lse=False) -> ForwardSpec:
+def forward_spec(q, k, v, *, causal=False, layout="bshd", return_lse=False, window=None, softcap=0.0,
+                 alibi_slopes=None, bias=None, mask=None, dropout_p=0.0, seed=None) -> ForwardSpec:
     """The kernel specialization :func:`attention` would run for these arguments
-    (same argument meanings); its ``key`` names it in logs and benchmark rows."""
+    (same argument meanings); its ``key`` names it in logs and benchmark rows (the
+    variants compiled in show as "-win", "-cap", "-alibi", "-bias_<dtype>", "-mask",
+    "-drop")."""
     ops = [arrays.intake(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
     problem, views = _validate(*ops, layout)
-    return choose_forward_spec(problem, _check_flag(causal, "causal"), _check_flag(return_lse, "return_lse"), views)
+    causal_ok = _check_flag(causal, "causal")
+    lse_ok = _check_flag(return_lse, "return_lse")
+    var = variants.check_variants(problem, ops[0].array, causal=causal_ok, window=window, softcap=softcap,
+                                  alibi_slopes=alibi_slopes, bias=bias, mask=mask, dropout_p=dropout_p,
+                                  seed=seed)
+    return choose_forward_spec(problem, causal_ok, lse_ok, views, var.variant)
 
 
-def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=False, out=None, stream=None):
+MAX_DROPOUT_MASK_ELEMENTS = 1 << 26
+"""return_dropout_mask builds the mask on the host: small inputs only."""
+
+
+def _plain(window, softcap, alibi_slopes, bias, mask, dropout_p, seed, return_dropout_mask) -> bool:
+    """No variant argument given (the memo's fast path serves only such calls)."""
+    return (window is None and alibi_slopes is None and bias is None and mask is None and seed is None
+            and (softcap is None or (type(softcap) in (float, int) and softcap == 0))
+            and type(dropout_p) in (float, int) and dropout_p == 0 and return_dropout_mask is False)
+
+
+def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=False, out=None, stream=None,
+              window=None, softcap=0.0, alibi_slopes=None, bias=None, mask=None, dropout_p=0.0, seed=None,
+              return_dropout_mask=False):
     """Exact softmax attention, softmax(scale * q k^T [masked]) v, computed tile by tile.
 
     Args:
@@ -219,6 +245,35 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=Fa
         stream: where the kernel runs: a CuPy stream, a Numba stream, an object with
             ``__cuda_stream__``, or a raw CUstream handle (int); default CuPy's current
             stream.
+        window: None, or (left, right) ints >= -1, FlashAttention's ``window_size``: query
+            i sees keys j with i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k -
+            seqlen_q + right; -1 leaves that side unbounded ((-1, -1) is plain
+            attention). Combines with causal (which bounds the right side at 0). Key
+            tiles outside the band are skipped: time grows with the window, not seqlen_k.
+        softcap: float >= 0, FlashAttention's ``softcap``: scores t = scale * q k^T
+            become softcap * tanh(t / softcap) before anything else is added; 0
+            disables. The kernels receive it as float32 (float64 inputs: exact for
+            softcaps a float32 holds).
+        alibi_slopes: None, or float32 (heads_q,) or (batch, heads_q), FlashAttention's
+            ``alibi_slopes``: -slope[b, h] * |i + seqlen_k - seqlen_q - j| is added to
+            the (capped) scores.
+        bias: None, or a float16/bfloat16/float32/float64 array broadcastable to
+            (batch, heads_q, seqlen_q, seqlen_k) ((heads_q, seqlen_q, seqlen_k) for 3-D
+            inputs), torch SDPA's float ``attn_mask``: added to the scaled (capped,
+            ALiBi'd) scores. Read in place through its strides: a broadcast axis costs
+            no memory.
+        mask: None, or a bool array broadcastable like bias, torch SDPA's boolean
+            ``attn_mask``: True attends, False hides the key (a row with every key
+            hidden gets output 0 and lse -inf).
+        dropout_p: float in [0, 1): each element of P is dropped with probability
+            dropout_p and the kept ones scaled by 1 / (1 - dropout_p), as in
+            FlashAttention and SDPA (training); the row sums (and lse) are of P before
+            dropout. 1 / (1 - dropout_p) reaches the kernels as float32.
+        seed: int, required when dropout_p > 0: the Philox key (nbflash.dropout); the
+            same seed gives the same mask for any tile configuration, and in the
+            backward.
+        return_dropout_mask: also return the dropout keep mask (see Returns); small
+            inputs only (at most 2**26 elements).
 
     Arrays are CuPy arrays, objects exposing ``__cuda_array_interface__`` or
     ``__dlpack__`` (read in place, never copied), or NumPy arrays (moved to the GPU and
@@ -231,13 +286,21 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=Fa
             NumPy array for NumPy inputs. Rows that see no key are 0.
         lse (with return_lse): float32 (batch, heads_q, seqlen_q), natural log; -inf for
             rows that see no key.
+        dropout mask (with return_dropout_mask, last): bool (batch, heads_q, seqlen_q,
+            seqlen_k) ((heads_q, seqlen_q, seqlen_k) for 3-D inputs), True where dropout
+            kept the element, on q's side (CuPy or NumPy). It comes from the same Philox
+            generator the kernels use (nbflash.dropout.keep_mask), so it is the mask
+            this call applied; all True when dropout_p is 0.
 
     Accumulation is float32 for 16-bit inputs and float32 inputs, float64 for float64.
     Computed on the stream, without synchronizing. A call whose shapes, strides,
-    dtypes and flags repeat an earlier one skips straight to the prepared launch
-    (see :func:`nbflash.plan` for the least work per call).
+    dtypes and flags repeat an earlier one, and that passes none of the variant
+    arguments (window ... return_dropout_mask), skips straight to the prepared launch
+    (see :func:`nbflash.plan` for the least work per call); calls with variants are
+    validated in full every time.
     """
-    if not device.SIMULATOR:
+    plain = _plain(window, softcap, alibi_slopes, bias, mask, dropout_p, seed, return_dropout_mask)
+    if plain and not device.SIMULATOR:
         result = _plans.memoized_attention(q, k, v, causal, scale, layout, return_lse, out, stream)
         if result is not None:
             return result if return_lse else result[0]
@@ -247,26 +310,61 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=Fa
     causal_ok = _check_flag(causal, "causal")
     lse_ok = _check_flag(return_lse, "return_lse")
     scale_ok = _check_scale(scale, problem.head_dim)
+    given = dict(window=window, softcap=softcap, alibi_slopes=alibi_slopes, bias=bias, mask=mask,
+                 dropout_p=dropout_p, seed=seed)
+    var = variants.check_variants(problem, ops[0].array, causal=causal_ok, **given)
+    mask_ok = _check_flag(return_dropout_mask, "return_dropout_mask")
+    if mask_ok:
+        _check_dropout_mask_size(problem)
     out_op = _check_out(out, problem, [op.array for op in ops]) if out is not None else None
 
     if problem.on_device or device.SIMULATOR:
-        result = _forward(problem, views, out_op, causal_ok, scale_ok, lse_ok, stream_ptr)
-        if problem.on_device:
+        result = _forward(problem, views, out_op, causal_ok, scale_ok, lse_ok, stream_ptr, var)
+        if problem.on_device and plain:
             # keyed by the arguments exactly as given: the next call's lookup sees those,
             # not their validated forms (scale=None is not 0.125)
             _plans.remember(q, k, v, causal, scale, layout, return_lse, out, problem, views, result)
     else:  # NumPy inputs with a GPU present: there and back
-        result = _forward_via_gpu(problem, ops, out_op, causal_ok, scale_ok, lse_ok, stream_ptr)
-    return result if lse_ok else result[0]
+        result = _forward_via_gpu(problem, ops, out_op, causal_ok, scale_ok, lse_ok, stream_ptr, given)
+    returned = (result[0], result[1]) if lse_ok else (result[0],)
+    if mask_ok:
+        returned += (_dropout_mask(problem, var),)
+    return returned if len(returned) > 1 else returned[0]
 
 
-def _forward_via_gpu(problem, ops, out_op, causal, scale, return_lse, stream_ptr=None):
+def _check_dropout_mask_size(problem):
+    elements = problem.batch * problem.heads_q * problem.seqlen_q * problem.seqlen_k
+    if elements > MAX_DROPOUT_MASK_ELEMENTS:
+        raise ValueError(
+            f"return_dropout_mask: small inputs only (at most {MAX_DROPOUT_MASK_ELEMENTS} elements of "
+            f"(batch, heads_q, seqlen_q, seqlen_k)); got {elements}"
+        )
+
+
+def _dropout_mask(problem, var):
+    """The keep mask the kernels applied, built on the host by the same generator."""
+    keep = dropout.keep_mask(var.seed or 0, var.dropout_p, problem.batch, problem.heads_q,
+                             problem.seqlen_q, problem.seqlen_k)
+    if problem.squeeze:
+        keep = keep[0]
+    if problem.on_device:
+        import cupy
+
+        return cupy.asarray(keep)
+    return keep
+
+
+def _forward_via_gpu(problem, ops, out_op, causal, scale, return_lse, stream_ptr=None, given=None):
     import cupy
 
     with _on_stream(stream_ptr):
         dev_ops = [arrays.Operand(cupy.asarray(op.array), True) for op in ops]
         dev_problem, dev_views = _validate(*dev_ops, problem.layout)
-        out_dev, lse_dev = _forward(dev_problem, dev_views, None, causal, scale, return_lse, stream_ptr)
+        var = variants.NO_VARIANTS
+        if given is not None:  # the variants' host arrays go up as given (broadcasts stay small)
+            up = {name: (cupy.asarray(x) if isinstance(x, np.ndarray) else x) for name, x in given.items()}
+            var = variants.check_variants(dev_problem, dev_ops[0].array, causal=causal, **up)
+        out_dev, lse_dev = _forward(dev_problem, dev_views, None, causal, scale, return_lse, stream_ptr, var)
         out_host = out_op.array if out_op is not None else np.empty(problem.out_shape(), problem.dtype)
         out_host[...] = out_dev.get()
         return out_host, (lse_dev.get() if lse_dev is not None else None)
@@ -287,16 +385,17 @@ def _empty(problem, shape, dtype):
     return np.empty(shape, dtype)
 
 
-def _forward(problem: _Problem, views, out_op, causal, scale, return_lse, stream_ptr=None):
+def _forward(problem: _Problem, views, out_op, causal, scale, return_lse, stream_ptr=None,
+             var=variants.NO_VARIANTS):
     """Allocate what the caller did not give, pick the kernel, launch."""
     with _on_stream(stream_ptr):  # CuPy's pool reuses memory per stream: allocate on ours
         out = out_op[0].array if out_op is not None else _empty(problem, problem.out_shape(), problem.dtype)
         lse = _empty(problem, problem.lse_shape(), np.float32) if return_lse else None
     out_view = out_op[1] if out_op is not None else _bshd(out, problem.layout, problem.squeeze)
-    spec = choose_forward_spec(problem, causal, return_lse, views)
+    spec = choose_forward_spec(problem, causal, return_lse, views, var.variant)
     if problem.seqlen_q == 0 or problem.batch == 0 or problem.heads_q == 0:
         return out, lse
-    kernel, grid, args, shared = forward_launch_args(problem, spec, views, out_view, lse, scale)
+    kernel, grid, args, shared = forward_launch_args(problem, spec, views, out_view, lse, scale, var)
     launch.launch(kernel, grid, spec.threads, args, shared, stream_ptr)
     return out, lse
 
@@ -319,11 +418,26 @@ def _dummy(problem, views, cache, shape, dtype):
     return found
 
 
-def forward_launch_args(problem: _Problem, spec: ForwardSpec, views, out_view, lse, scale):
+def variant_kernel_args(problem: _Problem, views, var) -> list:
+    """The variant arguments (variants.KERNEL_ARGS) of a launch, wrapped for the
+    kernel: variants that are off get small cached dummies the kernel never reads."""
+    def dummy(shape, dtype):
+        return _dummy(problem, views, _dummy_variants.setdefault((shape, np.dtype(dtype).str), {}), shape, dtype)
+
+    return [launch.numba_view(x) if hasattr(x, "shape") and x.ndim else x
+            for x in variants.kernel_values(var, dummy)]
+
+
+_dummy_variants: dict = {}
+
+
+def forward_launch_args(problem: _Problem, spec: ForwardSpec, views, out_view, lse, scale,
+                        var=variants.NO_VARIANTS):
     """(kernel, grid, kernel arguments, dynamic shared bytes) of one forward launch;
     ``lse`` is the caller-visible lse array or None (the kernel then gets a dummy it
     never writes). The kernels' cu_seqlens arguments (read only by varlen
-    specializations, see api_varlen) get a dummy too."""
+    specializations, see api_varlen) get a dummy too, and so do the variant arguments
+    (appended last, variants.KERNEL_ARGS) of variants that are off."""
     if lse is not None:
         lse_view = lse[None] if problem.squeeze else lse
     else:
@@ -335,6 +449,7 @@ def forward_launch_args(problem: _Problem, spec: ForwardSpec, views, out_view, l
     args = [launch.numba_view(arrays.kernel_view(a, spec.kernel == "mma")) for a in (*views, out_view)]
     args += [launch.numba_view(lse_view), acc_type(scale), problem.heads_q // problem.heads_kv]
     args += [no_seqlens, no_seqlens]
+    args += variant_kernel_args(problem, views, var)
     return kernel, grid, args, launch.shared_bytes(spec)
 
 

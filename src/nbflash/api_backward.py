@@ -13,6 +13,8 @@ import numpy as np
 
 from . import arrays, device, launch, tuning, variants
 from .api import _bshd, _check_flag, _check_scale, _Problem, _rows_16_byte_aligned, _validate, choose_forward_spec
+from .api import variant_kernel_args
+from .variants import NO_VARIANTS
 from .api import _dummy, _dummy_seqlens
 from .spec import PLAIN, BackwardSpec, Variant
 
@@ -377,6 +379,7 @@ def _float64_lse(problem, views, causal, scale, out_view=None):
     args += [np.float64(scale), problem.heads_q // problem.heads_kv]
     no_seqlens = launch.numba_view(_dummy(problem, views, _dummy_seqlens, (1,), np.int32))  # varlen-only args
     args += [no_seqlens, no_seqlens]
+    args += variant_kernel_args(problem, views, NO_VARIANTS)  # the forward kernels' variant arguments
     launch.launch(launch.compiled(spec), grid, spec.threads, args, launch.shared_bytes(spec))
     return lse
 

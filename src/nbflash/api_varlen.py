@@ -12,7 +12,7 @@ import numbers
 
 import numpy as np
 
-from . import api, arrays, device, launch
+from . import api, arrays, device, launch, variants
 from .spec import ForwardSpec
 
 _INT32 = np.dtype(np.int32)
@@ -103,21 +103,41 @@ def _validate_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, pr
     return _Seqlens(cu_q.array, cu_k.array, batch, longest_q)
 
 
-def _varlen_spec(problem, causal, return_lse, views) -> ForwardSpec:
-    return dataclasses.replace(api.choose_forward_spec(problem, causal, return_lse, views), varlen=True)
+def _varlen_spec(problem, causal, return_lse, views, variant=variants.PLAIN) -> ForwardSpec:
+    spec = api.choose_forward_spec(problem, causal, return_lse, views, variant)
+    return dataclasses.replace(spec, varlen=True)
 
 
-def forward_spec_varlen(q, k, v, *, causal=False, return_lse=False) -> ForwardSpec:
+def _check_varlen_variants(problem, q_array, batch, causal, window, softcap, alibi_slopes):
+    """The variants varlen supports (window, softcap, ALiBi) checked as for attention;
+    ALiBi slopes of shape (heads_q,) or (batch, heads_q), batch = the sequences
+    (None: not known yet, only the (heads_q,) form and the dtype are checked)."""
+    var = variants.check_variants(problem, q_array, causal=causal, window=window, softcap=softcap)
+    if alibi_slopes is None:
+        return var
+    per_sequence = dataclasses.replace(problem, batch=max(batch or 0, 1), squeeze=batch is None)
+    slopes = variants._check_alibi(alibi_slopes, per_sequence, q_array)
+    return dataclasses.replace(var, alibi=slopes, variant=dataclasses.replace(var.variant, alibi=True))
+
+
+def forward_spec_varlen(q, k, v, *, causal=False, return_lse=False, window=None, softcap=0.0,
+                        alibi_slopes=None) -> ForwardSpec:
     """The kernel specialization :func:`attention_varlen` would run for q, k, v (same
     shapes and argument meanings); its ``key`` ends in "-varlen" and names it in logs
     and benchmark rows. The choice does not depend on cu_seqlens."""
     ops = [arrays.intake(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
     problem, views = _validate_3d(ops)
-    return _varlen_spec(problem, api._check_flag(causal, "causal"), api._check_flag(return_lse, "return_lse"), views)
+    causal = api._check_flag(causal, "causal")
+    slopes = alibi_slopes
+    if slopes is not None and getattr(slopes, "ndim", 1) == 2:  # (batch, heads_q): batch unknown here
+        slopes = slopes[0]
+    var = _check_varlen_variants(problem, ops[0].array, None, causal, window, softcap, slopes)
+    return _varlen_spec(problem, causal, api._check_flag(return_lse, "return_lse"), views, var.variant)
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None,
-                     causal=False, scale=None, return_lse=False, out=None, stream=None):
+                     causal=False, scale=None, return_lse=False, out=None, stream=None, window=None,
+                     softcap=0.0, alibi_slopes=None):
     """Exact softmax attention over a batch of packed sequences of different lengths.
 
     Sequence b owns queries cu_seqlens_q[b]:cu_seqlens_q[b + 1] and keys
@@ -148,6 +168,13 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
         out: optional (total_q, heads_q, head_dim_v) array of q's dtype to write into.
         stream: where the kernel runs, as for :func:`nbflash.attention` (default CuPy's
             current stream).
+        window: None or (left, right), as for :func:`nbflash.attention`, per sequence:
+            query i of a sequence sees its keys j with i + seqlen_k - seqlen_q - left <=
+            j <= i + seqlen_k - seqlen_q + right (-1: unbounded).
+        softcap: float >= 0, as for :func:`nbflash.attention` (0 disables).
+        alibi_slopes: None, or float32 (heads_q,) or (batch, heads_q) with batch the
+            number of sequences: -slope * |i + seqlen_k - seqlen_q - j| is added to
+            the scores, positions counted within each sequence (FlashAttention's).
 
     What is checked on the host: shapes, dtypes, strides, devices and flags always.
     The values of cu_seqlens (start at 0, non-decreasing, end at total) and that
@@ -181,16 +208,18 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     scale = api._check_scale(scale, problem.head_dim)
     with api._on_stream(stream_ptr):  # the host copy of cu_seqlens, if any, waits on the stream
         seqlens = _validate_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, problem, ops[0].array)
+    var = _check_varlen_variants(problem, ops[0].array, seqlens.batch, causal, window, softcap, alibi_slopes)
     out_op = api._check_out(out, problem, [op.array for op in ops]) if out is not None else None
 
     if problem.on_device or device.SIMULATOR:
-        out, lse = _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, stream_ptr)
+        out, lse = _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, stream_ptr, var)
     else:  # NumPy inputs with a GPU present: there and back
-        out, lse = _forward_varlen_via_gpu(ops, out_op, seqlens, causal, scale, return_lse, stream_ptr)
+        given = dict(window=window, softcap=softcap, alibi_slopes=alibi_slopes)
+        out, lse = _forward_varlen_via_gpu(ops, out_op, seqlens, causal, scale, return_lse, stream_ptr, given)
     return (out, lse) if return_lse else out
 
 
-def _forward_varlen_via_gpu(ops, out_op, seqlens, causal, scale, return_lse, stream_ptr):
+def _forward_varlen_via_gpu(ops, out_op, seqlens, causal, scale, return_lse, stream_ptr, given):
     import cupy
 
     with api._on_stream(stream_ptr):
@@ -198,13 +227,18 @@ def _forward_varlen_via_gpu(ops, out_op, seqlens, causal, scale, return_lse, str
         problem, views = _validate_3d(dev_ops)
         cu_q, cu_k = (cupy.asarray(a) for a in (seqlens.q, seqlens.k))
         dev_seqlens = dataclasses.replace(seqlens, q=cu_q, k=cu_k)
-        out_dev, lse_dev = _forward_varlen(problem, views, None, dev_seqlens, causal, scale, return_lse, stream_ptr)
+        slopes = given["alibi_slopes"]
+        given["alibi_slopes"] = cupy.asarray(slopes) if isinstance(slopes, np.ndarray) else slopes
+        var = _check_varlen_variants(problem, dev_ops[0].array, seqlens.batch, causal, **given)
+        out_dev, lse_dev = _forward_varlen(problem, views, None, dev_seqlens, causal, scale, return_lse, stream_ptr,
+                                           var)
         out_host = out_op[0].array if out_op is not None else np.empty(problem.out_shape(), problem.dtype)
         out_host[...] = out_dev.get()
         return out_host, (lse_dev.get() if lse_dev is not None else None)
 
 
-def _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, stream_ptr=None):
+def _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, stream_ptr=None,
+                    var=variants.NO_VARIANTS):
     """Allocate what the caller did not give, pick the kernel, launch one CTA per
     (query tile, query head, sequence)."""
     with api._on_stream(stream_ptr):  # CuPy's pool reuses memory per stream: allocate on ours
@@ -212,7 +246,7 @@ def _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, 
         lse = api._empty(problem, (problem.heads_q, problem.seqlen_q), np.float32) if return_lse else None
     if problem.seqlen_q == 0 or problem.heads_q == 0 or seqlens.batch == 0 or seqlens.max_seqlen_q == 0:
         return out, lse
-    spec = _varlen_spec(problem, causal, return_lse, views)
+    spec = _varlen_spec(problem, causal, return_lse, views, var.variant)
     cu_q, cu_k = seqlens.q, seqlens.k
     if problem.on_device:  # NumPy cu_seqlens with device q: upload (a no-op for CuPy ones)
         import cupy
@@ -226,6 +260,7 @@ def _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, 
     args = [launch.numba_view(arrays.kernel_view(a, spec.kernel == "mma")) for a in (*views, out[None])]
     args += [launch.numba_view(lse_view), acc_type(scale), problem.heads_q // problem.heads_kv]
     args += [launch.numba_view(cu_q), launch.numba_view(cu_k)]
+    args += api.variant_kernel_args(problem, views, var)
     launch.launch(kernel, grid, spec.threads, args, launch.shared_bytes(spec), stream_ptr)
     return out, lse
 

@@ -332,3 +332,31 @@ def mma_bwd_variant_tiles(head_dim: int, simulator: bool):
     if head_dim not in MMA_BWD_TILES or simulator or _bwd_override(head_dim):
         return mma_bwd_tiles(head_dim, simulator)
     return MMA_BWD_VARIANT_TILES.get(head_dim, MMA_BWD_TILES[head_dim])
+
+
+# ---- attention variants (issue 7) ----------------------------------------------
+
+# (head_dim, causal, heavy) -> tensor-core tiles for specs with variants compiled in,
+# where the plain tiles would spill; heavy: a bias, mask or dropout (per-element
+# reads or Philox words), else only window / softcap / ALiBi. Each entry compiles
+# without spills for sm_90a (tests/test_ptx_gate_variants.py).
+MMA_VARIANT_TILES: dict = {
+    # heavy variants with two 16-row slices per warp spill (bf16, every variant: 4 to
+    # 132 bytes): one slice per warp, or d128's 256-thread tile, halves acc and S
+    (32, False, True): (64, 64, 128, 2, True),
+    (32, True, True): (64, 64, 128, 2, True),
+    (64, False, True): (64, 32, 128, 2, True),
+    (64, True, True): (64, 32, 128, 2, True),
+    (96, False, True): (64, 32, 128, 2, False),
+    (96, True, True): (64, 32, 128, 2, False),
+    (128, False, True): (128, 64, 256, 2, False),
+}
+
+
+def mma_variant_tiles(head_dim: int, simulator: bool, arch: tuple, causal: bool, variant, tiles):
+    """The tensor-core tiles for a spec with ``variant`` compiled in: ``tiles`` (the
+    plain ones) unless MMA_VARIANT_TILES names smaller ones."""
+    if simulator or _override(head_dim):
+        return tiles
+    heavy = bool(variant.bias or variant.mask or variant.dropout)
+    return MMA_VARIANT_TILES.get((head_dim, causal, heavy), tiles)

@@ -30,6 +30,8 @@ from numba.cuda import float32, int32, uint32
 
 from ..spec import ForwardSpec
 from . import ptx
+from .philox import keep_pair
+from .score_mods import bias_reader, window_key_range
 from .tile_copy import make_issue_rows
 from .varlen import sequence_span
 
@@ -52,7 +54,17 @@ def build(spec: ForwardSpec):
     16-bit data: q (B, Nq, Hq, D), k (B, Nk, Hkv, D), v (B, Nk, Hkv, D), out
     (B, Nq, Hq, D), lse (B, Hq, Nq) float32, scale (float32), group = Hq // Hkv,
     cu_seqlens_q, cu_seqlens_k int32 (ignored unless spec.varlen; packed layout as in
-    forward_simt.build). Requires 16-byte aligned rows of q, k and v (checked by the caller).
+    forward_simt.build), then the variant arguments of nbflash.variants.KERNEL_ARGS
+    (read only where spec.variant turns the variant on). Requires 16-byte aligned rows
+    of q, k and v (checked by the caller).
+
+    Variants (all behind compile-time flags: a plain spec compiles as before): the
+    window starts the key loop at the first tile a row of the CTA can see and ends it
+    after the last, and masks only tiles that cross a band edge, as causal does at
+    the diagonal. Softcap, ALiBi and bias rewrite the S fragment in place into scores
+    in exp2 units (t * log2(e)); each thread knows its rows (row0 + warp_row + m * 16 +
+    g + 8 * half) and keys (n0 + nb * 8 + 2t + e). The mask hides (-inf); dropout
+    multiplies P by keep / (1 - p) after the row sums took the undropped P.
     """
     assert spec.kernel == "mma" and spec.dtype in ("fp16", "bf16")
     assert spec.head_dim == spec.head_dim_v and spec.head_dim in HEAD_DIMS
@@ -77,6 +89,12 @@ def build(spec: ForwardSpec):
     Q_IN_REGS = spec.q_in_registers
     CAUSAL, WITH_LSE, VARLEN = spec.causal, spec.with_lse, spec.varlen
     NEG_INF = -math.inf
+    VAR = spec.variant
+    WINDOW, SOFTCAP, ALIBI, MASK, DROPOUT = VAR.window, VAR.softcap, VAR.alibi, VAR.mask, VAR.dropout
+    BIAS = bool(VAR.bias)
+    MODS = SOFTCAP or ALIBI or BIAS  # S becomes scores in exp2 units before the softmax
+    read_bias = bias_reader(VAR.bias or "fp32")
+    SPAN_WORDS = 6 if WINDOW else 5
 
     issue_rows = make_issue_rows(D, ROW_WORDS, T)
 
@@ -87,7 +105,8 @@ def build(spec: ForwardSpec):
         row = warp_row + (mat % 2) * 8 + lane % 8
         return ptx.ldmatrix_x4(ptx.shared_address(smem, (row * ROW_WORDS + kk * 8 + (mat // 2) * 4,)))
 
-    def forward_mma(q, k, v, out, lse, scale, group, cu_seqlens_q, cu_seqlens_k):
+    def forward_mma(q, k, v, out, lse, scale, group, cu_seqlens_q, cu_seqlens_k, window_left, window_right,
+                    softcap, alibi, bias, mask, keep_threshold, keep_scale, seed_lo, seed_hi):
         tid = cuda.threadIdx.x
         lane = tid % 32
         warp = tid // 32
@@ -112,6 +131,17 @@ def build(spec: ForwardSpec):
             seqlen_k = np.int32(k.shape[1])
         warp_row = warp * 16 * M_TILES  # first row of this warp within the CTA tile
         scale_log2 = float32(scale * LOG2E)
+        s_log2 = scale_log2  # what turns an S value into exp2 units in the softmax
+        if MODS:
+            s_log2 = float32(1)  # S already holds scores in exp2 units
+        if SOFTCAP:  # softcap * tanh(s * scale / softcap) * log2(e), tanh(y) = 1 - 2 / (e^2y + 1)
+            cap_in = float32(scale / softcap * (2 * LOG2E))  # s -> 2y log2(e)
+            cap_log2 = float32(softcap * LOG2E)
+            cap_neg2 = float32(-2 * softcap * LOG2E)
+        if ALIBI:
+            slope_log2 = float32(alibi[cuda.blockIdx.z, h] * LOG2E)
+        if DROPOUT:  # Philox counts (batch [varlen: sequence] * heads_q + head, row, key)
+            bh = np.int32(cuda.blockIdx.z * cuda.gridDim.y + h)
 
         smem = cuda.shared.array(0, uint32)
 
@@ -119,6 +149,11 @@ def build(spec: ForwardSpec):
         if CAUSAL:
             key_end = max(np.int32(0), min(seqlen_k, row0 + np.int32(BM) + seqlen_k - seqlen_q))
         n_tiles = (key_end + np.int32(BN - 1)) // np.int32(BN)
+        tile_first = np.int32(0)
+        if WINDOW:  # only the key tiles some row of this CTA sees (causal is folded in)
+            first, end = window_key_range(row0, row0 + np.int32(BM), seqlen_q, seqlen_k, window_left, window_right)
+            tile_first = np.int32(first // BN)
+            n_tiles = (np.int32(end) + np.int32(BN - 1)) // np.int32(BN) - tile_first
         q_rows = True
         if VARLEN:  # the grid covers the longest sequence: this tile may start past ours
             q_rows = row0 < seqlen_q
@@ -129,21 +164,23 @@ def build(spec: ForwardSpec):
             # The span lives in shared memory and is re-read where it is used: held in
             # registers across the key loop it pushed d96 and d128 into spills. The loop
             # runs to a bound from the kernel arguments and breaks at the sequence's end.
-            span = cuda.shared.array(5, int32)
+            span = cuda.shared.array(SPAN_WORDS, int32)
             if tid == 0:
                 span[0] = q_start
                 span[1] = seqlen_q
                 span[2] = k_start
                 span[3] = seqlen_k
                 span[4] = n_tiles
+                if WINDOW:
+                    span[5] = tile_first
             cuda.syncthreads()
             loop_tiles = (np.int32(k.shape[1]) + np.int32(BN - 1)) // np.int32(BN)
 
         if q_rows:
             issue_rows(q, smem, 0, BM, b, h, q_start, row0, seqlen_q, tid)
         if n_tiles > 0:
-            issue_rows(k, smem, K_OFF, BN, b, hk, k_start, 0, seqlen_k, tid)
-            issue_rows(v, smem, V_OFF, BN, b, hk, k_start, 0, seqlen_k, tid)
+            issue_rows(k, smem, K_OFF, BN, b, hk, k_start, tile_first * BN, seqlen_k, tid)
+            issue_rows(v, smem, V_OFF, BN, b, hk, k_start, tile_first * BN, seqlen_k, tid)
         ptx.cp_async_commit()
 
         q_frag = cuda.local.array(Q_REGS, uint32)
@@ -171,6 +208,10 @@ def build(spec: ForwardSpec):
                     break
             stage = it % 2
             n0 = np.int32(it * BN)
+            if WINDOW:
+                if VARLEN:
+                    tile_first = span[5]
+                n0 = np.int32((tile_first + it) * BN)
             k_base = K_OFF + stage * BN * ROW_WORDS
             v_base = V_OFF + stage * BN * ROW_WORDS
             more = it + 1 < n_tiles
@@ -211,21 +252,59 @@ def build(spec: ForwardSpec):
             if VARLEN:
                 seqlen_q = span[1]
                 seqlen_k = span[3]
-            # mask only tiles that cross seqlen_k or the causal diagonal
+            if MODS:  # S -> scores in exp2 units: softcap, ALiBi, bias (score_mods' order)
+                for m in range(M_TILES):
+                    for half in range(2):
+                        i = np.int32(row0 + warp_row + m * 16 + g + 8 * half)
+                        i_read = min(i, seqlen_q - np.int32(1))  # rows past seqlen_q are never stored
+                        for nb in range(N_BLOCKS):
+                            for e in range(2):
+                                jj = np.int32(n0 + nb * 8 + 2 * t + e)
+                                idx = (m * N_BLOCKS + nb) * 4 + 2 * half + e
+                                x = s[idx]
+                                if SOFTCAP:  # two MUFU ops (ex2, rcp), within a few ulps of softcap
+                                    x = cap_log2 + cap_neg2 * ptx.rcp_approx(ptx.ex2(x * cap_in) + float32(1))
+                                else:
+                                    x = x * scale_log2
+                                if ALIBI:
+                                    x -= slope_log2 * float32(abs(i + seqlen_k - seqlen_q - jj))
+                                if BIAS:  # keys past seqlen_k are masked below
+                                    x += read_bias(bias, b, h, i_read, min(jj, seqlen_k - np.int32(1))) * float32(LOG2E)
+                                s[idx] = x
+
+            # mask only tiles that cross seqlen_k, the causal diagonal or a window edge
             needs_mask = n0 + BN > seqlen_k
-            if CAUSAL:
+            if CAUSAL and not WINDOW:
                 needs_mask = needs_mask or (n0 + BN - 1 > row0 + seqlen_k - seqlen_q)
+            if WINDOW:
+                diagonal0 = row0 + seqlen_k - seqlen_q  # the first row's diagonal
+                needs_mask = needs_mask or (n0 + BN - 1 > diagonal0 + window_right)
+                needs_mask = needs_mask or (n0 < diagonal0 + np.int32(BM - 1) - window_left)
+            if MASK:
+                needs_mask = True
             if needs_mask:
                 for m in range(M_TILES):
                     for half in range(2):
-                        # keys of this tile row i sees: columns < visible (32-bit, once per row)
+                        # keys of this tile row i sees: columns in [lowest, visible) (32-bit, once per row)
                         visible = np.int32(seqlen_k - n0)
-                        if CAUSAL:
-                            i = np.int32(row0 + warp_row + m * 16 + g + 8 * half)
+                        i = np.int32(row0 + warp_row + m * 16 + g + 8 * half)
+                        if CAUSAL and not WINDOW:
                             visible = min(visible, i + np.int32(seqlen_k - seqlen_q - n0 + 1))
+                        if WINDOW:
+                            visible = min(visible, i + np.int32(seqlen_k - seqlen_q - n0 + 1) + window_right)
+                            lowest = i + np.int32(seqlen_k - seqlen_q - n0) - window_left
+                        if MASK:
+                            i_read = min(i, seqlen_q - np.int32(1))
                         for nb in range(N_BLOCKS):
                             for e in range(2):
-                                if np.int32(nb * 8 + 2 * t + e) >= visible:
+                                col = np.int32(nb * 8 + 2 * t + e)
+                                hide = col >= visible
+                                if WINDOW:
+                                    hide = hide or col < lowest
+                                if MASK:
+                                    if not hide:
+                                        hide = mask[b, h, i_read, n0 + col] == 0
+                                if hide:
                                     s[(m * N_BLOCKS + nb) * 4 + 2 * half + e] = NEG_INF
 
             # online softmax, exp2 domain (FlashAttention-2, Algorithm 1, lines 8-10)
@@ -238,16 +317,29 @@ def build(spec: ForwardSpec):
                         row_max = max(row_max, max(s[j], s[j + 1]))
                     row_max = max(row_max, ptx.shfl_xor(row_max, 1))
                     row_max = max(row_max, ptx.shfl_xor(row_max, 2))
-                    m_new = max(m_i[row], row_max * scale_log2)
+                    m_new = max(m_i[row], row_max * s_log2)
                     m_use = m_new if m_new != NEG_INF else float32(0)
                     alpha = ptx.ex2(m_i[row] - m_use)
                     row_sum = float32(0)
+                    if DROPOUT:  # keep bit 2 nb + e of this row's keys, first, in a loop of its
+                        # own: Philox inside the loop below stops its unrolling (s to local memory)
+                        i = np.int32(row0 + warp_row + m * 16 + g + 8 * half)
+                        keep_bits = uint32(0)
+                        for nb in range(N_BLOCKS):  # one Philox call covers this thread's two keys
+                            keep0, keep1 = keep_pair(seed_lo, seed_hi, bh, i, np.int32(n0 + nb * 8 + 2 * t),
+                                                     keep_threshold)
+                            keep_bits |= (uint32(keep0) | (uint32(keep1) << uint32(1))) << uint32(2 * nb)
                     for nb in range(N_BLOCKS):
                         for e in range(2):
                             j = (m * N_BLOCKS + nb) * 4 + 2 * half + e
-                            p = ptx.ex2(s[j] * scale_log2 - m_use)
+                            p = ptx.ex2(s[j] * s_log2 - m_use)
+                            row_sum += p  # l_i sums P before dropout
+                            if DROPOUT:
+                                if (keep_bits >> uint32(2 * nb + e)) & uint32(1):
+                                    p = p * keep_scale
+                                else:
+                                    p = float32(0)
                             s[j] = p
-                            row_sum += p
                     m_i[row] = m_new
                     l_i[row] = l_i[row] * alpha + row_sum  # partial over this thread's columns
                     for db in range(D_BLOCKS):

@@ -16,6 +16,8 @@ from numba import cuda, float32, float64
 
 from ..spec import ForwardSpec
 from .convert import bf16_bits_to_f32, f32_to_bf16_bits
+from .philox import keep_pair
+from .score_mods import window_key_range, window_visible
 from .softmax import finish_row, is_visible, last_visible_key_end, log_sum_exp, rescale
 from .varlen import sequence_span
 
@@ -52,7 +54,9 @@ def build(spec: ForwardSpec):
 
     Arguments: q (B, Nq, Hq, D), k (B, Nk, Hkv, D), v (B, Nk, Hkv, Dv), out (B, Nq, Hq, Dv),
     lse (B, Hq, Nq) float32 (ignored unless spec.with_lse), scale, group = Hq // Hkv,
-    cu_seqlens_q, cu_seqlens_k: int32 (ignored unless spec.varlen).
+    cu_seqlens_q, cu_seqlens_k: int32 (ignored unless spec.varlen), then the variant
+    arguments of nbflash.variants.KERNEL_ARGS (read only where spec.variant turns
+    the variant on; window bounds include causal).
 
     With spec.varlen the batch is packed: q, k, v, out are (1, total, heads, dim) views,
     lse (1, Hq, total_q), the grid is (cdiv(max_seqlen_q, block_m), heads_q, batch) and
@@ -66,6 +70,31 @@ def build(spec: ForwardSpec):
     ACC_PER_THREAD = (BM * DV + T - 1) // T
     CAUSAL, WITH_LSE, VARLEN = spec.causal, spec.with_lse, spec.varlen
     NEG_INF = -math.inf
+    VAR = spec.variant
+    WINDOW, SOFTCAP, ALIBI, MASK, DROPOUT = VAR.window, VAR.softcap, VAR.alibi, VAR.mask, VAR.dropout
+    BIAS = bool(VAR.bias)
+    BIAS_BF16 = VAR.bias == "bf16"
+    assert not (DROPOUT and BN % 2), "dropout draws its keep bits for key pairs"
+
+    @cuda.jit(device=True, inline=True)
+    def read_bias(bias, b, h, i, j):
+        if BIAS_BF16:
+            return acc_t(bf16_bits_to_f32(bias[b, h, i, j]))
+        return acc_t(bias[b, h, i, j])
+
+    @cuda.jit(device=True, inline=True)
+    def score(s, i, j, b, bz, h, seqlen_q, seqlen_k, scale, softcap, alibi, bias):
+        """The score of (i, j) as the softmax sees it, before masking (the order of
+        kernels/score_mods.py), in the accumulation type."""
+        t = s * scale
+        if SOFTCAP:
+            cap = acc_t(softcap)
+            t = cap * math.tanh(t / cap)
+        if ALIBI:
+            t -= acc_t(alibi[bz, h]) * acc_t(abs(i + seqlen_k - seqlen_q - j))
+        if BIAS:  # clamped: rows past seqlen_q and keys past seqlen_k are never used
+            t += read_bias(bias, b, h, min(i, seqlen_q - 1), min(j, seqlen_k - 1))
+        return t
 
     @cuda.jit(device=True, inline=True)
     def load_tile(src, b, hk, k_start, n0, seqlen_k, width, kv_s, tid):
@@ -79,7 +108,8 @@ def build(spec: ForwardSpec):
                 kv_s[r, c] = 0
 
     @cuda.jit
-    def forward_simt(q, k, v, out, lse, scale, group, cu_seqlens_q, cu_seqlens_k):
+    def forward_simt(q, k, v, out, lse, scale, group, cu_seqlens_q, cu_seqlens_k, window_left, window_right,
+                     softcap, alibi, bias, mask, keep_threshold, keep_scale, seed_lo, seed_hi):
         tid = cuda.threadIdx.x
         row0 = cuda.blockIdx.x * BM
         h = cuda.blockIdx.y
@@ -118,8 +148,13 @@ def build(spec: ForwardSpec):
         for t in range(ACC_PER_THREAD):
             acc[t] = 0
 
+        key_start = 0
         key_end = last_visible_key_end(row0 + BM, seqlen_q, seqlen_k, CAUSAL)
-        for n0 in range(0, key_end, BN):
+        if WINDOW:  # key tiles outside every row's band are skipped
+            key_start, key_end = window_key_range(row0, row0 + BM, seqlen_q, seqlen_k, window_left, window_right)
+            key_start = key_start // BN * BN
+        bz = cuda.blockIdx.z  # the batch entry (varlen: the sequence) of ALiBi and dropout
+        for n0 in range(key_start, key_end, BN):
             cuda.syncthreads()  # the previous V tile and P are consumed
             load_tile(k, b, hk, k_start, n0, seqlen_k, D, kv_s, tid)
             cuda.syncthreads()
@@ -130,8 +165,19 @@ def build(spec: ForwardSpec):
                 s = acc_t(0)
                 for d in range(D):
                     s += q_s[r, d] * kv_s[c, d]
-                if is_visible(row0 + r, n0 + c, seqlen_q, seqlen_k, CAUSAL):
-                    p_s[r, c] = s * scale
+                i = row0 + r
+                j = n0 + c
+                if WINDOW:
+                    seen = window_visible(i, j, seqlen_q, seqlen_k, window_left, window_right)
+                else:
+                    seen = is_visible(i, j, seqlen_q, seqlen_k, CAUSAL)
+                if MASK and seen:
+                    seen = mask[b, h, min(i, seqlen_q - 1), j] != 0
+                if seen:
+                    if SOFTCAP or ALIBI or BIAS:
+                        p_s[r, c] = score(s, i, j, b, bz, h, seqlen_q, seqlen_k, scale, softcap, alibi, bias)
+                    else:
+                        p_s[r, c] = s * scale
                 else:
                     p_s[r, c] = NEG_INF
             cuda.syncthreads()
@@ -152,6 +198,12 @@ def build(spec: ForwardSpec):
                 m_s[tid] = m_new
                 l_s[tid] = l_s[tid] * alpha + row_sum
                 alpha_s[tid] = alpha
+                if DROPOUT:  # l_i sums P before dropout; P V uses the dropped, rescaled P
+                    bh = bz * cuda.gridDim.y + h
+                    for c in range(0, BN, 2):
+                        keep0, keep1 = keep_pair(seed_lo, seed_hi, bh, row0 + tid, n0 + c, keep_threshold)
+                        p_s[tid, c] = p_s[tid, c] * keep_scale if keep0 else acc_t(0)
+                        p_s[tid, c + 1] = p_s[tid, c + 1] * keep_scale if keep1 else acc_t(0)
             cuda.syncthreads()
             load_tile(v, b, hk, k_start, n0, seqlen_k, DV, kv_s, tid)
             cuda.syncthreads()

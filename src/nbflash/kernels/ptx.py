@@ -179,6 +179,10 @@ if SIMULATED:
         lo, hi = _halves(word, np.float16)
         return np.float32(lo), np.float32(hi)
 
+    def rcp_approx(x):
+        """1 / x in float32 (the GPU's approximation is within 1 ulp)."""
+        return np.float32(np.float32(1) / np.float32(x))
+
 else:
     from llvmlite import ir
     from numba import cuda
@@ -414,6 +418,17 @@ else:
 
         return types.UniTuple(types.float32, 2)(word), codegen
 
+    @intrinsic
+    def rcp_approx(typingctx, x):
+        """rcp.approx.ftz.f32 (PTX ISA 9.7.3.14): 1 / x in one MUFU operation, within
+        1 ulp; 1 / inf = 0 and 1 / 0 = inf."""
+
+        def codegen(context, builder, sig, args):
+            val = context.cast(builder, args[0], sig.args[0], types.float32)
+            fnty = ir.FunctionType(_f32, [_f32])
+            return builder.call(ir.InlineAsm(fnty, "rcp.approx.ftz.f32 $0, $1;", "=f,f"), [val])
+
+        return types.float32(x), codegen
 
 if not SIMULATED:
 
