@@ -5,25 +5,16 @@ and without a stack frame. The plain specializations are gated by test_ptx_gate.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+
+import gate_jobs
+
+gate_jobs.register_module(__file__, "forward_variants", [["ptx_gate_variants_worker.py", f"{part}/2"] for part in (0, 1)])
 
 
 @pytest.fixture(scope="module")
 def reports():
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
-    worker = os.path.join(os.path.dirname(__file__), "ptx_gate_variants_worker.py")
-    jobs = [subprocess.Popen([sys.executable, worker, f"{part}/2"], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for part in (0, 1)]
-    rows = []
-    for job in jobs:
-        stdout, stderr = job.communicate(timeout=600)
-        assert job.returncode == 0, stderr[-3000:]
-        rows += [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    rows = gate_jobs.rows("forward_variants")
     assert rows and sorted(r["index"] for r in rows) == list(range(rows[0]["of"])), rows
     return rows
 

@@ -15,7 +15,7 @@ import pytest
 
 import nbflash
 from helpers import (
-    DTYPES, GRAD_TOLERANCE, SIMULATOR, assert_grads_close, new_rng, poisoned, random_array, to_device, to_host,
+    DTYPES, GRAD_TOLERANCE, SIMULATOR, assert_close, assert_grads_close, new_rng, poisoned, random_array, to_device, to_host,
 )
 from nbflash import reference, tuning
 
@@ -302,3 +302,34 @@ def test_variant_spec_keys_spell_the_variants():
     assert "-causal-win-cap-bias_fp32-dbias" in spec.key, spec.key
     assert nbflash.backward_spec(a["q"], a["k"], a["v"]).key == nbflash.backward_spec(
         a["q"], a["k"], a["v"], window=(-1, -1), softcap=0.0).key  # all off: the plain kernels
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), np.dtype(np.float32)], ids=str)
+def test_vjp_with_variants_matches_forward_then_backward_and_the_oracle(dtype):
+    """attention_vjp passes every variant to the forward and to the backward: its output
+    and gradients (dbias included) equal those two calls bit for bit, and the oracle's."""
+    rng, seed = new_rng()
+    batch, seqlen_q, seqlen_k, heads_kv, group, dim = 2, int(rng.integers(1, 12)), int(rng.integers(1, 12)), 1, 2, 32
+    heads_q = heads_kv * group
+    q = random_array(rng, (batch, seqlen_q, heads_q, dim), dtype)
+    k, v = (random_array(rng, (batch, seqlen_k, heads_kv, dim), dtype) for _ in range(2))
+    do = random_array(rng, (batch, seqlen_q, heads_q, dim), dtype)
+    bias = rng.standard_normal((heads_q, seqlen_q, seqlen_k)).astype(np.float32)  # broadcast over batch
+    options = dict(causal=True, window=(int(rng.integers(0, 6)), -1), softcap=2.5,
+                   alibi_slopes=rng.uniform(0, 0.3, heads_q).astype(np.float32), dropout_p=0.2, seed=seed)
+    dev = [to_device(x) for x in (q, k, v, do)]
+    dbias_dev = to_device(bias)
+    out, vjp = nbflash.attention_vjp(*dev[:3], bias=dbias_dev, return_dbias=True, **options)
+    want_out, lse = nbflash.attention(*dev[:3], bias=dbias_dev, return_lse=True, **options)
+    assert np.array_equal(to_host(out), to_host(want_out), equal_nan=True), f"seed {seed}"
+    got = vjp(dev[3])
+    assert len(got) == 4
+    want = nbflash.attention_backward(dev[3], *dev[:3], want_out, lse, bias=dbias_dev, return_dbias=True, **options)
+    for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
+        assert np.array_equal(to_host(g), to_host(w)), f"{name} (seed {seed})"
+    refs = reference.attention_backward(do, q, k, v, bias=bias, return_dbias=True, **options)
+    ref_out = reference.attention(q, k, v, bias=bias, **options)
+    assert_close(out, ref_out, dtype, seed=seed)
+    mq, mk, mv, ds = magnitudes(do, q, k, v, True, 1 / math.sqrt(dim), dict(options, bias=bias))
+    assert_grads_close(got[:3], refs[:3], dtype, seed=seed, magnitudes=(mq, mk, mv))
+    check_dbias(got[3], refs[3], bias, ds, dtype, f"seed {seed}")
