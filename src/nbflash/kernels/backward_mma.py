@@ -50,7 +50,9 @@ from numba.cuda import float32, uint32
 from ..spec import BackwardMmaSpec
 from . import ptx
 from .philox import keep_pair
-from .score_mods import alibi_term, bias_reader, soft_cap, window_key_range, window_query_range, window_visible
+from .score_mods import (
+    alibi_term, bias_reader, soft_cap, tile_crosses_band, window_key_range, window_query_range, window_visible,
+)
 from .tile_copy import make_issue_rows
 
 LOG2E = 1.4426950408889634
@@ -391,10 +393,8 @@ def _build_dkdv(spec):
                 # P^T and dS^T element by element with the variants (module docstring)
                 diagonal = m0 + seqlen_k - seqlen_q
                 check_band = False
-                if WINDOW:  # the tile crosses an edge of the window's band
-                    check_band = n0 + BN - 1 > diagonal + window_right or n0 < diagonal + BM - 1 - window_left
-                elif CAUSAL:
-                    check_band = n0 + BN - 1 > diagonal
+                if WINDOW or CAUSAL:  # causal is folded into window_right (variants.KERNEL_ARGS)
+                    check_band = tile_crosses_band(n0, BN, diagonal, BM, window_left, window_right)
                 heads_q = q.shape[2]
                 for nb in range(Q_BLOCKS):
                     for e in range(2):
@@ -676,10 +676,8 @@ def _build_dq(spec):
                 # P and dS element by element with the variants (module docstring)
                 diagonal = row0 + seqlen_k - seqlen_q
                 check_band = False
-                if WINDOW:  # the tile crosses an edge of the window's band
-                    check_band = n0 + BN - 1 > diagonal + window_right or n0 < diagonal + BM - 1 - window_left
-                elif CAUSAL:
-                    check_band = n0 + BN - 1 > diagonal
+                if WINDOW or CAUSAL:  # causal is folded into window_right (variants.KERNEL_ARGS)
+                    check_band = tile_crosses_band(n0, BN, diagonal, BM, window_left, window_right)
                 heads_q = q.shape[2]
                 for m in range(M_TILES):
                     for half in range(2):

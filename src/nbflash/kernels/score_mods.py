@@ -38,6 +38,15 @@ def window_key_range(row_start, row_end, seqlen_q, seqlen_k, window_left, window
 
 
 @cuda.jit(device=True, inline=True)
+def tile_crosses_band(key_start, keys, diagonal, rows, window_left, window_right):
+    """Keys [key_start, key_start + keys) cross an edge of the band that query rows
+    whose diagonals (i + seqlen_k - seqlen_q) run from ``diagonal`` for ``rows`` rows
+    see: some of those keys are hidden from some of those rows (mask per element)."""
+    return (key_start + keys - 1 > diagonal + window_right
+            or key_start < diagonal + rows - 1 - window_left)
+
+
+@cuda.jit(device=True, inline=True)
 def soft_cap(t, softcap):
     """(softcap * tanh(t / softcap), its derivative 1 - tanh^2) in float32."""
     th = math.tanh(float32(t) / softcap)
