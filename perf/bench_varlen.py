@@ -6,10 +6,12 @@ Two cases, fp16, head_dim 64 and 128, causal off and on:
   mixed  sequences of mixed lengths (fixed seed) packed, against one dense call per
          sequence (what a user without varlen writes), timed as one loop.
 TFLOP/s = 2 * H * (visible query-key pairs) * (D + Dv) / time; the pairs are counted
-exactly per sequence (bottom-right causal). CUDA events after warm-up, median of
---repeats runs (nbflash.device.median_gpu_ms), random normal inputs.
+exactly per sequence (bottom-right causal), random normal inputs. "varlen" and "dense"
+are GPU time: 10 calls queued behind a spin kernel (bench_decode.gpu_timed), so host
+work does not enter; "varlen_call" is one whole varlen call between CUDA events
+(nbflash.device.median_gpu_ms, host time included), as are the peers.
 "varlen" passes device cu_seqlens and max_seqlen_q (no host copy: FlashAttention's
-serving path); "varlen_checked" leaves max_seqlen_q None, so cu_seqlens are copied to
+serving path); "varlen_checked" (a whole call) leaves max_seqlen_q None, so cu_seqlens are copied to
 the host and checked (one small device->host copy per call). Peers when they import:
 torch SDPA flash on the dense batch (equal case), flash_attn_varlen_func (both).
 
@@ -36,6 +38,7 @@ sys.path.insert(0, HERE)
 import cupy  # noqa: E402
 
 import nbflash  # noqa: E402
+from bench_decode import gpu_timed  # noqa: E402
 
 HEADS = 16
 TOKENS = 16384
@@ -125,10 +128,11 @@ def main():
             for causal in (False, True):
                 spec = nbflash.forward_spec_varlen(q, k, v, causal=causal)
                 flops = 2.0 * HEADS * visible_pairs(lengths, lengths, causal) * (d + d)
+                run_varlen = lambda: nbflash.attention_varlen(  # noqa: E731
+                    q, k, v, cu_seqlens, cu_seqlens, max_seqlen_q=max_len, max_seqlen_k=max_len, causal=causal, out=out)
                 times = {
-                    "varlen": timed(lambda: nbflash.attention_varlen(
-                        q, k, v, cu_seqlens, cu_seqlens, max_seqlen_q=max_len, max_seqlen_k=max_len,
-                        causal=causal, out=out), args.repeats),
+                    "varlen": gpu_timed(run_varlen),
+                    "varlen_call": timed(run_varlen, args.repeats),
                     "varlen_checked": timed(lambda: nbflash.attention_varlen(
                         q, k, v, cu_seqlens, cu_seqlens, causal=causal, out=out), args.repeats),
                 }
@@ -137,7 +141,7 @@ def main():
                     dq, dk, dv = (x.reshape(shape) for x in (q, k, v))
                     dense_out = out.reshape(shape)
                     dense_spec = nbflash.forward_spec(dq, dk, dv, causal=causal).key
-                    times["dense"] = timed(lambda: nbflash.attention(dq, dk, dv, causal=causal, out=dense_out), args.repeats)
+                    times["dense"] = gpu_timed(lambda: nbflash.attention(dq, dk, dv, causal=causal, out=dense_out))
                     if sdpa is not None:
                         times["sdpa_flash_dense"] = sdpa(dq, dk, dv, causal, args.repeats)
                 else:
@@ -149,7 +153,7 @@ def main():
                         for pq, pk, pv, po in pieces:
                             nbflash.attention(pq, pk, pv, causal=causal, out=po)
 
-                    times["dense"] = timed(loop, args.repeats)
+                    times["dense"] = gpu_timed(loop)
                 if fa_varlen is not None:
                     try:
                         times["flash_attn_varlen"] = fa_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal, args.repeats)
@@ -170,14 +174,16 @@ def main():
     with open(os.path.join(args.out, f"{tag}-varlen.json"), "w") as f:
         json.dump(rows, f, indent=1)
 
-    names = ["varlen", "varlen_checked", "dense", "sdpa_flash_dense", "flash_attn_varlen"]
+    names = ["varlen", "varlen_call", "varlen_checked", "dense", "sdpa_flash_dense", "flash_attn_varlen"]
     print(f"{'case':5} {'D':>3} {'causal':6} {'batch':>5} {'tokens':>6} " + " ".join(f"{n:>17}" for n in names) + "  varlen/dense")
     for r in rows:
         t = r["tflops"]
         cells = " ".join(f"{t[n]:17.1f}" if t.get(n) else f"{'-':>17}" for n in names)
         print(f"{r['case']:5} {r['head_dim']:>3} {str(r['causal']):6} {r['batch']:>5} {r['tokens']:>6} {cells}  {r['ratio_vs_dense']:.2f}")
-    print(f"# gpu: {gpu}; fp16, {HEADS} heads, TFLOP/s; dense = one dense batch (equal) or one call per "
-          f"sequence (mixed); target varlen/dense >= 0.90; spec keys in the JSON")
+    print(f"# gpu: {gpu}; fp16, {HEADS} heads, TFLOP/s; varlen and dense: GPU time (launches queued behind a "
+          f"spin kernel); varlen_call, varlen_checked and the peers: one whole call between events (host "
+          f"time included); dense = one dense batch (equal) or one call per sequence (mixed); target "
+          f"varlen/dense >= 0.90; spec keys in the JSON")
 
 
 if __name__ == "__main__":
