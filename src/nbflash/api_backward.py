@@ -13,9 +13,8 @@ import numpy as np
 
 from . import arrays, device, launch, tuning, variants
 from .api import _bshd, _check_flag, _check_scale, _Problem, _rows_16_byte_aligned, _validate, choose_forward_spec
-from .api import variant_kernel_args
+from .api import _dummy, _dummy_seqlens, _empty, variant_kernel_args
 from .variants import NO_VARIANTS
-from .api import _dummy, _dummy_seqlens
 from .spec import PLAIN, BackwardSpec, Variant
 
 
@@ -382,14 +381,6 @@ def _float64_lse(problem, views, causal, scale, out_view=None):
     args += variant_kernel_args(problem, views, NO_VARIANTS)  # the forward kernels' variant arguments
     launch.launch(launch.compiled(spec), grid, spec.threads, args, launch.shared_bytes(spec))
     return lse
-
-
-def _empty(problem, shape, dtype):
-    if problem.on_device:
-        import cupy
-
-        return cupy.empty(shape, dtype)
-    return np.empty(shape, dtype)
 
 
 def _zeros(problem, shape, dtype):

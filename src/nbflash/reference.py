@@ -93,6 +93,17 @@ def _softmax(qd, kd, scale, causal, variants=None):
     return probs, row_max, row_sum, seen, slope
 
 
+def _grouped(q, k, v, layout, scale):
+    """(q, k, v) as float64 (batch, seqlen, heads, dim) with k and v repeated to q's
+    heads (query head h reads kv head h // group), the group size, and the scale
+    (default 1/sqrt(head_dim))."""
+    qd, kd, vd = (_to_bshd(x, layout) for x in (q, k, v))
+    group = qd.shape[2] // kd.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(qd.shape[3])
+    return qd, np.repeat(kd, group, axis=2), np.repeat(vd, group, axis=2), group, scale
+
+
 def _dropout_factor(variants, shape):
     """keep / (1 - p) as (batch, heads_q, seqlen_q, seqlen_k), or None without dropout."""
     p = variants.get("dropout_p") or 0.0
@@ -130,16 +141,8 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=Fa
     (float64, (batch, heads_q, seqlen_q); -inf for rows that see no key).
     """
     squeeze = np.ndim(q) == 3
-    qd, kd, vd = (_to_bshd(x, layout) for x in (q, k, v))
-    batch, seqlen_q, heads_q, head_dim = qd.shape
-    seqlen_k, heads_kv = kd.shape[1], kd.shape[2]
-    group = heads_q // heads_kv
-    if scale is None:
-        scale = 1.0 / math.sqrt(head_dim)
     variants = _variants(window, softcap, alibi_slopes, bias, mask, dropout_p, seed, dropout_mask, squeeze)
-
-    kd = np.repeat(kd, group, axis=2)  # query head h reads kv head h // group
-    vd = np.repeat(vd, group, axis=2)
+    qd, kd, vd, _, scale = _grouped(q, k, v, layout, scale)
     probs, row_max, row_sum, seen, _ = _softmax(qd, kd, scale, causal, variants)
     factor = _dropout_factor(variants, probs.shape)
     if factor is not None:
@@ -257,16 +260,11 @@ def attention_backward(do, q, k, v, *, causal=False, scale=None, layout="bshd", 
     that share a kv head; rows that see no key contribute nothing (their dq is 0).
     """
     squeeze = np.ndim(q) == 3
-    qd, kd, vd, dod = (_to_bshd(x, layout) for x in (q, k, v, do))
-    batch, seqlen_q, heads_q, head_dim = qd.shape
-    seqlen_k, heads_kv = kd.shape[1], kd.shape[2]
-    group = heads_q // heads_kv
-    if scale is None:
-        scale = 1.0 / math.sqrt(head_dim)
     variants = _variants(window, softcap, alibi_slopes, bias, mask, dropout_p, seed, dropout_mask, squeeze)
-
-    kr = np.repeat(kd, group, axis=2)  # query head h reads kv head h // group
-    vr = np.repeat(vd, group, axis=2)
+    qd, kr, vr, group, scale = _grouped(q, k, v, layout, scale)
+    dod = _to_bshd(do, layout)
+    batch, seqlen_k, heads_q, head_dim = kr.shape
+    heads_kv = heads_q // group
     probs, _, _, _, cap_slope = _softmax(qd, kr, scale, causal, variants)
     factor = _dropout_factor(variants, probs.shape)
     dropped = probs if factor is None else probs * factor
@@ -285,7 +283,7 @@ def attention_backward(do, q, k, v, *, causal=False, scale=None, layout="bshd", 
     dk = scale * np.einsum("bhij,bihd->bjhd", dt, qd)
     # GQA: sum the group's query heads into their kv head
     dk = dk.reshape(batch, seqlen_k, heads_kv, group, head_dim).sum(axis=3)
-    dv = dv.reshape(batch, seqlen_k, heads_kv, group, vd.shape[3]).sum(axis=3)
+    dv = dv.reshape(batch, seqlen_k, heads_kv, group, vr.shape[3]).sum(axis=3)
 
     grads = [dq, dk, dv]
     if layout == "bhsd":

@@ -779,18 +779,9 @@ def _build_convert(spec):
     return cuda.jit(backward_dq_convert)
 
 
-def _zeros(like, shape):
-    """A zeroed float32 scratch buffer where ``like`` lives (CuPy on a GPU, NumPy on
-    the simulator); CuPy zeroes it on the current stream."""
-    if isinstance(like, np.ndarray):
-        return np.zeros(shape, np.float32)
-    import cupy
-
-    return cupy.zeros(shape, np.float32)
-
-
-def _zeros_like_of(like, shape, dtype):
-    """A small zeroed placeholder of any dtype where ``like`` lives."""
+def _zeros(like, shape, dtype=np.float32):
+    """A zeroed buffer (float32 scratch by default) where ``like`` lives (CuPy on a
+    GPU, NumPy on the simulator); CuPy zeroes it on the current stream."""
     if isinstance(like, np.ndarray):
         return np.zeros(shape, dtype)
     import cupy
@@ -826,7 +817,7 @@ def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, det
     if extra is None:
         from .. import variants
 
-        extra = variants.kernel_values(variants.NO_VARIANTS, lambda shape, dtype: _zeros_like_of(q, shape, dtype))
+        extra = variants.kernel_values(variants.NO_VARIANTS, lambda shape, dtype: _zeros(q, shape, dtype))
         extra = [launch.numba_view(x) if hasattr(x, "shape") and x.ndim else x for x in extra]
         extra.append(launch.numba_view(_zeros(q, (1, 1, 1, 1))))
     variant_args, dbias = list(extra[:-1]), extra[-1]
