@@ -45,7 +45,10 @@ MMA_TILES = {
     128: (128, 64, 256, 2, False),
 }
 MMA_TILES_SM90 = {  # (head_dim, causal) entries that beat MMA_TILES on Hopper
+    (64, False): (128, 64, 128, 2, True),
+    (64, True): (128, 64, 128, 2, True),
     (128, False): (128, 32, 128, 2, False),
+    (128, True): (128, 32, 128, 2, False),
 }
 # One warp and short key tiles on the simulator: the emulated mma is slow.
 MMA_TILES_SIMULATOR = (16, 16, 32, 2, False)
@@ -350,6 +353,9 @@ MMA_VARIANT_TILES: dict = {
     (96, False, True): (64, 32, 128, 2, False),
     (96, True, True): (64, 32, 128, 2, False),
     (128, False, True): (128, 64, 256, 2, False),
+    # light variants on d128's 128-thread tile spill 8 bytes (window + softcap + ALiBi)
+    (128, False, False): (128, 64, 256, 2, False),
+    (128, True, False): (128, 64, 256, 2, False),
 }
 
 

@@ -198,6 +198,7 @@ def build(spec: ForwardSpec):
         s = cuda.local.array(S_REGS, float32)
         m_i = cuda.local.array(ROWS, float32)
         l_i = cuda.local.array(ROWS, float32)
+        alpha_r = cuda.local.array(ROWS, float32)
         for r in range(ROWS):
             m_i[r] = NEG_INF
             l_i[r] = 0
@@ -307,7 +308,11 @@ def build(spec: ForwardSpec):
                                 if hide:
                                     s[(m * N_BLOCKS + nb) * 4 + 2 * half + e] = NEG_INF
 
-            # online softmax, exp2 domain (FlashAttention-2, Algorithm 1, lines 8-10)
+            # online softmax, exp2 domain (FlashAttention-2, Algorithm 1, lines 8-10): the
+            # new row maxima first, then acc and l rescaled only when a maximum of the warp's
+            # rows moved (alpha != 1: after the first tiles it rarely does, and the rescale is
+            # one FMUL per acc register, as many as the tile's scores), then P
+            rescale = False
             for m in range(M_TILES):
                 for half in range(2):
                     row = 2 * m + half
@@ -320,6 +325,22 @@ def build(spec: ForwardSpec):
                     m_new = max(m_i[row], row_max * s_log2)
                     m_use = m_new if m_new != NEG_INF else float32(0)
                     alpha = ptx.ex2(m_i[row] - m_use)
+                    alpha_r[row] = alpha
+                    rescale = rescale or alpha != float32(1)
+                    m_i[row] = m_new
+            if ptx.vote_any(rescale):  # warp-uniform: skipping a multiply by 1 is exact
+                for m in range(M_TILES):
+                    for half in range(2):
+                        row = 2 * m + half
+                        l_i[row] *= alpha_r[row]
+                        for db in range(D_BLOCKS):
+                            j = (m * D_BLOCKS + db) * 4 + 2 * half
+                            acc[j] *= alpha_r[row]
+                            acc[j + 1] *= alpha_r[row]
+            for m in range(M_TILES):
+                for half in range(2):
+                    row = 2 * m + half
+                    m_use = m_i[row] if m_i[row] != NEG_INF else float32(0)
                     row_sum = float32(0)
                     if DROPOUT:  # keep bit 2 nb + e of this row's keys, first, in a loop of its
                         # own: Philox inside the loop below stops its unrolling (s to local memory)
@@ -340,12 +361,7 @@ def build(spec: ForwardSpec):
                                 else:
                                     p = float32(0)
                             s[j] = p
-                    m_i[row] = m_new
-                    l_i[row] = l_i[row] * alpha + row_sum  # partial over this thread's columns
-                    for db in range(D_BLOCKS):
-                        j = (m * D_BLOCKS + db) * 4 + 2 * half
-                        acc[j] *= alpha
-                        acc[j + 1] *= alpha
+                    l_i[row] += row_sum  # partial over this thread's columns
 
             # acc += P V: P's C fragments, packed to 16 bits, are the A fragments
             for kk in range(PV_STEPS):

@@ -183,6 +183,10 @@ if SIMULATED:
         """1 / x in float32 (the GPU's approximation is within 1 ulp)."""
         return np.float32(np.float32(1) / np.float32(x))
 
+    def vote_any(predicate):
+        """True on every lane when the predicate holds on any lane (all 32 taking part)."""
+        return any(current_warp().exchange(_lane(), bool(predicate)))
+
 else:
     from llvmlite import ir
     from numba import cuda
@@ -431,6 +435,12 @@ else:
         return types.float32(x), codegen
 
 if not SIMULATED:
+
+    @cuda.jit(device=True, inline=True)
+    def vote_any(predicate):
+        """vote.sync.any.pred (PTX ISA 9.7.13.7): True on every lane when the predicate
+        holds on any lane, all 32 lanes taking part; a warp-uniform branch condition."""
+        return cuda.any_sync(0xFFFFFFFF, predicate)
 
     @cuda.jit(device=True, inline=True)
     def syncwarp():
