@@ -339,11 +339,13 @@ def main():
             print(f"# handle kinds not compared: {type(error).__name__}: {error}", file=sys.stderr)
         for kind_name, handle in handles.items():
             def go_for(handle=handle):
-                go_h = launch.Launcher(handle, fast.layout, fast.device, fast.name).bind(kargs).fixed(
-                    grid, block, shared, varying=4)
+                kind = "kernel" if kind_name == "CUkernel" else "function"
+                go_h = launch.Launcher(handle, fast.layout, fast.device, fast.name, handle_kind=kind).bind(
+                    kargs).fixed(grid, block, shared, varying=4)
                 return lambda: go_h(stream_ptr, *ptrs)
 
             optional(f"part: prepared launch, {kind_name}", go_for)
+        print(f"# the launcher's own handle: {fast.handle_kind}", file=sys.stderr)
     from cupy_backends.cuda.api.driver import launchKernel
 
     empty = gpu.empty.kernel.ptr
