@@ -492,3 +492,40 @@ def test_unchecked_lengths_accept_ints_and_host_arrays_and_refuse_what_metadata_
         with pytest.raises(exc, match=match):
             nbflash.attention_with_kvcache(*dev, **kwargs)
     assert np.array_equal(to_host(dev[1]), kc) and np.array_equal(to_host(dev[2]), vc)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged16"])
+def test_gpu_unchecked_lengths_do_not_synchronize_and_match_the_checked_call(paged):
+    """check_seqlens=False with a device cache_seqlens: the call returns while a spin
+    kernel still holds the stream (no device-to-host copy), and its result is the
+    checked call's, bit for bit, at decode sizes with split-KV."""
+    import time
+
+    import cupy
+
+    rng, seed = new_rng()
+    case = draw_case(rng, F16, large=True, batch=4, seqlen_q=1, group=4, new=1, head_dim=128, head_dim_v=128,
+                     block_size=16, max_len=3000)
+    kc, vc, table = case.caches(paged)
+    args = dict(k=to_device(case.k), v=to_device(case.v), block_table=None if table is None else to_device(table),
+                num_splits=4)
+    q, lengths = to_device(case.q), to_device(case.lengths)
+    checked_caches = [to_device(x.copy()) for x in (kc, vc)]
+    want = nbflash.attention_with_kvcache(q, *checked_caches, cache_seqlens=lengths, **args)
+    caches = [to_device(x.copy()) for x in (kc, vc)]
+    spin = cupy.RawKernel(r'''extern "C" __global__ void spin(long long n) {
+        long long t0 = clock64(); while (clock64() - t0 < n) { } }''', "spin")
+    got = nbflash.attention_with_kvcache(q, *caches, cache_seqlens=lengths, check_seqlens=False, **args)  # warm
+    caches = [to_device(x.copy()) for x in (kc, vc)]
+    cupy.cuda.get_current_stream().synchronize()
+    spin((1,), (1,), (cupy.int64(cupy.cuda.Device().attributes["ClockRate"] * 200),))  # ~200 ms
+    start = time.perf_counter()
+    got = nbflash.attention_with_kvcache(q, *caches, cache_seqlens=lengths, check_seqlens=False, **args)
+    took = time.perf_counter() - start
+    busy = not cupy.cuda.get_current_stream().done
+    cupy.cuda.get_current_stream().synchronize()
+    assert busy and took < 0.1, f"the call waited for the stream ({took:.3f} s)"
+    assert np.array_equal(to_host(got).view(np.uint16), to_host(want).view(np.uint16)), f"seed {seed}"
+    for a, b in zip(caches, checked_caches):
+        assert np.array_equal(to_host(a).view(np.uint16), to_host(b).view(np.uint16)), f"seed {seed}"

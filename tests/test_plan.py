@@ -386,3 +386,78 @@ def test_gpu_repeated_calls_skip_validation():
     want = nbflash.reference.attention(*host)
     for x in (got, out, from_plan):
         assert_close(x, want, dtype, seed=seed)
+
+
+# --- plan.capture: one launch on fixed buffers, replayed (a CUDA graph on a GPU) ------
+
+
+@pytest.mark.parametrize("return_lse", [False, True], ids=["out", "out+lse"])
+def test_captured_graph_replays_into_the_same_buffers_with_new_contents(return_lse):
+    rng, seed = new_rng()
+    dtype = np.dtype(np.float32)
+    causal = bool(rng.integers(2))
+    host, dev = qkv(rng, dtype, 2, 5, 7)
+    plan = nbflash.plan(*dev, causal=causal, return_lse=return_lse)
+    out = to_device(np.full((2, 5, 4, 8), np.nan, dtype)) if rng.random() < 0.5 else None
+    graph = plan.capture(*dev, out=out)
+    assert isinstance(graph, nbflash.AttentionGraph) and plan.spec.key in repr(graph)
+    assert out is None or graph.out is out
+    for step in range(2):
+        if step:  # new contents, same buffers: the replay reads what they hold now
+            for h, d in zip(host, dev):
+                h[...] = random_array(rng, h.shape, dtype)
+                d[...] = to_device(h)
+        got = graph()
+        ref, ref_lse = nbflash.reference.attention(*host, causal=causal, return_lse=True)
+        if return_lse:
+            assert got[0] is graph.out and got[1] is graph.lse
+            assert_close(got[0], ref, dtype, seed=seed)
+            assert_lse_close(got[1], ref_lse, seed=seed)
+        else:
+            assert got is graph.out and graph.lse is None
+            assert_close(got, ref, dtype, seed=seed)
+
+
+def test_capture_refuses_like_run_before_capturing(plan_f32):
+    plan, rng = plan_f32
+    _, (q, k, v) = qkv(rng, np.float32, 1, 5, 7, head_dim=16)
+    with pytest.raises(ValueError, match=r"q: head_dim 16 differs from the plan's 8"):
+        plan.capture(q, k, v)
+    _, (q, k, v) = qkv(rng, np.float32, 1, 5, 7)
+    with pytest.raises(ValueError, match=r"out: overlaps q in memory"):
+        plan.capture(q, k, v, out=q)
+    out = to_device(np.full((1, 5, 4, 7), np.nan, np.float32))
+    with pytest.raises(ValueError, match=r"out: expected shape \(1, 5, 4, 8\); got \(1, 5, 4, 7\)"):
+        plan.capture(q, k, v, out=out)
+    assert np.isnan(to_host(out)).all()
+
+
+@pytest.mark.gpu
+def test_gpu_captured_graph_equals_attention_bit_for_bit_and_replays_without_validating():
+    import cupy
+
+    from nbflash import api
+
+    rng, seed = new_rng()
+    dtype = np.dtype(np.float16)
+    host, (q, k, v) = qkv(rng, dtype, 2, 1, 777, heads_q=16, heads_kv=4, head_dim=128)  # a decode step
+    plan = nbflash.plan(q, k, v, causal=True, return_lse=True)
+    graph = plan.capture(q, k, v)
+    assert graph.graph is not None, repr(graph)
+    real = api._validate
+    api._validate = lambda *a: (_ for _ in ()).throw(AssertionError("a replay validated"))
+    try:
+        stream = cupy.cuda.Stream(non_blocking=True)
+        for s in (None, stream):
+            q[...] = to_device(random_array(rng, q.shape, dtype))  # new contents, same buffer
+            out, lse = graph(stream=s)
+            (stream if s is not None else cupy.cuda.get_current_stream()).synchronize()
+            api._validate = real
+            want, want_lse = nbflash.attention(q, k, v, causal=True, return_lse=True)
+            cupy.cuda.get_current_stream().synchronize()
+            api._validate = lambda *a: (_ for _ in ()).throw(AssertionError("a replay validated"))
+            assert out is graph.out and lse is graph.lse
+            assert np.array_equal(to_host(out).view(np.uint16), to_host(want).view(np.uint16)), f"seed {seed}"
+            assert np.array_equal(to_host(lse), to_host(want_lse)), f"seed {seed}"
+    finally:
+        api._validate = real

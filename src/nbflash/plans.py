@@ -439,6 +439,52 @@ class AttentionPlan:
             launch.launch(kernel, grid, self.spec.threads, args, shared, stream_ptr)
         return (out_array, lse) if self.return_lse else out_array
 
+    def capture(self, q, k, v, out=None) -> "AttentionGraph":
+        """Capture the plan's launch on fixed buffers into a CUDA graph, for hot loops
+        whose arrays never move (decoding with a static cache, a fixed layer).
+
+        ``q``, ``k``, ``v`` and ``out`` as in :meth:`run` (checked the same way, with
+        the same errors, before anything is captured); ``out`` None: one output
+        buffer is allocated now (and one lse buffer with return_lse). Returns an
+        :class:`AttentionGraph`: ``g()`` (or ``g(stream=...)``) replays the launch
+        with one cudaGraphLaunch and returns the same buffers every time (out, or
+        (out, lse)), computed from what q, k, v hold when the replay runs. Nothing
+        is checked per replay: the arrays must stay alive (the graph keeps
+        references to them) and their contents may change, but a new shape or new
+        buffer needs a new capture. The graph replays on the plan's device.
+
+        On Numba's simulator there are no graphs: a replay launches the kernel
+        into the same buffers (the same results, none of the speed)."""
+        ops = [arrays.intake(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
+        problem, views = api._validate(*ops, self.layout)
+        self._check_fixed(problem, views)
+        out_op = api._check_out(out, problem, [op.array for op in ops]) if out is not None else None
+        if not problem.on_device and not device.SIMULATOR:
+            raise TypeError("q, k, v: a captured graph needs device (CuPy) arrays; got NumPy arrays")
+        out_array = out_op[0].array if out_op is not None else api._empty(problem, problem.out_shape(), problem.dtype)
+        lse = api._empty(problem, problem.lse_shape(), np.float32) if self.return_lse else None
+        result = (out_array, lse) if self.return_lse else out_array
+        keep = (ops, out_array, lse)
+        if not (problem.seqlen_q and problem.batch and problem.heads_q):
+            return AttentionGraph(self, None, None, result, keep)
+        out_view = out_op[1] if out_op is not None else api._bshd(out_array, problem.layout, problem.squeeze)
+        launch_args = self._shape_entry(problem, views, [op.array for op in ops], out_view, lse,
+                                        out_op[0].array if out_op else None)
+        if device.SIMULATOR:
+            return AttentionGraph(self, None, launch_args, result, keep)
+        import cupy
+
+        kernel, grid, args, shared = launch_args
+        with cupy.cuda.Device(self.device):
+            stream = cupy.cuda.Stream(non_blocking=True)  # capture needs a stream other than the legacy one
+            stream.begin_capture()
+            try:
+                launch.launch(kernel, grid, self.spec.threads, args, shared, stream.ptr)
+            finally:
+                graph = stream.end_capture()
+            graph.upload(cupy.cuda.get_current_stream())
+        return AttentionGraph(self, graph, launch_args, result, keep)
+
     def _shape_entry(self, problem, views, qkv, out_view, lse, out):
         """Prepare (and, on a GPU, remember) this shape; the launch arguments. ``qkv``
         and ``out`` are the caller's arrays (they key the entry), ``out_view`` the
@@ -457,6 +503,50 @@ class AttentionPlan:
         return launch_args
 
 
+class AttentionGraph:
+    """One plan launch on fixed buffers, captured as a CUDA graph (see
+    :meth:`AttentionPlan.capture`): call it to replay. ``out`` (and ``lse`` with
+    return_lse) are the buffers every replay writes and returns."""
+
+    __slots__ = ("plan", "graph", "out", "lse", "_exec", "_launch_args", "_result", "_keep")
+
+    def __init__(self, plan, graph, launch_args, result, keep):
+        self.plan = plan
+        self.graph = graph  # cupy.cuda.graph.Graph (None: no launch to replay, or the simulator)
+        self._exec = graph.graphExec if graph is not None else None
+        self._launch_args = launch_args  # the kernel arguments: their DeviceArgs keep the dummies alive
+        self._result = result
+        self.out, self.lse = (result if plan.return_lse else (result, None))
+        self._keep = keep
+
+    def __repr__(self):
+        kind = "CUDA graph" if self.graph is not None else "no graph (simulator)" if self._launch_args else "empty"
+        return f"AttentionGraph({self.plan.spec.key}, out {tuple(self.out.shape)}, {kind})"
+
+    def __call__(self, stream=None):
+        """Replay on ``stream`` (default CuPy's current stream; any stream as
+        :func:`nbflash.attention` takes); returns out, or (out, lse)."""
+        ex = self._exec
+        if ex is not None:
+            _graph_launch(ex, _get_current_stream().ptr if stream is None else launch.stream_handle(stream))
+        elif self._launch_args is not None:
+            kernel, grid, args, shared = self._launch_args
+            launch.launch(kernel, grid, self.plan.spec.threads, args, shared,
+                          None if stream is None else launch.stream_handle(stream))
+        return self._result
+
+    replay = __call__
+
+
+def _graph_launch(graph_exec, stream_ptr):
+    """cudaGraphLaunch through CuPy's Cython binding, resolved on first use."""
+    from cupy_backends.cuda.api.runtime import graphLaunch
+
+    global _graph_launch
+    _graph_launch = graphLaunch
+    graphLaunch(graph_exec, stream_ptr)
+
+
 def plan(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=False) -> AttentionPlan:
     """Fix a forward-attention signature once; run it many times with the least host work.
 
@@ -469,7 +559,9 @@ def plan(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=False) 
 
     Returns an :class:`AttentionPlan`: ``plan(q, k, v, out=None, stream=None)`` or
     ``plan.run(...)`` returns what :func:`nbflash.attention` would (out, and lse with
-    ``return_lse``). dtype, head_dim, head_dim_v, heads_q, heads_kv, number of dims,
+    ``return_lse``); ``plan.capture(q, k, v, out=None)`` records the launch on fixed
+    buffers as a CUDA graph whose replays cost one cudaGraphLaunch
+    (:class:`AttentionGraph`). dtype, head_dim, head_dim_v, heads_q, heads_kv, number of dims,
     device, layout, causal, scale and return_lse are fixed; batch, seqlen_q, seqlen_k
     and strides may vary (a tensor-core plan needs 16-byte aligned rows). Inputs that
     do not match raise ValueError / TypeError naming the argument, before anything runs.
