@@ -299,8 +299,9 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=Fa
     Computed on the stream, without synchronizing. A call whose shapes, strides,
     dtypes and flags repeat an earlier one, and that passes none of the variant
     arguments (window ... return_dropout_mask), skips straight to the prepared launch
-    (see :func:`nbflash.plan` for the least work per call); calls with variants are
-    validated in full every time.
+    (see :func:`nbflash.plan` for the least work per call, and
+    :meth:`nbflash.AttentionPlan.capture` for a CUDA graph on fixed buffers); calls
+    with variants are validated in full every time.
     """
     if (  # _plain inlined (a frame less on every call), then the memo's fast path
         window is None and alibi_slopes is None and bias is None and mask is None and seed is None

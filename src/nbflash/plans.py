@@ -88,12 +88,9 @@ class _Prepared:
         self.dev = dev
         self.memo_key = None
 
-    def overlaps(self, out_ptr, qp, kp, vp) -> bool:
-        ov = self.ov
-        return ov is not None and (ov[0] <= qp - out_ptr <= ov[1] or ov[2] <= kp - out_ptr <= ov[3]
-                                   or ov[4] <= vp - out_ptr <= ov[5])
-
     def overlap_error(self, out_ptr, qp, kp, vp):
+        """The ValueError for an out the hot paths found overlapping an input (they
+        test ``ov`` inline)."""
         ov = self.ov
         for i, p in enumerate((qp, kp, vp)):
             if ov[2 * i] <= p - out_ptr <= ov[2 * i + 1]:
