@@ -14,7 +14,11 @@ which read 0.82 TB/s at batch 1 / 128k against 2.9 at the other cases: a kernel'
 speed, not the memory's.) GPU time: CUDA events around 10 calls queued behind a
 spin kernel (so no host time enters), median of 5; the "nbflash_call" column is one
 whole attention_with_kvcache call between events, host work and its synchronizing
-cache_seqlens copy included (what a caller waits). Random normal inputs, never zeros.
+cache_seqlens copy included (what a caller waits); "call_nosync" the same with
+check_seqlens=False (no copy, no synchronization: the lengths are trusted and clamped
+on the device), and "loop_nosync" whole check_seqlens=False calls queued behind a spin
+kernel (a decode loop whose host keeps ahead of the GPU: every launch of the call,
+nothing of the host). Random normal inputs, never zeros.
 
     python perf/bench_decode.py [--quick] [--out perf/results] [--sweep]
 
@@ -222,6 +226,12 @@ def main():
         record(case, "contiguous", "nbflash", ms, nbytes, spec.key, splits)
         ms = timed(lambda: nbflash.attention_with_kvcache(q, kc, vc, cache_seqlens=lengths, out=out), warmup, repeats)
         record(case, "contiguous", "nbflash_call", ms, nbytes, spec.key, splits)
+        nosync = lambda: nbflash.attention_with_kvcache(q, kc, vc, cache_seqlens=lengths, out=out,  # noqa: E731
+                                                        check_seqlens=False)
+        ms = timed(nosync, warmup, repeats)
+        record(case, "contiguous", "call_nosync", ms, nbytes, spec.key, splits)
+        ms = gpu_timed(nosync)
+        record(case, "contiguous", "loop_nosync", ms, nbytes, spec.key, splits)
         if args.sweep:
             for tiles in SWEEP:
                 os.environ["NBFLASH_DECODE_MMA_TILES"] = tiles
@@ -250,7 +260,8 @@ def main():
                    "head_dim": HEAD_DIM, "dtype": "fp16", "seqlen_q": 1, "rows": rows}, f, indent=1)
 
     print(f"\n{gpu}: decode, fp16, heads_q {HEADS_Q}, heads_kv {HEADS_KV}, head_dim {HEAD_DIM}; TB/s = K+V bytes / time")
-    backends = ["nbflash", "nbflash_call", "sdpa_flash", "sdpa_cudnn", "read_only", "memcpy"]
+    backends = ["nbflash", "nbflash_call", "call_nosync", "loop_nosync", "sdpa_flash", "sdpa_cudnn", "read_only",
+                "memcpy"]
     print(f"{'batch':>5} {'cache':>7} {'layout':>10} " + " ".join(f"{b:>11}" for b in backends))
     for batch, seqlen in CASES:
         for layout in ["contiguous"] + [f"paged{b}" for b in BLOCK_SIZES]:

@@ -4,12 +4,14 @@ fp16), where launch cost, not the GPU, decides throughput (decoding, small layer
 For each way of running the same attention, microseconds per call:
 - host us: wall time per call of the calling thread, timed in chunks of 50 calls while
   a spin kernel holds the GPU busy (the calls' kernels queue behind it), so GPU time
-  never enters; median over chunks. "cpu us": the thread's CPU time alike.
+  never enters; median over chunks (the five main ways' chunks interleaved, so host
+  drift hits them alike). "cpu us": the thread's CPU time alike.
 - free us: the same chunks with the GPU free; wall us: an unbroken loop plus one final
   synchronization (bounded below by the GPU time per call).
 - syncs: whether one call behind a 50 ms spin kernel waited for it (nothing in a call
   path may synchronize).
-Ways: nbflash.attention, a plan (allocating, and writing into a given out), Numba's
+Ways: nbflash.attention, a plan (allocating, and writing into a given out), the
+plan's launch captured as a CUDA graph and replayed (plan.capture), Numba's
 own launch of the same compiled kernel, the parts of a call (the prepared driver
 launch through CuPy's launchKernel and through ctypes, the parameters as one packed
 buffer, CUkernel and CUfunction handles, an empty kernel's launch as the driver's
@@ -122,6 +124,35 @@ def host_per_call(fn, calls, gpu):
         cpus.append((c1 - c0) / n * 1e6)
         done += n
     return statistics.median(walls), statistics.median(cpus), held
+
+
+def host_per_call_interleaved(fns, calls, gpu):
+    """host_per_call for several ways at once, their chunks interleaved (chunk i of
+    every way, then chunk i + 1, ...), so that drift of the host (clocks, other
+    processes) hits every way alike and rows compare fairly: {way: (host us, cpu us,
+    held)}."""
+    for fn in fns.values():
+        for _ in range(20):
+            fn()
+    gpu.sync()
+    walls = {way: [] for way in fns}
+    cpus = {way: [] for way in fns}
+    held = {way: True for way in fns}
+    done = 0
+    while done < calls:
+        n = min(CHUNK, calls - done)
+        for way, fn in fns.items():
+            gpu.hold(n * HOLD_US_PER_CALL)
+            c0, t0 = time.thread_time(), time.perf_counter()
+            for _ in range(n):
+                fn()
+            t1, c1 = time.perf_counter(), time.thread_time()
+            held[way] = held[way] and gpu.busy()
+            gpu.sync()
+            walls[way].append((t1 - t0) / n * 1e6)
+            cpus[way].append((c1 - c0) / n * 1e6)
+        done += n
+    return {way: (statistics.median(walls[way]), statistics.median(cpus[way]), held[way]) for way in fns}
 
 
 def free_per_call(fn, calls, gpu):
@@ -259,8 +290,8 @@ def main():
             gpu.sync()
             print(f"# row {way!r} left out: {type(error).__name__}: {error}", file=sys.stderr)
 
-    def row(way, fn, peer=None):
-        host, cpu, held = host_per_call(fn, calls, gpu)
+    def row(way, fn, peer=None, timed=None):
+        host, cpu, held = timed if timed is not None else host_per_call(fn, calls, gpu)
         free, wall = free_per_call(fn, calls, gpu)
         synced = syncs(fn, gpu)
         results[way] = (host, cpu, free, wall, held, synced)
@@ -276,10 +307,23 @@ def main():
     gpu.sync()
     assert bool(cupy.array_equal(want, got)), "plan and attention disagree"
 
-    row("nbflash.attention", lambda: nbflash.attention(q, k, v))
-    row("nbflash.attention(out=)", lambda: nbflash.attention(q, k, v, out=out))
-    row("plan(q, k, v)", lambda: plan(q, k, v))
-    row("plan(q, k, v, out=)", lambda: plan(q, k, v, out=out))
+    # plan.capture: the same launch as a CUDA graph on fixed buffers, replayed
+    graph_out = cupy.empty_like(q)
+    graph = plan.capture(q, k, v, out=graph_out)
+    graph()
+    gpu.sync()
+    assert bool(cupy.array_equal(want, graph_out)), "the captured graph and attention disagree"
+
+    main = {
+        "nbflash.attention": lambda: nbflash.attention(q, k, v),
+        "nbflash.attention(out=)": lambda: nbflash.attention(q, k, v, out=out),
+        "plan(q, k, v)": lambda: plan(q, k, v),
+        "plan(q, k, v, out=)": lambda: plan(q, k, v, out=out),
+        "plan.capture(...) replay": graph,
+    }
+    main_times = host_per_call_interleaved(main, calls, gpu)  # the rows the targets read: side by side
+    for way, fn in main.items():
+        row(way, fn, timed=main_times[way])
 
     # Numba's own launch of the very same compiled kernel (typing every argument per call)
     problem, views = api._validate(*(nbflash.arrays.intake(x, n) for x, n in ((q, "q"), (k, "k"), (v, "v"))), "bshd")
@@ -339,11 +383,13 @@ def main():
             print(f"# handle kinds not compared: {type(error).__name__}: {error}", file=sys.stderr)
         for kind_name, handle in handles.items():
             def go_for(handle=handle):
-                go_h = launch.Launcher(handle, fast.layout, fast.device, fast.name).bind(kargs).fixed(
-                    grid, block, shared, varying=4)
+                kind = "kernel" if kind_name == "CUkernel" else "function"
+                go_h = launch.Launcher(handle, fast.layout, fast.device, fast.name, handle_kind=kind).bind(
+                    kargs).fixed(grid, block, shared, varying=4)
                 return lambda: go_h(stream_ptr, *ptrs)
 
             optional(f"part: prepared launch, {kind_name}", go_for)
+        print(f"# the launcher's own handle: {fast.handle_kind}", file=sys.stderr)
     from cupy_backends.cuda.api.driver import launchKernel
 
     empty = gpu.empty.kernel.ptr
@@ -379,6 +425,7 @@ def main():
         json.dump({"gpu": gpu_name, "spec": spec.key, "kernel_gpu_us": gpu_us, "kernel_gpu_us_method":
                    "CUDA events around 200 back-to-back plan(out=) calls queued behind a spin kernel",
                    "launch_driver": fast._driver.kind if fast is not None else "numba",
+                   "launch_handle": fast.handle_kind if fast is not None else None,
                    "rows": rows, "memo_entries": len(plan_module._memo), "fast_launchers": sum(
                        1 for x in launch._launchers.values() if x is not launch._NUMBA)}, f, indent=1)
 
@@ -395,10 +442,14 @@ def main():
         print(f"{way:36} {host:8.2f} {cpu:8.2f} {free:8.2f} {wall:8.2f}  {flag}")
     for name, r in (("cold first call", cold), ("warm first call", warm)):
         print(f"{name:36} {r['first_call_s']:8.3f}s  (import {r['import_s']:.2f}s; {sorted(r['compile_seconds'])})")
-    a, p = results["nbflash.attention"][0], results["plan(q, k, v, out=)"][0]
-    print(f"targets: attention {a:.1f} us <= 10: {'yes' if a <= 10 else 'NO'}; plan(out=) {p:.1f} us <= 5: "
-          f"{'yes' if p <= 5 else 'NO'}; warm first call {warm['first_call_s']:.2f} s < 1: "
-          f"{'yes' if warm['first_call_s'] < 1 else 'NO'}")
+    a, ao = results["nbflash.attention"][0], results["nbflash.attention(out=)"][0]
+    p, g = results["plan(q, k, v, out=)"][0], results["plan.capture(...) replay"][0]
+    yes = lambda ok: "yes" if ok else "NO"  # noqa: E731
+    print(f"targets: attention {a:.1f} us (out= {ao:.1f}) <= 10: {yes(a <= 10)}; plan(out=) {p:.1f} us <= 5: "
+          f"{yes(p <= 5)} (graph replay {g:.1f} us: {yes(g <= 5)}); warm first call "
+          f"{warm['first_call_s']:.2f} s < 1: {yes(warm['first_call_s'] < 1)}")
+    print(f"launcher handle: {fast.handle_kind if fast is not None else 'numba'} (a disk-loaded kernel launches "
+          f"through its CUfunction); the main five rows were timed interleaved")
 
 
 if __name__ == "__main__":

@@ -5,12 +5,15 @@ own Python costs per call, apart from the driver's cuLaunchKernel and CuPy.
 The driver is a no-op libcuda.so.1 (cuLaunchKernel returns at once) built with the
 C compiler into a temporary folder and put first on LD_LIBRARY_PATH, so the real
 foreign-call machinery (CuPy's Cython launchKernel, cuda.bindings, ctypes) is what
-gets timed; CuPy arrays are stood in for by a plain Python class (attribute reads
-and a Python constructor: cheaper than CuPy's own, whose cost the H100 bench shows).
+gets timed. Arrays are real cupy.ndarray objects over unowned (never touched) memory,
+so CuPy's own attribute reads (shape and strides build tuples) are in the times; only
+CuPy's allocator is a Python stand-in (cupy.cuda.set_allocator) and its current
+stream a constant. Without CuPy a plain Python class stands in for the arrays
+(cheaper attribute reads than CuPy's).
 
     python perf/stub_host_path.py          (needs cc; about 30 s)
 
-Prints a table of microseconds per call (best of 5 repeats of 100k calls).
+Prints a table of microseconds per call (best of 15 interleaved rounds of 20k calls).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import timeit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -76,7 +80,7 @@ class FakeMemory:
 class FakeArray:
     """What the hot paths read of a cupy.ndarray."""
 
-    __slots__ = ("shape", "strides", "dtype", "data", "size", "itemsize", "ndim")
+    __slots__ = ("shape", "strides", "dtype", "data", "size", "itemsize", "ndim", "_c_contiguous")
     _next = [0x7F0000000000]
 
     def __init__(self, shape, dtype):
@@ -92,12 +96,32 @@ class FakeArray:
         self.size = step // dtype.itemsize
         self.itemsize = dtype.itemsize
         self.ndim = len(shape)
+        self._c_contiguous = True
         self._next[0] += (step + 255) // 256 * 256
         self.data = FakeMemory(self._next[0])
 
 
 class FakeStream:
     ptr = 0x5151
+
+
+def real_cupy_arrays():
+    """A maker of cupy.ndarray objects over unowned device addresses (never read or
+    written: the driver is stubbed), with CuPy's allocator a Python stand-in; None
+    where CuPy does not import."""
+    try:
+        import cupy
+        from cupy.cuda import memory
+    except Exception:
+        return None
+    next_ptr = [0x7E0000000000]
+
+    def alloc(size):
+        next_ptr[0] += (size + 255) // 256 * 256
+        return memory.MemoryPointer(memory.UnownedMemory(next_ptr[0], max(size, 1), None, device_id=0), 0)
+
+    cupy.cuda.set_allocator(alloc)
+    return cupy.ndarray
 
 
 def main():
@@ -114,20 +138,21 @@ def main():
 
     nbflash.device.SIMULATOR = False  # the fast paths from here on; nothing is ever launched for real
     launch.device.SIMULATOR = False
-    plans._ndarray_type = FakeArray
+    Array = real_cupy_arrays() or FakeArray
+    plans._ndarray_type = Array
     plans._get_current_stream = lambda: FakeStream
     lib = ctypes.CDLL("libcuda.so.1")
     lib.fake_calls.restype = ctypes.c_long
 
     B, S, H, D = 1, 128, 8, 64
     f16 = np.dtype(np.float16)
-    q, k, v, out = (FakeArray((B, S, H, D), f16) for _ in range(4))
+    q, k, v, out = (Array((B, S, H, D), f16) for _ in range(4))
 
     def arg(a, dtype=None):
         dtype = dtype or a.dtype
         return launch.DeviceArg(a.data.ptr, a.shape, a.strides, dtype, a.size, 0, a)
 
-    lse_dummy, seqlens = FakeArray((1, 1, 1), np.float32), FakeArray((1,), np.int32)
+    lse_dummy, seqlens = Array((1, 1, 1), np.float32), Array((1,), np.int32)
     u16 = np.dtype(np.uint16)
     args = [arg(a, u16) for a in (q, k, v, out)] + [arg(lse_dummy), np.float32(0.125), 1, arg(seqlens), arg(seqlens)]
     layout = launch.ParamLayout(launch.signature_of(args))
@@ -146,8 +171,17 @@ def main():
     plan._lock = None
     plan._entries = {}
     for o in (None, out):
-        plan._entries[(q.shape, q.strides, k.shape, k.strides, v.shape, v.strides,
-                       None if o is None else (o.shape, o.strides))] = prepared
+        if hasattr(plans, "_call_key"):
+            plan._entries[plans._call_key(q, k, v, o)] = prepared
+        else:  # an older tree (for before / after timings)
+            plan._entries[(q.shape, q.strides, k.shape, k.strides, v.shape, v.strides,
+                           None if o is None else (o.shape, o.strides))] = prepared
+
+    # a captured graph's replay: cudaGraphLaunch is the runtime's (not stubbed here), so
+    # this row is the Python around it alone
+    plans._graph_launch = lambda graph_exec, stream: None
+    graph = plans.AttentionGraph.__new__(plans.AttentionGraph)
+    graph._exec, graph._launch_args, graph._result = 1, None, out
 
     before = lib.fake_calls()
     assert nbflash.attention(q, k, v).shape == out.shape
@@ -161,18 +195,24 @@ def main():
         ("nbflash.attention(..., out=)", lambda: nbflash.attention(q, k, v, out=out)),
         ("plan(q, k, v)", lambda: plan(q, k, v)),
         ("plan(q, k, v, out=)", lambda: plan(q, k, v, out=out)),
+        ("plan.capture replay (graph launch stubbed)", graph),
         ("part: prepared launch go()", lambda: go(sp, *ptrs)),
         ("part: Launcher (packs all args)", lambda: launcher(grid, block, 0, sp, args)),
         *([("part: driver call alone", driver_call(launch))] if hasattr(launch._get_driver(), "kind") else []),
-        ("part: FakeArray alloc (not CuPy's)", lambda: FakeArray((B, S, H, D), f16)),
+        (f"part: {Array.__name__} alloc (Python allocator)", lambda: Array((B, S, H, D), f16)),
         ("part: memo key", lambda: plans._memo_key(q, k, v, False, None, "bshd", False, None)),
     ]
-    n = 100_000
-    print(f"driver: {getattr(launch._get_driver(), 'kind', 'ctypes (old)')}; stubbed libcuda; {n} calls x best of 5")
-    print(f"{'way':36} {'us/call':>8}")
-    for name, fn in rows:
-        best = min(timeit.repeat(fn, number=n, repeat=5)) / n * 1e6
-        print(f"{name:36} {best:8.3f}")
+    n, rounds = 20_000, 15
+    print(f"driver: {getattr(launch._get_driver(), 'kind', 'ctypes (old)')}; stubbed libcuda; arrays: "
+          f"{Array.__module__}.{Array.__name__}; best of {rounds} rounds of {n} calls, the ways "
+          f"interleaved; the calling thread's CPU time (a busy machine's other work stays out)")
+    best = {name: float("inf") for name, _ in rows}
+    for _ in range(rounds):  # interleaved, so that drift of a shared machine hits every way alike
+        for name, fn in rows:
+            best[name] = min(best[name], timeit.Timer(fn, timer=time.thread_time).timeit(number=n) / n * 1e6)
+    print(f"{'way':44} {'us/call':>8}")
+    for name, _ in rows:
+        print(f"{name:44} {best[name]:8.3f}")
 
 
 def driver_call(launch):

@@ -400,3 +400,132 @@ def test_numpy_inputs_on_a_gpu_machine_append_into_the_host_caches():
     want_k, _ = nbflash.reference.append_to_kvcache(case.paged_k, case.paged_v, cache_seqlens=case.lengths,
                                                     k=case.k, v=case.v, block_table=case.table)
     assert np.array_equal(kc.astype(np.float64), want_k)
+
+
+# --- check_seqlens=False: lengths trusted, clamped by the kernels (issue 5) ------------
+
+INT32_MAX = 2**31 - 1
+
+
+@pytest.mark.parametrize("kernel,paged", [("mma", False), ("mma", True), ("portable", False), ("portable", True)])
+def test_unchecked_bad_lengths_are_clamped_and_stay_inside_the_cache(kernel, paged):
+    """check_seqlens=False never reads cache_seqlens on the host; lengths below 0 or
+    past capacity - seqlen_new give the result of the clamped length, and neither the
+    append nor the attention touches a byte outside the cache: the caches sit in
+    NaN-filled buffers with guard rows (blocks) on both sides, which must stay NaN
+    and must not leak into the output."""
+    rng, seed = new_rng()
+    dtype, head_dim = (F16, 16) if kernel == "mma" else (F32, int(rng.choice([5, 8])))
+    batch, heads_kv, group, new, block_size, guard = 4, 1, 2, int(rng.integers(1, 3)), 4, 3
+    capacity = 12
+    seqlen_q = int(rng.integers(1, 3))
+    bad = np.array([-int(rng.integers(1, 9)), capacity + int(rng.integers(0, 9)), capacity - new + 1, INT32_MAX,
+                    -(2**31), int(rng.integers(0, capacity - new + 1))], np.int32)
+    lengths = rng.choice(bad, batch).astype(np.int32)
+    lengths[0] = bad[int(rng.integers(0, 4))]  # at least one bad length
+    clamped = np.clip(lengths.astype(np.int64), 0, capacity - new).astype(np.int32)
+    r = lambda *s: rng.standard_normal(s).astype(dtype)  # noqa: E731
+    q = r(batch, seqlen_q, heads_kv * group, head_dim)
+    k, v = r(batch, new, heads_kv, head_dim), r(batch, new, heads_kv, head_dim)
+    if paged:
+        per_seq = capacity // block_size
+        blocks = batch * per_seq + 1
+        table = rng.permutation(blocks)[: batch * per_seq].reshape(batch, per_seq).astype(np.int32)
+        shape, axis = (blocks, block_size, heads_kv, head_dim), 0
+    else:
+        table, shape, axis = None, (batch, capacity, heads_kv, head_dim), 1
+    buffers, caches, hosts = [], [], []
+    for _ in range(2):  # k_cache, v_cache
+        host = r(*shape)
+        big_shape = list(shape)
+        big_shape[axis] += 2 * guard
+        big = np.full(big_shape, np.nan, dtype)
+        inside = [slice(None)] * 4
+        inside[axis] = slice(guard, guard + shape[axis])
+        inside = tuple(inside)
+        big[inside] = host
+        dev = to_device(big)
+        buffers.append(dev)
+        caches.append(dev[inside])
+        hosts.append(host)
+    args = dict(k=to_device(k), v=to_device(v), block_table=None if table is None else to_device(table))
+    spec = nbflash.kvcache_spec(to_device(q), *caches, cache_seqlens=to_device(lengths), check_seqlens=False, **args)
+    assert spec.key.startswith("decode_mma-" if kernel == "mma" else "decode-"), spec.key
+    with pytest.raises(ValueError, match="cache_seqlens"):  # the checked path refuses them, nothing written
+        nbflash.attention_with_kvcache(to_device(q), *caches, cache_seqlens=to_device(lengths), **args)
+    assert np.array_equal(to_host(caches[0]), hosts[0]) and np.array_equal(to_host(caches[1]), hosts[1])
+
+    out = poisoned((batch, seqlen_q, heads_kv * group, head_dim), dtype)
+    got, lse = nbflash.attention_with_kvcache(
+        to_device(q), *caches, cache_seqlens=to_device(lengths), causal=True,
+        num_splits=int(rng.choice([0, 1, 3])), return_lse=True, out=out, check_seqlens=False, **args)
+    ref, ref_lse = nbflash.reference.attention_with_kvcache(
+        q, *hosts, cache_seqlens=clamped, k=k, v=v, block_table=table, causal=True, return_lse=True)
+    assert_close(got, ref, dtype, seed=seed)
+    assert_lse_close(lse, ref_lse, seed=seed)
+    want = nbflash.reference.append_to_kvcache(*hosts, cache_seqlens=clamped, k=k, v=v, block_table=table)
+    for name, dev_buffer, cache, wanted in zip(("k_cache", "v_cache"), buffers, caches, want):
+        assert np.array_equal(to_host(cache).astype(np.float64), wanted), f"{name} after the append (seed {seed})"
+        big = to_host(dev_buffer)
+        before = big.take(range(guard), axis)
+        after = big.take(range(big.shape[axis] - guard, big.shape[axis]), axis)
+        assert np.isnan(before).all() and np.isnan(after).all(), f"{name}: a guard was written (seed {seed})"
+
+
+def test_unchecked_lengths_accept_ints_and_host_arrays_and_refuse_what_metadata_shows():
+    rng, seed = new_rng()
+    q = rng.standard_normal((2, 1, 2, 8)).astype(F32)
+    kc, vc = (rng.standard_normal((2, 6, 1, 8)).astype(F32) for _ in range(2))
+    dev = [to_device(x) for x in (q, kc, vc)]
+    for lengths in (4, np.array([4, 4], np.int32)):
+        got = nbflash.attention_with_kvcache(*dev, cache_seqlens=lengths, check_seqlens=False)
+        assert_close(got, nbflash.reference.attention_with_kvcache(q, kc, vc, cache_seqlens=4), F32, seed=seed)
+    new = to_device(rng.standard_normal((2, 7, 1, 8)).astype(F32))
+    for kwargs, exc, match in (
+        (dict(cache_seqlens=to_device(np.zeros(2, np.int64))), TypeError, r"cache_seqlens: expected dtype int32"),
+        (dict(cache_seqlens=to_device(np.zeros(3, np.int32))), ValueError, r"cache_seqlens: expected shape \(2,\)"),
+        (dict(cache_seqlens=2**31), ValueError, r"cache_seqlens: 2147483648 does not fit int32"),
+        (dict(cache_seqlens=0, k=new, v=new), ValueError, r"k: 7 new tokens exceed the cache capacity 6"),
+        (dict(cache_seqlens=0, check_seqlens=1), TypeError, r"check_seqlens: expected a bool"),
+    ):
+        kwargs.setdefault("check_seqlens", False)
+        with pytest.raises(exc, match=match):
+            nbflash.attention_with_kvcache(*dev, **kwargs)
+    assert np.array_equal(to_host(dev[1]), kc) and np.array_equal(to_host(dev[2]), vc)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged16"])
+def test_gpu_unchecked_lengths_do_not_synchronize_and_match_the_checked_call(paged):
+    """check_seqlens=False with a device cache_seqlens: the call returns while a spin
+    kernel still holds the stream (no device-to-host copy), and its result is the
+    checked call's, bit for bit, at decode sizes with split-KV."""
+    import time
+
+    import cupy
+
+    rng, seed = new_rng()
+    case = draw_case(rng, F16, large=True, batch=4, seqlen_q=1, group=4, new=1, head_dim=128, head_dim_v=128,
+                     block_size=16, max_len=3000)
+    kc, vc, table = case.caches(paged)
+    args = dict(k=to_device(case.k), v=to_device(case.v), block_table=None if table is None else to_device(table),
+                num_splits=4)
+    q, lengths = to_device(case.q), to_device(case.lengths)
+    checked_caches = [to_device(x.copy()) for x in (kc, vc)]
+    want = nbflash.attention_with_kvcache(q, *checked_caches, cache_seqlens=lengths, **args)
+    caches = [to_device(x.copy()) for x in (kc, vc)]
+    spin = cupy.RawKernel(r'''extern "C" __global__ void spin(long long n) {
+        long long t0 = clock64(); while (clock64() - t0 < n) { } }''', "spin")
+    got = nbflash.attention_with_kvcache(q, *caches, cache_seqlens=lengths, check_seqlens=False, **args)  # warm
+    caches = [to_device(x.copy()) for x in (kc, vc)]
+    cupy.cuda.get_current_stream().synchronize()
+    spin((1,), (1,), (cupy.int64(cupy.cuda.Device().attributes["ClockRate"] * 200),))  # ~200 ms
+    start = time.perf_counter()
+    got = nbflash.attention_with_kvcache(q, *caches, cache_seqlens=lengths, check_seqlens=False, **args)
+    took = time.perf_counter() - start
+    busy = not cupy.cuda.get_current_stream().done
+    cupy.cuda.get_current_stream().synchronize()
+    assert busy and took < 0.1, f"the call waited for the stream ({took:.3f} s)"
+    assert np.array_equal(to_host(got).view(np.uint16), to_host(want).view(np.uint16)), f"seed {seed}"
+    for a, b in zip(caches, checked_caches):
+        assert np.array_equal(to_host(a).view(np.uint16), to_host(b).view(np.uint16)), f"seed {seed}"

@@ -208,7 +208,10 @@ def test_gpu_plan_on_a_side_stream():
     assert_close(out, nbflash.reference.attention(*host, causal=True), dtype, seed=seed)
 
 
-# --- The memo behind nbflash.attention (no GPU needed: fake device arrays) --------
+# --- The fast paths of attention's memo and of plans (no GPU needed) ----------------
+# Real cupy.ndarray objects over unowned addresses (CuPy makes them without a device;
+# nothing reads or writes them: the prepared launch is a recorder), so the key is
+# built from CuPy's own attributes; a plain class stands in where CuPy is missing.
 
 
 class _FakeMemory:
@@ -217,42 +220,118 @@ class _FakeMemory:
 
 
 class _FakeDeviceArray:
-    """The attributes of a CuPy array the memo key reads."""
+    """The attributes of a CuPy array the fast paths read."""
 
-    def __init__(self, shape, dtype, ptr):
+    def __init__(self, shape, dtype, ptr, strides=None):
         self.shape, self.dtype, self.data = shape, np.dtype(dtype), _FakeMemory(ptr)
-        self.strides = tuple(int(s) for s in np.empty(shape, dtype).strides)
+        contiguous = tuple(int(s) for s in np.empty(shape, dtype).strides)
+        self.strides = contiguous if strides is None else strides
+        self._c_contiguous = self.strides == contiguous
+        self.size = int(np.prod(shape))
+        self.itemsize = self.dtype.itemsize
 
 
-class _Entry:
-    def __init__(self):
-        self.runs, self.overlap_checks = [], []
+def _device_arrays():
+    """(make(shape, dtype, ptr, strides=None), ndarray type, allocator context)."""
+    import contextlib
 
-    def check_overlap(self, out_ptr, qp, kp, vp):
-        self.overlap_checks.append((out_ptr, qp, kp, vp))
+    try:
+        import cupy
+        from cupy.cuda import memory
 
-    def run(self, qp, kp, vp, out, with_lse, stream):
-        self.runs.append((qp, kp, vp, out, with_lse, stream))
-        return "out", None
+        def make(shape, dtype, ptr, strides=None):
+            mem = memory.MemoryPointer(memory.UnownedMemory(ptr, 1 << 20, None, device_id=0), 0)
+            return cupy.ndarray(shape, dtype, memptr=mem, strides=strides)
+
+        make((1,), np.float32, 0x1000)
+    except Exception:
+        return _FakeDeviceArray, _FakeDeviceArray, contextlib.nullcontext()
+    next_ptr = [0x7000_0000]
+
+    def alloc(size):
+        next_ptr[0] += 1 << 20
+        return memory.MemoryPointer(memory.UnownedMemory(next_ptr[0], max(size, 1), None, device_id=0), 0)
+
+    return make, cupy.ndarray, cupy.cuda.using_allocator(alloc)
 
 
-def test_memo_lookup_builds_the_key_remember_stores_under(monkeypatch):
-    # memoized_attention builds its key inline (it runs on every call); a key that
-    # differs from _memo_key's by one element would mean the memo never hits.
+class _Stream:
+    ptr = 0x5151
+
+
+def _recording_entry(problem_shape, with_lse, extents):
+    """A real _Prepared whose launch records its pointers."""
+    import types
+
+    launches = []
+    problem = types.SimpleNamespace(out_shape=lambda: problem_shape, dtype=np.dtype(np.float16),
+                                    lse_shape=lambda: (problem_shape[0], problem_shape[2], problem_shape[1]))
+    entry = nbflash.plans._Prepared(lambda *ptrs: launches.append(ptrs), problem, with_lse, (), extents,
+                                    None, None, 0)
+    return entry, launches
+
+
+def test_memo_and_plan_fast_paths_build_the_keys_the_slow_paths_store_under(monkeypatch):
+    # The fast paths build their keys inline (they run on every call); a key that
+    # differs from _memo_key's / _call_key's by one element would mean they never hit.
     plans = nbflash.plans
-    monkeypatch.setattr(plans, "_ndarray_type", _FakeDeviceArray)
+    make, nd, allocator = _device_arrays()
+    monkeypatch.setattr(plans, "_ndarray_type", nd)
+    monkeypatch.setattr(plans, "_get_current_stream", lambda: _Stream)
     monkeypatch.setattr(plans, "_memo", {})
-    q, k, v, out = (_FakeDeviceArray((1, 16, 4, 8), np.float16, 0x1000 * (i + 1)) for i in range(4))
-    for call in ((False, None, "bshd", False, None), (True, 0.25, "bhsd", True, out), (False, 1, "bshd", False, out)):
-        entry = plans._memo[plans._memo_key(q, k, v, *call)] = _Entry()
-        assert plans.memoized_attention(q, k, v, *call, "s") == ("out", None)
-        assert entry.runs == [(0x1000, 0x2000, 0x3000, call[4], call[3], "s")]
-        assert entry.overlap_checks == ([] if call[4] is None else [(0x4000, 0x1000, 0x2000, 0x3000)])
-    causal, scale, layout, return_lse, out_arg = call
-    assert plans.memoized_attention(q, k, v, not causal, scale, layout, return_lse, out_arg, None) is None
-    assert plans.memoized_attention(q, k, v, causal, 0.5, layout, return_lse, out_arg, None) is None
-    assert plans.memoized_attention(q, k, v, causal, scale, layout, return_lse, None, None) is None
-    assert plans.memoized_attention(q, k, v, 1, scale, layout, return_lse, out_arg, None) is None  # not a bool
+    shape = (1, 16, 4, 8)
+    q, k, v, out = (make(shape, np.float16, 0x100000 * (i + 1)) for i in range(4))
+    strided = make(shape, np.float16, 0x500000, strides=(4096, 256, 64, 2))  # not C-contiguous
+    extents = [plans._extent(a) for a in (q, k, v, out)]
+    plan = plans.AttentionPlan.__new__(plans.AttentionPlan)
+    plan._entries, plan.return_lse = {}, False
+    with allocator:
+        for qq in (q, strided):
+            for call in ((False, None, "bshd", False, None), (True, 0.25, "bhsd", True, out),
+                         (False, 1, "bshd", False, out), (True, None, "bshd", True, None)):
+                causal, scale, layout, return_lse, o = call
+                entry, launches = _recording_entry(shape, return_lse, extents)
+                plans._memo[plans._memo_key(qq, k, v, *call)] = entry
+                got = plans.memoized_attention(qq, k, v, *call, None)
+                assert len(launches) == 1, call
+                sp, qp, kp, vp, op = launches[0][:5]
+                assert (sp, qp, kp, vp) == (_Stream.ptr, qq.data.ptr, k.data.ptr, v.data.ptr)
+                result_out = got[0] if return_lse else got
+                assert op == result_out.data.ptr and (o is None or result_out is o)
+                if return_lse:
+                    assert got[1].shape == (1, 4, 16) and launches[0][5] == got[1].data.ptr
+                plan.return_lse = return_lse
+                plan_entry, plan_launches = _recording_entry(shape, return_lse, extents)
+                plan._entries[plans._call_key(qq, k, v, o)] = plan_entry
+                plan(qq, k, v, out=o)
+                assert len(plan_launches) == 1 and plan_launches[0][1:4] == (qq.data.ptr, k.data.ptr, v.data.ptr)
+    assert plans._call_key(q, k, v, None) != plans._call_key(strided, k, v, None)
+    assert plans.memoized_attention(q, k, v, 1, None, "bshd", False, None, None) is None  # causal not a bool
+    assert plans.memoized_attention(q, k, v, False, 0.5, "bshd", False, None, None) is None  # not remembered
+
+
+def test_memo_and_plan_fast_paths_refuse_an_overlapping_out(monkeypatch):
+    plans = nbflash.plans
+    make, nd, allocator = _device_arrays()
+    monkeypatch.setattr(plans, "_ndarray_type", nd)
+    monkeypatch.setattr(plans, "_get_current_stream", lambda: _Stream)
+    monkeypatch.setattr(plans, "_memo", {})
+    shape = (1, 16, 4, 8)
+    q, k, v, out = (make(shape, np.float16, 0x100000 * (i + 1)) for i in range(4))
+    k_as_out = make(shape, np.float16, k.data.ptr + 64)  # same shape, inside k's bytes
+    entry, launches = _recording_entry(shape, False, [plans._extent(a) for a in (q, k, v, out)])
+    plans._memo[plans._memo_key(q, k, v, False, None, "bshd", False, out)] = entry
+    plan = plans.AttentionPlan.__new__(plans.AttentionPlan)
+    plan._entries, plan.return_lse = {plans._call_key(q, k, v, out): entry}, False
+    with allocator:
+        for run in (lambda o: plans.memoized_attention(q, k, v, False, None, "bshd", False, o, None),
+                    lambda o: plan(q, k, v, out=o)):
+            with pytest.raises(ValueError, match=r"out: overlaps k in memory"):
+                run(k_as_out)
+            assert launches == []
+            run(make(shape, np.float16, v.data.ptr + shape[1] * 64 * 2 * 4))  # just past v: no overlap
+            assert len(launches) == 1
+            launches.clear()
 
 
 def test_attention_remembers_under_the_arguments_as_given(monkeypatch):
@@ -307,3 +386,78 @@ def test_gpu_repeated_calls_skip_validation():
     want = nbflash.reference.attention(*host)
     for x in (got, out, from_plan):
         assert_close(x, want, dtype, seed=seed)
+
+
+# --- plan.capture: one launch on fixed buffers, replayed (a CUDA graph on a GPU) ------
+
+
+@pytest.mark.parametrize("return_lse", [False, True], ids=["out", "out+lse"])
+def test_captured_graph_replays_into_the_same_buffers_with_new_contents(return_lse):
+    rng, seed = new_rng()
+    dtype = np.dtype(np.float32)
+    causal = bool(rng.integers(2))
+    host, dev = qkv(rng, dtype, 2, 5, 7)
+    plan = nbflash.plan(*dev, causal=causal, return_lse=return_lse)
+    out = to_device(np.full((2, 5, 4, 8), np.nan, dtype)) if rng.random() < 0.5 else None
+    graph = plan.capture(*dev, out=out)
+    assert isinstance(graph, nbflash.AttentionGraph) and plan.spec.key in repr(graph)
+    assert out is None or graph.out is out
+    for step in range(2):
+        if step:  # new contents, same buffers: the replay reads what they hold now
+            for h, d in zip(host, dev):
+                h[...] = random_array(rng, h.shape, dtype)
+                d[...] = to_device(h)
+        got = graph()
+        ref, ref_lse = nbflash.reference.attention(*host, causal=causal, return_lse=True)
+        if return_lse:
+            assert got[0] is graph.out and got[1] is graph.lse
+            assert_close(got[0], ref, dtype, seed=seed)
+            assert_lse_close(got[1], ref_lse, seed=seed)
+        else:
+            assert got is graph.out and graph.lse is None
+            assert_close(got, ref, dtype, seed=seed)
+
+
+def test_capture_refuses_like_run_before_capturing(plan_f32):
+    plan, rng = plan_f32
+    _, (q, k, v) = qkv(rng, np.float32, 1, 5, 7, head_dim=16)
+    with pytest.raises(ValueError, match=r"q: head_dim 16 differs from the plan's 8"):
+        plan.capture(q, k, v)
+    _, (q, k, v) = qkv(rng, np.float32, 1, 5, 7)
+    with pytest.raises(ValueError, match=r"out: overlaps q in memory"):
+        plan.capture(q, k, v, out=q)
+    out = to_device(np.full((1, 5, 4, 7), np.nan, np.float32))
+    with pytest.raises(ValueError, match=r"out: expected shape \(1, 5, 4, 8\); got \(1, 5, 4, 7\)"):
+        plan.capture(q, k, v, out=out)
+    assert np.isnan(to_host(out)).all()
+
+
+@pytest.mark.gpu
+def test_gpu_captured_graph_equals_attention_bit_for_bit_and_replays_without_validating():
+    import cupy
+
+    from nbflash import api
+
+    rng, seed = new_rng()
+    dtype = np.dtype(np.float16)
+    host, (q, k, v) = qkv(rng, dtype, 2, 1, 777, heads_q=16, heads_kv=4, head_dim=128)  # a decode step
+    plan = nbflash.plan(q, k, v, causal=True, return_lse=True)
+    graph = plan.capture(q, k, v)
+    assert graph.graph is not None, repr(graph)
+    real = api._validate
+    api._validate = lambda *a: (_ for _ in ()).throw(AssertionError("a replay validated"))
+    try:
+        stream = cupy.cuda.Stream(non_blocking=True)
+        for s in (None, stream):
+            q[...] = to_device(random_array(rng, q.shape, dtype))  # new contents, same buffer
+            out, lse = graph(stream=s)
+            (stream if s is not None else cupy.cuda.get_current_stream()).synchronize()
+            api._validate = real
+            want, want_lse = nbflash.attention(q, k, v, causal=True, return_lse=True)
+            cupy.cuda.get_current_stream().synchronize()
+            api._validate = lambda *a: (_ for _ in ()).throw(AssertionError("a replay validated"))
+            assert out is graph.out and lse is graph.lse
+            assert np.array_equal(to_host(out).view(np.uint16), to_host(want).view(np.uint16)), f"seed {seed}"
+            assert np.array_equal(to_host(lse), to_host(want_lse)), f"seed {seed}"
+    finally:
+        api._validate = real

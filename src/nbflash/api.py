@@ -216,11 +216,14 @@ MAX_DROPOUT_MASK_ELEMENTS = 1 << 26
 """return_dropout_mask builds the mask on the host: small inputs only."""
 
 
+_REALS = (float, int)
+
+
 def _plain(window, softcap, alibi_slopes, bias, mask, dropout_p, seed, return_dropout_mask) -> bool:
     """No variant argument given (the memo's fast path serves only such calls)."""
     return (window is None and alibi_slopes is None and bias is None and mask is None and seed is None
-            and (softcap is None or (type(softcap) in (float, int) and softcap == 0))
-            and type(dropout_p) in (float, int) and dropout_p == 0 and return_dropout_mask is False)
+            and (softcap is None or (type(softcap) in _REALS and softcap == 0))
+            and type(dropout_p) in _REALS and dropout_p == 0 and return_dropout_mask is False)
 
 
 def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=False, out=None, stream=None,
@@ -296,14 +299,20 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=Fa
     Computed on the stream, without synchronizing. A call whose shapes, strides,
     dtypes and flags repeat an earlier one, and that passes none of the variant
     arguments (window ... return_dropout_mask), skips straight to the prepared launch
-    (see :func:`nbflash.plan` for the least work per call); calls with variants are
-    validated in full every time.
+    (see :func:`nbflash.plan` for the least work per call, and
+    :meth:`nbflash.AttentionPlan.capture` for a CUDA graph on fixed buffers); calls
+    with variants are validated in full every time.
     """
-    plain = _plain(window, softcap, alibi_slopes, bias, mask, dropout_p, seed, return_dropout_mask)
-    if plain and not device.SIMULATOR:
+    if (  # _plain inlined (a frame less on every call), then the memo's fast path
+        window is None and alibi_slopes is None and bias is None and mask is None and seed is None
+        and return_dropout_mask is False and not device.SIMULATOR
+        and (softcap is None or (type(softcap) in _REALS and softcap == 0))
+        and type(dropout_p) in _REALS and dropout_p == 0
+    ):
         result = _plans.memoized_attention(q, k, v, causal, scale, layout, return_lse, out, stream)
         if result is not None:
-            return result if return_lse else result[0]
+            return result
+    plain = _plain(window, softcap, alibi_slopes, bias, mask, dropout_p, seed, return_dropout_mask)
     stream_ptr = launch.stream_handle(stream) if stream is not None else None
     ops = [arrays.intake(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
     problem, views = _validate(*ops, layout)

@@ -4,7 +4,9 @@ the tensor-core fast path for 16-bit caches with 16-byte aligned rows; kernels/d
 the portable path for the rest; decode_combine.py, kv_append.py).
 
 As everywhere in nbflash, every argument is checked before anything is launched or
-written; the cache lengths are checked on the host.
+written; the cache lengths are checked on the host, unless the caller opts out
+(check_seqlens=False: no device-to-host copy, no synchronization), in which case the
+kernels clamp every length into the cache.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ class _KVProblem:
     block_size: int  # 0: contiguous cache
     dtype: np.dtype
     on_device: bool
-    lengths: np.ndarray  # host int64 (batch,): keys already in the cache
-    max_total: int  # longest sequence after the append
+    lengths: np.ndarray | None  # host int64 (batch,): keys already in the cache; None: not read (trusted)
+    max_total: int  # longest sequence after the append (trusted lengths: capacity, its bound)
 
     @property
     def group(self) -> int:
@@ -89,7 +91,28 @@ def _host_lengths(cache_seqlens, batch, on_device):
     return host.astype(np.int64), kernel_array
 
 
-def _validate(q, k_cache, v_cache, cache_seqlens, k, v, block_table, out):
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _trusted_lengths(cache_seqlens, batch):
+    """The array the kernels read, for check_seqlens=False: its kind, dtype and shape
+    are checked (metadata only), its values never read on the host. An int becomes a
+    host int32 array (made device side by _run)."""
+    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, (bool, np.bool_)):
+        if not _INT32_MIN <= int(cache_seqlens) <= _INT32_MAX:
+            raise ValueError(f"cache_seqlens: {int(cache_seqlens)} does not fit int32")
+        return np.full(batch, int(cache_seqlens), dtype=np.int32)
+    if cache_seqlens is None or isinstance(cache_seqlens, (bool, np.bool_)):
+        raise TypeError(f"cache_seqlens: expected an int32 array of shape ({batch},) or an int; got {cache_seqlens!r}")
+    a = arrays.intake(cache_seqlens, "cache_seqlens").array
+    if a.dtype != np.int32:
+        raise TypeError(f"cache_seqlens: expected dtype int32; got {a.dtype}")
+    if a.shape != (batch,):
+        raise ValueError(f"cache_seqlens: expected shape ({batch},); got {a.shape}")
+    return a
+
+
+def _validate(q, k_cache, v_cache, cache_seqlens, k, v, block_table, out, check_seqlens=True):
     ops = {"q": arrays.intake(q, "q"), "k_cache": arrays.intake(k_cache, "k_cache"),
            "v_cache": arrays.intake(v_cache, "v_cache")}
     if (k is None) != (v is None):
@@ -168,6 +191,17 @@ def _validate(q, k_cache, v_cache, cache_seqlens, k, v, block_table, out):
     if seqlen_new > 2**31 - 1:
         raise ValueError(f"k: seqlen_new {seqlen_new} is too long")
 
+    if not check_seqlens:
+        if seqlen_new > capacity:
+            raise ValueError(f"k: {seqlen_new} new tokens exceed the cache capacity {capacity}"
+                             + (f" (max_blocks_per_seq {capacity // block_size} x block_size {block_size})"
+                                if block_size else ""))
+        if capacity > _INT32_MAX:
+            raise ValueError(f"k_cache: capacity {capacity} exceeds int32")
+        seqlens_array = _trusted_lengths(cache_seqlens, batch)
+        problem = _KVProblem(batch, seqlen_q, heads_q, heads_kv, head_dim, head_dim_v, seqlen_new, capacity,
+                             block_size, dtype, on_device, None, capacity if batch else 0)
+        return problem, a, seqlens_array
     lengths, seqlens_array = _host_lengths(cache_seqlens, batch, on_device)
     if batch and lengths.min() < 0:
         b = int(np.argmin(lengths))
@@ -305,7 +339,8 @@ def decode_spec(problem: _KVProblem, causal: bool, split: bool, with_lse: bool, 
 
 
 def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None, block_table=None,
-                           causal=True, scale=None, num_splits=0, return_lse=False, out=None):
+                           causal=True, scale=None, num_splits=0, return_lse=False, out=None,
+                           check_seqlens=True):
     """Attention of a few new query rows per sequence over a KV cache (decoding), with
     FlashAttention's flash_attn_with_kvcache conventions.
 
@@ -331,19 +366,31 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
             cache_seqlens[b] + seqlen_new: query i sees keys j <= i + L_b - seqlen_q.
         scale: factor on q k^T; default 1/sqrt(head_dim).
         num_splits: how many CTAs share each sequence's keys (split-KV); 0 picks from
-            the work and the number of SMs; 1 writes the output directly, without
-            partial results and the combine kernel. At most 1024.
+            the work and the number of SMs (from the longest sequence; with
+            check_seqlens=False, from the capacity, the lengths being unread); 1
+            writes the output directly, without partial results and the combine
+            kernel. At most 1024.
         return_lse: also return the log-sum-exp of the scaled, masked scores.
         out: optional (batch, seqlen_q, heads_q, head_dim_v) array of q's dtype.
+        check_seqlens: True (default): the lengths are checked on the host, so a
+            device cache_seqlens is copied to the host, which synchronizes with the
+            device on every call. False: the values of cache_seqlens are not read on
+            the host (no copy, no synchronization: for decode loops), as
+            FlashAttention trusts them; its kind, dtype and shape are still checked.
+            The kernels then clamp each length into the cache: sequence b holds
+            L_b = min(max(cache_seqlens[b], 0), capacity - seqlen_new) keys, the
+            append writes at L_b .. L_b + seqlen_new - 1 and attention covers L_b +
+            seqlen_new keys, so a bad length (negative, or past the capacity) can
+            neither read nor write outside the cache: it gives the result of the
+            clamped length, silently. seqlen_new <= capacity is still checked.
 
     Checked on the host before anything is written: every shape, dtype and stride,
-    and the lengths (0 <= cache_seqlens[b] and cache_seqlens[b] + seqlen_new <=
-    capacity, which is the capacity axis, or max_blocks_per_seq x block_size when
-    paged). A device cache_seqlens is copied to the host for that check, which
-    synchronizes with the device. Trusted, not checked: the block ids in
-    block_table (an id outside 0..num_blocks-1 reads or writes out of bounds;
-    nbflash.reference.attention_with_kvcache raises IndexError for them), and that
-    no two sequences share a block they both append to.
+    and (with check_seqlens) the lengths (0 <= cache_seqlens[b] and
+    cache_seqlens[b] + seqlen_new <= capacity, which is the capacity axis, or
+    max_blocks_per_seq x block_size when paged). Trusted, not checked: the block
+    ids in block_table (an id outside 0..num_blocks-1 reads or writes out of
+    bounds; nbflash.reference.attention_with_kvcache raises IndexError for them),
+    and that no two sequences share a block they both append to.
 
     Arrays are CuPy arrays (or __cuda_array_interface__ / DLPack objects), read and
     written in place; or all NumPy arrays, which on a GPU machine travel to the
@@ -357,9 +404,11 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
 
     Accumulation is float32 (float64 for float64 inputs). Runs on CuPy's current stream
     (the append, then the decode kernel, then the combine) without synchronizing, except
-    for the copy of a device cache_seqlens described above.
+    for the copy of a device cache_seqlens that check_seqlens=True makes.
     """
-    problem, a, seqlens_array = _validate(q, k_cache, v_cache, cache_seqlens, k, v, block_table, out)
+    check_seqlens = _check_flag(check_seqlens, "check_seqlens")
+    problem, a, seqlens_array = _validate(q, k_cache, v_cache, cache_seqlens, k, v, block_table, out,
+                                          check_seqlens)
     causal = _check_flag(causal, "causal")
     return_lse = _check_flag(return_lse, "return_lse")
     scale = _check_scale(scale, problem.head_dim)
@@ -373,17 +422,19 @@ def attention_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None
     if problem.on_device or device.SIMULATOR:
         result = _run(problem, a, seqlens_array, causal, scale, num_splits, return_lse, plan)
     else:
-        result = _run_via_gpu(problem, a, causal, scale, num_splits, return_lse)
+        result = _run_via_gpu(problem, a, causal, scale, num_splits, return_lse, seqlens_array)
     return result if return_lse else result[0]
 
 
-def _run_via_gpu(problem, a, causal, scale, num_splits, return_lse):
+def _run_via_gpu(problem, a, causal, scale, num_splits, return_lse, seqlens_array=None):
     """NumPy arrays with a GPU present: copy in, run, copy out (and the caches back)."""
     import cupy
 
     dev = {name: cupy.asarray(x) for name, x in a.items() if name != "out"}
     dev_problem = _KVProblem(**{**problem.__dict__, "on_device": True})
-    out_dev, lse_dev = _run(dev_problem, dev, None, causal, scale, num_splits, return_lse)
+    if problem.lengths is not None:
+        seqlens_array = None  # checked lengths: made from the host copy
+    out_dev, lse_dev = _run(dev_problem, dev, seqlens_array, causal, scale, num_splits, return_lse)
     out_host = a["out"] if "out" in a else np.empty(problem.out_shape(), problem.dtype)
     out_host[...] = out_dev.get()
     if problem.seqlen_new:
@@ -409,6 +460,8 @@ def _run(problem: _KVProblem, a, seqlens_array, causal, scale, num_splits, retur
         return out, lse
     if seqlens_array is None:
         seqlens_array = xp.asarray(problem.lengths.astype(np.int32))
+    elif problem.on_device and isinstance(seqlens_array, np.ndarray):  # trusted host lengths go up as given
+        seqlens_array = xp.asarray(seqlens_array)
     paged = problem.block_size > 0
     table = a["block_table"] if paged else xp.zeros((1, 1), np.int32)
     view = launch.numba_view
@@ -452,20 +505,22 @@ def _run(problem: _KVProblem, a, seqlens_array, causal, scale, num_splits, retur
 
 
 def kvcache_spec(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None, block_table=None, causal=True,
-                 num_splits=0, return_lse=False):
+                 num_splits=0, return_lse=False, check_seqlens=True):
     """The decode-kernel specialization :func:`attention_with_kvcache` runs for these
     arguments (same meanings): a DecodeMmaSpec (tensor cores: 16-bit caches with
     16-byte aligned rows) or a DecodeSpec (the portable kernel). Its ``key`` names it
     in logs and benchmark rows."""
     return kvcache_plan(q, k_cache, v_cache, cache_seqlens=cache_seqlens, k=k, v=v, block_table=block_table,
-                        causal=causal, num_splits=num_splits, return_lse=return_lse)[0]
+                        causal=causal, num_splits=num_splits, return_lse=return_lse,
+                        check_seqlens=check_seqlens)[0]
 
 
 def kvcache_plan(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None, block_table=None, causal=True,
-                 num_splits=0, return_lse=False):
+                 num_splits=0, return_lse=False, check_seqlens=True):
     """(spec, num_splits): the decode kernel and the split count (num_splits=0
     resolved) that :func:`attention_with_kvcache` uses for these arguments."""
-    problem, a, _ = _validate(q, k_cache, v_cache, cache_seqlens, k, v, block_table, None)
+    problem, a, _ = _validate(q, k_cache, v_cache, cache_seqlens, k, v, block_table, None,
+                              _check_flag(check_seqlens, "check_seqlens"))
     num_splits = _check_num_splits(num_splits)
     plan = _plan(problem, (a["k_cache"], a["v_cache"]), _check_flag(causal, "causal"),
                  _check_flag(return_lse, "return_lse"), num_splits)
@@ -473,13 +528,15 @@ def kvcache_plan(q, k_cache, v_cache, *, cache_seqlens, k=None, v=None, block_ta
 
 
 def _prepared(q, k_cache, v_cache, *, cache_seqlens, block_table=None, causal=True, scale=None, num_splits=0,
-              out):
+              out, check_seqlens=True):
     """For benchmarks (perf/): validate once (as attention_with_kvcache does, with its one
-    synchronizing copy of a device cache_seqlens) and return ``go()``, which launches the
-    decode (and combine) kernels into ``out`` again without validating or synchronizing,
-    so that launches can queue on the stream and CUDA events time the kernels alone.
-    The arrays, including cache_seqlens, must stay alive and unchanged in shape."""
-    problem, a, seqlens_array = _validate(q, k_cache, v_cache, cache_seqlens, None, None, block_table, out)
+    synchronizing copy of a device cache_seqlens unless check_seqlens=False) and return
+    ``go()``, which launches the decode (and combine) kernels into ``out`` again without
+    validating or synchronizing, so that launches can queue on the stream and CUDA
+    events time the kernels alone. The arrays, including cache_seqlens, must stay alive
+    and unchanged in shape."""
+    problem, a, seqlens_array = _validate(q, k_cache, v_cache, cache_seqlens, None, None, block_table, out,
+                                          check_seqlens)
     causal = _check_flag(causal, "causal")
     scale = _check_scale(scale, problem.head_dim)
     num_splits = _check_num_splits(num_splits)
@@ -487,6 +544,8 @@ def _prepared(q, k_cache, v_cache, *, cache_seqlens, block_table=None, causal=Tr
     plan = _plan(problem, (a["k_cache"], a["v_cache"]), causal, False, num_splits)
     if seqlens_array is None:
         seqlens_array = _xp(problem).asarray(problem.lengths.astype(np.int32))
+    elif problem.on_device and isinstance(seqlens_array, np.ndarray):
+        seqlens_array = _xp(problem).asarray(seqlens_array)
 
     def go():
         _run(problem, a, seqlens_array, causal, scale, plan.num_splits, False, plan)

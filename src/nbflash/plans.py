@@ -22,11 +22,12 @@ _ndarray_type = None
 
 
 def _ndarray():
-    """cupy.ndarray (None on the simulator or without CuPy)."""
+    """cupy.ndarray (None on the simulator, without CuPy, or with a CuPy whose arrays
+    lack the ``_c_contiguous`` flag the call keys read)."""
     global _ndarray_type
     if _ndarray_type is None:
         cupy = device.cupy_or_none()
-        _ndarray_type = cupy.ndarray if cupy is not None else False
+        _ndarray_type = cupy.ndarray if cupy is not None and hasattr(cupy.ndarray, "_c_contiguous") else False
     return _ndarray_type or None
 
 
@@ -39,10 +40,28 @@ def _extent(a):
     return lo, hi
 
 
+def _call_key(q, k, v, out):
+    """What a prepared call depends on of its CuPy arrays: shapes, strides, dtypes,
+    devices, and whether q, k, v start on 16 bytes (the kernel choice reads it).
+
+    A C-contiguous array stands for its strides by True: its shape and itemsize fix
+    every stride that matters (CuPy's flag ignores axes of length 1, whose strides no
+    index reaches), and reading the flag costs a fifth of building the strides tuple.
+    The hot paths (memoized_attention, AttentionPlan.run) build this tuple inline;
+    tests check that they build exactly this one."""
+    qm, km, vm = q.data, k.data, v.data
+    key = (q.shape, q._c_contiguous or q.strides, k.shape, k._c_contiguous or k.strides,
+           v.shape, v._c_contiguous or v.strides, q.dtype, k.dtype, v.dtype,
+           qm.device_id, km.device_id, vm.device_id, not ((qm.ptr | km.ptr | vm.ptr) & 15))
+    if out is not None:
+        key += (out.shape, out._c_contiguous or out.strides, out.dtype, out.data.device_id)
+    return key
+
+
 class _Prepared:
     """One validated forward call with fixed shapes and strides, packed for launch."""
 
-    __slots__ = ("go", "out_shape", "dtype", "lse_shape", "with_lse", "keep", "overlap", "kernel", "sig",
+    __slots__ = ("go", "out_shape", "dtype", "lse_shape", "with_lse", "keep", "ov", "kernel", "sig",
                  "dev", "memo_key")
 
     def __init__(self, go, problem, with_lse, keep, extents, kernel, sig, dev):
@@ -54,29 +73,35 @@ class _Prepared:
         self.lse_shape = problem.lse_shape()
         self.with_lse = with_lse
         self.keep = keep  # the arrays behind the packed pointers go() never rewrites
-        # for overlap checks of a caller's out: out's extent, then each input's
+        # A caller's out overlaps input i exactly when (input i's pointer - out's
+        # pointer) lies in [lo_i, hi_i]: ov = (lo_q, hi_q, lo_k, hi_k, lo_v, hi_v), an
+        # empty range (1, 0) for an empty input; None when out is empty.
         out_ext = extents[3]
-        self.overlap = None if out_ext is None else (out_ext, tuple(
-            (i, ext) for i, ext in enumerate(extents[:3]) if ext is not None))
+        self.ov = None
+        if out_ext is not None:
+            ov = []
+            for ext in extents[:3]:
+                ov += (1, 0) if ext is None else (out_ext[0] - ext[1], out_ext[1] - ext[0])
+            self.ov = tuple(ov)
         self.kernel = kernel
         self.sig = sig
         self.dev = dev
         self.memo_key = None
 
-    def check_overlap(self, out_ptr, qp, kp, vp):
-        if self.overlap is None:
-            return
-        (lo, hi), inputs = self.overlap
-        a0, a1 = out_ptr + lo, out_ptr + hi
-        for i, (x0, x1) in inputs:
-            p = qp if i == 0 else kp if i == 1 else vp
-            if a0 <= p + x1 and p + x0 <= a1:
-                raise ValueError(f"out: overlaps {'qkv'[i]} in memory; pass a separate buffer")
+    def overlap_error(self, out_ptr, qp, kp, vp):
+        """The ValueError for an out the hot paths found overlapping an input (they
+        test ``ov`` inline)."""
+        ov = self.ov
+        for i, p in enumerate((qp, kp, vp)):
+            if ov[2 * i] <= p - out_ptr <= ov[2 * i + 1]:
+                return ValueError(f"out: overlaps {'qkv'[i]} in memory; pass a separate buffer")
+        raise AssertionError("no overlap")
 
     def run(self, qp, kp, vp, out, with_lse, stream):
         """Allocate what is missing and launch; (out, lse), or None when the fast
         launch failed (nothing launched; the caller takes the validated slow path).
-        ``with_lse`` is the entry's own (its key holds return_lse)."""
+        ``with_lse`` is the entry's own (its key holds return_lse). The hot paths
+        inline this for stream=None."""
         nd = _ndarray_type
         lse = None
         if stream is None:  # CuPy's current stream: allocate as CuPy would, no stream switch
@@ -166,21 +191,18 @@ def _memo_key(q, k, v, causal, scale, layout, return_lse, out):
         return None
     if not (scale is None or type(scale) is float or type(scale) is int):
         return None
-    qm, km, vm = q.data, k.data, v.data
-    key = (q.shape, q.strides, k.shape, k.strides, v.shape, v.strides, q.dtype, k.dtype, v.dtype,
-           qm.device_id, km.device_id, vm.device_id, not ((qm.ptr | km.ptr | vm.ptr) & 15),
-           layout, causal, scale, return_lse)
-    if out is not None:
-        if type(out) is not nd:
-            return None
-        key += (out.shape, out.strides, out.dtype, out.data.device_id)
-    return key
+    if out is not None and type(out) is not nd:
+        return None
+    return (layout, causal, scale, return_lse) + _call_key(q, k, v, out)
 
 
 def memoized_attention(q, k, v, causal, scale, layout, return_lse, out, stream):
-    """(out, lse) when this call repeats a remembered signature, else None.
+    """What nbflash.attention returns (out, or (out, lse) with return_lse) when this
+    call repeats a remembered signature, else None (nothing launched).
 
-    The same key as :func:`_memo_key`, built inline: this runs on every call."""
+    The key of :func:`_memo_key`, built inline, and _Prepared.run inlined for CuPy's
+    current stream: this runs on every call, and each attribute read and frame counts
+    (perf/stub_host_path.py)."""
     nd = _ndarray_type
     if nd is None:
         nd = _ndarray()
@@ -190,25 +212,53 @@ def memoized_attention(q, k, v, causal, scale, layout, return_lse, out, stream):
         or not (scale is None or type(scale) is float or type(scale) is int)
     ):
         return None
-    qm, km, vm = q.data, k.data, v.data
-    qp, kp, vp = qm.ptr, km.ptr, vm.ptr
-    key = (q.shape, q.strides, k.shape, k.strides, v.shape, v.strides, q.dtype, k.dtype, v.dtype,
-           qm.device_id, km.device_id, vm.device_id, not ((qp | kp | vp) & 15),
-           layout, causal, scale, return_lse)
-    if out is not None:
+    qm = q.data
+    km = k.data
+    vm = v.data
+    qp = qm.ptr
+    kp = km.ptr
+    vp = vm.ptr
+    if out is None:
+        entry = _memo.get((layout, causal, scale, return_lse, q.shape, q._c_contiguous or q.strides,
+                           k.shape, k._c_contiguous or k.strides, v.shape, v._c_contiguous or v.strides,
+                           q.dtype, k.dtype, v.dtype, qm.device_id, km.device_id, vm.device_id,
+                           not ((qp | kp | vp) & 15)))
+        if entry is None:
+            return None
+        if stream is not None:
+            result = entry.run(qp, kp, vp, None, return_lse, stream)
+            return result if result is None or return_lse else result[0]
+        out = nd(entry.out_shape, entry.dtype)
+        op = out.data.ptr
+    else:
         if type(out) is not nd:
             return None
         om = out.data
-        key += (out.shape, out.strides, out.dtype, om.device_id)
-        entry = _memo.get(key)
+        entry = _memo.get((layout, causal, scale, return_lse, q.shape, q._c_contiguous or q.strides,
+                           k.shape, k._c_contiguous or k.strides, v.shape, v._c_contiguous or v.strides,
+                           q.dtype, k.dtype, v.dtype, qm.device_id, km.device_id, vm.device_id,
+                           not ((qp | kp | vp) & 15),
+                           out.shape, out._c_contiguous or out.strides, out.dtype, om.device_id))
         if entry is None:
             return None
-        entry.check_overlap(om.ptr, qp, kp, vp)
-    else:
-        entry = _memo.get(key)
-        if entry is None:
-            return None
-    return entry.run(qp, kp, vp, out, return_lse, stream)
+        op = om.ptr
+        ov = entry.ov
+        if ov is not None and (ov[0] <= qp - op <= ov[1] or ov[2] <= kp - op <= ov[3] or ov[4] <= vp - op <= ov[5]):
+            raise entry.overlap_error(op, qp, kp, vp)
+        if stream is not None:
+            result = entry.run(qp, kp, vp, out, return_lse, stream)
+            return result if result is None or return_lse else result[0]
+    sp = _get_current_stream().ptr
+    try:
+        if return_lse:
+            lse = nd(entry.lse_shape, _FLOAT32)
+            entry.go(sp, qp, kp, vp, op, lse.data.ptr)
+            return out, lse
+        entry.go(sp, qp, kp, vp, op)
+        return out
+    except launch.LaunchError as error:
+        entry.disable(error)
+        return None
 
 
 def remember(q, k, v, causal, scale, layout, return_lse, out, problem, views, result):
@@ -285,39 +335,56 @@ class AttentionPlan:
         """Attention of q, k, v under the plan; arguments, shapes and the return
         value as :func:`nbflash.attention` (``out`` and ``stream`` as there)."""
         nd = _ndarray_type
-        if nd and type(q) is nd and type(k) is nd and type(v) is nd and (out is None or type(out) is nd):
-            key = (q.shape, q.strides, k.shape, k.strides, v.shape, v.strides,
-                   None if out is None else (out.shape, out.strides))
-            entry = self._entries.get(key)
+        if nd and type(q) is nd and type(k) is nd and type(v) is nd:
+            # a remembered shape: the key of _call_key, built inline (dtype, device and
+            # alignment are in it, so any change misses and _run_checked explains it)
+            qm = q.data
+            km = k.data
+            vm = v.data
+            qp = qm.ptr
+            kp = km.ptr
+            vp = vm.ptr
+            entry = None
+            if out is None:
+                entry = self._entries.get((
+                    q.shape, q._c_contiguous or q.strides, k.shape, k._c_contiguous or k.strides,
+                    v.shape, v._c_contiguous or v.strides, q.dtype, k.dtype, v.dtype,
+                    qm.device_id, km.device_id, vm.device_id, not ((qp | kp | vp) & 15)))
+                if entry is not None and stream is None:
+                    out = nd(entry.out_shape, entry.dtype)
+                    op = out.data.ptr
+            elif type(out) is nd:
+                om = out.data
+                entry = self._entries.get((
+                    q.shape, q._c_contiguous or q.strides, k.shape, k._c_contiguous or k.strides,
+                    v.shape, v._c_contiguous or v.strides, q.dtype, k.dtype, v.dtype,
+                    qm.device_id, km.device_id, vm.device_id, not ((qp | kp | vp) & 15),
+                    out.shape, out._c_contiguous or out.strides, out.dtype, om.device_id))
+                if entry is not None:
+                    op = om.ptr
+                    ov = entry.ov
+                    if ov is not None and (ov[0] <= qp - op <= ov[1] or ov[2] <= kp - op <= ov[3]
+                                           or ov[4] <= vp - op <= ov[5]):
+                        raise entry.overlap_error(op, qp, kp, vp)
             if entry is not None:
-                qm, km, vm = q.data, k.data, v.data
-                dt, dev = self.dtype, self.device
-                if (
-                    (q.dtype is dt or q.dtype == dt) and (k.dtype is dt or k.dtype == dt)
-                    and (v.dtype is dt or v.dtype == dt)
-                    and qm.device_id == dev and km.device_id == dev and vm.device_id == dev
-                    and (out is None or ((out.dtype is dt or out.dtype == dt) and out.data.device_id == dev))
-                ):
-                    qp, kp, vp = qm.ptr, km.ptr, vm.ptr
-                    if self._aligned and (qp | kp | vp) & 15:
-                        self._misaligned(qp, kp, vp)
-                    if out is not None:
-                        entry.check_overlap(out.data.ptr, qp, kp, vp)
+                if stream is None:
+                    try:
+                        if self.return_lse:
+                            lse = nd(entry.lse_shape, _FLOAT32)
+                            entry.go(_get_current_stream().ptr, qp, kp, vp, op, lse.data.ptr)
+                            return out, lse
+                        entry.go(_get_current_stream().ptr, qp, kp, vp, op)
+                        return out
+                    except launch.LaunchError as error:
+                        entry.disable(error)
+                else:
                     result = entry.run(qp, kp, vp, out, self.return_lse, stream)
                     if result is not None:
                         return result if self.return_lse else result[0]
-                    self._entries.clear()
+                self._entries.clear()
         return self._run_checked(q, k, v, out, stream)
 
     __call__ = run  # one Python frame less per call than a method calling run
-
-    def _misaligned(self, qp, kp, vp):
-        bad = [name for name, p in (("q", qp), ("k", kp), ("v", vp)) if p % 16]
-        raise ValueError(
-            f"{', '.join(bad)}: the plan's tensor-core kernel ({self.spec.key}) needs 16-byte "
-            f"aligned rows; got data pointers {[hex(p) for p in (qp, kp, vp)]}. Make a plan from "
-            f"these arrays, or call nbflash.attention"
-        )
 
     def _check_fixed(self, problem, views):
         """The plan's fixed dimensions against a call's (clear errors, nothing launched)."""
@@ -369,6 +436,52 @@ class AttentionPlan:
             launch.launch(kernel, grid, self.spec.threads, args, shared, stream_ptr)
         return (out_array, lse) if self.return_lse else out_array
 
+    def capture(self, q, k, v, out=None) -> "AttentionGraph":
+        """Capture the plan's launch on fixed buffers into a CUDA graph, for hot loops
+        whose arrays never move (decoding with a static cache, a fixed layer).
+
+        ``q``, ``k``, ``v`` and ``out`` as in :meth:`run` (checked the same way, with
+        the same errors, before anything is captured); ``out`` None: one output
+        buffer is allocated now (and one lse buffer with return_lse). Returns an
+        :class:`AttentionGraph`: ``g()`` (or ``g(stream=...)``) replays the launch
+        with one cudaGraphLaunch and returns the same buffers every time (out, or
+        (out, lse)), computed from what q, k, v hold when the replay runs. Nothing
+        is checked per replay: the arrays must stay alive (the graph keeps
+        references to them) and their contents may change, but a new shape or new
+        buffer needs a new capture. The graph replays on the plan's device.
+
+        On Numba's simulator there are no graphs: a replay launches the kernel
+        into the same buffers (the same results, none of the speed)."""
+        ops = [arrays.intake(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
+        problem, views = api._validate(*ops, self.layout)
+        self._check_fixed(problem, views)
+        out_op = api._check_out(out, problem, [op.array for op in ops]) if out is not None else None
+        if not problem.on_device and not device.SIMULATOR:
+            raise TypeError("q, k, v: a captured graph needs device (CuPy) arrays; got NumPy arrays")
+        out_array = out_op[0].array if out_op is not None else api._empty(problem, problem.out_shape(), problem.dtype)
+        lse = api._empty(problem, problem.lse_shape(), np.float32) if self.return_lse else None
+        result = (out_array, lse) if self.return_lse else out_array
+        keep = (ops, out_array, lse)
+        if not (problem.seqlen_q and problem.batch and problem.heads_q):
+            return AttentionGraph(self, None, None, result, keep)
+        out_view = out_op[1] if out_op is not None else api._bshd(out_array, problem.layout, problem.squeeze)
+        launch_args = self._shape_entry(problem, views, [op.array for op in ops], out_view, lse,
+                                        out_op[0].array if out_op else None)
+        if device.SIMULATOR:
+            return AttentionGraph(self, None, launch_args, result, keep)
+        import cupy
+
+        kernel, grid, args, shared = launch_args
+        with cupy.cuda.Device(self.device):
+            stream = cupy.cuda.Stream(non_blocking=True)  # capture needs a stream other than the legacy one
+            stream.begin_capture()
+            try:
+                launch.launch(kernel, grid, self.spec.threads, args, shared, stream.ptr)
+            finally:
+                graph = stream.end_capture()
+            graph.upload(cupy.cuda.get_current_stream())
+        return AttentionGraph(self, graph, launch_args, result, keep)
+
     def _shape_entry(self, problem, views, qkv, out_view, lse, out):
         """Prepare (and, on a GPU, remember) this shape; the launch arguments. ``qkv``
         and ``out`` are the caller's arrays (they key the entry), ``out_view`` the
@@ -379,14 +492,56 @@ class AttentionPlan:
             lse = api._empty(problem, problem.lse_shape(), np.float32)
         prepared, launch_args = _prepare(problem, self.spec, views, out_view, lse, self.scale, self.device)
         if prepared is not None:
-            q, k, v = qkv
-            key = (q.shape, q.strides, k.shape, k.strides, v.shape, v.strides,
-                   None if out is None else (out.shape, out.strides))
+            key = _call_key(*qkv, out)
             with self._lock:
                 if len(self._entries) >= 64:
                     self._entries.clear()
                 self._entries[key] = prepared
         return launch_args
+
+
+class AttentionGraph:
+    """One plan launch on fixed buffers, captured as a CUDA graph (see
+    :meth:`AttentionPlan.capture`): call it to replay. ``out`` (and ``lse`` with
+    return_lse) are the buffers every replay writes and returns."""
+
+    __slots__ = ("plan", "graph", "out", "lse", "_exec", "_launch_args", "_result", "_keep")
+
+    def __init__(self, plan, graph, launch_args, result, keep):
+        self.plan = plan
+        self.graph = graph  # cupy.cuda.graph.Graph (None: no launch to replay, or the simulator)
+        self._exec = graph.graphExec if graph is not None else None
+        self._launch_args = launch_args  # the kernel arguments: their DeviceArgs keep the dummies alive
+        self._result = result
+        self.out, self.lse = (result if plan.return_lse else (result, None))
+        self._keep = keep
+
+    def __repr__(self):
+        kind = "CUDA graph" if self.graph is not None else "no graph (simulator)" if self._launch_args else "empty"
+        return f"AttentionGraph({self.plan.spec.key}, out {tuple(self.out.shape)}, {kind})"
+
+    def __call__(self, stream=None):
+        """Replay on ``stream`` (default CuPy's current stream; any stream as
+        :func:`nbflash.attention` takes); returns out, or (out, lse)."""
+        ex = self._exec
+        if ex is not None:
+            _graph_launch(ex, _get_current_stream().ptr if stream is None else launch.stream_handle(stream))
+        elif self._launch_args is not None:
+            kernel, grid, args, shared = self._launch_args
+            launch.launch(kernel, grid, self.plan.spec.threads, args, shared,
+                          None if stream is None else launch.stream_handle(stream))
+        return self._result
+
+    replay = __call__
+
+
+def _graph_launch(graph_exec, stream_ptr):
+    """cudaGraphLaunch through CuPy's Cython binding, resolved on first use."""
+    from cupy_backends.cuda.api.runtime import graphLaunch
+
+    global _graph_launch
+    _graph_launch = graphLaunch
+    graphLaunch(graph_exec, stream_ptr)
 
 
 def plan(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=False) -> AttentionPlan:
@@ -401,7 +556,9 @@ def plan(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=False) 
 
     Returns an :class:`AttentionPlan`: ``plan(q, k, v, out=None, stream=None)`` or
     ``plan.run(...)`` returns what :func:`nbflash.attention` would (out, and lse with
-    ``return_lse``). dtype, head_dim, head_dim_v, heads_q, heads_kv, number of dims,
+    ``return_lse``); ``plan.capture(q, k, v, out=None)`` records the launch on fixed
+    buffers as a CUDA graph whose replays cost one cudaGraphLaunch
+    (:class:`AttentionGraph`). dtype, head_dim, head_dim_v, heads_q, heads_kv, number of dims,
     device, layout, causal, scale and return_lse are fixed; batch, seqlen_q, seqlen_k
     and strides may vary (a tensor-core plan needs 16-byte aligned rows). Inputs that
     do not match raise ValueError / TypeError naming the argument, before anything runs.

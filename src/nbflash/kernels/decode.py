@@ -107,8 +107,10 @@ def build(spec: DecodeSpec):
     Arguments: q (B, Nq, Hq, D); k_cache, v_cache (B, capacity, Hkv, D / Dv), or paged
     (blocks, block_size, Hkv, D / Dv), as uint16 views for 16-bit data when
     vectorized; block_table int32 (B, max_blocks) (ignored when contiguous);
-    seqlens int32 (B,) keys already in the cache; n_new (keys appended after them:
-    sequence b has seqlens[b] + n_new keys); then with spec.split: part_out (splits,
+    seqlens int32 (B,) keys already in the cache, clamped into [0, capacity - n_new]
+    (capacity: the cache's second axis, or max_blocks x block_size when paged), so no
+    length reads outside the cache; n_new (keys appended after them: sequence b has
+    clamped seqlens[b] + n_new keys); then with spec.split: part_out (splits,
     B, Hq, Nq, Dv) and part_lse (splits, B, Hq, Nq) of the accumulator dtype; else
     out (B, Nq, Hq, Dv) and lse float32 (B, Hq, Nq) (ignored unless with_lse);
     scale; group = Hq // Hkv; row_chunks = cdiv(group * Nq, spec.rows).
@@ -231,7 +233,8 @@ def build(spec: DecodeSpec):
         b = cuda.blockIdx.z
         seqlen_q = q.shape[1]
         rows_total = group * seqlen_q
-        seqlen_k = seqlens[b] + n_new
+        capacity = block_table.shape[1] * BS if PAGED else k_cache.shape[1]
+        seqlen_k = min(max(seqlens[b], 0), capacity - n_new) + n_new
 
         q_r = cuda.local.array((ROWS, ept), acc_t)
         acc = cuda.local.array((ROWS, ept), acc_t)

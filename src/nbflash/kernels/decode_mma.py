@@ -86,7 +86,8 @@ def build(spec: DecodeMmaSpec):
     Arguments as decode.build's, 16-bit data as uint16 bits except out: q (B, Nq, Hq,
     D) uint16; k_cache, v_cache (B, capacity, Hkv, D / Dv) or paged (blocks,
     block_size, Hkv, D / Dv) uint16 with 16-byte aligned rows; block_table int32 (B,
-    max_blocks) (ignored when contiguous); seqlens int32 (B,); n_new; then with
+    max_blocks) (ignored when contiguous); seqlens int32 (B,), clamped into [0,
+    capacity - n_new] as decode.build's; n_new; then with
     spec.split part_out float32 (splits, B, Hq, Nq, Dv) and part_lse float32 (splits,
     B, Hq, Nq), else out (B, Nq, Hq, Dv) (float16, or uint16 bits of bfloat16) and lse
     float32 (B, Hq, Nq) (ignored unless with_lse); scale; group = Hq // Hkv;
@@ -222,7 +223,11 @@ def build(spec: DecodeMmaSpec):
         seqlen_q = int32(q.shape[1])
         grp = int32(group)
         rows_total = int32(grp * seqlen_q)
-        seqlen_k = int32(seqlens[b] + n_new)
+        # clamped into the cache (capacity - n_new >= 0: the host checks it), so that
+        # no length, trusted unchecked (check_seqlens=False), reads outside it
+        new = int32(n_new)
+        capacity = int32(block_table.shape[1] * BS) if PAGED else int32(k_cache.shape[1])
+        seqlen_k = int32(min(max(int32(seqlens[b]), int32(0)), int32(capacity - new)) + new)
         scale_log2 = float32(scale * LOG2E)
         smem = cuda.shared.array(0, uint32)
 

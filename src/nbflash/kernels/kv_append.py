@@ -17,8 +17,10 @@ def build(spec: AppendSpec):
     Arguments: k_new (B, Nn, Hkv, D), v_new (B, Nn, Hkv, Dv), k_cache, v_cache
     ((B, capacity, Hkv, D / Dv), or paged (blocks, block_size, Hkv, D / Dv)),
     block_table int32 (B, max_blocks) (ignored when contiguous), seqlens int32 (B,):
-    token t of sequence b goes to position seqlens[b] + t. All four arrays are
-    unsigned-integer views of spec.bits.
+    token t of sequence b goes to position L_b + t, L_b = seqlens[b] clamped into
+    [0, capacity - Nn] (capacity: the cache's second axis, or max_blocks x block_size
+    when paged), so no length writes outside the cache (the host checks Nn <=
+    capacity). All four arrays are unsigned-integer views of spec.bits.
     """
     T, PAGED = spec.threads, spec.paged
 
@@ -26,7 +28,8 @@ def build(spec: AppendSpec):
         t = cuda.blockIdx.x
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
-        pos = seqlens[b] + t
+        capacity = block_table.shape[1] * k_cache.shape[1] if PAGED else k_cache.shape[1]
+        pos = min(max(seqlens[b], 0), capacity - k_new.shape[1]) + t
         if PAGED:
             block_size = k_cache.shape[1]
             i0 = block_table[b, pos // block_size]
