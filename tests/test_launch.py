@@ -457,6 +457,26 @@ def test_fast_launch_gives_what_numbas_launch_gives(dtype, layout, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_shipped_tensor_core_kernels_keep_the_fast_launch(head_dim):
+    """A fast launch that fails falls back to Numba's launch (about 1 ms of host time
+    per call): the shipped tensor-core kernels, which ask for more than 48 KB of shared
+    memory, must never take that fallback."""
+    import cupy
+
+    rng, seed = new_rng()
+    for causal in (False, True):
+        q, k, v = (to_device(random_array(rng, (1, 200, 2, head_dim), np.float16)) for _ in range(3))
+        nbflash.attention(q, k, v, causal=causal)
+        spec = nbflash.forward_spec(q, k, v, causal=causal)
+        kernel = launch.compiled(spec)
+        entries = [made for key, made in launch._launchers.items() if key[0] == id(kernel)]
+        assert entries, f"{spec.key}: no launcher was made (seed {seed})"
+        assert all(made is not launch._NUMBA for made in entries), f"{spec.key} fell back to Numba's launch"
+    cupy.cuda.get_current_stream().synchronize()
+
+
+@pytest.mark.gpu
 def test_gpu_threads_on_streams_compile_once_and_are_right():
     import cupy
 

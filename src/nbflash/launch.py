@@ -656,12 +656,12 @@ def _prepare(kernel, sig, dev, args):
         compile_seconds[label] = seconds
         log.info("nbflash: %s ready in %.3f s", label, seconds)
         _check_params(handle, layout, name)
-        if loaded is not None:  # a CUkernel: launch its CUfunction (the driver then skips a per-launch lookup)
-            function = _function_of(handle, dev)
-            if function is not None:
-                return Launcher(function, layout, dev, name)
-            return Launcher(handle, layout, dev, name, handle_kind="kernel")
-        return Launcher(handle, layout, dev, name)
+        # Numba's and the disk cache's handles are both CUkernels (library-loaded):
+        # launch through the CUfunction, and the driver skips a per-launch lookup
+        function = _function_of(handle, dev)
+        if function is not None:
+            return Launcher(function, layout, dev, name)
+        return Launcher(handle, layout, dev, name, handle_kind="kernel")
     except Exception as error:  # never a wrong result: Numba's launch takes over
         _disable(kernel, sig, dev, error)
         return _NUMBA
