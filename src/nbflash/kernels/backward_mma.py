@@ -45,7 +45,7 @@ from dataclasses import replace
 
 import numpy as np
 from numba import cuda
-from numba.cuda import float32, uint32
+from numba.cuda import float32, int32, uint32
 
 from ..spec import BackwardMmaSpec
 from . import ptx
@@ -611,6 +611,15 @@ def _build_dq(spec):
         if VARLEN:  # the grid covers the longest sequence: these rows may lie past ours
             if row0 >= seqlen_q:
                 n_tiles = 0
+            # The span lives in shared memory and is re-read where it is used (as in
+            # forward_mma): held in registers across the key loop it spilled d128.
+            span = cuda.shared.array(4, int32)
+            if tid == 0:
+                span[0] = q_start
+                span[1] = seqlen_q
+                span[2] = k_start
+                span[3] = seqlen_k
+            cuda.syncthreads()
 
         issue_rows(q, smem, Q_OFF, BM, b, h, q_start, row0, seqlen_q, tid)
         issue_rows(do, smem, DO_OFF, BM, b, h, q_start, row0, seqlen_q, tid)
@@ -647,6 +656,10 @@ def _build_dq(spec):
         oa = cuda.local.array(A_REGS, uint32)
 
         for it in range(n_tiles):
+            if VARLEN:
+                seqlen_q = span[1]
+                k_start = span[2]
+                seqlen_k = span[3]
             stage = it % 2
             n0 = (tile0 + it) * BN
             k_base = K_OFF + stage * BN * RW
@@ -767,6 +780,9 @@ def _build_dq(spec):
             cuda.syncthreads()  # everyone is done with this stage before it is refilled
 
         ptx.cp_async_wait_group(0)
+        if VARLEN:
+            q_start = span[0]
+            seqlen_q = span[1]
         for m in range(M_TILES):
             for half in range(2):
                 i = row0 + warp_row + m * 16 + g + 8 * half
