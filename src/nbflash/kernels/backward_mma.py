@@ -36,6 +36,14 @@ outside the window or the mask) as in the forward; dropout multiplies P and dP b
 keep / (1 - p) with the forward's Philox mask; dS = P * (dP - delta) is dbias and is
 multiplied by softcap's 1 - tanh^2 before dK and dQ. A window skips the query tiles
 (dK/dV) and key tiles (dQ) outside its band.
+
+Varlen (spec.varlen, nbflash.attention_varlen_backward): the tensors are packed
+(1, total, heads, head_dim) views and blockIdx.z is the sequence; each dK/dV and dQ CTA
+reads its sequence's start and length from cu_seqlens_q / cu_seqlens_k (varlen.
+sequence_span), offsets its rows (and lse, delta) by the start and does nothing past
+the sequence's end (the grids cover the longest sequence). The dQ kernel keeps the span
+in shared memory and re-reads it where it is used (in registers across the key loop it
+spilled at d128). dq_convert and delta need no flag: they are elementwise over the rows.
 """
 
 from __future__ import annotations
