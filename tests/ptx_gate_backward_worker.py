@@ -5,7 +5,8 @@ subprocesses with the simulator off, one per dtype (the two run in parallel).
 
 Each kernel is compiled to PTX once, for sm_80 (compute_80 PTX is what ptxas also
 assembles for sm_90a): the Numba front end is most of the time, and the backward has
-48 specializations. Usage: ptx_gate_backward_worker.py [fp16|bf16 ...]."""
+48 specializations. Usage: ptx_gate_backward_worker.py [fp16|bf16 ...] [dense|varlen]
+(both dtypes, and both the dense and the varlen kernels, by default)."""
 
 import json
 import os
@@ -38,30 +39,36 @@ def signature(part, bias_dtype=types.float32):
     u16 = types.Array(types.uint16, 4, "A")
     f32_3 = types.Array(types.float32, 3, "A")
     f32_4 = types.Array(types.float32, 4, "A")
+    seqlens = (types.Array(types.int32, 1, "A"),) * 2  # cu_seqlens_q, cu_seqlens_k (read with spec.varlen)
     inputs = (u16, u16, u16, u16, f32_3, f32_3)
     if part == "dq":
-        return (*inputs, u16, types.float32, types.int64, *variant_types(bias_dtype))
-    return (*inputs, u16, u16, f32_4, types.float32, types.int64, *variant_types(bias_dtype), f32_4)
+        return (*inputs, u16, types.float32, types.int64, *variant_types(bias_dtype), *seqlens)
+    return (*inputs, u16, u16, f32_4, types.float32, types.int64, *variant_types(bias_dtype), f32_4, *seqlens)
 
 
-def shipped_specs(dtypes):
+def shipped_specs(dtypes, varlens=(False, True)):
+    """Every kernel of every shipped plan, dense and varlen (attention_varlen_backward)."""
     for head_dim in sorted(tuning.MMA_BWD_TILES):
         for dtype in dtypes:
             for causal in (False, True):
-                plan = backward_mma.choose_spec(dtype, head_dim, causal, simulator=False)
-                for part in parts(plan):
-                    yield plan.__class__(**{**plan.__dict__, "part": part})
+                for varlen in varlens:
+                    plan = backward_mma.choose_spec(dtype, head_dim, causal, simulator=False)
+                    for part in parts(plan):
+                        yield plan.__class__(**{**plan.__dict__, "part": part, "varlen": varlen})
 
 
 def main():
-    for spec in shipped_specs(sys.argv[1:] or ("fp16", "bf16")):
+    args = sys.argv[1:]
+    dtypes = [a for a in args if a in ("fp16", "bf16")] or ("fp16", "bf16")
+    varlens = (False,) if "dense" in args else (True,) if "varlen" in args else (False, True)
+    for spec in shipped_specs(dtypes, varlens):
         threads = spec.dq_threads if spec.part == "dq" else spec.threads
         ptx, _ = cuda.compile_ptx(backward_mma.build(spec).py_func, signature(spec.part), cc=(8, 0))
         for arch in ARCHS:
             log = ptxas_report(ptx, arch)
             grab = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
             print(json.dumps({
-                "key": spec.key, "part": spec.part, "arch": arch, "threads": threads,
+                "key": spec.key, "part": spec.part, "varlen": spec.varlen, "arch": arch, "threads": threads,
                 "registers": grab(r"Used (\d+) registers"),
                 "stack": grab(r"(\d+) bytes stack frame"),
                 "spill_stores": grab(r"(\d+) bytes spill stores"),

@@ -1,7 +1,7 @@
 """The no-GPU gate on the tensor-core backward: every shipped specialization (each
-head_dim, dtype, causal flag and kernel of the plan) compiles for sm_80 and sm_90a with
-tensor-core instructions in its PTX, no spills, no stack frame (fragments stay in
-registers) and a register count its CTA can launch with."""
+head_dim, dtype, causal flag and kernel of the plan, dense and varlen) compiles for
+sm_80 and sm_90a with tensor-core instructions in its PTX, no spills, no stack frame
+(fragments stay in registers) and a register count its CTA can launch with."""
 
 from __future__ import annotations
 
@@ -14,14 +14,15 @@ SHARED_PER_SM = {"sm_80": 164 * 1024, "sm_90a": 227 * 1024}
 DTYPES = ("fp16", "bf16")
 
 
-gate_jobs.register_module(__file__, "backward", [["ptx_gate_backward_worker.py", dtype] for dtype in DTYPES])
+gate_jobs.register_module(__file__, "backward", [["ptx_gate_backward_worker.py", dtype, kind]
+                                                  for dtype in DTYPES for kind in ("dense", "varlen")])
 
 
 @pytest.fixture(scope="module")
 def reports():
     rows = gate_jobs.rows("backward")
     parts = sum(3 if tuning.mma_bwd_dq_atomics(d, False) else 2 for d in tuning.MMA_BWD_TILES)
-    assert len(rows) == parts * len(DTYPES) * 2 * 2, rows  # x causal x arch
+    assert len(rows) == parts * len(DTYPES) * 2 * 2 * 2, rows  # x causal x arch x (dense, varlen)
     return rows
 
 
@@ -42,3 +43,14 @@ def test_registers_and_shared_memory_fit_the_tile_config(reports):
         assert r["registers"] <= 255, r
         assert r["registers"] * r["threads"] <= 65536, r
         assert r["shared_bytes"] <= SHARED_PER_SM[r["arch"]], r
+
+
+def test_every_dense_kernel_has_a_varlen_twin(reports):
+    """attention_varlen_backward runs the same plans as the dense backward with
+    spec.varlen: the same kernels, tiles and threads."""
+    dense = {(r["key"], r["arch"]): r for r in reports if not r["varlen"]}
+    varlen = {(r["key"].replace("-varlen", ""), r["arch"]): r for r in reports if r["varlen"]}
+    assert dense.keys() == varlen.keys()
+    for key, r in varlen.items():
+        assert (r["part"], r["threads"], r["shared_bytes"]) == (dense[key]["part"], dense[key]["threads"],
+                                                                dense[key]["shared_bytes"]), r

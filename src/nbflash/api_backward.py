@@ -328,10 +328,11 @@ def _float64_variant_lse(spec, problem, views, vargs, scale):
 
 
 def _launch_backward(spec, problem, views, do_view, out_view, lse_view, delta, grad_views, scale, deterministic,
-                     vargs=variants.NO_VARIANTS, ds=None):
+                     vargs=variants.NO_VARIANTS, ds=None, varlen=None):
     """delta = rowsum(dO * O) by the portable preprocess kernel, then one family's
     kernels (contract: kernels/backward_simt.py's docstring) with the variant values
-    and the dS buffer for dbias appended."""
+    and the dS buffer for dbias appended. ``varlen``: a packed batch for the
+    tensor-core family (see kernels.backward_mma.launch_backward)."""
     b, hq, hkv = problem.batch, problem.heads_q, problem.heads_kv
     cdiv = lambda n, d: -(-n // d)  # noqa: E731
     simt = spec if spec.module == "backward_simt" else _simt_spec(problem, spec.causal)
@@ -353,7 +354,7 @@ def _launch_backward(spec, problem, views, do_view, out_view, lse_view, delta, g
         raw = lambda a: arrays.kernel_view(a, True)  # noqa: E731
         backward_mma.launch_backward(
             spec, raw(q), raw(k), raw(v), raw(do_view), lse_view, delta, raw(dq), raw(dk), raw(dv),
-            scale, hq // hkv, deterministic, extra,
+            scale, hq // hkv, deterministic, extra, varlen,
         )
         return
     args = [

@@ -267,7 +267,7 @@ def _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, 
 
 def attention_varlen_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None,
                               max_seqlen_k=None, causal=False, scale=None, deterministic=False,
-                              dq=None, dk=None, dv=None):
+                              dq=None, dk=None, dv=None, window=None, softcap=0.0, alibi_slopes=None):
     """Gradients of :func:`attention_varlen`: given dO = dL/d(out), return dL/dq,
     dL/dk, dL/dv of a packed batch.
 
@@ -282,25 +282,29 @@ def attention_varlen_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
         deterministic: as in :func:`nbflash.attention_backward`.
         dq, dk, dv: optional arrays of q's, k's, v's shapes and q's dtype to write into;
             no overlap with any input or each other.
+        window, softcap, alibi_slopes: the forward's variants, exactly as given to
+            :func:`attention_varlen` (window (left, right) per sequence; softcap a
+            float >= 0; alibi_slopes float32 (heads_q,) or (batch, heads_q), batch
+            the number of sequences).
 
     The lengths are read on the host (one small device->host copy for device
     cu_seqlens, which synchronizes with the stream) and every check of
-    :func:`attention_varlen` applies. The gradients of each sequence come from the
-    dense backward kernels run on that sequence's slices (views, no padding, no
-    copies): one backward per non-empty sequence, so many tiny sequences pay one
-    launch group each. A single-launch varlen backward (the forward's per-sequence
-    offsets inside the backward kernels) is future work.
+    :func:`attention_varlen` applies. float16 and bfloat16 on the tensor-core backward
+    (head_dim = head_dim_v in 32, 64, 96, 128) run as one launch per kernel stage for
+    the whole batch: the kernels read each sequence's offsets from cu_seqlens, as the
+    varlen forward does. Other dtypes and head dims, and NumPy inputs on a machine with
+    a GPU, run the dense backward on each sequence's slices (views, no padding, no
+    copies): one launch group per non-empty sequence.
 
     Returns:
         (dq, dk, dv): the shapes of q, k, v, q's dtype; CuPy for device inputs, NumPy
         for NumPy inputs. For GQA, dk and dv sum over the query heads that share a kv
         head; keys of a sequence without queries get 0, as do queries without keys.
     """
-    from .api_backward import attention_backward
-    from .api_backward import _check_array
+    from .api_backward import _check_array, choose_backward_spec
 
     ops = [arrays.intake(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
-    problem, _ = _validate_3d(ops)
+    problem, views = _validate_3d(ops)
     causal = api._check_flag(causal, "causal")
     deterministic = api._check_flag(deterministic, "deterministic")
     scale = api._check_scale(scale, problem.head_dim)
@@ -309,6 +313,7 @@ def attention_varlen_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
     if max_seqlen_q is not None and _check_max_seqlen(max_seqlen_q, "max_seqlen_q") < seqlens.max_seqlen_q:
         raise ValueError(f"max_seqlen_q: {max_seqlen_q} is smaller than the longest sequence in "
                          f"cu_seqlens ({seqlens.max_seqlen_q})")
+    var = _check_varlen_variants(problem, qa, seqlens.batch, causal, window, softcap, alibi_slopes)
     packed_out = (problem.seqlen_q, problem.heads_q, problem.head_dim_v)
     do_a = _check_array(do, "do", problem, qa, packed_out, bshd=False)[0].array
     out_a = _check_array(out, "out", problem, qa, packed_out, bshd=False)[0].array
@@ -332,7 +337,49 @@ def attention_varlen_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
 
     host_q, host_k = (a.get() if not isinstance(a, np.ndarray) else a for a in (seqlens.q, seqlens.k))
     dq_a, dk_a, dv_a = grads["dq"], grads["dk"], grads["dv"]
-    for b in range(seqlens.batch):
+    if min(seqlens.batch, problem.seqlen_q, problem.seqlen_k, problem.heads_q) == 0:
+        for g in (dq_a, dk_a, dv_a):  # no query sees a key: every gradient is 0
+            g[...] = 0
+        return dq_a, dk_a, dv_a
+    if problem.on_device or device.SIMULATOR:
+        grad_views = [g[None] for g in (dq_a, dk_a, dv_a)]
+        spec = choose_backward_spec(problem, causal, deterministic, [*views, do_a[None], *grad_views], var.variant)
+        if spec.module == "backward_mma":
+            longest_k = int(np.diff(host_k.astype(np.int64)).max())
+            _backward_varlen(spec, problem, views, do_a, out_a, lse_a, grad_views, seqlens, longest_k, scale,
+                             deterministic, var)
+            return dq_a, dk_a, dv_a
+    _backward_per_sequence(do_a, ops, out_a, lse_a, (dq_a, dk_a, dv_a), host_q, host_k, causal, scale,
+                           deterministic, window, softcap, var)
+    return dq_a, dk_a, dv_a
+
+
+def _backward_varlen(spec, problem, views, do_a, out_a, lse_a, grad_views, seqlens, longest_k, scale,
+                     deterministic, var):
+    """The tensor-core backward over the whole packed batch: delta for every packed
+    row, then the dK/dV and dQ kernels built with spec.varlen (one launch each)."""
+    from .api_backward import _launch_backward
+
+    cu_q, cu_k = seqlens.q, seqlens.k
+    if problem.on_device:  # NumPy cu_seqlens with device q: upload (a no-op for CuPy ones)
+        import cupy
+
+        cu_q, cu_k = cupy.asarray(cu_q), cupy.asarray(cu_k)
+    delta = api._empty(problem, (1, problem.heads_q, problem.seqlen_q), np.float32)
+    varlen = (launch.numba_view(cu_q), launch.numba_view(cu_k), seqlens.batch, seqlens.max_seqlen_q, longest_k)
+    _launch_backward(spec, problem, views, do_a[None], out_a[None], lse_a[None], delta, grad_views,
+                     np.float32(scale), deterministic, var, None, varlen)
+
+
+def _backward_per_sequence(do_a, ops, out_a, lse_a, grads, host_q, host_k, causal, scale, deterministic,
+                           window, softcap, var):
+    """The dense backward on each sequence's slices (dtypes and head dims without a
+    varlen kernel, and NumPy inputs through a GPU)."""
+    from .api_backward import attention_backward
+
+    qa, ka, va = (op.array for op in ops)
+    dq_a, dk_a, dv_a = grads
+    for b in range(len(host_q) - 1):
         qs = slice(int(host_q[b]), int(host_q[b + 1]))
         ks = slice(int(host_k[b]), int(host_k[b + 1]))
         if qs.start == qs.stop or ks.start == ks.stop:  # nothing attends: zero gradients
@@ -341,7 +388,8 @@ def attention_varlen_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                 dk_a[ks] = 0
                 dv_a[ks] = 0
             continue
-        attention_backward(do_a[qs], qa[qs], ops[1].array[ks], ops[2].array[ks], out_a[qs], lse_a[:, qs],
+        slopes = var.alibi[b] if var.alibi is not None else None
+        attention_backward(do_a[qs], qa[qs], ka[ks], va[ks], out_a[qs], lse_a[:, qs],
                            causal=causal, scale=scale, deterministic=deterministic,
-                           dq=dq_a[qs], dk=dk_a[ks], dv=dv_a[ks])
-    return dq_a, dk_a, dv_a
+                           dq=dq_a[qs], dk=dk_a[ks], dv=dv_a[ks], window=window, softcap=softcap,
+                           alibi_slopes=slopes)

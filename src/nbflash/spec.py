@@ -163,6 +163,9 @@ class BackwardMmaSpec:
         dK/dV kernel ("dkdvq" + "dq_convert") instead of the separate dQ kernel.
     variant: the attention variants compiled in (see Variant).
     dbias: the dK/dV kernel also writes dS, the gradient of an additive bias.
+    varlen: packed variable-length sequences (nbflash.attention_varlen_backward): the
+        dK/dV and dQ kernels read their sequence's offsets and lengths from cu_seqlens
+        arrays (blockIdx.z is the sequence), as ForwardSpec.varlen.
     """
 
     dtype: str
@@ -180,6 +183,7 @@ class BackwardMmaSpec:
     variant: Variant = PLAIN
     part: str = "plan"
     dbias: bool = False
+    varlen: bool = False
 
     @property
     def module(self) -> str:
@@ -189,6 +193,7 @@ class BackwardMmaSpec:
     def key(self) -> str:
         name = "bwd_mma" if self.part == "plan" else f"bwd_mma_{self.part}"
         flags = ("-causal" if self.causal else "") + self.variant.key + ("-dbias" if self.dbias else "")
+        flags += "-varlen" if self.varlen else ""
         return (
             f"{name}-{self.dtype}-d{self.head_dim}{flags}"
             f"-m{self.block_m}n{self.block_n}t{self.threads}" + ("kvr" if self.kv_in_registers else "")

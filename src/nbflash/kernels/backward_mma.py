@@ -36,6 +36,14 @@ outside the window or the mask) as in the forward; dropout multiplies P and dP b
 keep / (1 - p) with the forward's Philox mask; dS = P * (dP - delta) is dbias and is
 multiplied by softcap's 1 - tanh^2 before dK and dQ. A window skips the query tiles
 (dK/dV) and key tiles (dQ) outside its band.
+
+Varlen (spec.varlen, nbflash.attention_varlen_backward): the tensors are packed
+(1, total, heads, head_dim) views and blockIdx.z is the sequence; each dK/dV and dQ CTA
+reads its sequence's start and length from cu_seqlens_q / cu_seqlens_k (varlen.
+sequence_span), offsets its rows (and lse, delta) by the start and does nothing past
+the sequence's end (the grids cover the longest sequence). The dQ kernel keeps the span
+in shared memory and re-reads it where it is used (in registers across the key loop it
+spilled at d128). dq_convert and delta need no flag: they are elementwise over the rows.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from dataclasses import replace
 
 import numpy as np
 from numba import cuda
-from numba.cuda import float32, uint32
+from numba.cuda import float32, int32, uint32
 
 from ..spec import BackwardMmaSpec
 from . import ptx
@@ -54,6 +62,7 @@ from .score_mods import (
     alibi_term, bias_reader, soft_cap, tile_crosses_band, window_key_range, window_query_range, window_visible,
 )
 from .tile_copy import make_issue_rows
+from .varlen import sequence_span
 
 LOG2E = 1.4426950408889634
 PAD_WORDS = 4
@@ -149,21 +158,22 @@ def _device_helpers(spec, threads):
         return ptx.ldmatrix_x4_trans(ptx.shared_address(smem, (base + row * RW + db2 * 8 + (mat // 2) * 4,)))
 
     @cuda.jit(device=True, inline=True)
-    def lse_log2(lse, b, h, i, seqlen_q):
-        """lse * log2(e) of row i, +inf for rows past seqlen_q or that see no key, so
-        that P = exp2(s - lse_log2) is 0 there."""
+    def lse_log2(lse, b, h, start, i, seqlen_q):
+        """lse * log2(e) of row i (stored at start + i: a packed sequence's first row,
+        0 for dense tensors), +inf for rows past seqlen_q or that see no key, so that
+        P = exp2(s - lse_log2) is 0 there."""
         x = float32(INF)
         if i < seqlen_q:
-            y = lse[b, h, i]
+            y = lse[b, h, start + i]
             if y != -INF:
                 x = float32(y * LOG2E)
         return x
 
     @cuda.jit(device=True, inline=True)
-    def delta_of(delta, b, h, i, seqlen_q):
+    def delta_of(delta, b, h, start, i, seqlen_q):
         x = float32(0)
         if i < seqlen_q:
-            x = delta[b, h, i]
+            x = delta[b, h, start + i]
         return x
 
     return issue_rows, a_fragments, bt_fragments, b_fragments, lse_log2, delta_of
@@ -234,7 +244,7 @@ def _build_dkdv(spec):
     assert N_TILES * 16 * WARPS == BN and BM % 16 == 0 and D % 32 == 0
     WITH_DQ = spec.part == "dkdvq"
     KV_IN_REGS = spec.kv_in_registers
-    CAUSAL = spec.causal
+    CAUSAL, VARLEN = spec.causal, spec.varlen
     RW = D // 2 + PAD_WORDS
     K_OFF = 0
     V_OFF = BN * RW
@@ -264,7 +274,7 @@ def _build_dkdv(spec):
 
     def backward_dkdv(q, k, v, do, lse, delta, dk, dv, dq_acc, scale, group,
                       window_left, window_right, softcap, alibi, bias, mask,
-                      keep_threshold, keep_scale, seed_lo, seed_hi, dbias):
+                      keep_threshold, keep_scale, seed_lo, seed_hi, dbias, cu_seqlens_q, cu_seqlens_k):
         tid = cuda.threadIdx.x
         lane = tid % 32
         warp = tid // 32
@@ -273,9 +283,17 @@ def _build_dkdv(spec):
         mat = lane // 8
         n0 = cuda.blockIdx.x * BN
         hk = cuda.blockIdx.y
-        b = cuda.blockIdx.z
-        seqlen_q = q.shape[1]
-        seqlen_k = k.shape[1]
+        seq = cuda.blockIdx.z  # the batch entry, or with VARLEN the packed sequence
+        if VARLEN:  # rows are offset by the sequence's start in the packed tensors
+            b = 0
+            q_start, seqlen_q = sequence_span(cu_seqlens_q, seq, q.shape[1])
+            k_start, seqlen_k = sequence_span(cu_seqlens_k, seq, k.shape[1])
+        else:
+            b = seq
+            q_start = NO_OFFSET
+            k_start = NO_OFFSET
+            seqlen_q = q.shape[1]
+            seqlen_k = k.shape[1]
         warp_key = warp * 16 * N_TILES  # first key of this warp within the tile
         scale_log2 = float32(scale * LOG2E)
         smem = cuda.shared.array(0, uint32)
@@ -291,17 +309,20 @@ def _build_dkdv(spec):
             m_first = max(0, n0 - (seqlen_k - seqlen_q)) // BM
         n_m = max(0, m_tiles - m_first)
         n_iter = group * n_m
+        if VARLEN:  # the grid covers the longest sequence: these keys may lie past ours
+            if n0 >= seqlen_k:
+                n_iter = 0
 
         if n_iter > 0:
-            issue_rows(k, smem, K_OFF, BN, b, hk, NO_OFFSET, n0, seqlen_k, tid)
-            issue_rows(v, smem, V_OFF, BN, b, hk, NO_OFFSET, n0, seqlen_k, tid)
+            issue_rows(k, smem, K_OFF, BN, b, hk, k_start, n0, seqlen_k, tid)
+            issue_rows(v, smem, V_OFF, BN, b, hk, k_start, n0, seqlen_k, tid)
             h = hk * group
             m0 = m_first * BM
-            issue_rows(q, smem, Q_OFF, BM, b, h, NO_OFFSET, m0, seqlen_q, tid)
-            issue_rows(do, smem, DO_OFF, BM, b, h, NO_OFFSET, m0, seqlen_q, tid)
+            issue_rows(q, smem, Q_OFF, BM, b, h, q_start, m0, seqlen_q, tid)
+            issue_rows(do, smem, DO_OFF, BM, b, h, q_start, m0, seqlen_q, tid)
             if tid < BM:
-                smem[LSE_OFF + tid] = ptx.f32_as_u32(lse_log2(lse, b, h, m0 + tid, seqlen_q))
-                smem[DELTA_OFF + tid] = ptx.f32_as_u32(delta_of(delta, b, h, m0 + tid, seqlen_q))
+                smem[LSE_OFF + tid] = ptx.f32_as_u32(lse_log2(lse, b, h, q_start, m0 + tid, seqlen_q))
+                smem[DELTA_OFF + tid] = ptx.f32_as_u32(delta_of(delta, b, h, q_start, m0 + tid, seqlen_q))
         ptx.cp_async_commit()
 
         kv_frag = cuda.local.array(KV_BOTH_REGS, uint32)  # K then V A-fragments
@@ -343,11 +364,11 @@ def _build_dkdv(spec):
                 gh1 = (it + 1) // n_m
                 h1 = hk * group + gh1
                 m1 = (m_first + it + 1 - gh1 * n_m) * BM
-                issue_rows(q, smem, Q_OFF + (1 - stage) * BM * RW, BM, b, h1, NO_OFFSET, m1, seqlen_q, tid)
-                issue_rows(do, smem, DO_OFF + (1 - stage) * BM * RW, BM, b, h1, NO_OFFSET, m1, seqlen_q, tid)
+                issue_rows(q, smem, Q_OFF + (1 - stage) * BM * RW, BM, b, h1, q_start, m1, seqlen_q, tid)
+                issue_rows(do, smem, DO_OFF + (1 - stage) * BM * RW, BM, b, h1, q_start, m1, seqlen_q, tid)
                 if tid < BM:  # loads in flight during this tile's math, stored at its end
-                    next_lse = lse_log2(lse, b, h1, m1 + tid, seqlen_q)
-                    next_delta = delta_of(delta, b, h1, m1 + tid, seqlen_q)
+                    next_lse = lse_log2(lse, b, h1, q_start, m1 + tid, seqlen_q)
+                    next_delta = delta_of(delta, b, h1, q_start, m1 + tid, seqlen_q)
             ptx.cp_async_commit()
             ptx.cp_async_wait_group(1)  # this tile's group has landed
             cuda.syncthreads()
@@ -408,11 +429,11 @@ def _build_dkdv(spec):
                                 key = n0 + warp_key + m * 16 + g + 8 * half
                                 keep = True
                                 if DROPOUT:  # this thread's keys are g and g + 8: one pair each
-                                    k0, k1 = keep_pair(seed_lo, seed_hi, b * heads_q + h, i, key - (key & 1),
+                                    k0, k1 = keep_pair(seed_lo, seed_hi, seq * heads_q + h, i, key - (key & 1),
                                                        keep_threshold)
                                     keep = k1 if key & 1 else k0
                                 s[j], dp[j] = element(
-                                    s[j], dp[j], b, h, i, key, seqlen_q, seqlen_k, check_band, scale, row_lse,
+                                    s[j], dp[j], seq, h, i, key, seqlen_q, seqlen_k, check_band, scale, row_lse,
                                     row_delta, keep, window_left, window_right, softcap, alibi, bias, mask,
                                     keep_scale, dbias)
             # mask only tiles that cross seqlen_k or the causal diagonal
@@ -502,7 +523,7 @@ def _build_dkdv(spec):
                             i = m0 + qs * 16 + g + 8 * (r // 2)
                             if i < seqlen_q:
                                 ptx.red_add_f32(ptx.global_address(
-                                    dq_acc, (b, i, h, col0 + db * 8 + 2 * t + r % 2)), dq[db * 4 + r])
+                                    dq_acc, (b, q_start + i, h, col0 + db * 8 + 2 * t + r % 2)), dq[db * 4 + r])
 
             if it + 1 < n_iter and tid < BM:
                 smem[LSE_OFF + (1 - stage) * BM + tid] = ptx.f32_as_u32(next_lse)
@@ -518,11 +539,11 @@ def _build_dkdv(spec):
                         j = (m * D_BLOCKS + db) * 4 + 2 * half
                         col = db * 8 + 2 * t
                         word = pack(dk_acc[j] * scale, dk_acc[j + 1] * scale)
-                        dk[b, key, hk, col] = np.uint16(word & 0xFFFF)
-                        dk[b, key, hk, col + 1] = np.uint16(word >> 16)
+                        dk[b, k_start + key, hk, col] = np.uint16(word & 0xFFFF)
+                        dk[b, k_start + key, hk, col + 1] = np.uint16(word >> 16)
                         word = pack(dv_acc[j], dv_acc[j + 1])
-                        dv[b, key, hk, col] = np.uint16(word & 0xFFFF)
-                        dv[b, key, hk, col + 1] = np.uint16(word >> 16)
+                        dv[b, k_start + key, hk, col] = np.uint16(word & 0xFFFF)
+                        dv[b, k_start + key, hk, col + 1] = np.uint16(word >> 16)
 
     return cuda.jit(backward_dkdv)
 
@@ -536,7 +557,7 @@ def _build_dq(spec):
     M_TILES = BM // (16 * WARPS)  # 16-query slices per warp
     assert M_TILES * 16 * WARPS == BM and BN % 16 == 0 and D % 32 == 0
     IN_REGS = spec.dq_in_registers
-    CAUSAL = spec.causal
+    CAUSAL, VARLEN = spec.causal, spec.varlen
     RW = D // 2 + PAD_WORDS
     Q_OFF = 0
     DO_OFF = BM * RW
@@ -560,7 +581,7 @@ def _build_dq(spec):
 
     def backward_dq(q, k, v, do, lse, delta, dq, scale, group,
                     window_left, window_right, softcap, alibi, bias, mask,
-                    keep_threshold, keep_scale, seed_lo, seed_hi):
+                    keep_threshold, keep_scale, seed_lo, seed_hi, cu_seqlens_q, cu_seqlens_k):
         tid = cuda.threadIdx.x
         lane = tid % 32
         warp = tid // 32
@@ -571,10 +592,18 @@ def _build_dq(spec):
             m_block = cuda.gridDim.x - 1 - m_block
         row0 = m_block * BM
         h = cuda.blockIdx.y
-        b = cuda.blockIdx.z
+        seq = cuda.blockIdx.z  # the batch entry, or with VARLEN the packed sequence
         hk = h // group
-        seqlen_q = q.shape[1]
-        seqlen_k = k.shape[1]
+        if VARLEN:  # rows are offset by the sequence's start in the packed tensors
+            b = 0
+            q_start, seqlen_q = sequence_span(cu_seqlens_q, seq, q.shape[1])
+            k_start, seqlen_k = sequence_span(cu_seqlens_k, seq, k.shape[1])
+        else:
+            b = seq
+            q_start = NO_OFFSET
+            k_start = NO_OFFSET
+            seqlen_q = q.shape[1]
+            seqlen_k = k.shape[1]
         warp_row = warp * 16 * M_TILES
         scale_log2 = float32(scale * LOG2E)
         smem = cuda.shared.array(0, uint32)
@@ -587,20 +616,32 @@ def _build_dq(spec):
         elif CAUSAL:
             key_end = max(0, min(seqlen_k, row0 + BM + seqlen_k - seqlen_q))
         n_tiles = max(0, (key_end + BN - 1) // BN - tile0)
+        if VARLEN:  # the grid covers the longest sequence: these rows may lie past ours
+            if row0 >= seqlen_q:
+                n_tiles = 0
+            # The span lives in shared memory and is re-read where it is used (as in
+            # forward_mma): held in registers across the key loop it spilled d128.
+            span = cuda.shared.array(4, int32)
+            if tid == 0:
+                span[0] = q_start
+                span[1] = seqlen_q
+                span[2] = k_start
+                span[3] = seqlen_k
+            cuda.syncthreads()
 
-        issue_rows(q, smem, Q_OFF, BM, b, h, NO_OFFSET, row0, seqlen_q, tid)
-        issue_rows(do, smem, DO_OFF, BM, b, h, NO_OFFSET, row0, seqlen_q, tid)
+        issue_rows(q, smem, Q_OFF, BM, b, h, q_start, row0, seqlen_q, tid)
+        issue_rows(do, smem, DO_OFF, BM, b, h, q_start, row0, seqlen_q, tid)
         if n_tiles > 0:
-            issue_rows(k, smem, K_OFF, BN, b, hk, NO_OFFSET, tile0 * BN, seqlen_k, tid)
-            issue_rows(v, smem, V_OFF, BN, b, hk, NO_OFFSET, tile0 * BN, seqlen_k, tid)
+            issue_rows(k, smem, K_OFF, BN, b, hk, k_start, tile0 * BN, seqlen_k, tid)
+            issue_rows(v, smem, V_OFF, BN, b, hk, k_start, tile0 * BN, seqlen_k, tid)
         ptx.cp_async_commit()
 
         row_lse = cuda.local.array(ROWS, float32)
         row_delta = cuda.local.array(ROWS, float32)
         for r in range(ROWS):
             i = row0 + warp_row + (r // 2) * 16 + g + 8 * (r % 2)
-            row_lse[r] = lse_log2(lse, b, h, i, seqlen_q)
-            row_delta[r] = delta_of(delta, b, h, i, seqlen_q)
+            row_lse[r] = lse_log2(lse, b, h, q_start, i, seqlen_q)
+            row_delta[r] = delta_of(delta, b, h, q_start, i, seqlen_q)
 
         frag = cuda.local.array(FRAG_BOTH_REGS, uint32)  # Q then dO A-fragments
         if IN_REGS:
@@ -623,14 +664,18 @@ def _build_dq(spec):
         oa = cuda.local.array(A_REGS, uint32)
 
         for it in range(n_tiles):
+            if VARLEN:
+                seqlen_q = span[1]
+                k_start = span[2]
+                seqlen_k = span[3]
             stage = it % 2
             n0 = (tile0 + it) * BN
             k_base = K_OFF + stage * BN * RW
             v_base = V_OFF + stage * BN * RW
             if it + 1 < n_tiles:
                 nxt = (1 - stage) * BN * RW
-                issue_rows(k, smem, K_OFF + nxt, BN, b, hk, NO_OFFSET, n0 + BN, seqlen_k, tid)
-                issue_rows(v, smem, V_OFF + nxt, BN, b, hk, NO_OFFSET, n0 + BN, seqlen_k, tid)
+                issue_rows(k, smem, K_OFF + nxt, BN, b, hk, k_start, n0 + BN, seqlen_k, tid)
+                issue_rows(v, smem, V_OFF + nxt, BN, b, hk, k_start, n0 + BN, seqlen_k, tid)
             ptx.cp_async_commit()
             ptx.cp_async_wait_group(1)
             cuda.syncthreads()
@@ -688,14 +733,14 @@ def _build_dq(spec):
                             keep0 = True
                             keep1 = True
                             if DROPOUT:
-                                keep0, keep1 = keep_pair(seed_lo, seed_hi, b * heads_q + h, i, key, keep_threshold)
+                                keep0, keep1 = keep_pair(seed_lo, seed_hi, seq * heads_q + h, i, key, keep_threshold)
                             j = (m * N_BLOCKS + nb) * 4 + 2 * half
                             _, dp[j] = element(
-                                s[j], dp[j], b, h, i, key, seqlen_q, seqlen_k, check_band, scale, row_lse[row],
+                                s[j], dp[j], seq, h, i, key, seqlen_q, seqlen_k, check_band, scale, row_lse[row],
                                 row_delta[row], keep0, window_left, window_right, softcap, alibi, bias, mask,
                                 keep_scale, dq)
                             _, dp[j + 1] = element(
-                                s[j + 1], dp[j + 1], b, h, i, key + 1, seqlen_q, seqlen_k, check_band, scale,
+                                s[j + 1], dp[j + 1], seq, h, i, key + 1, seqlen_q, seqlen_k, check_band, scale,
                                 row_lse[row], row_delta[row], keep1, window_left, window_right, softcap, alibi,
                                 bias, mask, keep_scale, dq)
             needs_mask = n0 + BN > seqlen_k
@@ -743,6 +788,9 @@ def _build_dq(spec):
             cuda.syncthreads()  # everyone is done with this stage before it is refilled
 
         ptx.cp_async_wait_group(0)
+        if VARLEN:
+            q_start = span[0]
+            seqlen_q = span[1]
         for m in range(M_TILES):
             for half in range(2):
                 i = row0 + warp_row + m * 16 + g + 8 * half
@@ -751,8 +799,8 @@ def _build_dq(spec):
                         j = (m * D_BLOCKS + db) * 4 + 2 * half
                         col = db * 8 + 2 * t
                         word = pack(acc[j] * scale, acc[j + 1] * scale)
-                        dq[b, i, h, col] = np.uint16(word & 0xFFFF)
-                        dq[b, i, h, col + 1] = np.uint16(word >> 16)
+                        dq[b, q_start + i, h, col] = np.uint16(word & 0xFFFF)
+                        dq[b, q_start + i, h, col + 1] = np.uint16(word >> 16)
 
     return cuda.jit(backward_dq)
 
@@ -789,7 +837,22 @@ def _zeros(like, shape, dtype=np.float32):
     return cupy.zeros(shape, dtype)
 
 
-def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, deterministic, extra=None):
+_NO_SEQLENS: dict = {}  # device id -> the never-read cu_seqlens of dense launches
+
+
+def _no_seqlens(like):
+    if isinstance(like, np.ndarray):
+        return np.zeros((1,), np.int32)
+    import cupy
+
+    dev = cupy.cuda.Device().id
+    if dev not in _NO_SEQLENS:
+        _NO_SEQLENS[dev] = cupy.zeros((1,), np.int32)
+    return _NO_SEQLENS[dev]
+
+
+def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, deterministic, extra=None,
+                    varlen=None):
     """Launch the backward for one problem (``spec`` is a "plan" BackwardMmaSpec).
 
     Args (all (batch, seqlen, heads, head_dim) "bshd" views, NumPy on the simulator,
@@ -805,6 +868,13 @@ def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, det
         extra: the ten variant kernel arguments (nbflash.variants.KERNEL_ARGS, as
             Numba views) followed by the dbias buffer (float32 (B, Hq, Nq, Nk), zeroed,
             or a dummy); None for a PLAIN spec (dummies are made here).
+        varlen: None for dense tensors, else a packed batch (nbflash.attention_varlen):
+            (cu_seqlens_q, cu_seqlens_k, sequences, max_seqlen_q, max_seqlen_k) with
+            int32 (sequences + 1,) arrays (Numba views) whose values are checked, and
+            the tensors (1, total, heads, head_dim) views (lse, delta (1, Hq, total_q)).
+            The dK/dV and dQ kernels are then built with spec.varlen: blockIdx.z is the
+            sequence and the grids cover the longest one; dq_convert runs on the packed
+            rows as on one dense sequence.
     """
     from .. import launch
 
@@ -812,6 +882,13 @@ def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, det
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     if batch == 0 or heads_q == 0:
         return
+    if varlen is None:
+        seqlens = [launch.numba_view(_no_seqlens(q))] * 2  # never read
+        sequences, grid_q, grid_k = batch, seqlen_q, seqlen_k
+    else:
+        seqlens = list(varlen[:2])
+        sequences, grid_q, grid_k = varlen[2:]
+        spec = replace(spec, varlen=True)
     views = [launch.numba_view(a) for a in (q, k, v, do, lse, delta)]
     scale = np.float32(scale)
     if extra is None:
@@ -828,20 +905,20 @@ def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, det
     else:
         part = replace(spec, part="dkdvq")
         dq_acc = _zeros(q, q.shape)
-    if seqlen_k > 0:
-        grid = (-(-seqlen_k // spec.block_n), heads_kv, batch)
+    if grid_k > 0:
+        grid = (-(-grid_k // spec.block_n), heads_kv, sequences)
         args = [*views, launch.numba_view(dk), launch.numba_view(dv), launch.numba_view(dq_acc), scale, group,
-                *variant_args, dbias]
+                *variant_args, dbias, *seqlens]
         launch.launch(launch.compiled(part), grid, spec.threads, args, launch.shared_bytes(part))
-    if seqlen_q == 0:
+    if grid_q == 0:
         return
     if deterministic:
         part = replace(spec, part="dq")
-        grid = (-(-seqlen_q // spec.dq_block_m), heads_q, batch)
-        args = [*views, launch.numba_view(dq), scale, group, *variant_args]
+        grid = (-(-grid_q // spec.dq_block_m), heads_q, sequences)
+        args = [*views, launch.numba_view(dq), scale, group, *variant_args, *seqlens]
         launch.launch(launch.compiled(part), grid, spec.dq_threads, args, launch.shared_bytes(part))
-    else:
-        part = replace(spec, part="dq_convert")
+    else:  # elementwise over the rows: packed tensors convert as one dense sequence
+        part = replace(spec, part="dq_convert", varlen=False)
         grid = (-(-seqlen_q // CONVERT_ROWS), heads_q, batch)
         args = [launch.numba_view(dq_acc), launch.numba_view(dq), scale]
         launch.launch(launch.compiled(part), grid, CONVERT_THREADS, args, 0)
