@@ -159,6 +159,30 @@ def test_staging_is_dropped_where_shared_memory_is_short():
     assert not variants.fit_staging(spec, plain).variant.mask_staged
 
 
+def test_staged_tiles_alone_keep_the_plain_tiles():
+    """Staging frees the registers the per-element reads took: bias / mask staged alone
+    run on the plain tiles, with dropout or beside window / softcap / ALiBi (or read
+    per element) on the heavy ones (tests/test_ptx_gate_variants.py gates both)."""
+    from nbflash.spec import Variant
+
+    arch = (9, 0)
+    for head_dim in sorted(tuning.MMA_TILES):
+        plain = tuning.mma_tiles(head_dim, False, arch, False)
+        tiles = lambda v: tuning.mma_variant_tiles(head_dim, False, arch, False, v, plain)  # noqa: E731
+        assert tiles(Variant(bias="fp16", bias_staged=True, mask=True, mask_staged=True)) == plain
+        heavy = tuning.MMA_VARIANT_TILES.get((head_dim, False, True), plain)
+        assert tiles(Variant(bias="fp16", mask=True, mask_staged=True)) == heavy
+        assert tiles(Variant(bias="fp16", bias_staged=True, dropout=True)) == heavy
+        assert tiles(Variant(mask=True, mask_staged=True, softcap=True)) == heavy
+
+
+def test_dropped_staging_picks_the_per_element_tiles(monkeypatch):
+    """Where shared memory is short the spec reads per element, on that path's tiles."""
+    monkeypatch.setattr(nbflash.device, "max_shared_bytes", lambda: 1)
+    spec = choice(bias=np.zeros((2, 2, 5, 16), FP16), mask=np.ones((5, 16), bool))
+    assert spec.bias and spec.mask and not (spec.bias_staged or spec.mask_staged)
+
+
 @pytest.mark.parametrize("block_n", [16, 32, 64, 128])
 @pytest.mark.parametrize("itemsize", [1, 2, 4])
 def test_staged_rows_are_padded_free_of_bank_conflicts(block_n, itemsize):
