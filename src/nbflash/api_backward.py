@@ -52,7 +52,7 @@ def _simt_spec(problem: _Problem, causal: bool, variant: Variant = PLAIN, dbias:
     )
     return BackwardSpec(
         "simt", arrays.short_name(problem.dtype), problem.head_dim, problem.head_dim_v,
-        causal, block_m, block_n, threads, variant=variant, dbias=dbias,
+        causal, block_m, block_n, threads, variant=variants.unstaged(variant), dbias=dbias,
     )
 
 

@@ -18,6 +18,9 @@ rows, and with spec.q_in_registers the Q A-fragments.
 Shared memory is one dynamic buffer of 32-bit words: Q (block_m rows), then K and V
 (stages x block_n rows each); every row is head_dim / 2 words plus 4 words of padding
 so that fragment reads (ldmatrix rows) from 8 consecutive rows hit distinct banks.
+Where spec.variant stages them (bias_staged, mask_staged), the bias and mask tiles of
+each key tile follow (stages x block_m rows each, kernels/bias_tile.py), copied with
+cp.async in K and V's commit group.
 """
 
 from __future__ import annotations
