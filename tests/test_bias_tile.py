@@ -77,6 +77,14 @@ def test_staged_tiles_match_the_per_element_path(what):
     staged_run(rng, seed, [FP16, BF16][int(rng.integers(2))], what)
 
 
+def test_staged_tiles_with_two_row_slices_per_warp(monkeypatch):
+    """32 x 32 tiles on one warp: each thread reads two 16-row slices and four 8-key
+    blocks of the stage, and copies several rows of chunks."""
+    monkeypatch.setattr(tuning, "MMA_TILES_SIMULATOR", (32, 32, 32, 2, False))
+    rng, seed = new_rng()
+    staged_run(rng, seed, [FP16, BF16][int(rng.integers(2))], [FP16, BF16, FP32, "mask"][int(rng.integers(4))])
+
+
 def test_staged_bias_and_mask_with_every_variant():
     """Both tiles staged in one kernel beside window, softcap, ALiBi and dropout."""
     rng, seed = new_rng()

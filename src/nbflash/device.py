@@ -80,7 +80,10 @@ def max_shared_bytes() -> int:
 
     dev = cuda.get_current_device()
     if dev.id not in _max_shared:
-        _max_shared[dev.id] = int(dev.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        try:
+            _max_shared[dev.id] = int(dev.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        except AttributeError:  # a driver binding without the attribute: the static limit
+            _max_shared[dev.id] = 48 * 1024
     return _max_shared[dev.id]
 
 
