@@ -2,6 +2,10 @@
 torch SDPA flash as the yardstick; the winners go into nbflash.tuning.MMA_TILES.
 
     python perf/sweep_tiles.py "64=128,64,128,2,0" "64=64,64,128,2,1" ...
+    python perf/sweep_tiles.py --bias "128=128,32,128,2,0" "128=128,64,256,2,0"
+
+--bias / --mask time the tiles with a (B, H, N, N) float16 bias or bool mask (staged
+through shared memory, kernels/bias_tile.py; the spec key says so) instead.
 """
 
 from __future__ import annotations
@@ -22,17 +26,23 @@ def main():
     rng = cupy.random.default_rng()
     flash = torch_peers().get("sdpa_flash")
     print(f"{'spec':60} {'TFLOP/s':>8} {'flash':>8} {'ratio':>6}")
-    for config in sys.argv[1:]:
+    configs = [c for c in sys.argv[1:] if not c.startswith("--")]
+    extra = {}
+    if "--bias" in sys.argv:
+        extra["bias"] = rng.standard_normal((4, 16, 4096, 4096), dtype=cupy.float32).astype(cupy.float16)
+    if "--mask" in sys.argv:
+        extra["mask"] = rng.random((4, 16, 4096, 4096), dtype=cupy.float32) < 0.9
+    for config in configs:
         d = int(config.split("=")[0])
         nbflash.tuning.set_override(config)  # also drops attention's remembered dispatch
         shape = (4, 4096, 16, d)
         q, k, v = (rng.standard_normal(shape, dtype=cupy.float32).astype(cupy.float16) for _ in range(3))
         out = cupy.empty_like(q)
         for causal in (False, True):
-            spec = nbflash.forward_spec(q, k, v, causal=causal)
+            spec = nbflash.forward_spec(q, k, v, causal=causal, **extra)
             flops = 4.0 * 4 * 16 * 4096 * 4096 * d / (2 if causal else 1)
             try:
-                ms = cupy_time(lambda: nbflash.attention(q, k, v, causal=causal, out=out), 3, 20)
+                ms = cupy_time(lambda: nbflash.attention(q, k, v, causal=causal, out=out, **extra), 3, 20)
             except Exception as e:
                 print(f"{spec.key:60} failed: {type(e).__name__}: {str(e)[:60]}")
                 continue

@@ -31,6 +31,12 @@ GATE_SPECS = [
     ("bf16", 64, True, Variant(bias="bf16", **ALL_VARIANTS)),
     ("bf16", 128, False, Variant(bias="bf16", **ALL_VARIANTS)),
     ("bf16", 96, True, Variant(bias="fp32", **ALL_VARIANTS)),
+    # bias / mask tiles staged through shared memory (kernels/bias_tile.py): alone on
+    # the plain tiles (tuning.heavy_variant), with every variant on the heavy ones
+    ("fp16", 128, False, Variant(bias="fp16", bias_staged=True)),
+    ("bf16", 128, False, Variant(bias="bf16", bias_staged=True, mask=True, mask_staged=True)),
+    ("bf16", 64, True, Variant(bias="fp32", bias_staged=True, mask=True, mask_staged=True)),
+    ("bf16", 128, False, Variant(bias="bf16", bias_staged=True, mask_staged=True, **ALL_VARIANTS)),
 ]
 
 

@@ -169,7 +169,7 @@ def test_gqa_with_every_variant(case):
     spec = run(rng, seed, shape, dtype, kernel, causal=True, window=window_of(rng, shape),
                softcap=float(rng.choice(SOFTCAPS)), alibi_slopes=slopes_of(rng, shape, True),
                bias=bias_of(rng, shape, (0, 1, 1, 1)), mask=mask, dropout_p=0.25, seed=int(rng.integers(2**32)))
-    assert spec.variant.key == "-win-cap-alibi-bias_fp32-mask-drop"
+    assert spec.variant.key.replace("_smem", "") == "-win-cap-alibi-bias_fp32-mask-drop"  # staged or not
 
 
 def test_mma_window_skips_tiles_across_several_ctas(monkeypatch):

@@ -184,8 +184,13 @@ def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool, views=N
         and (views is None or all(_rows_16_byte_aligned(a) for a in views))
     ):
         block_m, block_n, threads, stages, q_in_registers = tiles
-        return ForwardSpec("mma", dtype, problem.head_dim, problem.head_dim, causal, with_lse,
+        spec = ForwardSpec("mma", dtype, problem.head_dim, problem.head_dim, causal, with_lse,
                            block_m, block_n, threads, stages, q_in_registers, variant=variant)
+        fitted = variants.fit_staging(spec, device.max_shared_bytes())
+        if fitted.variant != variant:  # staging dropped: the tiles of the per-element reads
+            return choose_forward_spec(problem, causal, with_lse, views, fitted.variant)
+        return spec
+    variant = variants.unstaged(variant)  # the portable kernel reads bias / mask per element
     acc_bytes = 8 if problem.dtype == arrays.FLOAT64 else 4
     block_m, block_n, threads = tuning.simt_tiles(
         acc_bytes, problem.head_dim, problem.head_dim_v, device.SIMULATOR

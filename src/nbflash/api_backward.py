@@ -30,6 +30,7 @@ def choose_backward_spec(problem: _Problem, causal: bool, deterministic: bool, v
     compiled into the spec (spec.Variant; dbias: the kernels also write dS).
     """
     dtype = arrays.short_name(problem.dtype)
+    variant = variants.unstaged(variant)  # the backward kernels read bias / mask per element
     if (
         dtype in ("fp16", "bf16")
         and problem.head_dim == problem.head_dim_v
@@ -51,7 +52,7 @@ def _simt_spec(problem: _Problem, causal: bool, variant: Variant = PLAIN, dbias:
     )
     return BackwardSpec(
         "simt", arrays.short_name(problem.dtype), problem.head_dim, problem.head_dim_v,
-        causal, block_m, block_n, threads, variant=variant, dbias=dbias,
+        causal, block_m, block_n, threads, variant=variants.unstaged(variant), dbias=dbias,
     )
 
 

@@ -71,6 +71,25 @@ def compute_capability() -> tuple[int, int]:
     return tuple(cuda.get_current_device().compute_capability)
 
 
+def max_shared_bytes() -> int:
+    """Dynamic shared memory one block may opt in to on the current GPU (the
+    simulator: an H100's 227 KB)."""
+    if SIMULATOR:
+        return 227 * 1024
+    from numba import cuda
+
+    dev = cuda.get_current_device()
+    if dev.id not in _max_shared:
+        try:
+            _max_shared[dev.id] = int(dev.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        except AttributeError:  # a driver binding without the attribute: the static limit
+            _max_shared[dev.id] = 48 * 1024
+    return _max_shared[dev.id]
+
+
+_max_shared: dict = {}
+
+
 def describe() -> str:
     """One line naming the device kernels run on."""
     if SIMULATOR:

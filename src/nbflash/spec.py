@@ -23,6 +23,10 @@ class Variant:
         its strides.
     mask: a boolean mask (True attends) read through its strides.
     dropout: Philox dropout on P (nbflash.dropout).
+    bias_staged / mask_staged: the tensor-core forward copies bias / mask tiles to
+        shared memory with cp.async (kernels/bias_tile.py) instead of reading each
+        element from global memory; only for layouts it can copy (contiguous keys,
+        16-byte aligned rows), decided on the host by variants.check_variants.
     """
 
     window: bool = False
@@ -31,14 +35,18 @@ class Variant:
     bias: str = ""
     mask: bool = False
     dropout: bool = False
+    bias_staged: bool = False
+    mask_staged: bool = False
 
     @property
     def key(self) -> str:
-        """"" for plain attention, else e.g. "-win-cap-alibi-bias_fp32-mask-drop"."""
+        """"" for plain attention, else e.g. "-win-cap-alibi-bias_fp32-mask-drop" (staged
+        tiles: "-bias_fp16_smem", "-mask_smem")."""
         parts = [name for name, on in (("win", self.window), ("cap", self.softcap), ("alibi", self.alibi))
                  if on]
-        parts += [f"bias_{self.bias}"] if self.bias else []
-        parts += [name for name, on in (("mask", self.mask), ("drop", self.dropout)) if on]
+        parts += [f"bias_{self.bias}" + ("_smem" if self.bias_staged else "")] if self.bias else []
+        parts += ["mask" + ("_smem" if self.mask_staged else "")] if self.mask else []
+        parts += ["drop"] if self.dropout else []
         return "".join("-" + p for p in parts)
 
     def __bool__(self) -> bool:

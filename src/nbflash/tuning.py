@@ -340,8 +340,8 @@ def mma_bwd_variant_tiles(head_dim: int, simulator: bool):
 # ---- attention variants (issue 7) ----------------------------------------------
 
 # (head_dim, causal, heavy) -> tensor-core tiles for specs with variants compiled in,
-# where the plain tiles would spill; heavy: a bias, mask or dropout (per-element
-# reads or Philox words), else only window / softcap / ALiBi. Each entry compiles
+# where the plain tiles would spill; heavy: see heavy_variant (per-element bias or
+# mask reads, Philox words), else only window / softcap / ALiBi or staged tiles. Each entry compiles
 # without spills for sm_90a (tests/test_ptx_gate_variants.py).
 MMA_VARIANT_TILES: dict = {
     # heavy variants with two 16-row slices per warp spill (bf16, every variant: 4 to
@@ -364,5 +364,14 @@ def mma_variant_tiles(head_dim: int, simulator: bool, arch: tuple, causal: bool,
     plain ones) unless MMA_VARIANT_TILES names smaller ones."""
     if simulator or _override(head_dim):
         return tiles
-    heavy = bool(variant.bias or variant.mask or variant.dropout)
-    return MMA_VARIANT_TILES.get((head_dim, causal, heavy), tiles)
+    return MMA_VARIANT_TILES.get((head_dim, causal, heavy_variant(variant)), tiles)
+
+
+def heavy_variant(variant) -> bool:
+    """Dropout, or a bias / mask read per element, or a staged one beside window,
+    softcap or ALiBi: the plain tiles spill (d128 with every light variant and staged
+    tiles: 16 bytes). Staged tiles alone keep the plain tiles spill-free (bias or mask
+    at d128: 253-255 registers on sm_90a; tests/test_ptx_gate_variants.py)."""
+    per_element = (variant.bias and not variant.bias_staged) or (variant.mask and not variant.mask_staged)
+    staged = variant.bias_staged or variant.mask_staged
+    return bool(variant.dropout or per_element or (staged and (variant.window or variant.softcap or variant.alibi)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -82,6 +82,7 @@ def check_variants(problem, q, *, causal: bool, window=None, softcap=0.0, alibi_
         window=win is not None, softcap=cap > 0, alibi=alibi is not None,
         bias="" if bias_view is None else arrays.short_name(bias_view.dtype),
         mask=mask_view is not None, dropout=p > 0,
+        bias_staged=stageable(bias_view), mask_staged=stageable(mask_view),
     )
     bias_shape = None if bias is None else tuple(arrays.intake(bias, "bias").array.shape)
     return VariantArgs(variant, win, left, right, cap, alibi, bias_view, bias_shape, mask_view, p, seed_ok)
@@ -190,3 +191,41 @@ def kernel_values(args: VariantArgs, dummy) -> list:
         np.uint32(dropout.keep_threshold(args.dropout_p)), np.float32(1.0 / (1.0 - args.dropout_p)),
         np.uint32(seed_lo), np.uint32(seed_hi),
     ]
+
+
+STAGED_ITEMSIZES = (1, 2, 4)
+"""Element sizes whose bias / mask tiles the tensor-core forward stages through shared
+memory (kernels/bias_tile.py); a float64 bias is read element by element."""
+
+
+def stageable(view) -> bool:
+    """cp.async can copy 16-byte chunks of this (batch, heads_q, seqlen_q, seqlen_k)
+    view (None: no): an element size in STAGED_ITEMSIZES, the key axis contiguous, and
+    the base and the other axes' strides (broadcast stride 0 included) multiples of
+    16 bytes."""
+    if view is None or view.itemsize not in STAGED_ITEMSIZES:
+        return False
+    if view.shape[3] > 1 and view.strides[3] != view.itemsize:
+        return False
+    base = view.__array_interface__["data"][0] if isinstance(view, np.ndarray) else view.data.ptr
+    return base % 16 == 0 and all(st % 16 == 0 for st, n in zip(view.strides[:3], view.shape[:3]) if n > 1)
+
+
+def unstaged(variant: Variant) -> Variant:
+    """``variant`` with the per-element bias / mask reads (kernels that do not stage)."""
+    if not (variant.bias_staged or variant.mask_staged):
+        return variant
+    return replace(variant, bias_staged=False, mask_staged=False)
+
+
+def fit_staging(spec, limit: int):
+    """A tensor-core forward ``spec`` whose staged bias / mask tiles fit ``limit``
+    bytes of shared memory per block: staging is dropped (the bias first, its tile is
+    the larger) until they do."""
+    from . import launch
+
+    for drop in ({}, {"bias_staged": False}, {"bias_staged": False, "mask_staged": False}):
+        fitted = replace(spec, variant=replace(spec.variant, **drop))
+        if launch.shared_bytes(fitted) <= limit:
+            return fitted
+    return fitted

@@ -18,6 +18,9 @@ rows, and with spec.q_in_registers the Q A-fragments.
 Shared memory is one dynamic buffer of 32-bit words: Q (block_m rows), then K and V
 (stages x block_n rows each); every row is head_dim / 2 words plus 4 words of padding
 so that fragment reads (ldmatrix rows) from 8 consecutive rows hit distinct banks.
+Where spec.variant stages them (bias_staged, mask_staged), the bias and mask tiles of
+each key tile follow (stages x block_m rows each, kernels/bias_tile.py), copied with
+cp.async in K and V's commit group.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from numba import cuda
 from numba.cuda import float32, int32, uint32
 
 from ..spec import ForwardSpec
-from . import ptx
+from . import bias_tile, ptx
 from .philox import keep_pair
 from .score_mods import bias_reader, window_key_range
 from .tile_copy import make_issue_rows
@@ -43,7 +46,18 @@ HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 
 def shared_bytes(spec: ForwardSpec) -> int:
     row_words = spec.head_dim // 2 + PAD_WORDS
-    return 4 * row_words * (spec.block_m + 2 * spec.stages * spec.block_n)
+    return 4 * (row_words * (spec.block_m + 2 * spec.stages * spec.block_n) + sum(_staged_words(spec)))
+
+
+def _staged_words(spec: ForwardSpec):
+    """Words of the staged bias and mask tiles (0 when read per element), after V."""
+    var = spec.variant
+    bias = mask = 0
+    if var.bias and var.bias_staged:
+        bias = bias_tile.stage_words(spec.block_m, spec.block_n, bias_tile.ITEMSIZE[var.bias], spec.stages)
+    if var.mask and var.mask_staged:
+        mask = bias_tile.stage_words(spec.block_m, spec.block_n, 1, spec.stages)
+    return bias, mask
 
 
 def build(spec: ForwardSpec):
@@ -94,6 +108,18 @@ def build(spec: ForwardSpec):
     BIAS = bool(VAR.bias)
     MODS = SOFTCAP or ALIBI or BIAS  # S becomes scores in exp2 units before the softmax
     read_bias = bias_reader(VAR.bias or "fp32")
+    # staged bias / mask tiles (kernels/bias_tile.py): stages after V, bias then mask
+    BIAS_STAGED, MASK_STAGED = BIAS and VAR.bias_staged, MASK and VAR.mask_staged
+    assert not ((BIAS_STAGED or MASK_STAGED) and VARLEN)
+    BIAS_WORDS, MASK_WORDS = _staged_words(spec)
+    BIAS_OFF = (BM + 2 * STAGES * BN) * (D // 2 + PAD_WORDS)
+    MASK_OFF = BIAS_OFF + BIAS_WORDS
+    BIAS_STAGE, MASK_STAGE = BIAS_WORDS // STAGES, MASK_WORDS // STAGES  # words per stage
+    staged_dtype = VAR.bias if BIAS_STAGED else "fp16"  # (built either way: the kernel closes over them)
+    issue_bias = bias_tile.make_issue_tile(BM, BN, bias_tile.ITEMSIZE[staged_dtype], T)
+    staged_bias = bias_tile.make_bias_reader(staged_dtype, BN)
+    issue_mask = bias_tile.make_issue_tile(BM, BN, 1, T)
+    staged_mask = bias_tile.make_mask_reader(BN)
     SPAN_WORDS = 6 if WINDOW else 5
 
     issue_rows = make_issue_rows(D, ROW_WORDS, T)
@@ -181,6 +207,10 @@ def build(spec: ForwardSpec):
         if n_tiles > 0:
             issue_rows(k, smem, K_OFF, BN, b, hk, k_start, tile_first * BN, seqlen_k, tid)
             issue_rows(v, smem, V_OFF, BN, b, hk, k_start, tile_first * BN, seqlen_k, tid)
+            if BIAS_STAGED:
+                issue_bias(bias, smem, BIAS_OFF, b, h, row0, seqlen_q, tile_first * BN, seqlen_k, tid)
+            if MASK_STAGED:
+                issue_mask(mask, smem, MASK_OFF, b, h, row0, seqlen_q, tile_first * BN, seqlen_k, tid)
         ptx.cp_async_commit()
 
         q_frag = cuda.local.array(Q_REGS, uint32)
@@ -224,6 +254,12 @@ def build(spec: ForwardSpec):
                 nxt = (1 - stage) * BN * ROW_WORDS
                 issue_rows(k, smem, K_OFF + nxt, BN, b, hk, k_start, n0 + BN, seqlen_k, tid)
                 issue_rows(v, smem, V_OFF + nxt, BN, b, hk, k_start, n0 + BN, seqlen_k, tid)
+                if BIAS_STAGED:
+                    issue_bias(bias, smem, BIAS_OFF + (1 - stage) * BIAS_STAGE, b, h, row0, seqlen_q, n0 + BN,
+                               seqlen_k, tid)
+                if MASK_STAGED:
+                    issue_mask(mask, smem, MASK_OFF + (1 - stage) * MASK_STAGE, b, h, row0, seqlen_q, n0 + BN,
+                               seqlen_k, tid)
             ptx.cp_async_commit()
             ptx.cp_async_wait_group(1)  # this tile's group (and Q) has landed
             cuda.syncthreads()
@@ -269,7 +305,10 @@ def build(spec: ForwardSpec):
                                     x = x * scale_log2
                                 if ALIBI:
                                     x -= slope_log2 * float32(abs(i + seqlen_k - seqlen_q - jj))
-                                if BIAS:  # keys past seqlen_k are masked below
+                                if BIAS_STAGED:  # zero-filled past seqlen_q / seqlen_k (masked below)
+                                    x += staged_bias(smem, BIAS_OFF + stage * BIAS_STAGE,
+                                                     warp_row + m * 16 + g + 8 * half, nb, t, e) * float32(LOG2E)
+                                elif BIAS:  # keys past seqlen_k are masked below
                                     x += read_bias(bias, b, h, i_read, min(jj, seqlen_k - np.int32(1))) * float32(LOG2E)
                                 s[idx] = x
 
@@ -294,7 +333,7 @@ def build(spec: ForwardSpec):
                         if WINDOW:
                             visible = min(visible, i + np.int32(seqlen_k - seqlen_q - n0 + 1) + window_right)
                             lowest = i + np.int32(seqlen_k - seqlen_q - n0) - window_left
-                        if MASK:
+                        if MASK and not MASK_STAGED:
                             i_read = min(i, seqlen_q - np.int32(1))
                         for nb in range(N_BLOCKS):
                             for e in range(2):
@@ -302,7 +341,10 @@ def build(spec: ForwardSpec):
                                 hide = col >= visible
                                 if WINDOW:
                                     hide = hide or col < lowest
-                                if MASK:
+                                if MASK_STAGED:
+                                    hide = hide or not staged_mask(smem, MASK_OFF + stage * MASK_STAGE,
+                                                                   warp_row + m * 16 + g + 8 * half, nb, t, e)
+                                elif MASK:
                                     if not hide:
                                         hide = mask[b, h, i_read, n0 + col] == 0
                                 if hide:

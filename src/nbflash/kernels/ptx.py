@@ -73,8 +73,10 @@ if SIMULATED:
         words = 16 // dst.array.dtype.itemsize
         src_words = 16 // src.array.dtype.itemsize
         raw = np.zeros(16, dtype=np.uint8)
-        if src_bytes > 0:
-            raw[:] = np.array(src.words(src_words), dtype=src.array.dtype).view(np.uint8)
+        if src_bytes > 0:  # only the elements src_bytes covers: a row's last chunk may end early
+            itemsize = src.array.dtype.itemsize
+            count = min(src_words, (int(src_bytes) + itemsize - 1) // itemsize)
+            raw[:count * itemsize] = np.array(src.words(count), dtype=src.array.dtype).view(np.uint8)
             raw[src_bytes:] = 0
         values = raw.view(dst.array.dtype)
         *lead, last = dst.index

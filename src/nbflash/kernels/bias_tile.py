@@ -1,0 +1,148 @@
+"""Bias and mask tiles staged through shared memory for the tensor-core kernels.
+
+Read element by element in fragment order, a (block_m x block_n) bias or mask tile
+costs each thread 2-byte (or 1-byte) global loads 8 rows apart, several times the
+tile's bytes at memory bandwidth (perf/NOTES.md, "Attention variants"). Staged, the
+tile arrives with cp.async in 16-byte chunks (16 / itemsize keys each), double
+buffered beside K and V in the same commit group, and the score loop reads it from
+shared memory. Rows of the stage are padded so that a warp's fragment-order reads
+(8 rows x 4 threads, two keys each) hit distinct banks.
+
+Staging needs a layout cp.async can copy: the key axis contiguous and every row,
+head and batch start (and the base) on 16 bytes; a broadcast (stride 0) axis is fine.
+variants.check_variants decides this on the host (spec.Variant.bias_staged /
+mask_staged); otherwise the kernels keep the per-element path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda
+from numba.cuda import float32, uint32
+
+from . import ptx
+
+ITEMSIZE = {"fp16": 2, "bf16": 2, "fp32": 4, "mask": 1}
+"""Bytes per element of the tiles that can be staged (a float64 bias is not)."""
+
+
+def _bank_cost(row_words: int, itemsize: int) -> int:
+    """The most distinct 32-bit words one bank serves in a warp's fragment-order read
+    (lane g*4+t reads keys 2t, 2t+1 of row g); 8-byte reads go by half-warps."""
+    per_lane = 2 * itemsize
+    groups = [range(32)] if per_lane <= 4 else [range(16), range(16, 32)]
+    worst = 0
+    for lanes in groups:
+        banks: dict = {}
+        for lane in lanes:
+            g, t = lane // 4, lane % 4
+            first = g * row_words * 4 + 2 * t * itemsize
+            for word in range(first // 4, (first + per_lane - 1) // 4 + 1):
+                banks.setdefault(word % 32, set()).add(word)
+        worst = max(worst, max(len(words) for words in banks.values()))
+    return worst
+
+
+def row_words(block_n: int, itemsize: int) -> int:
+    """32-bit words per staged row: block_n keys, padded by whole 16-byte chunks until
+    fragment-order reads are free of bank conflicts."""
+    words = block_n * itemsize // 4
+    assert (block_n * itemsize) % 16 == 0, "a staged row is whole 16-byte chunks"
+    return min((words + pad for pad in range(0, 32, 4)), key=lambda w: (_bank_cost(w, itemsize), w))
+
+
+def stage_words(block_m: int, block_n: int, itemsize: int, stages: int) -> int:
+    """Shared-memory words of a double-buffered (stages) staged tile."""
+    return stages * block_m * row_words(block_n, itemsize)
+
+
+def make_issue_tile(block_m: int, block_n: int, itemsize: int, threads: int):
+    """A device function ``issue_tile(src, smem, base, b, h, row0, seqlen_q, n0, seqlen_k, tid)``
+    that cp.asyncs src[b, h, row0:row0 + block_m, n0:n0 + block_n] (src a 4-d view with
+    a contiguous key axis and 16-byte aligned rows) into the stage at word ``base``.
+    Rows at or past seqlen_q and keys at or past seqlen_k are zero-filled (cp.async
+    src-size), and a source address stays inside the array even when nothing is read."""
+    KEYS = 16 // itemsize  # keys per 16-byte chunk
+    CHUNKS = block_n // KEYS  # chunks per row
+    RW = row_words(block_n, itemsize)
+    BM, T = block_m, threads
+    TOTAL = BM * CHUNKS
+    assert CHUNKS * KEYS == block_n
+
+    @cuda.jit(device=True, inline=True)
+    def issue_chunk(src, smem, base, r, c, b, h, row0, seqlen_q, n0, seqlen_k):
+        i = np.int32(row0 + r)
+        j = np.int32(n0 + c * np.int32(KEYS))
+        keys = max(np.int32(0), min(np.int32(KEYS), seqlen_k - j))
+        if i >= seqlen_q:
+            keys = np.int32(0)
+        if keys == 0:
+            j = np.int32(0)
+        i = min(i, seqlen_q - np.int32(1))
+        ptx.cp_async_16(
+            ptx.shared_address(smem, (base + r * np.int32(RW) + c * np.int32(4),)),
+            ptx.global_address(src, (b, h, i, j)),
+            keys * np.int32(itemsize),
+        )
+
+    @cuda.jit(device=True, inline=True)
+    def issue_tile(src, smem, base, b, h, row0, seqlen_q, n0, seqlen_k, tid):
+        if T % CHUNKS == 0:  # each thread keeps one chunk column: fixed trip counts
+            RSTEP = T // CHUNKS
+            c = np.int32(tid % CHUNKS)
+            r0 = np.int32(tid // CHUNKS)
+            for it in range((BM + RSTEP - 1) // RSTEP):
+                r = r0 + np.int32(it * RSTEP)
+                if BM % RSTEP == 0 or r < BM:
+                    issue_chunk(src, smem, base, r, c, b, h, row0, seqlen_q, n0, seqlen_k)
+        else:
+            for it in range((TOTAL + T - 1) // T):
+                e = np.int32(tid + it * T)
+                if TOTAL % T == 0 or e < TOTAL:
+                    r = e // np.int32(CHUNKS)
+                    issue_chunk(src, smem, base, r, e - r * np.int32(CHUNKS), b, h, row0, seqlen_q, n0, seqlen_k)
+
+    return issue_tile
+
+
+def make_bias_reader(dtype: str, block_n: int):
+    """A device function ``read(smem, base, r, nb, t, e)``: the staged bias (stage at
+    word ``base``) of local row r, column nb * 8 + 2t + e (an mma C fragment's column)
+    as float32. e is 0 or 1 (unrolled): a thread's two keys share one word (16-bit
+    bias) or sit in adjacent words (32-bit)."""
+    itemsize = ITEMSIZE[dtype]
+    RW = row_words(block_n, itemsize)
+
+    if dtype == "fp32":
+        @cuda.jit(device=True, inline=True)
+        def read(smem, base, r, nb, t, e):
+            return ptx.u32_as_f32(smem[base + r * np.int32(RW) + nb * np.int32(8) + t * np.int32(2) + e])
+    elif dtype == "bf16":
+        @cuda.jit(device=True, inline=True)
+        def read(smem, base, r, nb, t, e):
+            word = smem[base + r * np.int32(RW) + nb * np.int32(4) + t]
+            if e == 0:  # bfloat16 is the upper half of a float32
+                return ptx.u32_as_f32(word << uint32(16))
+            return ptx.u32_as_f32(word & uint32(0xFFFF0000))
+    else:
+        @cuda.jit(device=True, inline=True)
+        def read(smem, base, r, nb, t, e):
+            lo, hi = ptx.f16x2_to_f32(smem[base + r * np.int32(RW) + nb * np.int32(4) + t])
+            if e == 0:
+                return float32(lo)
+            return float32(hi)
+    return read
+
+
+def make_mask_reader(block_n: int):
+    """A device function ``attends(smem, base, r, nb, t, e)``: the staged mask byte of
+    local row r, column nb * 8 + 2t + e is nonzero (the thread's two bytes share a word)."""
+    RW = row_words(block_n, 1)
+
+    @cuda.jit(device=True, inline=True)
+    def attends(smem, base, r, nb, t, e):
+        word = smem[base + r * np.int32(RW) + nb * np.int32(2) + (t >> np.int32(1))]
+        shift = uint32(16) * uint32(t & np.int32(1)) + uint32(8) * uint32(e)
+        return (word >> shift) & uint32(0xFF) != uint32(0)
+
+    return attends
