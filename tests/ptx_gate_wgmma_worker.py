@@ -1,0 +1,65 @@
+"""Compile the wgmma kernels for sm_90a without a GPU (Numba with cc=(9, 0, "a"), then
+nvJitLink -arch=sm_90a -Xptxas=-v) and print one JSON line per kernel with its
+resources: the probe's check and throughput kernels (kernels/wgmma_probe.py) and every
+wgmma forward specialization the tuning ships (kernels/forward_wgmma.py). Run by
+tests/test_ptx_gate_wgmma.py in a subprocess with the simulator off. sm_80 is never
+asked: wgmma exists on sm_90a only."""
+
+import json
+import os
+import re
+import sys
+
+os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
+
+from numba import cuda  # noqa: E402
+from numba.cuda import types  # noqa: E402
+
+from nbflash.kernels import wgmma_probe  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from ptx_gate_worker import ptxas_report  # noqa: E402
+
+CC = (9, 0, "a")
+
+
+def report(name, kernel, sig, **extra):
+    fastmath = kernel.targetoptions.get("fastmath", False)
+    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=CC, fastmath=fastmath)
+    log = ptxas_report(ptx, "sm_90a")
+    grab = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
+    print(json.dumps({
+        "key": name, "arch": "sm_90a",
+        "registers": grab(r"Used (\d+) registers"),
+        "stack": grab(r"(\d+) bytes stack frame"),
+        "spill_stores": grab(r"(\d+) bytes spill stores"),
+        "spill_loads": grab(r"(\d+) bytes spill loads"),
+        "wgmma": ptx.count("wgmma.mma_async.sync.aligned"),
+        "mma_sync": ptx.count("mma.sync.aligned"),
+        "serialized": "serialized" in log,  # ptxas: "wgmma.mma_async instructions are serialized"
+        "log": log[-600:] if "serialized" in log else "",
+        **extra,
+    }), flush=True)
+
+
+def probe_kernels():
+    u16 = types.Array(types.uint16, 2, "A")
+    f32 = types.Array(types.float32, 2, "A")
+    for dtype, n, kd, dv, a_regs in (("fp16", 64, 128, 128, False), ("bf16", 128, 64, 64, True),
+                                     ("fp16", 128, 128, 128, True), ("bf16", 64, 64, 128, False)):
+        name = f"wgmma_check-{dtype}-n{n}-kd{kd}-dv{dv}-{'rs' if a_regs else 'ss'}"
+        report(name, wgmma_probe.build_check(dtype, n, kd, dv, a_regs), (u16, u16, u16, f32, f32),
+               threads=128, shared_bytes=wgmma_probe.check_shared_bytes(n, kd, dv), kind="probe")
+    out = types.Array(types.float32, 1, "C")
+    for a_regs in (False, True):
+        report(f"wgmma_loop-fp16-n128-k4-{'rs' if a_regs else 'ss'}",
+               wgmma_probe.build_wgmma_loop("fp16", 128, 4, a_regs), (out, types.int32),
+               threads=256, shared_bytes=wgmma_probe.loop_shared_bytes(128, 4), kind="probe")
+
+
+def main():
+    probe_kernels()
+
+
+if __name__ == "__main__":
+    main()
