@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from helpers import SIMULATOR, new_rng, to_device, to_host
+from helpers import new_rng, to_device, to_host
 from nbflash import launch
 from nbflash.kernels import wgmma_probe
 
