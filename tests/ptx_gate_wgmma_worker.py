@@ -15,10 +15,12 @@ os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
 from numba import cuda  # noqa: E402
 from numba.cuda import types  # noqa: E402
 
-from nbflash.kernels import wgmma_probe  # noqa: E402
+from nbflash import tuning  # noqa: E402
+from nbflash.kernels import forward_wgmma, wgmma_probe  # noqa: E402
+from nbflash.spec import ForwardSpec  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from ptx_gate_worker import ptxas_report  # noqa: E402
+from ptx_gate_worker import ptxas_report, variant_types  # noqa: E402
 
 CC = (9, 0, "a")
 
@@ -57,7 +59,27 @@ def probe_kernels():
                threads=256, shared_bytes=wgmma_probe.loop_shared_bytes(128, 4), kind="probe")
 
 
+def forward_specs():
+    """Every wgmma forward specialization tuning.WGMMA_TILES ships (with lse, as the
+    backward's forward runs it; the lse store is the only difference)."""
+    for head_dim, (bm, bn, threads) in sorted(tuning.WGMMA_TILES.items()):
+        for dtype in ("fp16", "bf16"):
+            for causal in (False, True):
+                yield ForwardSpec("wgmma", dtype, head_dim, head_dim, causal, True, bm, bn, threads, 2)
+
+
+def forward_kernels():
+    u16 = types.Array(types.uint16, 4, "A")
+    seqlens = types.Array(types.int32, 1, "A")
+    sig = (u16, u16, u16, u16, types.Array(types.float32, 3, "A"), types.float32, types.int64, seqlens, seqlens)
+    sig += variant_types()
+    for spec in forward_specs():
+        report(spec.key, forward_wgmma.build(spec), sig, threads=spec.threads, head_dim=spec.head_dim,
+               block_n=spec.block_n, shared_bytes=forward_wgmma.shared_bytes(spec), kind="forward")
+
+
 def main():
+    forward_kernels()
     probe_kernels()
 
 

@@ -337,15 +337,12 @@ else:
     _KIND = {"fp16": "f16", "bf16": "bf16"}
     _made: dict = {}
 
-    def _wgmma(dtype, n, trans_b, a_in_registers):
-        key = (dtype, n, trans_b, a_in_registers)
-        if key in _made:
-            return _made[key]
-        assert n % 8 == 0 and 8 <= n <= 256, n
-        kind = _KIND[dtype]
+    def _wgmma_text(kind, n, trans_b, a_in_registers, fresh):
+        """(PTX, constraints) of one wgmma; ``fresh`` (scale_d a literal 0): D = A B,
+        the accumulator's old values are not operands (so not kept alive for it)."""
         regs = n // 2
         d = ", ".join(f"${i}" for i in range(regs))
-        first = 2 * regs  # operands: regs outputs, regs tied inputs, then the rest
+        first = regs if fresh else 2 * regs  # operands: outputs, [tied inputs], then the rest
         if a_in_registers:
             a = "{" + ", ".join(f"${first + i}" for i in range(4)) + "}"
             nxt = first + 4
@@ -359,28 +356,46 @@ else:
         text = (f"{{ .reg .pred p; setp.ne.b32 p, ${nxt + 1}, 0; "
                 f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{kind}.{kind} "
                 f"{{{d}}}, {a}, ${nxt}, p, {tail}; }}")
-        constraints = ",".join(["=f"] * regs + [str(i) for i in range(regs)] + a_cons + ["l", "r"])
+        tied = [] if fresh else [str(i) for i in range(regs)]
+        return text, ",".join(["=f"] * regs + tied + a_cons + ["l", "r"])
+
+    def _wgmma(dtype, n, trans_b, a_in_registers):
+        key = (dtype, n, trans_b, a_in_registers)
+        if key in _made:
+            return _made[key]
+        assert n % 8 == 0 and 8 <= n <= 256, n
+        regs = n // 2
         ret = ir.LiteralStructType([_f32] * regs)
 
-        def codegen(context, builder, sig, args):
-            ptrs = [_acc_pointer(context, builder, sig.args[0], args[0], i) for i in range(regs)]
-            res = _asm(builder, text, constraints, ret, [builder.load(p) for p in ptrs] + list(args[1:]))
-            for i, p in enumerate(ptrs):
-                builder.store(builder.extract_value(res, i), p)
-            return context.get_dummy_value()
+        def make_codegen(fresh):
+            text, constraints = _wgmma_text(_KIND[dtype], n, trans_b, a_in_registers, fresh)
 
-        def typing(acc):
-            if not isinstance(acc, types.Array):
+            def codegen(context, builder, sig, args):
+                ptrs = [_acc_pointer(context, builder, sig.args[0], args[0], i) for i in range(regs)]
+                old = [] if fresh else [builder.load(p) for p in ptrs]
+                scale_d = context.cast(builder, args[-1], sig.args[-1], types.int32)
+                res = _asm(builder, text, constraints, ret, old + list(args[1:-1]) + [scale_d])
+                for i, p in enumerate(ptrs):
+                    builder.store(builder.extract_value(res, i), p)
+                return context.get_dummy_value()
+
+            return codegen
+
+        accumulate, fresh = make_codegen(False), make_codegen(True)
+
+        def typing(acc, scale_d):
+            if not isinstance(acc, types.Array) or not isinstance(scale_d, types.Integer):
                 return None
             a_types = [types.uint32] * 4 if a_in_registers else [types.uint64]
-            return types.void(acc, *a_types, types.uint64, types.int32), codegen
+            zero = isinstance(scale_d, types.IntegerLiteral) and scale_d.literal_value == 0
+            return types.void(acc, *a_types, types.uint64, scale_d), (fresh if zero else accumulate)
 
         if a_in_registers:
             def typer(typingctx, acc, a0, a1, a2, a3, desc_b, scale_d):
-                return typing(acc)
+                return typing(acc, scale_d)
         else:
             def typer(typingctx, acc, desc_a, desc_b, scale_d):
-                return typing(acc)
+                return typing(acc, scale_d)
 
         name = f"wgmma_{'rs' if a_in_registers else 'ss'}_{dtype}_n{n}{'_tb' if trans_b else ''}"
         typer.__name__ = name
@@ -391,7 +406,8 @@ else:
     def wgmma_ss(dtype: str, n: int, trans_b: bool):
         """wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{f16|bf16} with A and B from shared
         memory (descriptors): ``fn(acc, desc_a, desc_b, scale_d)``; acc (float32 local
-        array, N / 2 used) += A B, or = A B when scale_d (int32) is 0. A is K-major; B is
+        array, N / 2 used) += A B, or = A B when scale_d is 0 (a literal 0 also keeps the
+        old accumulator out of the instruction's operands). A is K-major; B is
         K-major (element (k, n) at row n, column k of its tile) or, with trans_b,
         MN-major (element (k, n) at row k, column n)."""
         return _wgmma(dtype, n, trans_b, False)
