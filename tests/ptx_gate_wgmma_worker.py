@@ -27,7 +27,8 @@ CC = (9, 0, "a")
 
 def report(name, kernel, sig, **extra):
     fastmath = kernel.targetoptions.get("fastmath", False)
-    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=CC, fastmath=fastmath)
+    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=CC, fastmath=fastmath,
+                              launch_bounds=kernel.targetoptions.get("launch_bounds"))
     log = ptxas_report(ptx, "sm_90a")
     grab = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
     print(json.dumps({

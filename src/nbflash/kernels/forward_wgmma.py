@@ -58,19 +58,21 @@ def make_issue_tile(head_dim: int, rows: int, threads: int):
     clamped into the tensor). Each thread keeps one 16-byte chunk column."""
     CHUNKS = head_dim // 8
     RSTEP = threads // CHUNKS
-    assert threads % CHUNKS == 0 and rows % RSTEP == 0
+    assert threads % CHUNKS == 0
+    PASSES = (rows + RSTEP - 1) // RSTEP
 
     @cuda.jit(device=True, inline=True)
     def issue_tile(src, smem, base, b, h, n0, seqlen, tid):
         c = np.int32(tid % CHUNKS)
         r0 = np.int32(tid // CHUNKS)
-        for it in range(rows // RSTEP):
+        for it in range(PASSES):
             r = r0 + np.int32(it * RSTEP)
-            j = np.int32(n0 + r)
-            nbytes = np.int32(16) if j < seqlen else np.int32(0)
-            j = max(np.int32(0), min(j, np.int32(seqlen - 1)))
-            ptx.cp_async_16(ptx.shared_address(smem, (base + wg.chunk_word(r, c, rows),)),
-                            ptx.global_address(src, (b, j, h, c * np.int32(8))), nbytes)
+            if rows % RSTEP == 0 or r < rows:
+                j = np.int32(n0 + r)
+                nbytes = np.int32(16) if j < seqlen else np.int32(0)
+                j = max(np.int32(0), min(j, np.int32(seqlen - 1)))
+                ptx.cp_async_16(ptx.shared_address(smem, (base + wg.chunk_word(r, c, rows),)),
+                                ptx.global_address(src, (b, j, h, c * np.int32(8))), nbytes)
 
     return issue_tile
 
@@ -253,4 +255,6 @@ def build(spec: ForwardSpec):
                     else:
                         lse[b, h, i] = NEG_INF
 
-    return cuda.jit(forward_wgmma, fastmath={"contract"})
+    # .maxntid: ptxas keeps registers x threads within the SM's 64K (3 warpgroups: <= 168)
+    bounds = {} if ptx.SIMULATED else {"launch_bounds": T}
+    return cuda.jit(forward_wgmma, fastmath={"contract"}, **bounds)
