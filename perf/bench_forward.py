@@ -7,12 +7,16 @@ and a naive CuPy attention (materialized scores) where it fits in memory.
 
     python perf/bench_forward.py [--quick] [--out perf/results]
     python perf/bench_forward.py --variants [--out perf/results]
+    python perf/bench_forward.py --quick --wgmma [--out perf/results]
 
 Writes <out>/<gpu-name>-forward.json and a PNG plot, and prints a table last.
 --variants (issue 7) times the attention variants instead, fp16, head_dim 128, 16
 heads, 16k tokens: softcap, ALiBi and a sliding window (1024, 0) against plain causal
 attention at seqlen 16384, and a (B, H, N, N) float16 bias and bool mask against
 plain attention at seqlen 4096; writes <gpu-name>-forward-variants.json.
+--wgmma also times the Hopper wgmma kernel (NBFLASH_WGMMA=1, kernels/forward_wgmma.py)
+as "nbflash_wgmma" beside the default path in every row, checks its output against the
+default path's, and writes <gpu-name>-forward-wgmma.json.
 """
 
 from __future__ import annotations
@@ -106,9 +110,12 @@ def main():
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--dtypes", default="fp16,bf16")
     ap.add_argument("--variants", action="store_true", help="the attention variants (issue 7) instead")
+    ap.add_argument("--wgmma", action="store_true", help="also time the opt-in Hopper wgmma kernel")
     args = ap.parse_args()
     if args.variants:
         return bench_variants(args)
+    if args.wgmma:
+        nbflash.tuning.set_wgmma(False)  # "nbflash" is the default path; "nbflash_wgmma" opts in per row
 
     dtypes = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16}
     seqlens = [4096] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
@@ -129,6 +136,10 @@ def main():
                     spec = nbflash.forward_spec(q, k, v, causal=causal)
                     flops = 4.0 * batch * HEADS * n * n * d / (2 if causal else 1)
                     times = {"nbflash": cupy_time(lambda: nbflash.attention(q, k, v, causal=causal, out=out), 3, args.repeats)}
+                    extra = {}
+                    if args.wgmma:
+                        extra = wgmma_row(q, k, v, causal, out, args.repeats)
+                        times["nbflash_wgmma"] = extra.pop("ms")
                     for name, run in peers.items():
                         try:
                             times[name] = run(q, k, v, causal, 3, args.repeats)
@@ -142,27 +153,51 @@ def main():
                         "head_dim": d, "causal": causal, "spec": spec.key,
                         "ms": times,
                         "tflops": {k_: (flops / (t * 1e-3) / 1e12 if t else None) for k_, t in times.items()},
+                        **extra,
                     }
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr)
 
     os.makedirs(args.out, exist_ok=True)
     tag = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-")
-    with open(os.path.join(args.out, f"{tag}-forward.json"), "w") as f:
+    what = "forward-wgmma" if args.wgmma else "forward"
+    with open(os.path.join(args.out, f"{tag}-{what}.json"), "w") as f:
         json.dump(rows, f, indent=1)
     try:
-        plot(rows, os.path.join(args.out, f"{tag}-forward.png"))
+        plot(rows, os.path.join(args.out, f"{tag}-{what}.png"))
     except Exception as e:
         print(f"# plot skipped: {e}", file=sys.stderr)
 
-    names = ["nbflash"] + list(peers) + ["naive_cupy"]
+    names = ["nbflash"] + (["nbflash_wgmma"] if args.wgmma else []) + list(peers) + ["naive_cupy"]
     print(f"{'dtype':5} {'D':>3} {'N':>6} {'causal':6} " + " ".join(f"{n:>14}" for n in names) + "  ratio_vs_flash")
     for r in rows:
         t = r["tflops"]
         cells = " ".join(f"{t[n]:14.1f}" if t.get(n) else f"{'-':>14}" for n in names)
         ratio = t["nbflash"] / t["sdpa_flash"] if t.get("sdpa_flash") else float("nan")
-        print(f"{r['dtype']:5} {r['head_dim']:>3} {r['seqlen']:>6} {str(r['causal']):6} {cells}  {ratio:.2f}")
+        line = f"{r['dtype']:5} {r['head_dim']:>3} {r['seqlen']:>6} {str(r['causal']):6} {cells}  {ratio:.2f}"
+        if args.wgmma:
+            wg = t["nbflash_wgmma"] / t["sdpa_flash"] if t.get("sdpa_flash") and t.get("nbflash_wgmma") else float("nan")
+            line += f"  wgmma {wg:.2f} (max|wgmma - mma| {r['wgmma_max_diff']:.1e})"
+        print(line)
     print(f"# gpu: {gpu}; TFLOP/s; spec keys in the JSON")
+
+
+def wgmma_row(q, k, v, causal, out, repeats):
+    """Time the wgmma kernel on the same inputs (NBFLASH_WGMMA=1 for this call only) and
+    compare its output with the default path's (already in ``out``)."""
+    ref = out.astype(cupy.float32)
+    nbflash.tuning.set_wgmma(True)
+    try:
+        spec = nbflash.forward_spec(q, k, v, causal=causal)
+        got = cupy.full_like(out, cupy.nan)
+        nbflash.attention(q, k, v, causal=causal, out=got)
+        diff = float(cupy.nanmax(cupy.abs(got.astype(cupy.float32) - ref)))
+        if bool(cupy.isnan(got.astype(cupy.float32)).any()):
+            diff = float("nan")
+        ms = cupy_time(lambda: nbflash.attention(q, k, v, causal=causal, out=got), 3, repeats)
+    finally:
+        nbflash.tuning.set_wgmma(False)
+    return {"ms": ms, "wgmma_spec": spec.key, "wgmma_max_diff": diff}
 
 
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s of HBM, for the bias/mask targets

@@ -166,11 +166,14 @@ def _rows_16_byte_aligned(a) -> bool:
 
 
 def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool, views=None,
-                        variant: Variant = PLAIN) -> ForwardSpec:
+                        variant: Variant = PLAIN, wgmma: bool = True) -> ForwardSpec:
     """The kernel specialization that runs this problem: the tensor-core kernel for
     fp16/bf16 with a shipped head_dim (equal for q and v), 16-byte aligned q/k/v rows
     and an sm_80+ GPU; the portable kernel otherwise. ``variant`` (window, softcap,
-    ...; see spec.Variant) is compiled in and may pick smaller tensor-core tiles."""
+    ...; see spec.Variant) is compiled in and may pick smaller tensor-core tiles.
+    With NBFLASH_WGMMA=1 on sm_90 (tuning.wgmma_tiles), plain attention at head_dim 64
+    and 128 runs the Hopper wgmma kernel instead; ``wgmma=False`` (varlen callers)
+    keeps the mma kernel."""
     dtype = arrays.short_name(problem.dtype)
     tiles = tuning.mma_tiles(problem.head_dim, device.SIMULATOR, device.compute_capability(), causal)
     if variant and tiles is not None:
@@ -183,6 +186,11 @@ def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool, views=N
         and device.compute_capability() >= (8, 0)
         and (views is None or all(_rows_16_byte_aligned(a) for a in views))
     ):
+        hopper = tuning.wgmma_tiles(problem.head_dim, device.SIMULATOR, device.compute_capability())
+        if wgmma and not variant and hopper is not None:
+            block_m, block_n, threads = hopper
+            return ForwardSpec("wgmma", dtype, problem.head_dim, problem.head_dim, causal, with_lse,
+                               block_m, block_n, threads, 2)
         block_m, block_n, threads, stages, q_in_registers = tiles
         spec = ForwardSpec("mma", dtype, problem.head_dim, problem.head_dim, causal, with_lse,
                            block_m, block_n, threads, stages, q_in_registers, variant=variant)
@@ -460,7 +468,7 @@ def forward_launch_args(problem: _Problem, spec: ForwardSpec, views, out_view, l
     acc_type = np.float64 if problem.dtype == arrays.FLOAT64 else np.float32
     kernel = launch.compiled(spec)
     grid = (-(-problem.seqlen_q // spec.block_m), problem.heads_q, problem.batch)
-    args = [launch.numba_view(arrays.kernel_view(a, spec.kernel == "mma")) for a in (*views, out_view)]
+    args = [launch.numba_view(arrays.kernel_view(a, spec.kernel != "simt")) for a in (*views, out_view)]
     args += [launch.numba_view(lse_view), acc_type(scale), problem.heads_q // problem.heads_kv]
     args += [no_seqlens, no_seqlens]
     args += variant_kernel_args(problem, views, var)

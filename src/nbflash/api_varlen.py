@@ -104,7 +104,7 @@ def _validate_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, pr
 
 
 def _varlen_spec(problem, causal, return_lse, views, variant=variants.PLAIN) -> ForwardSpec:
-    spec = api.choose_forward_spec(problem, causal, return_lse, views, variant)
+    spec = api.choose_forward_spec(problem, causal, return_lse, views, variant, wgmma=False)
     return dataclasses.replace(spec, varlen=True)
 
 

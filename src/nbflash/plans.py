@@ -319,7 +319,7 @@ class AttentionPlan:
         self.on_device = problem.on_device
         self.device = arrays.device_id(views[0]) if problem.on_device else None
         self.spec = api.choose_forward_spec(problem, self.causal, self.return_lse, views)
-        self._aligned = self.spec.kernel == "mma"
+        self._aligned = self.spec.kernel != "simt"  # cp.async: 16-byte aligned rows
         self._entries: dict[tuple, _Prepared] = {}
         self._lock = threading.Lock()
         if problem.on_device and problem.batch and problem.seqlen_q and problem.heads_q:

@@ -62,12 +62,14 @@ class _Barrier:
 class Warp:
     """Per-warp state: a barrier for its threads and one slot per lane."""
 
+    LANES = WARP
+
     def __init__(self, size: int):
         self.barrier = _Barrier(size)
-        self.slots = [None] * WARP
+        self.slots = [None] * self.LANES
 
     def exchange(self, lane: int, value):
-        """Publish ``value`` for this lane; return every lane's value (a list of 32)."""
+        """Publish ``value`` for this lane; return every lane's value (a list of LANES)."""
         self.slots[lane] = value
         self.barrier.wait()
         values = list(self.slots)
@@ -79,12 +81,27 @@ def current_warp() -> Warp:
     return threading.current_thread().nbflash_warp
 
 
+WARPGROUP = 4 * WARP
+
+
+class Warpgroup(Warp):
+    """Per-warpgroup state (4 consecutive warps, Hopper's wgmma unit): the same
+    exchange over 128 lanes (lane = thread index % 128)."""
+
+    LANES = WARPGROUP
+
+
+def current_warpgroup() -> Warpgroup:
+    return threading.current_thread().nbflash_warpgroup
+
+
 def _run_block(self, grid_point, *args):
     from numba.cuda.simulator.kernel import BlockThread
 
     block_points = list(np.ndindex(*self._block_dim))
     barrier = _Barrier(len(block_points))
     warps = [Warp(min(WARP, len(block_points) - w)) for w in range(0, len(block_points), WARP)]
+    groups = [Warpgroup(min(WARPGROUP, len(block_points) - w)) for w in range(0, len(block_points), WARPGROUP)]
     threads = []
 
     for block_point in block_points:
@@ -94,7 +111,7 @@ def _run_block(self, grid_point, *args):
                 self._f(*args)
             except BaseException:
                 barrier.abort()
-                for warp in warps:
+                for warp in warps + groups:
                     warp.barrier.abort()
                 raise
             finally:
@@ -103,6 +120,7 @@ def _run_block(self, grid_point, *args):
         t = BlockThread(target, self, grid_point, block_point, self._debug)
         t.syncthreads = barrier.wait
         t.nbflash_warp = warps[t.thread_id // WARP]
+        t.nbflash_warpgroup = groups[t.thread_id // WARPGROUP]
         threads.append(t)
     for t in threads:
         t.start()

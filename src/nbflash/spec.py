@@ -60,7 +60,8 @@ PLAIN = Variant()
 class ForwardSpec:
     """A forward-attention kernel specialization.
 
-    kernel: "simt" (portable, any dtype) or "mma" (tensor cores, fp16/bf16).
+    kernel: "simt" (portable, any dtype), "mma" (tensor cores, fp16/bf16) or "wgmma"
+        (Hopper warpgroup MMA, fp16/bf16, dense, no variants; opt-in NBFLASH_WGMMA=1).
     dtype: short dtype name ("fp16", "bf16", "fp32", "fp64").
     head_dim / head_dim_v: head sizes of q/k and of v.
     causal: bottom-right-aligned causal mask compiled in.

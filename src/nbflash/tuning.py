@@ -375,3 +375,50 @@ def heavy_variant(variant) -> bool:
     per_element = (variant.bias and not variant.bias_staged) or (variant.mask and not variant.mask_staged)
     staged = variant.bias_staged or variant.mask_staged
     return bool(variant.dropout or per_element or (staged and (variant.window or variant.softcap or variant.alibi)))
+
+
+# ---- the Hopper wgmma forward (kernels/forward_wgmma.py) ---------------------------
+# Opt-in (NBFLASH_WGMMA=1) on sm_90 until the device confirms it: fp16 / bf16, head_dim
+# 64 and 128, dense, no variants. head_dim: (block_m, block_n, threads); block_m is 64
+# rows per warpgroup of threads / 128. Two warpgroups and 128-key tiles as
+# FlashAttention-3's d64 / d128 forward; each compiles without spills for sm_90a
+# (tests/test_ptx_gate_wgmma.py). Not yet measured: perf/bench_forward.py --wgmma.
+WGMMA_TILES = {
+    64: (128, 128, 256),
+    128: (128, 128, 256),
+}
+WGMMA_TILES_SIMULATOR = (64, 64, 128)  # one warpgroup: 128 simulated threads
+_WGMMA_VARIABLE = "NBFLASH_WGMMA"
+_WGMMA_OVERRIDE = "NBFLASH_WGMMA_TILES"  # "64=128,128,256;128=..." for perf/ sweeps
+
+
+def wgmma_enabled() -> bool:
+    """NBFLASH_WGMMA=1 opts into the wgmma forward where it applies."""
+    return os.environ.get(_WGMMA_VARIABLE, "") == "1"
+
+
+def wgmma_tiles(head_dim: int, simulator: bool, arch: tuple):
+    """(block_m, block_n, threads) of the wgmma forward, or None where it does not run:
+    not opted in, another head_dim, or not sm_90 (wgmma is sm_90a only; the simulator
+    emulates it)."""
+    if not wgmma_enabled() or head_dim not in WGMMA_TILES:
+        return None
+    if simulator:
+        return WGMMA_TILES_SIMULATOR
+    if tuple(arch[:2]) != (9, 0):
+        return None
+    for item in filter(None, os.environ.get(_WGMMA_OVERRIDE, "").split(";")):
+        dim, values = item.split("=")
+        if int(dim) == head_dim:
+            bm, bn, threads = (int(x) for x in values.split(","))
+            return bm, bn, threads
+    return WGMMA_TILES[head_dim]
+
+
+def set_wgmma(enabled: bool):
+    """Set NBFLASH_WGMMA for this process and forget the dispatch decisions
+    nbflash.attention remembered (perf/bench_forward.py --wgmma times both paths)."""
+    os.environ[_WGMMA_VARIABLE] = "1" if enabled else "0"
+    import importlib
+
+    importlib.import_module(".plans", __package__).forget()

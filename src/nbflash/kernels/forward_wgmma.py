@@ -1,0 +1,260 @@
+"""The Hopper forward kernel (sm_90a): FlashAttention-2's algorithm on warpgroup MMA,
+fp16 and bf16, head_dim 64 and 128, dense (no varlen, no variants). Opt-in behind
+NBFLASH_WGMMA=1 (tuning.wgmma_tiles) until the device confirms it.
+
+Work partition: a CTA owns block_m = 64 x warpgroups query rows of one (batch, query
+head); warpgroup w owns rows 64w .. 64w + 63 (the M of every wgmma it issues). The Q
+tile is staged in shared memory once; K and V tiles of block_n keys stream through
+shared memory, double-buffered by 16-byte cp.async copies written straight into the
+128-byte-swizzled layout the descriptors describe (kernels/ptx_wgmma.py), so no
+fragment is ever loaded by the threads: S = Q K^T is a chain of head_dim / 16 wgmma
+with both operands from shared memory (K K-major), and O += P V a chain of block_n / 16
+wgmma with P from registers (the S accumulator after the softmax, packed to 16 bits:
+wgmma's accumulator layout per warp is mma.sync's, so its C fragments are the A
+fragments, as in forward_mma) and V from shared memory MN-major (the same staged
+layout read transposed). The online softmax runs on the S fragment in the exp2 domain
+with scale * log2(e) folded in (FlashAttention-2, Algorithm 1, lines 8-10); the output
+is normalized once at the end. Causal is bottom-right aligned, key tiles no row of the
+CTA sees are never visited, and tiles that cross seqlen_k or the diagonal are masked.
+
+Per thread, in registers: the S accumulator (block_n / 2 floats), the O accumulator
+(head_dim / 2), P (block_n / 4 words), m_i and l_i of its 2 rows (16w' + g, + 8 of
+its warp w' in the warpgroup). No warp specialization, no intra-warpgroup overlap of
+softmax and wgmma yet (FlashAttention-3's next steps); a second warpgroup per CTA
+overlaps them across warpgroups.
+
+Shared memory (dynamic, aligned up to 1024 bytes at run time): Q (block_m x head_dim),
+then K (2 x block_n x head_dim), then V (the same), each in ptx_wgmma's tile layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda
+from numba.cuda import float32, uint32
+
+from ..spec import ForwardSpec
+from . import ptx
+from . import ptx_wgmma as wg
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+HEAD_DIMS = (64, 128)  # whole 64-column panels
+STAGES = 2
+K_MAJOR_LBO = 16  # unused by the hardware for swizzled K-major operands ("assumed 1")
+
+
+def shared_bytes(spec: ForwardSpec) -> int:
+    D = spec.head_dim
+    return wg.tile_bytes(spec.block_m, D) + 2 * STAGES * wg.tile_bytes(spec.block_n, D) + wg.TILE_ALIGN
+
+
+def make_issue_tile(head_dim: int, rows: int, threads: int):
+    """issue_tile(src, smem, base, b, h, n0, seqlen, tid): cp.async rows n0 .. n0 + rows - 1
+    of src[b, :, h, :] (16-bit, 16-byte aligned rows) into the swizzled tile of ``rows``
+    rows at word ``base``; rows at or past seqlen are zero-filled (their source address
+    clamped into the tensor). Each thread keeps one 16-byte chunk column."""
+    CHUNKS = head_dim // 8
+    RSTEP = threads // CHUNKS
+    assert threads % CHUNKS == 0
+    PASSES = (rows + RSTEP - 1) // RSTEP
+
+    @cuda.jit(device=True, inline=True)
+    def issue_tile(src, smem, base, b, h, n0, seqlen, tid):
+        c = np.int32(tid % CHUNKS)
+        r0 = np.int32(tid // CHUNKS)
+        for it in range(PASSES):
+            r = r0 + np.int32(it * RSTEP)
+            if rows % RSTEP == 0 or r < rows:
+                j = np.int32(n0 + r)
+                nbytes = np.int32(16) if j < seqlen else np.int32(0)
+                j = max(np.int32(0), min(j, np.int32(seqlen - 1)))
+                ptx.cp_async_16(ptx.shared_address(smem, (base + wg.chunk_word(r, c, rows),)),
+                                ptx.global_address(src, (b, j, h, c * np.int32(8))), nbytes)
+
+    return issue_tile
+
+
+def build(spec: ForwardSpec):
+    """Compile-time specialized kernel; launch with grid (cdiv(seqlen_q, block_m),
+    heads_q, batch), spec.threads threads and shared_bytes(spec) dynamic shared memory.
+
+    Arguments as forward_mma's (so the launch code is shared): q, k, v, out as uint16
+    views of the 16-bit data, q (B, Nq, Hq, D), k and v (B, Nk, Hkv, D), out (B, Nq, Hq,
+    D), lse (B, Hq, Nq) float32, scale (float32), group = Hq // Hkv, then cu_seqlens and
+    the variant arguments, which this kernel never reads. Requires 16-byte aligned rows
+    of q, k and v (checked by the caller)."""
+    assert spec.kernel == "wgmma" and spec.dtype in ("fp16", "bf16")
+    assert spec.head_dim == spec.head_dim_v and spec.head_dim in HEAD_DIMS
+    assert not spec.varlen and not spec.variant and spec.stages == STAGES
+    D = spec.head_dim
+    BM, BN, T = spec.block_m, spec.block_n, spec.threads
+    assert T % 128 == 0 and BM == 64 * (T // 128) and BN % 16 == 0 and 16 <= BN <= 256
+    mma_s = wg.wgmma_ss(spec.dtype, BN, False)  # S = Q K^T: K staged (key, d) is K-major
+    mma_o = wg.wgmma_rs(spec.dtype, D, True)  # O += P V: V staged (key, d) is MN-major
+    pack = ptx.pack_f16x2 if spec.dtype == "fp16" else ptx.pack_bf16x2
+    Q_WORDS = wg.tile_bytes(BM, D) // 4
+    KV_BYTES = wg.tile_bytes(BN, D)
+    KV_WORDS = KV_BYTES // 4
+    K_OFF = Q_WORDS
+    V_OFF = Q_WORDS + STAGES * KV_WORDS
+    Q_PANEL, KV_PANEL = wg.panel_bytes(BM), wg.panel_bytes(BN)
+    WG_ROWS_WORDS = 64 * wg.SWIZZLE_BYTES // 4  # a warpgroup's 64 Q rows in a panel
+    S_REGS, O_REGS, P_REGS = BN // 2, D // 2, BN // 4
+    K_STEPS, PV_STEPS = D // 16, BN // 16
+    S_BLOCKS, O_BLOCKS = BN // 8, D // 8
+    CAUSAL, WITH_LSE = spec.causal, spec.with_lse
+    NEG_INF = -math.inf
+    issue_q = make_issue_tile(D, BM, T)
+    issue_kv = make_issue_tile(D, BN, T)
+
+    def forward_wgmma(q, k, v, out, lse, scale, group, cu_seqlens_q, cu_seqlens_k, window_left, window_right,
+                      softcap, alibi, bias, mask, keep_threshold, keep_scale, seed_lo, seed_hi):
+        tid = cuda.threadIdx.x
+        lane = tid % 32
+        wgi = tid // 128  # this thread's warpgroup
+        g = lane // 4
+        t = lane % 4
+        m_block = cuda.blockIdx.x
+        if CAUSAL:  # the longest rows (the last blocks) start first: less tail at the end
+            m_block = cuda.gridDim.x - 1 - m_block
+        row0 = np.int32(m_block * BM)
+        h = cuda.blockIdx.y
+        # 32-bit: a 64-bit division is a call in SASS, and any call serializes the wgmma
+        hk = uint32(h) // uint32(group)
+        b = cuda.blockIdx.z
+        seqlen_q = np.int32(q.shape[1])
+        seqlen_k = np.int32(k.shape[1])
+        # rows of this thread: my_row + 8 half (the accumulator layout, ptx_wgmma)
+        my_row = np.int32(row0 + wgi * 64 + (tid // 32) % 4 * 16 + g)
+        scale_log2 = float32(scale * LOG2E)
+
+        smem = cuda.shared.array(0, uint32)
+        base = wg.shared_align_words(smem)
+
+        key_end = seqlen_k
+        if CAUSAL:
+            key_end = max(np.int32(0), min(seqlen_k, row0 + np.int32(BM) + seqlen_k - seqlen_q))
+        n_tiles = (key_end + np.int32(BN - 1)) // np.int32(BN)
+
+        issue_q(q, smem, base, b, h, row0, seqlen_q, tid)
+        if n_tiles > 0:
+            issue_kv(k, smem, base + K_OFF, b, hk, np.int32(0), seqlen_k, tid)
+            issue_kv(v, smem, base + V_OFF, b, hk, np.int32(0), seqlen_k, tid)
+        ptx.cp_async_commit()
+
+        desc_q = wg.smem_desc(ptx.shared_address(smem, (base + wgi * WG_ROWS_WORDS,)), K_MAJOR_LBO)
+        desc_k0 = wg.smem_desc(ptx.shared_address(smem, (base + K_OFF,)), K_MAJOR_LBO)
+        desc_v0 = wg.smem_desc(ptx.shared_address(smem, (base + V_OFF,)), KV_PANEL)
+
+        o = cuda.local.array(O_REGS, float32)
+        for i in range(O_REGS):
+            o[i] = 0
+        s = cuda.local.array(S_REGS, float32)
+        p = cuda.local.array(P_REGS, uint32)
+        m_i = cuda.local.array(2, float32)
+        l_i = cuda.local.array(2, float32)
+        for r in range(2):
+            m_i[r] = NEG_INF
+            l_i[r] = 0
+
+        for it in range(n_tiles):
+            stage = it % 2
+            n0 = np.int32(it * BN)
+            if it + 1 < n_tiles:
+                nxt = (1 - stage) * KV_WORDS
+                issue_kv(k, smem, base + K_OFF + nxt, b, hk, n0 + np.int32(BN), seqlen_k, tid)
+                issue_kv(v, smem, base + V_OFF + nxt, b, hk, n0 + np.int32(BN), seqlen_k, tid)
+            ptx.cp_async_commit()
+            ptx.cp_async_wait_group(1)  # this tile's group (and Q) has landed
+            wg.fence_proxy_async()  # cp.async writes are generic-proxy; wgmma reads via the async proxy
+            cuda.syncthreads()
+
+            # S = Q K^T: head_dim / 16 k-steps, 32 bytes apart in a panel
+            desc_k = wg.desc_add(desc_k0, stage * KV_BYTES)
+            wg.wgmma_fence()
+            mma_s(s, desc_q, desc_k, 0)
+            for kk in range(1, K_STEPS):
+                mma_s(s, wg.desc_add(desc_q, (kk // 4) * Q_PANEL + (kk % 4) * 32),
+                      wg.desc_add(desc_k, (kk // 4) * KV_PANEL + (kk % 4) * 32), 1)
+            wg.wgmma_commit()
+            wg.wgmma_wait(0)
+            wg.fence_operands(s, S_REGS)
+
+            # mask only tiles that cross seqlen_k or the causal diagonal
+            needs_mask = n0 + BN > seqlen_k
+            if CAUSAL:
+                needs_mask = needs_mask or (n0 + BN - 1 > row0 + seqlen_k - seqlen_q)
+            if needs_mask:
+                for half in range(2):
+                    visible = np.int32(seqlen_k - n0)  # keys of this tile the row sees: [0, visible)
+                    if CAUSAL:
+                        visible = min(visible, my_row + np.int32(8 * half) + seqlen_k - seqlen_q - n0 + np.int32(1))
+                    for j in range(S_BLOCKS):
+                        for e in range(2):
+                            if np.int32(j * 8 + 2 * t + e) >= visible:
+                                s[4 * j + 2 * half + e] = NEG_INF
+
+            # online softmax, exp2 domain (FlashAttention-2, Algorithm 1, lines 8-10)
+            for half in range(2):
+                row_max = float32(NEG_INF)
+                for j in range(S_BLOCKS):
+                    row_max = max(row_max, max(s[4 * j + 2 * half], s[4 * j + 2 * half + 1]))
+                row_max = max(row_max, ptx.shfl_xor(row_max, 1))
+                row_max = max(row_max, ptx.shfl_xor(row_max, 2))
+                m_new = max(m_i[half], row_max * scale_log2)
+                m_use = m_new if m_new != NEG_INF else float32(0)
+                alpha = ptx.ex2(m_i[half] - m_use)
+                row_sum = float32(0)
+                for j in range(S_BLOCKS):
+                    for e in range(2):
+                        idx = 4 * j + 2 * half + e
+                        pv = ptx.ex2(s[idx] * scale_log2 - m_use)
+                        row_sum += pv
+                        s[idx] = pv
+                m_i[half] = m_new
+                l_i[half] = l_i[half] * alpha + row_sum  # partial over this thread's columns
+                for j in range(O_BLOCKS):
+                    o[4 * j + 2 * half] *= alpha
+                    o[4 * j + 2 * half + 1] *= alpha
+            for i in range(P_REGS):  # word 2j + half: row g + 8 half, columns 8j + 2t, +1
+                p[i] = pack(s[2 * i], s[2 * i + 1])
+
+            # O += P V: k-step kk takes keys 16kk .. 16kk + 15 (blocks 2kk, 2kk + 1 of P;
+            # two groups of 8 rows, 2 SBO, further into V)
+            desc_v = wg.desc_add(desc_v0, stage * KV_BYTES)
+            wg.wgmma_fence()
+            for kk in range(PV_STEPS):
+                mma_o(o, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3],
+                      wg.desc_add(desc_v, kk * 2 * wg.SBO_BYTES), 1)
+            wg.wgmma_commit()
+            wg.wgmma_wait(0)
+            wg.fence_operands(o, O_REGS)
+            cuda.syncthreads()  # everyone is done with this stage before it is refilled
+
+        ptx.cp_async_wait_group(0)
+        for half in range(2):
+            l_sum = l_i[half]
+            l_sum += ptx.shfl_xor(l_sum, 1)
+            l_sum += ptx.shfl_xor(l_sum, 2)
+            inv = float32(0)
+            if l_sum > 0:
+                inv = float32(1) / l_sum
+            i = my_row + np.int32(8 * half)
+            if i < seqlen_q:
+                for j in range(O_BLOCKS):
+                    word = pack(o[4 * j + 2 * half] * inv, o[4 * j + 2 * half + 1] * inv)
+                    col = j * 8 + 2 * t
+                    out[b, i, h, col] = np.uint16(word & 0xFFFF)
+                    out[b, i, h, col + 1] = np.uint16(word >> 16)
+                if WITH_LSE and t == 0:
+                    if l_sum > 0:
+                        lse[b, h, i] = m_i[half] * LN2 + math.log(l_sum)
+                    else:
+                        lse[b, h, i] = NEG_INF
+
+    # .maxntid: ptxas keeps registers x threads within the SM's 64K (3 warpgroups: <= 168)
+    bounds = {} if ptx.SIMULATED else {"launch_bounds": T}
+    return cuda.jit(forward_wgmma, fastmath={"contract"}, **bounds)

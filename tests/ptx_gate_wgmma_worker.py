@@ -1,0 +1,88 @@
+"""Compile the wgmma kernels for sm_90a without a GPU (Numba with cc=(9, 0, "a"), then
+nvJitLink -arch=sm_90a -Xptxas=-v) and print one JSON line per kernel with its
+resources: the probe's check and throughput kernels (kernels/wgmma_probe.py) and every
+wgmma forward specialization the tuning ships (kernels/forward_wgmma.py). Run by
+tests/test_ptx_gate_wgmma.py in a subprocess with the simulator off. sm_80 is never
+asked: wgmma exists on sm_90a only."""
+
+import json
+import os
+import re
+import sys
+
+os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
+
+from numba import cuda  # noqa: E402
+from numba.cuda import types  # noqa: E402
+
+from nbflash import tuning  # noqa: E402
+from nbflash.kernels import forward_wgmma, wgmma_probe  # noqa: E402
+from nbflash.spec import ForwardSpec  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from ptx_gate_worker import ptxas_report, variant_types  # noqa: E402
+
+CC = (9, 0, "a")
+
+
+def report(name, kernel, sig, **extra):
+    fastmath = kernel.targetoptions.get("fastmath", False)
+    ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=CC, fastmath=fastmath,
+                              launch_bounds=kernel.targetoptions.get("launch_bounds"))
+    log = ptxas_report(ptx, "sm_90a")
+    grab = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
+    print(json.dumps({
+        "key": name, "arch": "sm_90a",
+        "registers": grab(r"Used (\d+) registers"),
+        "stack": grab(r"(\d+) bytes stack frame"),
+        "spill_stores": grab(r"(\d+) bytes spill stores"),
+        "spill_loads": grab(r"(\d+) bytes spill loads"),
+        "wgmma": ptx.count("wgmma.mma_async.sync.aligned"),
+        "mma_sync": ptx.count("mma.sync.aligned"),
+        "serialized": "serialized" in log,  # ptxas: "wgmma.mma_async instructions are serialized"
+        "log": log[-600:] if "serialized" in log else "",
+        **extra,
+    }), flush=True)
+
+
+def probe_kernels():
+    u16 = types.Array(types.uint16, 2, "A")
+    f32 = types.Array(types.float32, 2, "A")
+    for dtype, n, kd, dv, a_regs in (("fp16", 64, 128, 128, False), ("bf16", 128, 64, 64, True),
+                                     ("fp16", 128, 128, 128, True), ("bf16", 64, 64, 128, False)):
+        name = f"wgmma_check-{dtype}-n{n}-kd{kd}-dv{dv}-{'rs' if a_regs else 'ss'}"
+        report(name, wgmma_probe.build_check(dtype, n, kd, dv, a_regs), (u16, u16, u16, f32, f32),
+               threads=128, shared_bytes=wgmma_probe.check_shared_bytes(n, kd, dv), kind="probe")
+    out = types.Array(types.float32, 1, "C")
+    for a_regs in (False, True):
+        report(f"wgmma_loop-fp16-n128-k4-{'rs' if a_regs else 'ss'}",
+               wgmma_probe.build_wgmma_loop("fp16", 128, 4, a_regs), (out, types.int32),
+               threads=256, shared_bytes=wgmma_probe.loop_shared_bytes(128, 4), kind="probe")
+
+
+def forward_specs():
+    """Every wgmma forward specialization tuning.WGMMA_TILES ships (with lse, as the
+    backward's forward runs it; the lse store is the only difference)."""
+    for head_dim, (bm, bn, threads) in sorted(tuning.WGMMA_TILES.items()):
+        for dtype in ("fp16", "bf16"):
+            for causal in (False, True):
+                yield ForwardSpec("wgmma", dtype, head_dim, head_dim, causal, True, bm, bn, threads, 2)
+
+
+def forward_kernels():
+    u16 = types.Array(types.uint16, 4, "A")
+    seqlens = types.Array(types.int32, 1, "A")
+    sig = (u16, u16, u16, u16, types.Array(types.float32, 3, "A"), types.float32, types.int64, seqlens, seqlens)
+    sig += variant_types()
+    for spec in forward_specs():
+        report(spec.key, forward_wgmma.build(spec), sig, threads=spec.threads, head_dim=spec.head_dim,
+               block_n=spec.block_n, shared_bytes=forward_wgmma.shared_bytes(spec), kind="forward")
+
+
+def main():
+    forward_kernels()
+    probe_kernels()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The no-GPU gate on the Hopper wgmma kernels: the probe's kernels (and the wgmma
+forward specializations the tuning ships) compile for sm_90a with wgmma.mma_async in
+their PTX, ptxas does not serialize the wgmma chain, no spills, no stack frame, and
+registers and shared memory their CTA can launch with."""
+
+from __future__ import annotations
+
+import pytest
+
+import gate_jobs
+from nbflash import tuning
+
+SM90_REGISTERS = 65536
+SM90_SHARED_PER_CTA = 227 * 1024
+
+gate_jobs.register_module(__file__, "wgmma", [["ptx_gate_wgmma_worker.py"]])
+
+
+@pytest.fixture(scope="module")
+def reports():
+    rows = gate_jobs.rows("wgmma")
+    assert len([r for r in rows if r["kind"] == "probe"]) == 6, rows
+    # every (head_dim, dtype, causal) the tuning ships, each once
+    forward = [r for r in rows if r["kind"] == "forward"]
+    assert len(forward) == len(tuning.WGMMA_TILES) * 2 * 2, rows
+    assert len({r["key"] for r in forward}) == len(forward), rows
+    return rows
+
+
+def test_every_kernel_uses_wgmma_and_is_not_serialized(reports):
+    for r in reports:
+        assert r["arch"] == "sm_90a", r
+        assert r["wgmma"] > 0, r
+        assert not r["serialized"], r
+
+
+def test_no_spills_and_no_local_memory(reports):
+    for r in reports:
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        assert r["stack"] == 0, r
+
+
+def test_forward_issues_every_wgmma_of_a_tile(reports):
+    """head_dim / 16 wgmma for S = Q K^T and block_n / 16 for O += P V per key tile: the
+    PTX holds at least one tile's worth (the compiler may unroll more, never fewer)."""
+    for r in reports:
+        if r["kind"] == "forward":
+            assert r["wgmma"] >= r["head_dim"] // 16 + r["block_n"] // 16, r
+            assert r["mma_sync"] == 0, r
+
+
+def test_registers_and_shared_memory_fit(reports):
+    for r in reports:
+        assert r["registers"] <= 255, r
+        assert r["registers"] * r["threads"] <= SM90_REGISTERS, r
+        assert r["shared_bytes"] <= SM90_SHARED_PER_CTA, r
