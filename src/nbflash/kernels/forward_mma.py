@@ -61,9 +61,10 @@ def build(spec: ForwardSpec):
     Variants (all behind compile-time flags: a plain spec compiles as before): the
     window starts the key loop at the first tile a row of the CTA can see and ends it
     after the last, and masks only tiles that cross a band edge, as causal does at
-    the diagonal. Softcap, ALiBi and bias rewrite the S fragment in place into scores
-    in exp2 units (t * log2(e)); each thread knows its rows (row0 + warp_row + m * 16 +
-    g + 8 * half) and keys (n0 + nb * 8 + 2t + e). The mask hides (-inf); dropout
+    the diagonal. Softcap, ALiBi and bias keep S in "S units" ("S units" below:
+    softcap's scale folds into the exponent's, ALiBi is linear in the key on each side
+    of the diagonal); each thread knows its rows (row0 + warp_row + m * 16 + g + 8 *
+    half) and keys (n0 + nb * 8 + 2t + e). The mask hides (-inf); dropout
     multiplies P by keep / (1 - p) after the row sums took the undropped P.
     """
     assert spec.kernel == "mma" and spec.dtype in ("fp16", "bf16")
@@ -92,7 +93,14 @@ def build(spec: ForwardSpec):
     VAR = spec.variant
     WINDOW, SOFTCAP, ALIBI, MASK, DROPOUT = VAR.window, VAR.softcap, VAR.alibi, VAR.mask, VAR.dropout
     BIAS = bool(VAR.bias)
-    MODS = SOFTCAP or ALIBI or BIAS  # S becomes scores in exp2 units before the softmax
+    # Score modifications: S holds scores in "S units", the true score in exp2 units being
+    # S * s_log2 + row_add (row_add: ALiBi's row part, per row and tile; derivation at
+    # the S mma), with s_log2 = scale log2(e) (S: q.k, plus ALiBi's key part) or
+    # softcap log2(e) (S: tanh(scale q.k / softcap), plus ALiBi's key part); a bias
+    # value x is x log2(e) / s_log2 in S units. So the softmax's one FFMA per score
+    # (S * s_log2 - offset) serves every variant, and row maxima are taken over S.
+    ALIBI_INIT = ALIBI and not SOFTCAP  # ALiBi's key part rides in the S mma's C input
+    SCORE_PASS = SOFTCAP or BIAS  # a per-score pass after the S mma
     read_bias = bias_reader(VAR.bias or "fp32")
     SPAN_WORDS = 6 if WINDOW else 5
 
@@ -130,16 +138,15 @@ def build(spec: ForwardSpec):
             seqlen_q = np.int32(q.shape[1])  # 32-bit row and key arithmetic: fewer registers
             seqlen_k = np.int32(k.shape[1])
         warp_row = warp * 16 * M_TILES  # first row of this warp within the CTA tile
-        scale_log2 = float32(scale * LOG2E)
-        s_log2 = scale_log2  # what turns an S value into exp2 units in the softmax
-        if MODS:
-            s_log2 = float32(1)  # S already holds scores in exp2 units
-        if SOFTCAP:  # softcap * tanh(s * scale / softcap) * log2(e), tanh(y) = 1 - 2 / (e^2y + 1)
-            cap_in = float32(scale / softcap * (2 * LOG2E))  # s -> 2y log2(e)
-            cap_log2 = float32(softcap * LOG2E)
-            cap_neg2 = float32(-2 * softcap * LOG2E)
+        s_log2 = float32(scale * LOG2E)  # what turns an S value into exp2 units in the softmax
+        if SOFTCAP:  # S holds th = tanh(s scale / softcap); the score softcap th is th * s_log2 in exp2 units
+            cap_in = float32(scale / softcap)
+            s_log2 = float32(softcap * LOG2E)
         if ALIBI:
             slope_log2 = float32(alibi[cuda.blockIdx.z, h] * LOG2E)
+            slope_u = slope_log2 / s_log2  # the slope in S units: slope / scale, or slope / softcap
+        if BIAS:
+            bias_u = float32(LOG2E) / s_log2  # a bias value in S units
         if DROPOUT:  # Philox counts (batch [varlen: sequence] * heads_q + head, row, key)
             bh = np.int32(cuda.blockIdx.z * cuda.gridDim.y + h)
 
@@ -227,9 +234,41 @@ def build(spec: ForwardSpec):
             ptx.cp_async_wait_group(1)  # this tile's group (and Q) has landed
             cuda.syncthreads()
 
+            if ALIBI:
+                # -slope |c_i - j| with c_i = i + seqlen_k - seqlen_q, relative to c0, the CTA's
+                # first row's diagonal (c_i - c0 = i - row0): a key tile at or left of every
+                # row's diagonal (n0 + BN - 1 <= c0) has -slope (c_i - j) = slope (j - c0) -
+                # slope (i - row0); one right of every diagonal (n0 >= c0 + BM - 1) the mirror
+                # image -slope (j - c0) + slope (i - row0). The key part, col_step (j - c0) in
+                # S units (col_step = +-slope_u), is the S mma's initial C (no softcap) or is
+                # added after the tanh (softcap: the cap applies to scale q.k only); the row
+                # part, row_step (i - row0) in exp2 units, joins the row's max and exponent
+                # offset once per row. Values stay relative to c0, small near the diagonal,
+                # where float32 precision matters. A tile crossing the diagonals takes
+                # col_step = row_step = 0 and the exact per-score term below.
+                if VARLEN:
+                    seqlen_q = span[1]
+                c0 = row0 + seqlen_k - seqlen_q
+                left = n0 + np.int32(BN - 1) <= c0
+                right = n0 >= c0 + np.int32(BM - 1)
+                crossing = not (left or right)
+                col_step = float32(0)
+                row_step = float32(0)
+                if left:
+                    col_step = slope_u
+                    row_step = -slope_log2
+                if right:
+                    col_step = -slope_u
+                    row_step = slope_log2
+                col0 = col_step * float32(n0 - c0 + np.int32(2) * t)  # key n0 + 2t
             # S = Q K^T: each K fragment pair feeds M_TILES mma per k-step
-            for i in range(S_REGS):
-                s[i] = 0
+            for m in range(M_TILES):
+                for nb in range(N_BLOCKS):
+                    for r in range(4):
+                        if ALIBI_INIT:  # key n0 + 8 nb + 2t + r % 2
+                            s[(m * N_BLOCKS + nb) * 4 + r] = col0 + col_step * float32(nb * 8 + r % 2)
+                        else:
+                            s[(m * N_BLOCKS + nb) * 4 + r] = 0
             for kk2 in range(K_STEPS // 2):
                 for nb in range(N_BLOCKS):
                     key = nb * 8 + lane % 8
@@ -252,25 +291,33 @@ def build(spec: ForwardSpec):
             if VARLEN:
                 seqlen_q = span[1]
                 seqlen_k = span[3]
-            if MODS:  # S -> scores in exp2 units: softcap, ALiBi, bias (score_mods' order)
+            if SCORE_PASS:  # softcap, ALiBi's key part under softcap, bias: in S units
                 for m in range(M_TILES):
                     for half in range(2):
                         i = np.int32(row0 + warp_row + m * 16 + g + 8 * half)
-                        i_read = min(i, seqlen_q - np.int32(1))  # rows past seqlen_q are never stored
+                        if BIAS:
+                            i_read = min(i, seqlen_q - np.int32(1))  # rows past seqlen_q are never stored
                         for nb in range(N_BLOCKS):
                             for e in range(2):
-                                jj = np.int32(n0 + nb * 8 + 2 * t + e)
                                 idx = (m * N_BLOCKS + nb) * 4 + 2 * half + e
                                 x = s[idx]
-                                if SOFTCAP:  # two MUFU ops (ex2, rcp), within a few ulps of softcap
-                                    x = cap_log2 + cap_neg2 * ptx.rcp_approx(ptx.ex2(x * cap_in) + float32(1))
-                                else:
-                                    x = x * scale_log2
-                                if ALIBI:
-                                    x -= slope_log2 * float32(abs(i + seqlen_k - seqlen_q - jj))
+                                if SOFTCAP:  # one MUFU op; softcap log2(e) is folded into s_log2
+                                    x = ptx.tanh_approx(x * cap_in)
+                                    if ALIBI:
+                                        x += col0 + col_step * float32(nb * 8 + e)
                                 if BIAS:  # keys past seqlen_k are masked below
-                                    x += read_bias(bias, b, h, i_read, min(jj, seqlen_k - np.int32(1))) * float32(LOG2E)
+                                    jj = np.int32(n0 + nb * 8 + 2 * t + e)
+                                    x += read_bias(bias, b, h, i_read, min(jj, seqlen_k - np.int32(1))) * bias_u
                                 s[idx] = x
+            if ALIBI:
+                if crossing:  # the exact term, -slope_u |c_i - j| in S units, per score
+                    for m in range(M_TILES):
+                        for half in range(2):
+                            c_i = np.int32(row0 + warp_row + m * 16 + g + 8 * half) + seqlen_k - seqlen_q
+                            for nb in range(N_BLOCKS):
+                                for e in range(2):
+                                    jj = np.int32(n0 + nb * 8 + 2 * t + e)
+                                    s[(m * N_BLOCKS + nb) * 4 + 2 * half + e] -= slope_u * float32(abs(c_i - jj))
 
             # mask only tiles that cross seqlen_k, the causal diagonal or a window edge
             needs_mask = n0 + BN > seqlen_k
@@ -317,9 +364,16 @@ def build(spec: ForwardSpec):
                         row_max = max(row_max, max(s[j], s[j + 1]))
                     row_max = max(row_max, ptx.shfl_xor(row_max, 1))
                     row_max = max(row_max, ptx.shfl_xor(row_max, 2))
-                    m_new = max(m_i[row], row_max * s_log2)
+                    if ALIBI:  # this tile's row part of ALiBi (exp2 units)
+                        row_add = row_step * float32(warp_row + m * 16 + g + 8 * half)
+                        m_new = max(m_i[row], row_max * s_log2 + row_add)
+                    else:
+                        m_new = max(m_i[row], row_max * s_log2)
                     m_use = m_new if m_new != NEG_INF else float32(0)
                     alpha = ptx.ex2(m_i[row] - m_use)
+                    m_sub = m_use  # exponent offset of S * s_log2
+                    if ALIBI:
+                        m_sub = m_use - row_add
                     row_sum = float32(0)
                     if DROPOUT:  # keep bit 2 nb + e of this row's keys, first, in a loop of its
                         # own: Philox inside the loop below stops its unrolling (s to local memory)
@@ -332,7 +386,7 @@ def build(spec: ForwardSpec):
                     for nb in range(N_BLOCKS):
                         for e in range(2):
                             j = (m * N_BLOCKS + nb) * 4 + 2 * half + e
-                            p = ptx.ex2(s[j] * s_log2 - m_use)
+                            p = ptx.ex2(s[j] * s_log2 - m_sub)
                             row_sum += p  # l_i sums P before dropout
                             if DROPOUT:
                                 if (keep_bits >> uint32(2 * nb + e)) & uint32(1):
