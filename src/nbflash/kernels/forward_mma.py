@@ -61,9 +61,9 @@ def build(spec: ForwardSpec):
     Variants (all behind compile-time flags: a plain spec compiles as before): the
     window starts the key loop at the first tile a row of the CTA can see and ends it
     after the last, and masks only tiles that cross a band edge, as causal does at
-    the diagonal. Softcap, ALiBi and bias keep S in "S units" ("S units" below:
-    softcap's scale folds into the exponent's, ALiBi is linear in the key on each side
-    of the diagonal); each thread knows its rows (row0 + warp_row + m * 16 + g + 8 *
+    the diagonal. Softcap, ALiBi and bias keep S in "S units" (the comment at
+    ALIBI_INIT: softcap's scale folds into the exponent's, ALiBi is linear in the key
+    on each side of the diagonal); each thread knows its rows (row0 + warp_row + m * 16 + g + 8 *
     half) and keys (n0 + nb * 8 + 2t + e). The mask hides (-inf); dropout
     multiplies P by keep / (1 - p) after the row sums took the undropped P.
     """
@@ -301,7 +301,11 @@ def build(spec: ForwardSpec):
                             for e in range(2):
                                 idx = (m * N_BLOCKS + nb) * 4 + 2 * half + e
                                 x = s[idx]
-                                if SOFTCAP:  # one MUFU op; softcap log2(e) is folded into s_log2
+                                # softcap: one MUFU op, softcap log2(e) folded into s_log2.
+                                # tanh.approx.f32's relative error is at most 2**-11 (PTX ISA),
+                                # so the capped score t carries |t| 2**-11 at most: t rounded
+                                # to fp16's 11 significant bits (P is rounded to 16 bits too)
+                                if SOFTCAP:
                                     x = ptx.tanh_approx(x * cap_in)
                                     if ALIBI:
                                         x += col0 + col_step * float32(nb * 8 + e)
