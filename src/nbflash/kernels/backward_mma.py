@@ -51,7 +51,7 @@ from ..spec import BackwardMmaSpec
 from . import ptx
 from .philox import keep_pair
 from .score_mods import (
-    alibi_term, bias_reader, soft_cap, tile_crosses_band, window_key_range, window_query_range, window_visible,
+    alibi_split, alibi_term, bias_reader, soft_cap, tile_crosses_band, window_key_range, window_query_range, window_visible,
 )
 from .tile_copy import make_issue_rows
 
@@ -184,29 +184,6 @@ def _light(spec):
     heavy = bool(var.bias) or var.mask or var.dropout or spec.dbias
     light = bool(var) and not heavy
     return light, light and var.alibi and not var.softcap
-
-
-@cuda.jit(device=True, inline=True)
-def _alibi_tile(q_first, rows, k_first, keys, seqlen_q, seqlen_k, slope_u, slope_log2):
-    """ALiBi's split for the tile of query rows [q_first, q_first + rows) and keys
-    [k_first, k_first + keys): (col_step, row_step, c0, crossing). With c_i = i +
-    seqlen_k - seqlen_q and c0 = c_{q_first}: keys at or left of every diagonal have
-    -slope (c_i - j) = slope (j - c0) - slope (i - q_first); keys right of every one
-    the mirror image. The key part is col_step (j - c0) in S units (col_step = +-slope_u
-    = +-slope / s units), the query part row_step (i - q_first) in exp2 units; both 0 on
-    a crossing tile."""
-    c0 = q_first + seqlen_k - seqlen_q
-    left = k_first + keys - 1 <= c0
-    right = k_first >= c0 + rows - 1
-    col_step = float32(0)
-    row_step = float32(0)
-    if left:
-        col_step = slope_u
-        row_step = -slope_log2
-    if right:
-        col_step = -slope_u
-        row_step = slope_log2
-    return col_step, row_step, c0, not (left or right)
 
 
 def _variant_element(spec, with_dbias):
@@ -403,7 +380,8 @@ def _build_dkdv(spec):
             if LIGHT and ALIBI:  # keys are rows of S^T here: the key part is per (m, half)
                 slope_log2 = float32(alibi[b, h] * LOG2E)
                 slope_u = slope_log2 * inv_s_log2  # the slope in S units
-                col_step, row_step, c0, crossing = _alibi_tile(
+                t2 = float32(2 * t)
+                col_step, row_step, c0, crossing = alibi_split(
                     m0, BM, n0, BN, seqlen_q, seqlen_k, slope_u, slope_log2)
                 col0 = col_step * float32(n0 + warp_key + g - c0)  # key n0 + warp_key + g
             # S^T = K Q^T and dP^T = V dO^T: rows are this warp's keys, columns queries
@@ -464,14 +442,15 @@ def _build_dkdv(spec):
                                     s[j] = th
                 if ALIBI:
                     if crossing:  # the exact term, -slope_u |c_i - key|, per score
+                        # c_i - key = dist0 + (8 nb + e) - (16 m + 8 half): one conversion per
+                        # tile, a float constant per score (integers exact below 2**24)
+                        dist0 = float32(m0 + 2 * t + seqlen_k - seqlen_q - n0 - warp_key - g)
                         for nb in range(Q_BLOCKS):
                             for e in range(2):
-                                c_i = m0 + nb * 8 + 2 * t + e + seqlen_k - seqlen_q
                                 for m in range(N_TILES):
                                     for half in range(2):
-                                        key = n0 + warp_key + m * 16 + g + 8 * half
-                                        s[(m * Q_BLOCKS + nb) * 4 + 2 * half + e] -= (
-                                            slope_u * float32(abs(c_i - key)))
+                                        s[(m * Q_BLOCKS + nb) * 4 + 2 * half + e] -= slope_u * abs(
+                                            dist0 + float32(nb * 8 + e - m * 16 - 8 * half))
                 # hide keys past seqlen_k and outside the band (causal is folded into
                 # window_right); queries past seqlen_q have lse_log2 = +inf, so P = 0
                 if n0 + BN > seqlen_k or tile_crosses_band(n0, BN, m0 + seqlen_k - seqlen_q, BM, window_left,
@@ -487,8 +466,8 @@ def _build_dkdv(spec):
                     for e in range(2):
                         col = nb * 8 + 2 * t + e
                         lse_sub = ptx.u32_as_f32(smem[lse_base + col])  # lse log2(e) - ALiBi's query part
-                        if ALIBI:
-                            lse_sub -= row_step * float32(col)
+                        if ALIBI:  # (float32(col) would be hoisted out of the loop: a register each)
+                            lse_sub -= row_step * t2 + row_step * float32(nb * 8 + e)
                         row_delta = ptx.u32_as_f32(smem[delta_base + col])
                         for m in range(N_TILES):
                             for half in range(2):
@@ -697,6 +676,7 @@ def _build_dq(spec):
         if LIGHT and ALIBI:
             slope_log2 = float32(alibi[b, h] * LOG2E)
             slope_u = slope_log2 / s_log2  # the slope in S units
+            row_g = float32(warp_row + g)
         smem = cuda.shared.array(0, uint32)
 
         key_end = seqlen_k
@@ -756,7 +736,7 @@ def _build_dq(spec):
             cuda.syncthreads()
 
             if LIGHT and ALIBI:  # keys are columns of S here: the key part is per (nb, e)
-                col_step, row_step, c0, crossing = _alibi_tile(
+                col_step, row_step, c0, crossing = alibi_split(
                     row0, BM, n0, BN, seqlen_q, seqlen_k, slope_u, slope_log2)
                 col0 = col_step * float32(n0 + 2 * t - c0)  # key n0 + 2t
             # S = Q K^T and dP = dO V^T: rows are this warp's queries, columns keys
@@ -816,14 +796,15 @@ def _build_dq(spec):
                                     s[j] = th
                 if ALIBI:
                     if crossing:  # the exact term, -slope_u |c_i - key|, per score
+                        # c_i - key = dist0 + (16 m + 8 half) - (8 nb + e): one conversion per
+                        # tile, a float constant per score (integers exact below 2**24)
+                        dist0 = float32(row0 + warp_row + g + seqlen_k - seqlen_q - n0 - 2 * t)
                         for m in range(M_TILES):
                             for half in range(2):
-                                c_i = row0 + warp_row + m * 16 + g + 8 * half + seqlen_k - seqlen_q
                                 for nb in range(N_BLOCKS):
                                     for e in range(2):
-                                        key = n0 + nb * 8 + 2 * t + e
-                                        s[(m * N_BLOCKS + nb) * 4 + 2 * half + e] -= (
-                                            slope_u * float32(abs(c_i - key)))
+                                        s[(m * N_BLOCKS + nb) * 4 + 2 * half + e] -= slope_u * abs(
+                                            dist0 + float32(m * 16 + 8 * half - nb * 8 - e))
                 # hide keys past seqlen_k and outside the band (causal is folded into
                 # window_right); rows past seqlen_q have lse_log2 = +inf, so P = 0
                 if n0 + BN > seqlen_k or tile_crosses_band(n0, BN, row0 + seqlen_k - seqlen_q, BM, window_left,
@@ -839,8 +820,8 @@ def _build_dq(spec):
                     for half in range(2):
                         row = 2 * m + half
                         lse_sub = row_lse[row]  # lse log2(e) - ALiBi's row part
-                        if ALIBI:
-                            lse_sub -= row_step * float32(warp_row + m * 16 + g + 8 * half)
+                        if ALIBI:  # (a float32 of the whole offset would be hoisted: a register each)
+                            lse_sub -= row_step * row_g + row_step * float32(m * 16 + 8 * half)
                         for nb in range(N_BLOCKS):
                             for e in range(2):
                                 j = (m * N_BLOCKS + nb) * 4 + 2 * half + e

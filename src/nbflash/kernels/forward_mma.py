@@ -31,7 +31,7 @@ from numba.cuda import float32, int32, uint32
 from ..spec import ForwardSpec
 from . import ptx
 from .philox import keep_pair
-from .score_mods import bias_reader, window_key_range
+from .score_mods import alibi_split, bias_reader, window_key_range
 from .tile_copy import make_issue_rows
 from .varlen import sequence_span
 
@@ -145,6 +145,7 @@ def build(spec: ForwardSpec):
         if ALIBI:
             slope_log2 = float32(alibi[cuda.blockIdx.z, h] * LOG2E)
             slope_u = slope_log2 / s_log2  # the slope in S units: slope / scale, or slope / softcap
+            row_g = float32(warp_row + g)  # this thread's first row, relative to row0
         if BIAS:
             bias_u = float32(LOG2E) / s_log2  # a bias value in S units
         if DROPOUT:  # Philox counts (batch [varlen: sequence] * heads_q + head, row, key)
@@ -245,22 +246,16 @@ def build(spec: ForwardSpec):
                 # part, row_step (i - row0) in exp2 units, joins the row's max and exponent
                 # offset once per row. Values stay relative to c0, small near the diagonal,
                 # where float32 precision matters. A tile crossing the diagonals takes
-                # col_step = row_step = 0 and the exact per-score term below.
+                # col_step = row_step = 0 and the exact per-score term below
+                # (score_mods.alibi_split). Only the key part's start is made before
+                # the mma, the rest after it: values held across the mma cost the
+                # non-causal d128 kernel spills.
                 if VARLEN:
                     seqlen_q = span[1]
-                c0 = row0 + seqlen_k - seqlen_q
-                left = n0 + np.int32(BN - 1) <= c0
-                right = n0 >= c0 + np.int32(BM - 1)
-                crossing = not (left or right)
-                col_step = float32(0)
-                row_step = float32(0)
-                if left:
-                    col_step = slope_u
-                    row_step = -slope_log2
-                if right:
-                    col_step = -slope_u
-                    row_step = slope_log2
-                col0 = col_step * float32(n0 - c0 + np.int32(2) * t)  # key n0 + 2t
+                if ALIBI_INIT:
+                    col_step, _, c0, _ = alibi_split(row0, np.int32(BM), n0, np.int32(BN), seqlen_q, seqlen_k,
+                                                     slope_u, slope_log2)
+                    col0 = col_step * float32(n0 - c0 + np.int32(2) * t)  # key n0 + 2t
             # S = Q K^T: each K fragment pair feeds M_TILES mma per k-step
             for m in range(M_TILES):
                 for nb in range(N_BLOCKS):
@@ -291,6 +286,10 @@ def build(spec: ForwardSpec):
             if VARLEN:
                 seqlen_q = span[1]
                 seqlen_k = span[3]
+            if ALIBI:
+                col_step, row_step, c0, crossing = alibi_split(row0, np.int32(BM), n0, np.int32(BN), seqlen_q,
+                                                               seqlen_k, slope_u, slope_log2)
+                col0 = col_step * float32(n0 - c0 + np.int32(2) * t)  # key n0 + 2t
             if SCORE_PASS:  # softcap, ALiBi's key part under softcap, bias: in S units
                 for m in range(M_TILES):
                     for half in range(2):
@@ -315,13 +314,16 @@ def build(spec: ForwardSpec):
                                 s[idx] = x
             if ALIBI:
                 if crossing:  # the exact term, -slope_u |c_i - j| in S units, per score
+                    # c_i - j = dist0 + (16 m + 8 half) - (8 nb + e) for this thread's first row
+                    # and key: one conversion per tile, a float constant per score (integers
+                    # are exact in float32 below 2**24)
+                    dist0 = float32(row0 + np.int32(warp_row) + g + seqlen_k - seqlen_q - n0 - np.int32(2) * t)
                     for m in range(M_TILES):
                         for half in range(2):
-                            c_i = np.int32(row0 + warp_row + m * 16 + g + 8 * half) + seqlen_k - seqlen_q
                             for nb in range(N_BLOCKS):
                                 for e in range(2):
-                                    jj = np.int32(n0 + nb * 8 + 2 * t + e)
-                                    s[(m * N_BLOCKS + nb) * 4 + 2 * half + e] -= slope_u * float32(abs(c_i - jj))
+                                    s[(m * N_BLOCKS + nb) * 4 + 2 * half + e] -= slope_u * abs(
+                                        dist0 + float32(m * 16 + 8 * half - nb * 8 - e))
 
             # mask only tiles that cross seqlen_k, the causal diagonal or a window edge
             needs_mask = n0 + BN > seqlen_k
@@ -369,7 +371,10 @@ def build(spec: ForwardSpec):
                     row_max = max(row_max, ptx.shfl_xor(row_max, 1))
                     row_max = max(row_max, ptx.shfl_xor(row_max, 2))
                     if ALIBI:  # this tile's row part of ALiBi (exp2 units)
-                        row_add = row_step * float32(warp_row + m * 16 + g + 8 * half)
+                        # (row_step (warp_row + g) + row_step (16 m + 8 half): a float32
+                        # of the whole row offset would be hoisted out of the key loop,
+                        # one register per row held across it)
+                        row_add = row_step * row_g + row_step * float32(m * 16 + 8 * half)
                         m_new = max(m_i[row], row_max * s_log2 + row_add)
                     else:
                         m_new = max(m_i[row], row_max * s_log2)
