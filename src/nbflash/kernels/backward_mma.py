@@ -35,7 +35,11 @@ spec.dbias). P is recomputed from the modified scores (softcap, ALiBi, bias; hid
 outside the window or the mask) as in the forward; dropout multiplies P and dP by
 keep / (1 - p) with the forward's Philox mask; dS = P * (dP - delta) is dbias and is
 multiplied by softcap's 1 - tanh^2 before dK and dQ. A window skips the query tiles
-(dK/dV) and key tiles (dQ) outside its band.
+(dK/dV) and key tiles (dQ) outside its band. Specs with only window, softcap and
+ALiBi take forward_mma's "S units" (_light: ALiBi's key part in the S mma's initial
+C and its query part in the lse term, softcap one tanh.approx per score, masks only
+on tiles crossing seqlen_k or the band); bias, mask, dropout and dbias go through the
+per-score _variant_element.
 """
 
 from __future__ import annotations
