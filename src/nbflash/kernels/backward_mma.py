@@ -55,7 +55,8 @@ from ..spec import BackwardMmaSpec
 from . import ptx
 from .philox import keep_pair
 from .score_mods import (
-    alibi_split, alibi_term, bias_reader, soft_cap, tile_crosses_band, window_key_range, window_query_range, window_visible,
+    alibi_split, alibi_term, bias_reader, soft_cap, tile_crosses_band, window_key_range, window_query_range,
+    window_visible,
 )
 from .tile_copy import make_issue_rows
 
