@@ -398,21 +398,22 @@ def test_varlen_refuses_bad_slopes_before_writing():
     assert np.isnan(to_host(out)).all()
 
 
-@pytest.mark.parametrize("softcap", [pytest.param(0.0, id="alibi"), pytest.param(2.0, id="softcap-alibi")])
-def test_mma_alibi_left_right_and_crossing_tiles(monkeypatch, softcap):
+def test_mma_alibi_left_right_and_crossing_tiles(monkeypatch):
     """forward_mma splits ALiBi into a key part (the S mma's initial C, or added after
     the tanh) and a row part (the row's max and exponent offset) on key tiles left or
     right of every diagonal of the CTA, and takes the exact term on tiles crossing them:
     two 16-row slices per warp, several CTAs, seqlen_q != seqlen_k both ways, a slope
     per head. Not causal, so that every class occurs: seqlen_q >= 47 gives the first CTA
     key tiles right of its diagonals, seqlen_k >= 40 the last CTA tiles left of them
-    (causal with ALiBi is test_softcap_and_alibi's)."""
+    (causal with ALiBi is test_softcap_and_alibi's). With softcap or not, drawn (the
+    key part rides in C without it, is added after the tanh with it)."""
     monkeypatch.setattr(tuning, "MMA_TILES_SIMULATOR", (32, 16, 32, 2, False))
     rng, seed = new_rng()
     nq, nk = int(rng.integers(47, 70)), int(rng.integers(40, 90))
     shape = draw(rng, "mma", seqlen_q=nq, seqlen_k=nk)
     shape.batch, shape.heads_kv, shape.heads_q = 1, 1, 2
     slopes = rng.uniform(0.05, 1.0, shape.heads_q).astype(np.float32)
+    softcap = float(rng.choice((0.0,) + SOFTCAPS))
     run(rng, seed, shape, FP16, "mma", alibi_slopes=slopes, **({"softcap": softcap} if softcap else {}))
 
 
