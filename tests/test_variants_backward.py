@@ -333,3 +333,17 @@ def test_vjp_with_variants_matches_forward_then_backward_and_the_oracle(dtype):
     mq, mk, mv, ds = magnitudes(do, q, k, v, True, 1 / math.sqrt(dim), dict(options, bias=bias))
     assert_grads_close(got[:3], refs[:3], dtype, seed=seed, magnitudes=(mq, mk, mv))
     check_dbias(got[3], refs[3], bias, ds, dtype, f"seed {seed}")
+
+
+def test_alibi_left_right_and_crossing_tiles_on_the_tensor_core_family(monkeypatch):
+    """backward_mma splits ALiBi as the forward does (key part in the S mma's initial C
+    or after the tanh, query part in the lse term) on tiles left or right of every
+    diagonal and takes the exact term on crossing tiles: two warps per CTA, several key
+    and query tiles, not causal (so that both sides occur), dK/dV and the dQ kernel;
+    with softcap or not, drawn."""
+    monkeypatch.setattr(tuning, "MMA_BWD_TILES_SIMULATOR", ((16, 32, 64, False), (32, 16, 64, False)))
+    rng, seed = new_rng()
+    seqlens = (int(rng.integers(48, 56)), int(rng.integers(48, 56)))  # every class in both kernels
+    run(rng, seed, family="mma", seqlens=seqlens, group=1, deterministic=True, alibi=True,
+        softcap=bool(rng.integers(2)),
+        edit=lambda kw: kw.update(alibi_slopes=rng.uniform(0.02, 0.3, np.shape(kw["alibi_slopes"])).astype(np.float32)))

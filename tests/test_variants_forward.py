@@ -396,3 +396,37 @@ def test_varlen_refuses_bad_slopes_before_writing():
     with pytest.raises(ValueError, match="window"):
         nbflash.attention_varlen(q, k, v, cu_q, cu_k, out=out, window=(-3, 0))
     assert np.isnan(to_host(out)).all()
+
+
+def test_mma_alibi_left_right_and_crossing_tiles(monkeypatch):
+    """forward_mma splits ALiBi into a key part (the S mma's initial C, or added after
+    the tanh) and a row part (the row's max and exponent offset) on key tiles left or
+    right of every diagonal of the CTA, and takes the exact term on tiles crossing them:
+    two 16-row slices per warp, several CTAs, seqlen_q != seqlen_k both ways, a slope
+    per head. Not causal, so that every class occurs: seqlen_q >= 47 gives the first CTA
+    key tiles right of its diagonals, seqlen_k >= 40 the last CTA tiles left of them
+    (causal with ALiBi is test_softcap_and_alibi's). With softcap or not, drawn (the
+    key part rides in C without it, is added after the tanh with it)."""
+    monkeypatch.setattr(tuning, "MMA_TILES_SIMULATOR", (32, 16, 32, 2, False))
+    rng, seed = new_rng()
+    nq, nk = int(rng.integers(47, 70)), int(rng.integers(40, 90))
+    shape = draw(rng, "mma", seqlen_q=nq, seqlen_k=nk)
+    shape.batch, shape.heads_kv, shape.heads_q = 1, 1, 2
+    slopes = rng.uniform(0.05, 1.0, shape.heads_q).astype(np.float32)
+    softcap = float(rng.choice((0.0,) + SOFTCAPS))
+    run(rng, seed, shape, FP16, "mma", alibi_slopes=slopes, **({"softcap": softcap} if softcap else {}))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+@pytest.mark.parametrize("dtype", [FP16, BF16], ids=str)
+def test_mma_alibi_long_sequences(dtype, softcap):
+    """ALiBi without a window over thousands of keys: key parts far from the diagonal
+    (relative to the CTA's first diagonal) and every tile class, GQA, causal or not."""
+    rng, seed = new_rng()
+    shape = draw(rng, "mma", large=True, seqlen_q=int(rng.integers(1000, 3000)),
+                 seqlen_k=int(rng.integers(1000, 3000)), group=2)
+    shape.batch = 1
+    slopes = (2.0 ** -rng.uniform(0, 8, shape.heads_q)).astype(np.float32)  # ALiBi's geometric range
+    run(rng, seed, shape, dtype, "mma", causal=bool(rng.integers(2)), layout=str(rng.choice(["bshd", "bhsd"])),
+        alibi_slopes=slopes, **({"softcap": softcap} if softcap else {}))

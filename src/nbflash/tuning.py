@@ -353,9 +353,10 @@ MMA_VARIANT_TILES: dict = {
     (96, False, True): (64, 32, 128, 2, False),
     (96, True, True): (64, 32, 128, 2, False),
     (128, False, True): (128, 64, 256, 2, False),
-    # light variants on d128's 128-thread tile spill 8 bytes (window + softcap + ALiBi)
-    (128, False, False): (128, 64, 256, 2, False),
-    (128, True, False): (128, 64, 256, 2, False),
+    # light variants at d64 keep the 32-key tile: on sm_90's plain m128n64t128 the staged
+    # fp32 bias + mask spills 16 bytes (bf16, causal)
+    (64, False, False): (128, 32, 128, 2, True),
+    (64, True, False): (128, 32, 128, 2, True),
 }
 
 

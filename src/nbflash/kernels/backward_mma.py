@@ -35,6 +35,12 @@ spec.dbias). P is recomputed from the modified scores (softcap, ALiBi, bias; hid
 outside the window or the mask) as in the forward; dropout multiplies P and dP by
 keep / (1 - p) with the forward's Philox mask; dS = P * (dP - delta) is dbias and is
 multiplied by softcap's 1 - tanh^2 before dK and dQ. A window skips the query tiles
+(dK/dV) and key tiles (dQ) outside its band. Specs with only window, softcap and
+ALiBi take forward_mma's "S units" (_light: ALiBi's key part in the S mma's initial
+C and its query part in the lse term, softcap one tanh.approx per score, masks only
+on tiles crossing seqlen_k or the band); bias, mask, dropout and dbias go through the
+per-score _variant_element.
+
 (dK/dV) and key tiles (dQ) outside its band.
 
 Varlen (spec.varlen, nbflash.attention_varlen_backward): the tensors are packed
@@ -59,7 +65,8 @@ from ..spec import BackwardMmaSpec
 from . import ptx
 from .philox import keep_pair
 from .score_mods import (
-    alibi_term, bias_reader, soft_cap, tile_crosses_band, window_key_range, window_query_range, window_visible,
+    alibi_split, alibi_term, bias_reader, soft_cap, tile_crosses_band, window_key_range, window_query_range,
+    window_visible,
 )
 from .tile_copy import make_issue_rows
 from .varlen import sequence_span
@@ -179,6 +186,23 @@ def _device_helpers(spec, threads):
     return issue_rows, a_fragments, bt_fragments, b_fragments, lse_log2, delta_of
 
 
+def _light(spec):
+    """(LIGHT, ALIBI_INIT): the spec's variants are only window, softcap and ALiBi (no
+    per-score reads, writes or Philox words), which the kernels take as the forward
+    does (forward_mma's "S units"): S holds q.k plus ALiBi's key part (the S mma's
+    initial C on key tiles left or right of every query's diagonal) or, with softcap,
+    th = tanh(scale q.k / softcap) plus that key part, and P = exp2(S s_log2 -
+    (lse log2(e) - row_add)) with s_log2 = scale log2(e) or softcap log2(e) and
+    row_add ALiBi's query part (0 on tiles crossing the diagonals, which take the exact
+    term per score). Softcap's dS factor d(softcap th)/d(scale s) = 1 - th^2 comes from
+    the recomputed th (scale is applied to dK and dQ at the end) and is folded into
+    dP - delta before ALiBi or the mask touch S; a hidden score is S = -inf, P = 0."""
+    var = spec.variant
+    heavy = bool(var.bias) or var.mask or var.dropout or spec.dbias
+    light = bool(var) and not heavy
+    return light, light and var.alibi and not var.softcap
+
+
 def _variant_element(spec, with_dbias):
     """The per-element step of a variant spec, shared by the dK/dV and dQ kernels:
     (P_d, dS * d(capped)/d(score)) of query i and key j from the raw dot products
@@ -269,6 +293,9 @@ def _build_dkdv(spec):
     VARIANT = bool(spec.variant)
     WINDOW, DROPOUT = spec.variant.window, spec.variant.dropout
     PLAIN_Q_BLOCKS = 0 if VARIANT else Q_BLOCKS  # the plain P/dS loop (variants have their own)
+    SOFTCAP, ALIBI = spec.variant.softcap, spec.variant.alibi
+    LIGHT, ALIBI_INIT = _light(spec)
+    HEAVY = VARIANT and not LIGHT  # per-score element() with bias, mask, dropout or dbias
     issue_rows, a_fragments, bt_fragments, b_fragments, lse_log2, delta_of = _device_helpers(spec, T)
     element = _variant_element(spec, True)
 
@@ -296,6 +323,11 @@ def _build_dkdv(spec):
             seqlen_k = k.shape[1]
         warp_key = warp * 16 * N_TILES  # first key of this warp within the tile
         scale_log2 = float32(scale * LOG2E)
+        s_log2 = scale_log2  # S units to exp2 units (_light)
+        if LIGHT and SOFTCAP:
+            cap_in = float32(scale / softcap)
+            s_log2 = float32(softcap * LOG2E)
+        inv_s_log2 = float32(1) / s_log2
         smem = cuda.shared.array(0, uint32)
 
         # the query tiles that see at least one of keys n0..n0+BN-1, for each head of the group
@@ -373,10 +405,23 @@ def _build_dkdv(spec):
             ptx.cp_async_wait_group(1)  # this tile's group has landed
             cuda.syncthreads()
 
+            if LIGHT and ALIBI:  # keys are rows of S^T here: the key part is per (m, half)
+                slope_log2 = float32(alibi[seq, h] * LOG2E)  # seq: the batch entry or packed sequence
+                slope_u = slope_log2 * inv_s_log2  # the slope in S units
+                t2 = float32(2 * t)
+                col_step, row_step, c0, crossing = alibi_split(
+                    m0, BM, n0, BN, seqlen_q, seqlen_k, slope_u, slope_log2)
+                col0 = col_step * float32(n0 + warp_key + g - c0)  # key n0 + warp_key + g
             # S^T = K Q^T and dP^T = V dO^T: rows are this warp's keys, columns queries
-            for i in range(S_REGS):
-                s[i] = 0
-                dp[i] = 0
+            for m in range(N_TILES):
+                for nb in range(Q_BLOCKS):
+                    for r in range(4):
+                        j = (m * Q_BLOCKS + nb) * 4 + r
+                        if ALIBI_INIT:  # key n0 + warp_key + m * 16 + g + 8 (r // 2)
+                            s[j] = col0 + col_step * float32(m * 16 + 8 * (r // 2))
+                        else:
+                            s[j] = 0
+                        dp[j] = 0
             for kk in range(K_STEPS):
                 for m in range(N_TILES):
                     if KV_IN_REGS:
@@ -410,7 +455,58 @@ def _build_dkdv(spec):
                             va[4 * m], va[4 * m + 1], va[4 * m + 2], va[4 * m + 3], e2, e3,
                             dp[j], dp[j + 1], dp[j + 2], dp[j + 3])
 
-            if VARIANT:
+            if LIGHT:
+                if SOFTCAP:  # th, and dP - delta times d(softcap th)/d(scale s) = 1 - th^2
+                    for nb in range(Q_BLOCKS):
+                        for e in range(2):
+                            row_delta = ptx.u32_as_f32(smem[delta_base + nb * 8 + 2 * t + e])
+                            for m in range(N_TILES):
+                                for half in range(2):
+                                    j = (m * Q_BLOCKS + nb) * 4 + 2 * half + e
+                                    th = ptx.tanh_approx(s[j] * cap_in)
+                                    dp[j] = (dp[j] - row_delta) * (float32(1) - th * th)
+                                    if ALIBI:
+                                        th += col0 + col_step * float32(m * 16 + 8 * half)
+                                    s[j] = th
+                if ALIBI:
+                    if crossing:  # the exact term, -slope_u |c_i - key|, per score
+                        # c_i - key = dist0 + (8 nb + e) - (16 m + 8 half): one conversion per
+                        # tile, a float constant per score (integers exact below 2**24)
+                        dist0 = float32(m0 + 2 * t + seqlen_k - seqlen_q - n0 - warp_key - g)
+                        for nb in range(Q_BLOCKS):
+                            for e in range(2):
+                                for m in range(N_TILES):
+                                    for half in range(2):
+                                        s[(m * Q_BLOCKS + nb) * 4 + 2 * half + e] -= slope_u * abs(
+                                            dist0 + float32(nb * 8 + e - m * 16 - 8 * half))
+                # hide keys past seqlen_k and outside the band (causal is folded into
+                # window_right); queries past seqlen_q have lse_log2 = +inf, so P = 0
+                if n0 + BN > seqlen_k or tile_crosses_band(n0, BN, m0 + seqlen_k - seqlen_q, BM, window_left,
+                                                           window_right):
+                    for m in range(N_TILES):
+                        for nb in range(Q_BLOCKS):
+                            for r in range(4):
+                                key = n0 + warp_key + m * 16 + g + 8 * (r // 2)
+                                i = m0 + nb * 8 + 2 * t + (r % 2)
+                                if not window_visible(i, key, seqlen_q, seqlen_k, window_left, window_right):
+                                    s[(m * Q_BLOCKS + nb) * 4 + r] = NEG_INF
+                for nb in range(Q_BLOCKS):
+                    for e in range(2):
+                        col = nb * 8 + 2 * t + e
+                        lse_sub = ptx.u32_as_f32(smem[lse_base + col])  # lse log2(e) - ALiBi's query part
+                        if ALIBI:  # (float32(col) would be hoisted out of the loop: a register each)
+                            lse_sub -= row_step * t2 + row_step * float32(nb * 8 + e)
+                        row_delta = ptx.u32_as_f32(smem[delta_base + col])
+                        for m in range(N_TILES):
+                            for half in range(2):
+                                j = (m * Q_BLOCKS + nb) * 4 + 2 * half + e
+                                p = ptx.ex2(s[j] * s_log2 - lse_sub)
+                                s[j] = p
+                                if SOFTCAP:
+                                    dp[j] = p * dp[j]
+                                else:
+                                    dp[j] = p * (dp[j] - row_delta)
+            if HEAVY:
                 # P^T and dS^T element by element with the variants (module docstring)
                 diagonal = m0 + seqlen_k - seqlen_q
                 check_band = False
@@ -576,6 +672,9 @@ def _build_dq(spec):
     VARIANT = bool(spec.variant)
     WINDOW, DROPOUT = spec.variant.window, spec.variant.dropout
     PLAIN_M_TILES = 0 if VARIANT else M_TILES  # the plain P/dS loop (variants have their own)
+    SOFTCAP, ALIBI = spec.variant.softcap, spec.variant.alibi
+    LIGHT, ALIBI_INIT = _light(spec)
+    HEAVY = VARIANT and not LIGHT  # per-score element() with bias, mask or dropout
     issue_rows, a_fragments, bt_fragments, b_fragments, lse_log2, delta_of = _device_helpers(spec, T)
     element = _variant_element(spec, False)
 
@@ -606,6 +705,14 @@ def _build_dq(spec):
             seqlen_k = k.shape[1]
         warp_row = warp * 16 * M_TILES
         scale_log2 = float32(scale * LOG2E)
+        s_log2 = scale_log2  # S units to exp2 units (_light)
+        if LIGHT and SOFTCAP:
+            cap_in = float32(scale / softcap)
+            s_log2 = float32(softcap * LOG2E)
+        if LIGHT and ALIBI:
+            slope_log2 = float32(alibi[seq, h] * LOG2E)  # seq: the batch entry or packed sequence
+            slope_u = slope_log2 / s_log2  # the slope in S units
+            row_g = float32(warp_row + g)
         smem = cuda.shared.array(0, uint32)
 
         key_end = seqlen_k
@@ -680,10 +787,20 @@ def _build_dq(spec):
             ptx.cp_async_wait_group(1)
             cuda.syncthreads()
 
+            if LIGHT and ALIBI:  # keys are columns of S here: the key part is per (nb, e)
+                col_step, row_step, c0, crossing = alibi_split(
+                    row0, BM, n0, BN, seqlen_q, seqlen_k, slope_u, slope_log2)
+                col0 = col_step * float32(n0 + 2 * t - c0)  # key n0 + 2t
             # S = Q K^T and dP = dO V^T: rows are this warp's queries, columns keys
-            for i in range(S_REGS):
-                s[i] = 0
-                dp[i] = 0
+            for m in range(M_TILES):
+                for nb in range(N_BLOCKS):
+                    for r in range(4):
+                        j = (m * N_BLOCKS + nb) * 4 + r
+                        if ALIBI_INIT:  # key n0 + 8 nb + 2t + r % 2
+                            s[j] = col0 + col_step * float32(nb * 8 + r % 2)
+                        else:
+                            s[j] = 0
+                        dp[j] = 0
             for kk in range(K_STEPS):
                 for m in range(M_TILES):
                     if IN_REGS:
@@ -717,7 +834,55 @@ def _build_dq(spec):
                             oa[4 * m], oa[4 * m + 1], oa[4 * m + 2], oa[4 * m + 3], e2, e3,
                             dp[j], dp[j + 1], dp[j + 2], dp[j + 3])
 
-            if VARIANT:
+            if LIGHT:
+                if SOFTCAP:  # th, and dP - delta times d(softcap th)/d(scale s) = 1 - th^2
+                    for m in range(M_TILES):
+                        for half in range(2):
+                            for nb in range(N_BLOCKS):
+                                for e in range(2):
+                                    j = (m * N_BLOCKS + nb) * 4 + 2 * half + e
+                                    th = ptx.tanh_approx(s[j] * cap_in)
+                                    dp[j] = (dp[j] - row_delta[2 * m + half]) * (float32(1) - th * th)
+                                    if ALIBI:
+                                        th += col0 + col_step * float32(nb * 8 + e)
+                                    s[j] = th
+                if ALIBI:
+                    if crossing:  # the exact term, -slope_u |c_i - key|, per score
+                        # c_i - key = dist0 + (16 m + 8 half) - (8 nb + e): one conversion per
+                        # tile, a float constant per score (integers exact below 2**24)
+                        dist0 = float32(row0 + warp_row + g + seqlen_k - seqlen_q - n0 - 2 * t)
+                        for m in range(M_TILES):
+                            for half in range(2):
+                                for nb in range(N_BLOCKS):
+                                    for e in range(2):
+                                        s[(m * N_BLOCKS + nb) * 4 + 2 * half + e] -= slope_u * abs(
+                                            dist0 + float32(m * 16 + 8 * half - nb * 8 - e))
+                # hide keys past seqlen_k and outside the band (causal is folded into
+                # window_right); rows past seqlen_q have lse_log2 = +inf, so P = 0
+                if n0 + BN > seqlen_k or tile_crosses_band(n0, BN, row0 + seqlen_k - seqlen_q, BM, window_left,
+                                                           window_right):
+                    for m in range(M_TILES):
+                        for nb in range(N_BLOCKS):
+                            for r in range(4):
+                                key = n0 + nb * 8 + 2 * t + (r % 2)
+                                i = row0 + warp_row + m * 16 + g + 8 * (r // 2)
+                                if not window_visible(i, key, seqlen_q, seqlen_k, window_left, window_right):
+                                    s[(m * N_BLOCKS + nb) * 4 + r] = NEG_INF
+                for m in range(M_TILES):
+                    for half in range(2):
+                        row = 2 * m + half
+                        lse_sub = row_lse[row]  # lse log2(e) - ALiBi's row part
+                        if ALIBI:  # (a float32 of the whole offset would be hoisted: a register each)
+                            lse_sub -= row_step * row_g + row_step * float32(m * 16 + 8 * half)
+                        for nb in range(N_BLOCKS):
+                            for e in range(2):
+                                j = (m * N_BLOCKS + nb) * 4 + 2 * half + e
+                                p = ptx.ex2(s[j] * s_log2 - lse_sub)
+                                if SOFTCAP:
+                                    dp[j] = p * dp[j]
+                                else:
+                                    dp[j] = p * (dp[j] - row_delta[row])
+            if HEAVY:
                 # P and dS element by element with the variants (module docstring)
                 diagonal = row0 + seqlen_k - seqlen_q
                 check_band = False

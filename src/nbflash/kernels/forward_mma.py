@@ -34,7 +34,7 @@ from numba.cuda import float32, int32, uint32
 from ..spec import ForwardSpec
 from . import bias_tile, ptx
 from .philox import keep_pair
-from .score_mods import bias_reader, window_key_range
+from .score_mods import alibi_split, bias_reader, window_key_range
 from .tile_copy import make_issue_rows
 from .varlen import sequence_span
 
@@ -75,9 +75,10 @@ def build(spec: ForwardSpec):
     Variants (all behind compile-time flags: a plain spec compiles as before): the
     window starts the key loop at the first tile a row of the CTA can see and ends it
     after the last, and masks only tiles that cross a band edge, as causal does at
-    the diagonal. Softcap, ALiBi and bias rewrite the S fragment in place into scores
-    in exp2 units (t * log2(e)); each thread knows its rows (row0 + warp_row + m * 16 +
-    g + 8 * half) and keys (n0 + nb * 8 + 2t + e). The mask hides (-inf); dropout
+    the diagonal. Softcap, ALiBi and bias keep S in "S units" (the comment at
+    ALIBI_INIT: softcap's scale folds into the exponent's, ALiBi is linear in the key
+    on each side of the diagonal); each thread knows its rows (row0 + warp_row + m * 16 + g + 8 *
+    half) and keys (n0 + nb * 8 + 2t + e). The mask hides (-inf); dropout
     multiplies P by keep / (1 - p) after the row sums took the undropped P.
     """
     assert spec.kernel == "mma" and spec.dtype in ("fp16", "bf16")
@@ -106,7 +107,14 @@ def build(spec: ForwardSpec):
     VAR = spec.variant
     WINDOW, SOFTCAP, ALIBI, MASK, DROPOUT = VAR.window, VAR.softcap, VAR.alibi, VAR.mask, VAR.dropout
     BIAS = bool(VAR.bias)
-    MODS = SOFTCAP or ALIBI or BIAS  # S becomes scores in exp2 units before the softmax
+    # Score modifications: S holds scores in "S units", the true score in exp2 units being
+    # S * s_log2 + row_add (row_add: ALiBi's row part, per row and tile; derivation at
+    # the S mma), with s_log2 = scale log2(e) (S: q.k, plus ALiBi's key part) or
+    # softcap log2(e) (S: tanh(scale q.k / softcap), plus ALiBi's key part); a bias
+    # value x is x log2(e) / s_log2 in S units. So the softmax's one FFMA per score
+    # (S * s_log2 - offset) serves every variant, and row maxima are taken over S.
+    ALIBI_INIT = ALIBI and not SOFTCAP  # ALiBi's key part rides in the S mma's C input
+    SCORE_PASS = SOFTCAP or BIAS  # a per-score pass after the S mma
     read_bias = bias_reader(VAR.bias or "fp32")
     # staged bias / mask tiles (kernels/bias_tile.py): stages after V, bias then mask
     BIAS_STAGED, MASK_STAGED = BIAS and VAR.bias_staged, MASK and VAR.mask_staged
@@ -156,16 +164,16 @@ def build(spec: ForwardSpec):
             seqlen_q = np.int32(q.shape[1])  # 32-bit row and key arithmetic: fewer registers
             seqlen_k = np.int32(k.shape[1])
         warp_row = warp * 16 * M_TILES  # first row of this warp within the CTA tile
-        scale_log2 = float32(scale * LOG2E)
-        s_log2 = scale_log2  # what turns an S value into exp2 units in the softmax
-        if MODS:
-            s_log2 = float32(1)  # S already holds scores in exp2 units
-        if SOFTCAP:  # softcap * tanh(s * scale / softcap) * log2(e), tanh(y) = 1 - 2 / (e^2y + 1)
-            cap_in = float32(scale / softcap * (2 * LOG2E))  # s -> 2y log2(e)
-            cap_log2 = float32(softcap * LOG2E)
-            cap_neg2 = float32(-2 * softcap * LOG2E)
+        s_log2 = float32(scale * LOG2E)  # what turns an S value into exp2 units in the softmax
+        if SOFTCAP:  # S holds th = tanh(s scale / softcap); the score softcap th is th * s_log2 in exp2 units
+            cap_in = float32(scale / softcap)
+            s_log2 = float32(softcap * LOG2E)
         if ALIBI:
             slope_log2 = float32(alibi[cuda.blockIdx.z, h] * LOG2E)
+            slope_u = slope_log2 / s_log2  # the slope in S units: slope / scale, or slope / softcap
+            row_g = float32(warp_row + g)  # this thread's first row, relative to row0
+        if BIAS:
+            bias_u = float32(LOG2E) / s_log2  # a bias value in S units
         if DROPOUT:  # Philox counts (batch [varlen: sequence] * heads_q + head, row, key)
             bh = np.int32(cuda.blockIdx.z * cuda.gridDim.y + h)
 
@@ -264,9 +272,35 @@ def build(spec: ForwardSpec):
             ptx.cp_async_wait_group(1)  # this tile's group (and Q) has landed
             cuda.syncthreads()
 
+            if ALIBI:
+                # -slope |c_i - j| with c_i = i + seqlen_k - seqlen_q, relative to c0, the CTA's
+                # first row's diagonal (c_i - c0 = i - row0): a key tile at or left of every
+                # row's diagonal (n0 + BN - 1 <= c0) has -slope (c_i - j) = slope (j - c0) -
+                # slope (i - row0); one right of every diagonal (n0 >= c0 + BM - 1) the mirror
+                # image -slope (j - c0) + slope (i - row0). The key part, col_step (j - c0) in
+                # S units (col_step = +-slope_u), is the S mma's initial C (no softcap) or is
+                # added after the tanh (softcap: the cap applies to scale q.k only); the row
+                # part, row_step (i - row0) in exp2 units, joins the row's max and exponent
+                # offset once per row. Values stay relative to c0, small near the diagonal,
+                # where float32 precision matters. A tile crossing the diagonals takes
+                # col_step = row_step = 0 and the exact per-score term below
+                # (score_mods.alibi_split). Only the key part's start is made before
+                # the mma, the rest after it: values held across the mma cost the
+                # non-causal d128 kernel spills.
+                if VARLEN:
+                    seqlen_q = span[1]
+                if ALIBI_INIT:
+                    col_step, _, c0, _ = alibi_split(row0, np.int32(BM), n0, np.int32(BN), seqlen_q, seqlen_k,
+                                                     slope_u, slope_log2)
+                    col0 = col_step * float32(n0 - c0 + np.int32(2) * t)  # key n0 + 2t
             # S = Q K^T: each K fragment pair feeds M_TILES mma per k-step
-            for i in range(S_REGS):
-                s[i] = 0
+            for m in range(M_TILES):
+                for nb in range(N_BLOCKS):
+                    for r in range(4):
+                        if ALIBI_INIT:  # key n0 + 8 nb + 2t + r % 2
+                            s[(m * N_BLOCKS + nb) * 4 + r] = col0 + col_step * float32(nb * 8 + r % 2)
+                        else:
+                            s[(m * N_BLOCKS + nb) * 4 + r] = 0
             for kk2 in range(K_STEPS // 2):
                 for nb in range(N_BLOCKS):
                     key = nb * 8 + lane % 8
@@ -289,28 +323,47 @@ def build(spec: ForwardSpec):
             if VARLEN:
                 seqlen_q = span[1]
                 seqlen_k = span[3]
-            if MODS:  # S -> scores in exp2 units: softcap, ALiBi, bias (score_mods' order)
+            if ALIBI:
+                col_step, row_step, c0, crossing = alibi_split(row0, np.int32(BM), n0, np.int32(BN), seqlen_q,
+                                                               seqlen_k, slope_u, slope_log2)
+                col0 = col_step * float32(n0 - c0 + np.int32(2) * t)  # key n0 + 2t
+            if SCORE_PASS:  # softcap, ALiBi's key part under softcap, bias: in S units
                 for m in range(M_TILES):
                     for half in range(2):
                         i = np.int32(row0 + warp_row + m * 16 + g + 8 * half)
-                        i_read = min(i, seqlen_q - np.int32(1))  # rows past seqlen_q are never stored
+                        if BIAS:
+                            i_read = min(i, seqlen_q - np.int32(1))  # rows past seqlen_q are never stored
                         for nb in range(N_BLOCKS):
                             for e in range(2):
-                                jj = np.int32(n0 + nb * 8 + 2 * t + e)
                                 idx = (m * N_BLOCKS + nb) * 4 + 2 * half + e
                                 x = s[idx]
-                                if SOFTCAP:  # two MUFU ops (ex2, rcp), within a few ulps of softcap
-                                    x = cap_log2 + cap_neg2 * ptx.rcp_approx(ptx.ex2(x * cap_in) + float32(1))
-                                else:
-                                    x = x * scale_log2
-                                if ALIBI:
-                                    x -= slope_log2 * float32(abs(i + seqlen_k - seqlen_q - jj))
+                                # softcap: one MUFU op, softcap log2(e) folded into s_log2.
+                                # tanh.approx.f32's relative error is at most 2**-11 (PTX ISA),
+                                # so the capped score t carries |t| 2**-11 at most: t rounded
+                                # to fp16's 11 significant bits (P is rounded to 16 bits too)
+                                if SOFTCAP:
+                                    x = ptx.tanh_approx(x * cap_in)
+                                    if ALIBI:
+                                        x += col0 + col_step * float32(nb * 8 + e)
                                 if BIAS_STAGED:  # zero-filled past seqlen_q / seqlen_k (masked below)
                                     x += staged_bias(smem, BIAS_OFF + stage * BIAS_STAGE,
-                                                     warp_row + m * 16 + g + 8 * half, nb, t, e) * float32(LOG2E)
+                                                     warp_row + m * 16 + g + 8 * half, nb, t, e) * bias_u
                                 elif BIAS:  # keys past seqlen_k are masked below
-                                    x += read_bias(bias, b, h, i_read, min(jj, seqlen_k - np.int32(1))) * float32(LOG2E)
+                                    jj = np.int32(n0 + nb * 8 + 2 * t + e)
+                                    x += read_bias(bias, b, h, i_read, min(jj, seqlen_k - np.int32(1))) * bias_u
                                 s[idx] = x
+            if ALIBI:
+                if crossing:  # the exact term, -slope_u |c_i - j| in S units, per score
+                    # c_i - j = dist0 + (16 m + 8 half) - (8 nb + e) for this thread's first row
+                    # and key: one conversion per tile, a float constant per score (integers
+                    # are exact in float32 below 2**24)
+                    dist0 = float32(row0 + np.int32(warp_row) + g + seqlen_k - seqlen_q - n0 - np.int32(2) * t)
+                    for m in range(M_TILES):
+                        for half in range(2):
+                            for nb in range(N_BLOCKS):
+                                for e in range(2):
+                                    s[(m * N_BLOCKS + nb) * 4 + 2 * half + e] -= slope_u * abs(
+                                        dist0 + float32(m * 16 + 8 * half - nb * 8 - e))
 
             # mask only tiles that cross seqlen_k, the causal diagonal or a window edge
             needs_mask = n0 + BN > seqlen_k
@@ -364,7 +417,14 @@ def build(spec: ForwardSpec):
                         row_max = max(row_max, max(s[j], s[j + 1]))
                     row_max = max(row_max, ptx.shfl_xor(row_max, 1))
                     row_max = max(row_max, ptx.shfl_xor(row_max, 2))
-                    m_new = max(m_i[row], row_max * s_log2)
+                    if ALIBI:  # this tile's row part of ALiBi (exp2 units)
+                        # (row_step (warp_row + g) + row_step (16 m + 8 half): a float32
+                        # of the whole row offset would be hoisted out of the key loop,
+                        # one register per row held across it)
+                        row_add = row_step * row_g + row_step * float32(m * 16 + 8 * half)
+                        m_new = max(m_i[row], row_max * s_log2 + row_add)
+                    else:
+                        m_new = max(m_i[row], row_max * s_log2)
                     m_use = m_new if m_new != NEG_INF else float32(0)
                     alpha = ptx.ex2(m_i[row] - m_use)
                     alpha_r[row] = alpha
@@ -382,7 +442,9 @@ def build(spec: ForwardSpec):
             for m in range(M_TILES):
                 for half in range(2):
                     row = 2 * m + half
-                    m_use = m_i[row] if m_i[row] != NEG_INF else float32(0)
+                    m_sub = m_i[row] if m_i[row] != NEG_INF else float32(0)  # exponent offset of S * s_log2
+                    if ALIBI:  # minus the row part (recomputed: held across the rescale it costs registers)
+                        m_sub -= row_step * row_g + row_step * float32(m * 16 + 8 * half)
                     row_sum = float32(0)
                     if DROPOUT:  # keep bit 2 nb + e of this row's keys, first, in a loop of its
                         # own: Philox inside the loop below stops its unrolling (s to local memory)
@@ -395,7 +457,7 @@ def build(spec: ForwardSpec):
                     for nb in range(N_BLOCKS):
                         for e in range(2):
                             j = (m * N_BLOCKS + nb) * 4 + 2 * half + e
-                            p = ptx.ex2(s[j] * s_log2 - m_use)
+                            p = ptx.ex2(s[j] * s_log2 - m_sub)
                             row_sum += p  # l_i sums P before dropout
                             if DROPOUT:
                                 if (keep_bits >> uint32(2 * nb + e)) & uint32(1):

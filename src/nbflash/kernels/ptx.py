@@ -189,6 +189,10 @@ if SIMULATED:
         """True on every lane when the predicate holds on any lane (all 32 taking part)."""
         return any(current_warp().exchange(_lane(), bool(predicate)))
 
+    def tanh_approx(x):
+        """tanh(x) in float32 (the GPU's approximation: relative error up to 2**-11)."""
+        return np.float32(np.tanh(np.float32(x)))
+
 else:
     from llvmlite import ir
     from numba import cuda
@@ -433,6 +437,18 @@ else:
             val = context.cast(builder, args[0], sig.args[0], types.float32)
             fnty = ir.FunctionType(_f32, [_f32])
             return builder.call(ir.InlineAsm(fnty, "rcp.approx.ftz.f32 $0, $1;", "=f,f"), [val])
+
+        return types.float32(x), codegen
+
+    @intrinsic
+    def tanh_approx(typingctx, x):
+        """tanh.approx.f32 (PTX ISA 9.7.3.22, sm_75+): tanh(x) in one MUFU operation,
+        maximum relative error 2**-11 over the whole range; tanh(+-inf) = +-1."""
+
+        def codegen(context, builder, sig, args):
+            val = context.cast(builder, args[0], sig.args[0], types.float32)
+            fnty = ir.FunctionType(_f32, [_f32])
+            return builder.call(ir.InlineAsm(fnty, "tanh.approx.f32 $0, $1;", "=f,f"), [val])
 
         return types.float32(x), codegen
 

@@ -59,6 +59,30 @@ def alibi_term(slope, i, j, seqlen_q, seqlen_k):
     return -slope * float32(abs(i + seqlen_k - seqlen_q - j))
 
 
+@cuda.jit(device=True, inline=True)
+def alibi_split(q_first, rows, k_first, keys, seqlen_q, seqlen_k, slope_u, slope_log2):
+    """ALiBi's split for the tile of query rows [q_first, q_first + rows) and keys
+    [k_first, k_first + keys) (derived in forward_mma at the S mma): (col_step,
+    row_step, c0, crossing). With c_i = i + seqlen_k - seqlen_q and c0 = c_{q_first},
+    keys at or left of every diagonal have -slope (c_i - j) = slope (j - c0) - slope
+    (i - q_first), keys right of every one the mirror image. The key part is col_step
+    (j - c0) in S units (col_step = +-slope_u, the slope in S units), the query part
+    row_step (i - q_first) in exp2 units (row_step = -+slope log2(e)); both are 0 on a
+    tile crossing the diagonals (crossing), which takes the exact term per score."""
+    c0 = q_first + seqlen_k - seqlen_q
+    left = k_first + keys - 1 <= c0
+    right = k_first >= c0 + rows - 1
+    col_step = float32(0)
+    row_step = float32(0)
+    if left:
+        col_step = slope_u
+        row_step = -slope_log2
+    if right:
+        col_step = -slope_u
+        row_step = slope_log2
+    return col_step, row_step, c0, not (left or right)
+
+
 def bias_reader(dtype: str):
     """A device function reading bias[b, h, i, j] as float32 for a bias of short dtype
     name ``dtype`` (bfloat16 arrives as uint16 bits, see variants.kernel_values)."""
