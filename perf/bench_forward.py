@@ -14,9 +14,9 @@ Writes <out>/<gpu-name>-forward.json and a PNG plot, and prints a table last.
 heads, 16k tokens: softcap, ALiBi and a sliding window (1024, 0) against plain causal
 attention at seqlen 16384, and a (B, H, N, N) float16 bias and bool mask against
 plain attention at seqlen 4096; writes <gpu-name>-forward-variants.json.
---wgmma also times the Hopper wgmma kernel (NBFLASH_WGMMA=1, kernels/forward_wgmma.py)
-as "nbflash_wgmma" beside the default path in every row, checks its output against the
-default path's, and writes <gpu-name>-forward-wgmma.json.
+--wgmma times the Hopper wgmma kernel (kernels/forward_wgmma.py, nbflash's default on
+sm_90) as "nbflash_wgmma" beside the mma.sync kernel ("nbflash", NBFLASH_WGMMA=0) in
+every row, checks one output against the other, and writes <gpu-name>-forward-wgmma.json.
 """
 
 from __future__ import annotations
@@ -110,12 +110,12 @@ def main():
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--dtypes", default="fp16,bf16")
     ap.add_argument("--variants", action="store_true", help="the attention variants (issue 7) instead")
-    ap.add_argument("--wgmma", action="store_true", help="also time the opt-in Hopper wgmma kernel")
+    ap.add_argument("--wgmma", action="store_true", help="the wgmma kernel beside the mma.sync one")
     args = ap.parse_args()
     if args.variants:
         return bench_variants(args)
     if args.wgmma:
-        nbflash.tuning.set_wgmma(False)  # "nbflash" is the default path; "nbflash_wgmma" opts in per row
+        nbflash.tuning.set_wgmma(False)  # "nbflash": the mma.sync kernel; "nbflash_wgmma" turns it on per row
 
     dtypes = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16}
     seqlens = [4096] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]

@@ -1,4 +1,4 @@
-"""The Hopper wgmma forward (kernels/forward_wgmma.py; opt-in NBFLASH_WGMMA=1) against
+"""The Hopper wgmma forward (kernels/forward_wgmma.py; on by default on sm_90, turned on here with NBFLASH_WGMMA=1) against
 the float64 oracle. On the simulator its wgmma, cp.async and shuffles run as emulated
 warpgroup-wide operations (one warpgroup, 64-row and 64-key tiles), so these tests check
 the staged layouts, the descriptors and the fragment maps of the whole kernel without
@@ -60,12 +60,15 @@ def test_wgmma_kernel_causal_unequal_seqlens(relation, wgmma_on):
     check(rng, seed, sim_shape(rng, seqlen_q, seqlen_k), HALF_DTYPES[int(rng.integers(2))], True)
 
 
-def test_wgmma_is_opt_in_and_only_for_plain_dense_attention(monkeypatch):
+def test_wgmma_runs_by_default_on_sm90_and_only_for_plain_dense_attention(monkeypatch):
     rng, _ = new_rng()
     shape = sim_shape(rng, 5, 7)
     q, k, v = (to_device(random_array(rng, s, HALF_DTYPES[0])) for s in shape.qkv_shapes("bshd"))
     monkeypatch.delenv("NBFLASH_WGMMA", raising=False)
-    assert nbflash.forward_spec(q, k, v).kernel == "mma"
+    assert nbflash.forward_spec(q, k, v).kernel == "mma"  # the simulator: off unless asked
+    assert tuning.wgmma_tiles(64, False, (9, 0)) == tuning.WGMMA_TILES[64]  # a GPU: on by default
+    monkeypatch.setenv("NBFLASH_WGMMA", "0")
+    assert tuning.wgmma_tiles(64, False, (9, 0)) is None
     monkeypatch.setenv("NBFLASH_WGMMA", "1")
     assert nbflash.forward_spec(q, k, v).kernel == "wgmma"
     assert nbflash.forward_spec(q, k, v, softcap=5.0).kernel == "mma"  # variants: not in the wgmma kernel

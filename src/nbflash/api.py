@@ -171,8 +171,8 @@ def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool, views=N
     fp16/bf16 with a shipped head_dim (equal for q and v), 16-byte aligned q/k/v rows
     and an sm_80+ GPU; the portable kernel otherwise. ``variant`` (window, softcap,
     ...; see spec.Variant) is compiled in and may pick smaller tensor-core tiles.
-    With NBFLASH_WGMMA=1 on sm_90 (tuning.wgmma_tiles), plain attention at head_dim 64
-    and 128 runs the Hopper wgmma kernel instead; ``wgmma=False`` (varlen callers)
+    On sm_90 (tuning.wgmma_tiles; NBFLASH_WGMMA=0 turns it off), plain attention at
+    head_dim 64 and 128 runs the Hopper wgmma kernel instead; ``wgmma=False`` (varlen callers)
     keeps the mma kernel."""
     dtype = arrays.short_name(problem.dtype)
     tiles = tuning.mma_tiles(problem.head_dim, device.SIMULATOR, device.compute_capability(), causal)

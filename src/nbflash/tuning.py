@@ -379,13 +379,16 @@ def heavy_variant(variant) -> bool:
 
 
 # ---- the Hopper wgmma forward (kernels/forward_wgmma.py) ---------------------------
-# Opt-in (NBFLASH_WGMMA=1) on sm_90 until the device confirms it: fp16 / bf16, head_dim
-# 64 and 128, dense, no variants. head_dim: (block_m, block_n, threads); block_m is 64
-# rows per warpgroup of threads / 128. Two warpgroups and 128-key tiles as
-# FlashAttention-3's d64 / d128 forward; each compiles without spills for sm_90a
-# (tests/test_ptx_gate_wgmma.py). Not yet measured: perf/bench_forward.py --wgmma.
+# On by default on sm_90 (NBFLASH_WGMMA=0 turns it off, =1 turns it on in the simulator
+# too): fp16 / bf16, head_dim 64 and 128, dense, no variants. head_dim: (block_m,
+# block_n, threads); block_m is 64 rows per warpgroup of threads / 128. Measured on an
+# H100 (perf/sweep_wgmma_tiles.py, fp16 N 4096, TFLOP/s full / causal, same run as
+# SDPA flash): d64 m128n64t256 337 / 275 (1.16 / 1.10x flash) against m128n128t256
+# 264 / 225 and m192n128t384 280 / 219; d128 m128n128t256 333 / 300 (1.02 / 1.05x)
+# against m128n64t256 311 / 285. Each compiles without spills for sm_90a
+# (tests/test_ptx_gate_wgmma.py).
 WGMMA_TILES = {
-    64: (128, 128, 256),
+    64: (128, 64, 256),
     128: (128, 128, 256),
 }
 WGMMA_TILES_SIMULATOR = (64, 64, 128)  # one warpgroup: 128 simulated threads
@@ -393,16 +396,21 @@ _WGMMA_VARIABLE = "NBFLASH_WGMMA"
 _WGMMA_OVERRIDE = "NBFLASH_WGMMA_TILES"  # "64=128,128,256;128=..." for perf/ sweeps
 
 
-def wgmma_enabled() -> bool:
-    """NBFLASH_WGMMA=1 opts into the wgmma forward where it applies."""
-    return os.environ.get(_WGMMA_VARIABLE, "") == "1"
+def wgmma_enabled(simulator: bool = False) -> bool:
+    """Whether the wgmma forward runs where it applies: NBFLASH_WGMMA=1 on, =0 off;
+    unset, on for a GPU and off on the simulator (whose tests of the mma kernel would
+    otherwise run the wgmma one; tests/test_forward_wgmma.py turns it on)."""
+    value = os.environ.get(_WGMMA_VARIABLE, "")
+    if value in ("0", "1"):
+        return value == "1"
+    return not simulator
 
 
 def wgmma_tiles(head_dim: int, simulator: bool, arch: tuple):
     """(block_m, block_n, threads) of the wgmma forward, or None where it does not run:
-    not opted in, another head_dim, or not sm_90 (wgmma is sm_90a only; the simulator
+    turned off, another head_dim, or not sm_90 (wgmma is sm_90a only; the simulator
     emulates it)."""
-    if not wgmma_enabled() or head_dim not in WGMMA_TILES:
+    if not wgmma_enabled(simulator) or head_dim not in WGMMA_TILES:
         return None
     if simulator:
         return WGMMA_TILES_SIMULATOR

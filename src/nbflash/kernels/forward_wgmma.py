@@ -1,6 +1,6 @@
 """The Hopper forward kernel (sm_90a): FlashAttention-2's algorithm on warpgroup MMA,
-fp16 and bf16, head_dim 64 and 128, dense (no varlen, no variants). Opt-in behind
-NBFLASH_WGMMA=1 (tuning.wgmma_tiles) until the device confirms it.
+fp16 and bf16, head_dim 64 and 128, dense (no varlen, no variants). nbflash.attention's
+kernel on sm_90 for those (tuning.wgmma_tiles; NBFLASH_WGMMA=0 turns it off).
 
 Work partition: a CTA owns block_m = 64 x warpgroups query rows of one (batch, query
 head); warpgroup w owns rows 64w .. 64w + 63 (the M of every wgmma it issues). The Q

@@ -201,11 +201,12 @@ def build_mma_loop(dtype: str, chains: int):
     operands, no memory traffic): the sm_80 path's tensor-core ceiling. Arguments as
     build_wgmma_loop's."""
     mma = ptx.mma_f16 if dtype == "fp16" else ptx.mma_bf16
+    ACC_REGS = 4 * chains  # a closure constant: local.array needs a compile-time size
 
     def mma_loop(out, reps):
         tid = cuda.threadIdx.x
-        acc = cuda.local.array(4 * chains, float32)
-        for i in range(4 * chains):
+        acc = cuda.local.array(ACC_REGS, float32)
+        for i in range(ACC_REGS):
             acc[i] = 0
         a = uint32(tid)
         for r in range(reps):
