@@ -63,6 +63,7 @@ def build_check(dtype: str, n: int, kd: int, dv: int, a_in_registers: bool):
     S_REGS, O_REGS, P_REGS = n // 2, dv // 2, n // 4
     K_STEPS, PV_STEPS = kd // 16, n // 16
     A_REGS = a_in_registers
+    A_FRAG_REGS = 4 * K_STEPS if a_in_registers else 1
     copy_a = make_copy_tile(64, kd, 128)
     copy_b = make_copy_tile(n, kd, 128)
     copy_v = make_copy_tile(n, dv, 128)
@@ -90,18 +91,26 @@ def build_check(dtype: str, n: int, kd: int, dv: int, a_in_registers: bool):
         s = cuda.local.array(S_REGS, float32)
         for i in range(S_REGS):
             s[i] = float32(1e30)  # garbage: scale_d = 0 on the first k-step must ignore it
+        # A's register fragments, every k-step's, written before the fence: a register
+        # written between wgmma_fence and a wgmma that reads it (while earlier wgmma of
+        # the chain may still be reading registers the compiler reuses) is a race (PTX
+        # ISA, wgmma.fence)
+        a_frag = cuda.local.array(A_FRAG_REGS, uint32)
+        if A_REGS:
+            for kk in range(K_STEPS):
+                row = 16 * w + g
+                col = kk * 16 + 2 * t
+                a_frag[4 * kk] = uint32(a[row, col]) | (uint32(a[row, col + 1]) << 16)
+                a_frag[4 * kk + 1] = uint32(a[row + 8, col]) | (uint32(a[row + 8, col + 1]) << 16)
+                a_frag[4 * kk + 2] = uint32(a[row, col + 8]) | (uint32(a[row, col + 9]) << 16)
+                a_frag[4 * kk + 3] = uint32(a[row + 8, col + 8]) | (uint32(a[row + 8, col + 9]) << 16)
         wg.wgmma_fence()
         for kk in range(K_STEPS):
             step = (kk // 4) * B_PANEL + (kk % 4) * 32  # 16 columns: 32 bytes in a panel
             scale_d = 1 if kk > 0 else 0
             if A_REGS:
-                row = 16 * w + g
-                col = kk * 16 + 2 * t
-                a0 = uint32(a[row, col]) | (uint32(a[row, col + 1]) << 16)
-                a1 = uint32(a[row + 8, col]) | (uint32(a[row + 8, col + 1]) << 16)
-                a2 = uint32(a[row, col + 8]) | (uint32(a[row, col + 9]) << 16)
-                a3 = uint32(a[row + 8, col + 8]) | (uint32(a[row + 8, col + 9]) << 16)
-                mma_s(s, a0, a1, a2, a3, wg.desc_add(desc_b, step), scale_d)
+                mma_s(s, a_frag[4 * kk], a_frag[4 * kk + 1], a_frag[4 * kk + 2], a_frag[4 * kk + 3],
+                      wg.desc_add(desc_b, step), scale_d)
             else:
                 a_step = (kk // 4) * A_PANEL + (kk % 4) * 32
                 mma_s(s, wg.desc_add(desc_a, a_step), wg.desc_add(desc_b, step), scale_d)
