@@ -221,6 +221,29 @@ def test_a_failing_fast_path_falls_back_to_numbas_launch_and_says_so_once(monkey
     assert sum("fast launch unavailable" in r.message for r in caplog.records) == 1
 
 
+def test_a_launcher_is_never_reused_for_a_new_kernel_at_a_freed_kernels_id(monkeypatch):
+    """Launchers are keyed by id(kernel): a kernel that got one stays alive, so a kernel
+    made later (perf/probe_wgmma builds one per call) can never take its id and launch
+    its code."""
+    arg = launch.DeviceArg(0x7000, (4,), (4,), np.dtype(np.float32), 4, 0, None)
+    prepared = []  # one launcher (a fresh token) per kernel; no reference to the kernel kept here
+    monkeypatch.setattr(launch, "_prepare", lambda *a: prepared.append(object()) or prepared[-1])
+    monkeypatch.setattr(launch, "_launchers", {})
+    monkeypatch.setattr(launch, "_held_kernels", {})
+    monkeypatch.setattr(launch.device, "SIMULATOR", False)
+
+    def new_kernel():
+        def kernel():
+            pass
+        return kernel
+
+    for i in range(200):  # freed objects' ids come back quickly in CPython
+        kernel = new_kernel()
+        assert launch.launcher_for(kernel, [arg]) is prepared[-1], f"kernel {i} got an older kernel's launcher"
+        del kernel
+    assert len(prepared) == 200
+
+
 # --- Streams -------------------------------------------------------------------
 
 

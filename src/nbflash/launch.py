@@ -599,6 +599,11 @@ class Bound:
 # ---------------------------------------------------------------------------
 
 _launchers: dict[tuple, object] = {}
+# Every kernel a launcher was made for, kept alive: _launchers (and _spec_keys) are keyed
+# by id(kernel), and a freed kernel's id can be reused by a new one, which would then
+# launch the old kernel's code (perf/probe_wgmma's per-call kernels did: wrong results
+# and illegal addresses on the H100, intermittently).
+_held_kernels: dict[int, object] = {}
 _prepare_lock = threading.RLock()
 _NUMBA = object()  # marker: this signature launches through Numba
 _warned: set = set()
@@ -619,6 +624,7 @@ def launcher_for(kernel, args, shared=0):
         with _prepare_lock:
             found = _launchers.get(key)
             if found is None:
+                _held_kernels[id(kernel)] = kernel
                 found = _prepare(kernel, sig, dev, args)
                 _launchers[key] = found
     return None if found is _NUMBA else found
