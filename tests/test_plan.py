@@ -176,7 +176,7 @@ def test_gpu_plan_refuses_misaligned_rows_and_overlapping_out_on_the_prepared_pa
     dtype = np.dtype(np.float16)
     _, (q, k, v) = qkv(rng, dtype, 1, 128, 128, heads_q=8, heads_kv=8, head_dim=64)
     plan = nbflash.plan(q, k, v)
-    assert plan.spec.kernel == "mma"
+    assert plan.spec.kernel in ("mma", "wgmma")  # a tensor-core kernel (wgmma on sm_90): 16-byte rows
     plan(q, k, v)
     plan(q, k, v)  # prepared
     flat = cupy.empty(q.size + 1, q.dtype)[1:]  # 2-byte offset: rows not 16-byte aligned
