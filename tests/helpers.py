@@ -272,3 +272,17 @@ def draw_varlen(rng, *, large=False, batch=None, group=None, head_dim=None) -> V
     dim = head_dim if head_dim is not None else int(rng.integers(1, max_dim + 1))
     dim_v = dim if (head_dim is not None or rng.random() < 0.6) else int(rng.integers(1, max_dim + 1))
     return VarlenShape(seqlens_q, seqlens_k, heads_kv * group, heads_kv, dim, dim_v)
+
+
+def check_forward_kernel(rng, seed, shape, dtype, causal, kernel, layout="bshd"):
+    """nbflash.attention on random inputs of ``shape`` runs spec.kernel == ``kernel`` and
+    matches the float64 oracle (out into a poisoned buffer, and lse)."""
+    q, k, v = (to_device(random_array(rng, s, dtype)) for s in shape.qkv_shapes(layout))
+    spec = nbflash.forward_spec(q, k, v, causal=causal, layout=layout, return_lse=True)
+    assert spec.kernel == kernel, f"expected the {kernel} kernel, got {spec.key}"
+    host = [to_host(a) for a in (q, k, v)]
+    ref, ref_lse = nbflash.reference.attention(*host, causal=causal, layout=layout, return_lse=True)
+    out = poisoned(ref.shape, dtype)
+    got, lse = nbflash.attention(q, k, v, causal=causal, layout=layout, return_lse=True, out=out)
+    assert_close(got, ref, dtype, seed=seed)
+    assert_lse_close(lse, ref_lse, seed=seed)

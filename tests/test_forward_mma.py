@@ -5,11 +5,10 @@ operations, so these tests check the fragment layouts without a GPU."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import nbflash
-from helpers import DTYPES, SIMULATOR, assert_close, assert_lse_close, draw_shape, new_rng, poisoned, random_array, strided_pair, to_device
+from helpers import DTYPES, SIMULATOR, check_forward_kernel, draw_shape, new_rng, strided_pair
 from nbflash import tuning
 
 HALF_DTYPES = DTYPES[:2]
@@ -28,15 +27,7 @@ def mma_not_wgmma(monkeypatch):
 
 
 def check(rng, seed, shape, dtype, causal, layout="bshd"):
-    q, k, v = (to_device(random_array(rng, s, dtype)) for s in shape.qkv_shapes(layout))
-    spec = nbflash.forward_spec(q, k, v, causal=causal, layout=layout, return_lse=True)
-    assert spec.kernel == "mma", f"expected the tensor-core kernel, got {spec.key}"
-    host = [np.asarray(a) if SIMULATOR else a.get() for a in (q, k, v)]
-    ref, ref_lse = nbflash.reference.attention(*host, causal=causal, layout=layout, return_lse=True)
-    out = poisoned(ref.shape, dtype)
-    got, lse = nbflash.attention(q, k, v, causal=causal, layout=layout, return_lse=True, out=out)
-    assert_close(got, ref, dtype, seed=seed)
-    assert_lse_close(lse, ref_lse, seed=seed)
+    check_forward_kernel(rng, seed, shape, dtype, causal, "mma", layout)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

@@ -6,11 +6,10 @@ a GPU; the gpu tier runs the shipped tiles on an H100."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import nbflash
-from helpers import DTYPES, SIMULATOR, assert_close, assert_lse_close, draw_shape, new_rng, poisoned, random_array, to_device
+from helpers import DTYPES, check_forward_kernel, draw_shape, new_rng, random_array, to_device
 from nbflash import plans, tuning
 
 HALF_DTYPES = DTYPES[:2]
@@ -26,15 +25,7 @@ def wgmma_on(monkeypatch):
 
 
 def check(rng, seed, shape, dtype, causal, layout="bshd"):
-    q, k, v = (to_device(random_array(rng, s, dtype)) for s in shape.qkv_shapes(layout))
-    spec = nbflash.forward_spec(q, k, v, causal=causal, layout=layout, return_lse=True)
-    assert spec.kernel == "wgmma", f"expected the wgmma kernel, got {spec.key}"
-    host = [np.asarray(a) if SIMULATOR else a.get() for a in (q, k, v)]
-    ref, ref_lse = nbflash.reference.attention(*host, causal=causal, layout=layout, return_lse=True)
-    out = poisoned(ref.shape, dtype)
-    got, lse = nbflash.attention(q, k, v, causal=causal, layout=layout, return_lse=True, out=out)
-    assert_close(got, ref, dtype, seed=seed)
-    assert_lse_close(lse, ref_lse, seed=seed)
+    check_forward_kernel(rng, seed, shape, dtype, causal, "wgmma", layout)
 
 
 def sim_shape(rng, seqlen_q, seqlen_k, group=1):
