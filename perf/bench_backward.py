@@ -11,6 +11,7 @@ cuDNN and efficient backends when torch imports (optional).
 
     python perf/bench_backward.py [--quick] [--out perf/results]
     python perf/bench_backward.py --variants [--out perf/results]
+    python perf/bench_backward.py --quick --mma   (the mma.sync family beside the default)
 
 Writes <out>/<gpu-name>-backward.json and a PNG plot, and prints a table last.
 --variants (issue 7): fp16, head_dim 128, 16 heads, one 16k-token sequence; the
@@ -155,6 +156,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--dtypes", default=None, help="default fp16,bf16 (fp16 with --quick)")
+    ap.add_argument("--mma", action="store_true",
+                    help="also time the mma.sync family (NBFLASH_WGMMA=0) where the wgmma one is the default")
     args = ap.parse_args()
     if args.variants:
         variants_main(args)
@@ -184,6 +187,10 @@ def main():
                         "nbflash": nbflash_time(do, q, k, v, out, lse, causal, grads, args.repeats),
                         "nbflash_determ": nbflash_time(do, q, k, v, out, lse, causal, grads, args.repeats, True),
                     }
+                    if args.mma:
+                        nbflash.tuning.set_wgmma(False)
+                        times["nbflash_mma"] = nbflash_time(do, q, k, v, out, lse, causal, grads, args.repeats)
+                        nbflash.tuning.set_wgmma(True)
                     for name, run in peers.items():
                         try:
                             times[name] = run(do, q, k, v, causal, args.repeats)
@@ -211,7 +218,7 @@ def main():
     except Exception as e:
         print(f"# plot skipped: {e}", file=sys.stderr)
 
-    names = ["nbflash", "nbflash_determ"] + list(peers)
+    names = ["nbflash", "nbflash_determ"] + (["nbflash_mma"] if args.mma else []) + list(peers)
     print(f"{'dtype':5} {'D':>3} {'N':>6} {'causal':6} " + " ".join(f"{n:>14}" for n in names) + "  ratio_vs_flash  spec")
     for r in rows:
         t = r["tflops"]

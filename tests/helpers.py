@@ -3,6 +3,8 @@ host/device movement."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
@@ -286,3 +288,68 @@ def check_forward_kernel(rng, seed, shape, dtype, causal, kernel, layout="bshd")
     got, lse = nbflash.attention(q, k, v, causal=causal, layout=layout, return_lse=True, out=out)
     assert_close(got, ref, dtype, seed=seed)
     assert_lse_close(lse, ref_lse, seed=seed)
+
+
+# ---- the tensor-core backward kernels, launched directly -------------------------
+# Allowed error, as a multiple of the dtype's forward tolerance. dV = P^T dO has the
+# forward's roundings (P rounded to 16 bits for the mma, one rounding of the result):
+# factor 1. dK = scale dS^T Q and dQ = scale dS K add a second 16-bit rounding on the
+# way (dS, besides P), and delta comes from the 16-bit O, so dS = P (dP - delta) carries
+# O's rounding as well: twice the forward's roundings, factor 2.
+FACTOR = {"dq": 2, "dk": 2, "dv": 1}
+
+
+def assert_grad_close(got, ref, dtype, what, seed, magnitude):
+    """Errors relative to the larger of the oracle's gradient and its magnitude without
+    dS's cancellation (helpers.gradient_magnitudes)."""
+    got = to_host(got).astype(np.float64)
+    assert not np.isnan(got).any(), f"{what}: {np.isnan(got).sum()} NaN elements (seed {seed})"
+    tol = FACTOR[what] * TOLERANCE[np.dtype(dtype)]
+    size = magnitude if np.linalg.norm(magnitude) > np.linalg.norm(ref) else ref
+    norm = np.linalg.norm(size)
+    if norm == 0:
+        assert np.all(got == 0), f"{what}: expected all zeros (seed {seed})"
+        return
+    rel = np.linalg.norm(got - ref) / norm
+    assert rel <= tol, f"{what}: relative error {rel:.3g} > {tol:.2g} for {dtype} (seed {seed})"
+    worst = np.abs(got - ref).max() / np.abs(size).max()
+    assert worst <= 8 * tol, f"{what}: max error {worst:.3g} of max|ref| > {8 * tol:.2g} (seed {seed})"
+
+
+def run_backward_kernels(rng, dtype, *, batch, seqlen_q, seqlen_k, heads_kv, group, head_dim, causal,
+                         deterministic, wgmma=False):
+    """Random inputs, the tensor-core backward's gradients (run through
+    kernels.backward_mma.launch_backward, the wgmma family when ``wgmma``) and the
+    oracle's: (dq, dk, dv), (dq_ref, dk_ref, dv_ref, do, q, k, v), spec."""
+    from nbflash.kernels import backward_mma
+
+    heads_q = heads_kv * group
+    q = random_array(rng, (batch, seqlen_q, heads_q, head_dim), dtype)
+    k = random_array(rng, (batch, seqlen_k, heads_kv, head_dim), dtype)
+    v = random_array(rng, (batch, seqlen_k, heads_kv, head_dim), dtype)
+    do = random_array(rng, (batch, seqlen_q, heads_q, head_dim), dtype)
+    scale = 1 / math.sqrt(head_dim)
+    out, lse = nbflash.reference.attention(q, k, v, causal=causal, scale=scale, return_lse=True)
+    dq_ref, dk_ref, dv_ref = nbflash.reference.attention_backward(do, q, k, v, causal=causal, scale=scale)
+    # what the forward stores and the preprocess kernel computes from it
+    out_stored = out.astype(dtype).astype(np.float64)
+    delta = np.einsum("bihd,bihd->bhi", do.astype(np.float64), out_stored).astype(np.float32)
+    got = [poisoned(x.shape, dtype) for x in (q, k, v)]
+    spec = backward_mma.choose_spec(nbflash.arrays.short_name(dtype), head_dim, causal, SIMULATOR, wgmma=wgmma)
+    assert spec is not None and spec.wgmma == wgmma, f"no such tensor-core backward for head_dim {head_dim}"
+    if not wgmma:  # the atomic-dQ kernels stay tested even where the tuning ships the separate dQ kernel
+        spec = dataclasses.replace(spec, dq_atomics=not deterministic)
+    bits = [nbflash.arrays.kernel_view(to_device(x), raw_bits=True) for x in (q, k, v, do)]
+    bits += [to_device(lse.astype(np.float32)), to_device(delta)]
+    bits += [nbflash.arrays.kernel_view(x, raw_bits=True) for x in got]
+    backward_mma.launch_backward(spec, *bits, scale, group, deterministic)
+    return got, (dq_ref, dk_ref, dv_ref, do, q, k, v), spec
+
+
+def check_backward_kernels(rng, seed, dtype, **problem):
+    """run_backward_kernels, then every gradient against the oracle (assert_grad_close)."""
+    got, refs, _ = run_backward_kernels(rng, dtype, **problem)
+    sizes = gradient_magnitudes(*refs[3:], causal=problem["causal"])
+    for what, g, r, m in zip(("dq", "dk", "dv"), got, refs, sizes):
+        assert_grad_close(g, r, dtype, what, seed, m)
+    return got, refs

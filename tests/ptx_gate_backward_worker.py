@@ -52,7 +52,7 @@ def shipped_specs(dtypes, varlens=(False, True)):
         for dtype in dtypes:
             for causal in (False, True):
                 for varlen in varlens:
-                    plan = backward_mma.choose_spec(dtype, head_dim, causal, simulator=False)
+                    plan = backward_mma.choose_spec(dtype, head_dim, causal, simulator=False, wgmma=False)
                     for part in parts(plan):
                         yield plan.__class__(**{**plan.__dict__, "part": part, "varlen": varlen})
 

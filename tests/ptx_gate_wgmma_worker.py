@@ -16,10 +16,11 @@ from numba import cuda  # noqa: E402
 from numba.cuda import types  # noqa: E402
 
 from nbflash import tuning  # noqa: E402
-from nbflash.kernels import forward_wgmma, wgmma_probe  # noqa: E402
-from nbflash.spec import ForwardSpec  # noqa: E402
+from nbflash.kernels import backward_wgmma, forward_wgmma, wgmma_probe  # noqa: E402
+from nbflash.spec import BackwardMmaSpec, ForwardSpec  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
+from ptx_gate_backward_worker import signature as backward_signature  # noqa: E402
 from ptx_gate_worker import ptxas_report, variant_types  # noqa: E402
 
 CC = (9, 0, "a")
@@ -79,7 +80,28 @@ def forward_kernels():
                block_n=spec.block_n, shared_bytes=forward_wgmma.shared_bytes(spec), kind="forward")
 
 
+def backward_specs():
+    """Both kernels of every wgmma backward plan tuning.WGMMA_BWD_TILES ships."""
+    for head_dim, ((bm, bn, threads), (qbm, qbn, qthreads)) in sorted(tuning.WGMMA_BWD_TILES.items()):
+        for dtype in ("fp16", "bf16"):
+            for causal in (False, True):
+                plan = BackwardMmaSpec(dtype, head_dim, causal, bm, bn, threads, False, qbm, qbn, qthreads, False,
+                                       wgmma=True)
+                for part in ("dkdv", "dq"):
+                    yield BackwardMmaSpec(**{**plan.__dict__, "part": part})
+
+
+def backward_kernels():
+    for spec in backward_specs():
+        dq = spec.part == "dq"
+        report(spec.key, backward_wgmma.build(spec), backward_signature(spec.part),
+               threads=spec.dq_threads if dq else spec.threads, head_dim=spec.head_dim,
+               block_m=spec.dq_block_m if dq else spec.block_m, block_n=spec.dq_block_n if dq else spec.block_n,
+               part=spec.part, shared_bytes=backward_wgmma.shared_bytes(spec), kind="backward")
+
+
 def main():
+    backward_kernels()
     forward_kernels()
     probe_kernels()
 

@@ -7,80 +7,26 @@ backward without a GPU; the gpu tier runs the shipped tiles of every head_dim.""
 
 from __future__ import annotations
 
-import dataclasses
-import math
 
 import numpy as np
 import pytest
 
 import nbflash
-from helpers import (
-    DTYPES, SIMULATOR, TOLERANCE, gradient_magnitudes, new_rng, poisoned, random_array, to_device, to_host,
-)
-from nbflash import arrays, tuning
-from nbflash.kernels import backward_mma
+from helpers import DTYPES, SIMULATOR, new_rng, to_host
+from helpers import check_backward_kernels as check
+from helpers import run_backward_kernels as run_backward
+from nbflash import tuning
 
 HALF_DTYPES = DTYPES[:2]
 SHIPPED = sorted(tuning.MMA_BWD_TILES)
 SIM_HEAD_DIM = 32  # the cheapest shipped head_dim to emulate
 
-# Allowed error, as a multiple of the dtype's forward tolerance. dV = P^T dO has the
-# forward's roundings (P rounded to 16 bits for the mma, one rounding of the result):
-# factor 1. dK = scale dS^T Q and dQ = scale dS K add a second 16-bit rounding on the
-# way (dS, besides P), and delta comes from the 16-bit O, so dS = P (dP - delta) carries
-# O's rounding as well: twice the forward's roundings, factor 2.
-FACTOR = {"dq": 2, "dk": 2, "dv": 1}
 
-
-def assert_grad_close(got, ref, dtype, what, seed, magnitude):
-    """Errors relative to the larger of the oracle's gradient and its magnitude without
-    dS's cancellation (helpers.gradient_magnitudes)."""
-    got = to_host(got).astype(np.float64)
-    assert not np.isnan(got).any(), f"{what}: {np.isnan(got).sum()} NaN elements (seed {seed})"
-    tol = FACTOR[what] * TOLERANCE[np.dtype(dtype)]
-    size = magnitude if np.linalg.norm(magnitude) > np.linalg.norm(ref) else ref
-    norm = np.linalg.norm(size)
-    if norm == 0:
-        assert np.all(got == 0), f"{what}: expected all zeros (seed {seed})"
-        return
-    rel = np.linalg.norm(got - ref) / norm
-    assert rel <= tol, f"{what}: relative error {rel:.3g} > {tol:.2g} for {dtype} (seed {seed})"
-    worst = np.abs(got - ref).max() / np.abs(size).max()
-    assert worst <= 8 * tol, f"{what}: max error {worst:.3g} of max|ref| > {8 * tol:.2g} (seed {seed})"
-
-
-def run_backward(rng, dtype, *, batch, seqlen_q, seqlen_k, heads_kv, group, head_dim, causal, deterministic):
-    """Random inputs, the kernels' gradients (host float64 after the run) and the oracle's."""
-    heads_q = heads_kv * group
-    q = random_array(rng, (batch, seqlen_q, heads_q, head_dim), dtype)
-    k = random_array(rng, (batch, seqlen_k, heads_kv, head_dim), dtype)
-    v = random_array(rng, (batch, seqlen_k, heads_kv, head_dim), dtype)
-    do = random_array(rng, (batch, seqlen_q, heads_q, head_dim), dtype)
-    scale = 1 / math.sqrt(head_dim)
-    out, lse = nbflash.reference.attention(q, k, v, causal=causal, scale=scale, return_lse=True)
-    dq_ref, dk_ref, dv_ref = nbflash.reference.attention_backward(do, q, k, v, causal=causal, scale=scale)
-    # what the forward stores and the preprocess kernel computes from it
-    out_stored = out.astype(dtype).astype(np.float64)
-    delta = np.einsum("bihd,bihd->bhi", do.astype(np.float64), out_stored).astype(np.float32)
-    got = [poisoned(x.shape, dtype) for x in (q, k, v)]
-    spec = backward_mma.choose_spec(arrays.short_name(dtype), head_dim, causal, SIMULATOR)
-    assert spec is not None, f"no tensor-core backward for head_dim {head_dim}"
-    # the atomic-dQ kernels stay tested even where the tuning ships the separate dQ kernel
-    spec = dataclasses.replace(spec, dq_atomics=not deterministic)
-    bits = [arrays.kernel_view(to_device(x), raw_bits=True) for x in (q, k, v, do)]
-    bits += [to_device(lse.astype(np.float32)), to_device(delta)]
-    bits += [arrays.kernel_view(x, raw_bits=True) for x in got]
-    backward_mma.launch_backward(spec, *bits, scale, group, deterministic)
-    return got, (dq_ref, dk_ref, dv_ref, do, q, k, v), spec
-
-
-def check(rng, seed, dtype, **problem):
-    got, refs, _ = run_backward(rng, dtype, **problem)
-    sizes = gradient_magnitudes(*refs[3:], causal=problem["causal"])
-    for what, g, r, m in zip(("dq", "dk", "dv"), got, refs, sizes):
-        assert_grad_close(g, r, dtype, what, seed, m)
-    return got, refs
-
+@pytest.fixture(autouse=True)
+def mma_sync_kernels(monkeypatch):
+    """These tests are about the mma.sync kernels: on sm_90 plain attention would take
+    the wgmma ones (tests/test_backward_wgmma.py)."""
+    monkeypatch.setenv("NBFLASH_WGMMA", "0")
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

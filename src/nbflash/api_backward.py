@@ -19,13 +19,15 @@ from .spec import PLAIN, BackwardSpec, Variant
 
 
 def choose_backward_spec(problem: _Problem, causal: bool, deterministic: bool, views=None,
-                         variant: Variant = PLAIN, dbias: bool = False):
+                         variant: Variant = PLAIN, dbias: bool = False, wgmma: bool = True):
     """The kernel family and tiles that run this problem's backward pass: the
     tensor-core kernels (kernels/backward_mma.py) for fp16/bf16 with a shipped
     head_dim equal for q and v, 16-byte aligned rows in every array in ``views`` and
-    an sm_80+ GPU; the portable kernels (any dtype and head_dim) otherwise.
+    an sm_80+ GPU (on sm_90, plain attention at head_dim 64/128 takes the wgmma
+    kernels of kernels/backward_wgmma.py unless ``wgmma`` is False); the portable
+    kernels (any dtype and head_dim) otherwise.
 
-    Every family honours ``deterministic``: the tensor-core family then computes dQ in
+    Every family honours ``deterministic`` (the wgmma family never uses atomics): the tensor-core family then computes dQ in
     a kernel of its own instead of with float32 atomics. ``variant`` and ``dbias`` are
     compiled into the spec (spec.Variant; dbias: the kernels also write dS).
     """
@@ -39,7 +41,7 @@ def choose_backward_spec(problem: _Problem, causal: bool, deterministic: bool, v
     ):
         from .kernels import backward_mma
 
-        spec = backward_mma.choose_spec(dtype, problem.head_dim, causal, device.SIMULATOR, variant, dbias)
+        spec = backward_mma.choose_spec(dtype, problem.head_dim, causal, device.SIMULATOR, variant, dbias, wgmma)
         if spec is not None:
             return spec
     return _simt_spec(problem, causal, variant, dbias)
@@ -349,7 +351,7 @@ def _launch_backward(spec, problem, views, do_view, out_view, lse_view, delta, g
     )
     q, k, v = views
     dq, dk, dv = grad_views
-    if spec.module == "backward_mma":
+    if spec.module in ("backward_mma", "backward_wgmma"):  # one launcher for both families
         from .kernels import backward_mma
 
         raw = lambda a: arrays.kernel_view(a, True)  # noqa: E731

@@ -343,7 +343,8 @@ def attention_varlen_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
         return dq_a, dk_a, dv_a
     if problem.on_device or device.SIMULATOR:
         grad_views = [g[None] for g in (dq_a, dk_a, dv_a)]
-        spec = choose_backward_spec(problem, causal, deterministic, [*views, do_a[None], *grad_views], var.variant)
+        spec = choose_backward_spec(problem, causal, deterministic, [*views, do_a[None], *grad_views], var.variant,
+                                    wgmma=False)
         if spec.module == "backward_mma":
             longest_k = int(np.diff(host_k.astype(np.int64)).max())
             _backward_varlen(spec, problem, views, do_a, out_a, lse_a, grad_views, seqlens, longest_k, scale,

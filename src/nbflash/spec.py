@@ -175,6 +175,9 @@ class BackwardMmaSpec:
     varlen: packed variable-length sequences (nbflash.attention_varlen_backward): the
         dK/dV and dQ kernels read their sequence's offsets and lengths from cu_seqlens
         arrays (blockIdx.z is the sequence), as ForwardSpec.varlen.
+    wgmma: the Hopper (sm_90a) kernels of kernels/backward_wgmma.py ("dkdv" and "dq"
+        parts; dQ never takes atomics there): block_n is 64 keys per warpgroup of the
+        dK/dV kernel and dq_block_m 64 query rows per warpgroup of the dQ kernel.
     """
 
     dtype: str
@@ -193,14 +196,16 @@ class BackwardMmaSpec:
     part: str = "plan"
     dbias: bool = False
     varlen: bool = False
+    wgmma: bool = False
 
     @property
     def module(self) -> str:
-        return "backward_mma"
+        return "backward_wgmma" if self.wgmma else "backward_mma"
 
     @property
     def key(self) -> str:
-        name = "bwd_mma" if self.part == "plan" else f"bwd_mma_{self.part}"
+        family = "bwd_wgmma" if self.wgmma else "bwd_mma"
+        name = family if self.part == "plan" else f"{family}_{self.part}"
         flags = ("-causal" if self.causal else "") + self.variant.key + ("-dbias" if self.dbias else "")
         flags += "-varlen" if self.varlen else ""
         return (

@@ -431,3 +431,40 @@ def set_wgmma(enabled: bool):
     import importlib
 
     importlib.import_module(".plans", __package__).forget()
+
+
+# ---- the Hopper wgmma backward (kernels/backward_wgmma.py) -------------------------
+# Runs where the wgmma forward does (wgmma_enabled, sm_90), for plain dense fp16/bf16 at
+# head_dim 64 and 128. head_dim: ((block_m, block_n, threads) of the dK/dV kernel,
+# (dq_block_m, dq_block_n, dq_threads) of the dQ kernel); block_n and dq_block_m are
+# 64 per warpgroup of threads / 128. Measured on an H100 (perf/sweep_wgmma_bwd_tiles.py,
+# fp16 B4 N4096 H16, TFLOP/s full / causal, same run as SDPA flash 251 / 207 at d64 and
+# 288 / 264 at d128): d64 dK/dV m64n64t128 + dQ m128n128t256 193 / 146 against
+# m64n128t256 + m128n64t256 180 / 131; d128 m64n128t256 + m128n64t256 236 / 200 against
+# m64n64t128 + m128n64t256 236 / 172 and m32n128t256 210 / 156. Each compiles without
+# spills for sm_90a (tests/test_ptx_gate_wgmma.py; d128 dK/dV at 255 registers).
+WGMMA_BWD_TILES = {
+    64: ((64, 64, 128), (128, 128, 256)),
+    128: ((64, 128, 256), (128, 64, 256)),
+}
+# One warpgroup; 16-row query tiles (dK/dV) and 16-key tiles (dQ) so that small test
+# sequences span several of them.
+WGMMA_BWD_TILES_SIMULATOR = ((16, 64, 128), (64, 16, 128))
+_WGMMA_BWD_OVERRIDE = "NBFLASH_WGMMA_BWD_TILES"  # "128=64,128,256,128,64,256;..." for perf/ sweeps
+
+
+def wgmma_bwd_tiles(head_dim: int, simulator: bool, arch: tuple):
+    """The wgmma backward's two tile triples (see WGMMA_BWD_TILES), or None where it
+    does not run (as wgmma_tiles)."""
+    if not wgmma_enabled(simulator) or head_dim not in WGMMA_BWD_TILES:
+        return None
+    if simulator:
+        return WGMMA_BWD_TILES_SIMULATOR
+    if tuple(arch[:2]) != (9, 0):
+        return None
+    for item in filter(None, os.environ.get(_WGMMA_BWD_OVERRIDE, "").split(";")):
+        dim, values = item.split("=")
+        if int(dim) == head_dim:
+            v = tuple(int(x) for x in values.split(","))
+            return v[:3], v[3:]
+    return WGMMA_BWD_TILES[head_dim]

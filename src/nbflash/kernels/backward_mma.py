@@ -100,10 +100,20 @@ def shared_bytes(spec: BackwardMmaSpec) -> int:
     return 0
 
 
-def choose_spec(dtype: str, head_dim: int, causal: bool, simulator: bool, variant=None, dbias: bool = False):
+def choose_spec(dtype: str, head_dim: int, causal: bool, simulator: bool, variant=None, dbias: bool = False,
+                wgmma: bool = True):
     """The plan for a problem, or None when no tensor-core backward ships for head_dim;
-    with variants (spec.Variant) on, from tuning's variant tile table."""
-    from .. import tuning
+    with variants (spec.Variant) on, from tuning's variant tile table. Plain attention
+    on sm_90 takes the wgmma kernels (kernels/backward_wgmma.py, tuning.wgmma_bwd_tiles)
+    unless ``wgmma`` is False (the varlen backward: those kernels are dense only)."""
+    from .. import device, tuning
+
+    if wgmma and not variant and not dbias and dtype in ("fp16", "bf16") and tuning.wgmma_enabled(simulator):
+        hopper = tuning.wgmma_bwd_tiles(head_dim, simulator, device.compute_capability())
+        if hopper is not None:
+            (bm, bn, threads), (qbm, qbn, qthreads) = hopper
+            return BackwardMmaSpec(dtype, head_dim, causal, bm, bn, threads, False, qbm, qbn, qthreads, False,
+                                   wgmma=True)
 
     if variant:
         tiles = tuning.mma_bwd_variant_tiles(head_dim, simulator)
