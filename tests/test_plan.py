@@ -286,6 +286,7 @@ def test_memo_and_plan_fast_paths_build_the_keys_the_slow_paths_store_under(monk
     plan = plans.AttentionPlan.__new__(plans.AttentionPlan)
     plan._entries, plan.return_lse = {}, False
     with allocator:
+        monkeypatch.setattr(plans, "_empty", plans._resolve_empty(nd))
         for qq in (q, strided):
             for call in ((False, None, "bshd", False, None), (True, 0.25, "bhsd", True, out),
                          (False, 1, "bshd", False, out), (True, None, "bshd", True, None)):
@@ -324,6 +325,7 @@ def test_memo_and_plan_fast_paths_refuse_an_overlapping_out(monkeypatch):
     plan = plans.AttentionPlan.__new__(plans.AttentionPlan)
     plan._entries, plan.return_lse = {plans._call_key(q, k, v, out): entry}, False
     with allocator:
+        monkeypatch.setattr(plans, "_empty", plans._resolve_empty(nd))
         for run in (lambda o: plans.memoized_attention(q, k, v, False, None, "bshd", False, o, None),
                     lambda o: plan(q, k, v, out=o)):
             with pytest.raises(ValueError, match=r"out: overlaps k in memory"):
@@ -332,6 +334,37 @@ def test_memo_and_plan_fast_paths_refuse_an_overlapping_out(monkeypatch):
             run(make(shape, np.float16, v.data.ptr + shape[1] * 64 * 2 * 4))  # just past v: no overlap
             assert len(launches) == 1
             launches.clear()
+
+
+def test_fast_output_allocation_makes_what_cupy_ndarray_makes():
+    """The hot paths allocate outputs through CuPy's Cython constructor directly
+    (plans._resolve_empty): with this CuPy it must be taken (not the fallback), and
+    its arrays must be cupy.ndarray's in every attribute, from the current allocator."""
+    cupy = pytest.importorskip("cupy")
+    from cupy.cuda import memory
+
+    plans = nbflash.plans
+    rng, seed = new_rng()
+    handed = []
+
+    def alloc(size):
+        ptr = 0x7000_0000 + 0x100000 * (len(handed) + 1)
+        handed.append(ptr)
+        return memory.MemoryPointer(memory.UnownedMemory(ptr, max(size, 1), None, device_id=0), 0)
+
+    with cupy.cuda.using_allocator(alloc):
+        empty = plans._resolve_empty(cupy.ndarray)
+        assert empty is not cupy.ndarray, "the fast allocation fell back to cupy.ndarray"
+        for _ in range(4):
+            shape = tuple(int(n) for n in rng.integers(0, 5, int(rng.integers(0, 5))))
+            dtype = np.dtype(rng.choice([np.float16, np.float32, np.float64, np.int32]))
+            a, b = empty(shape, dtype), cupy.ndarray(shape, dtype)
+            assert type(a) is cupy.ndarray and a.data.ptr == handed[-2] and b.data.ptr == handed[-1], seed
+            for attr in ("shape", "strides", "dtype", "size", "nbytes", "ndim", "base", "_c_contiguous"):
+                assert getattr(a, attr) == getattr(b, attr), (attr, shape, dtype, seed)
+            assert (a.flags.c_contiguous, a.flags.f_contiguous, a.flags.owndata) == (
+                b.flags.c_contiguous, b.flags.f_contiguous, b.flags.owndata), (shape, dtype, seed)
+            assert a.data.mem.size == b.data.mem.size and a.data.device_id == b.data.device_id, seed
 
 
 def test_attention_remembers_under_the_arguments_as_given(monkeypatch):
