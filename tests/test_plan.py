@@ -4,6 +4,8 @@ the prepared-launch path against attention at larger sizes."""
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 
@@ -494,3 +496,59 @@ def test_gpu_captured_graph_equals_attention_bit_for_bit_and_replays_without_val
             assert np.array_equal(to_host(lse), to_host(want_lse)), f"seed {seed}"
     finally:
         api._validate = real
+
+
+def test_varlen_memo_fast_path_launches_with_the_callers_pointers_and_keys_on_metadata(monkeypatch):
+    # attention_varlen(check_seqlens=False) repeats skip validation (plans.memoized_varlen):
+    # each call's seven pointers reach the launch (cu_seqlens included: their values are
+    # never read on the host), the key holds every metadata the slow path checks, and an
+    # overlapping out is refused before anything launches.
+    plans = nbflash.plans
+    make, nd, allocator = _device_arrays()
+    monkeypatch.setattr(plans, "_ndarray_type", nd)
+    monkeypatch.setattr(plans, "_get_current_stream", lambda: _Stream)
+    monkeypatch.setattr(plans, "_varlen_memo", {})
+    total, heads, dim = 24, 2, 8
+    q, k, v, out = (make((total, heads, dim), np.float16, 0x100000 * (i + 1)) for i in range(4))
+    cu_q, cu_k = (make((4,), np.int32, 0x900000 + 0x1000 * i) for i in range(2))
+    extents = [plans._extent(a[None]) for a in (q, k, v, out)]
+    with allocator:
+        monkeypatch.setattr(plans, "_empty", plans._resolve_empty(nd))
+        for return_lse, o in ((False, out), (True, None)):
+            launches = []
+            problem = types.SimpleNamespace(out_shape=lambda: (total, heads, dim), dtype=np.dtype(np.float16),
+                                            lse_shape=lambda: (heads, total))
+            entry = plans._Prepared(lambda *ptrs: launches.append(ptrs), problem, return_lse, (), extents,
+                                    None, None, 0)
+            key = plans.varlen_key(q, k, v, cu_q, cu_k, 9, None, True, None, return_lse, o)
+            plans._varlen_memo[key] = (entry, None if return_lse else 0xABC0)
+            got = plans.memoized_varlen(key, q, k, v, cu_q, cu_k, o, return_lse, None)
+            result_out = got[0] if return_lse else got
+            assert o is None or result_out is o
+            lse_ptr = got[1].data.ptr if return_lse else 0xABC0
+            assert launches == [(_Stream.ptr, q.data.ptr, k.data.ptr, v.data.ptr, result_out.data.ptr, lse_ptr,
+                                 cu_q.data.ptr, cu_k.data.ptr)]
+            if return_lse:
+                assert got[1].shape == (heads, total) and got[1].dtype == np.float32
+        key = plans.varlen_key(q, k, v, cu_q, cu_k, 9, None, True, None, False, out)
+        other_cu = (make((5,), np.int32, 0xA00000), make((4,), np.int32, 0xA00000, strides=(8,)),
+                    make((4,), np.int64, 0xA00000))
+        for cu in other_cu:  # another batch, strides, dtype: another key (the slow path checks it)
+            assert plans.varlen_key(q, k, v, cu, cu_k, 9, None, True, None, False, out) != key
+            assert plans.varlen_key(q, k, v, cu_q, cu, 9, None, True, None, False, out) != key
+        assert plans.varlen_key(q, k, v, cu_q, cu_k, 10, None, True, None, False, out) != key
+        assert plans.varlen_key(q, k, v, cu_q, cu_k, 9, 3, True, None, False, out) != key
+        for bad in (dict(max_seqlen_q=9.0), dict(max_seqlen_q=True), dict(max_seqlen_k=True), dict(causal=1),
+                    dict(scale="2"), dict(cu_q=np.zeros(4, np.int32))):
+            args = dict(cu_q=cu_q, max_seqlen_q=9, max_seqlen_k=None, causal=True, scale=None)
+            args.update(bad)
+            assert plans.varlen_key(q, k, v, args["cu_q"], cu_k, args["max_seqlen_q"], args["max_seqlen_k"],
+                                    args["causal"], args["scale"], False, out) is None, bad
+        k_as_out = make((total, heads, dim), np.float16, k.data.ptr + 64)
+        overlap_key = plans.varlen_key(q, k, v, cu_q, cu_k, 9, None, True, None, False, k_as_out)
+        launches = []
+        entry = plans._Prepared(lambda *ptrs: launches.append(ptrs), problem, False, (), extents, None, None, 0)
+        plans._varlen_memo[overlap_key] = (entry, 0xABC0)
+        with pytest.raises(ValueError, match=r"out: overlaps k in memory"):
+            plans.memoized_varlen(overlap_key, q, k, v, cu_q, cu_k, k_as_out, False, None)
+        assert launches == []

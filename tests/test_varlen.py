@@ -467,3 +467,35 @@ def test_gpu_unchecked_cu_seqlens_do_not_synchronize_and_match_the_checked_call(
     cupy.cuda.get_current_stream().synchronize()
     assert busy and took < 0.1, f"the call waited for the stream ({took:.3f} s)"
     assert np.array_equal(to_host(got).view(np.uint16), to_host(want).view(np.uint16)), f"seed {seed}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(SIMULATOR, reason="the memo serves device arrays on a GPU")
+def test_gpu_repeated_unchecked_calls_skip_validation_and_read_each_calls_cu_seqlens(monkeypatch):
+    """Repeats of a check_seqlens=False call (same shapes, new cu_seqlens values and
+    buffers each time) go through the memo: no validation, and each result is bit for
+    bit the checked call's for that call's cu_seqlens."""
+    from nbflash import api_varlen
+
+    rng, seed = new_rng()
+    dim = int(rng.choice(SHIPPED))
+    total_q, total_k, batch = 700, 900, 4
+    q, k, v = (to_device(random_array(rng, (n, 4, dim), np.float16)) for n in (total_q, total_k, total_k))
+
+    def cu(total):
+        cuts = np.sort(rng.integers(0, total + 1, batch - 1))
+        return to_device(np.concatenate([[0], cuts, [total]]).astype(np.int32))
+
+    calls = []
+    real = api_varlen._validate_3d
+    monkeypatch.setattr(api_varlen, "_validate_3d", lambda ops: calls.append(1) or real(ops))
+    for i in range(4):
+        cu_q, cu_k = cu(total_q), cu(total_k)
+        got, lse = nbflash.attention_varlen(q, k, v, cu_q, cu_k, max_seqlen_q=total_q, causal=True,
+                                            return_lse=True, check_seqlens=False)
+        n = len(calls)
+        want, want_lse = nbflash.attention_varlen(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
+        assert np.array_equal(to_host(got).view(np.uint16), to_host(want).view(np.uint16)), f"call {i}, seed {seed}"
+        assert np.array_equal(to_host(lse), to_host(want_lse)), f"call {i}, seed {seed}"
+        if i:
+            assert n == i + 1, f"call {i} was validated again ({n} validations before the checked call)"

@@ -211,8 +211,23 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
 
     Accumulation is float32 for 16-bit and float32 inputs, float64 for float64.
     Computed on the stream, without synchronizing (except the host copy of device
-    cu_seqlens that check_seqlens=True makes).
+    cu_seqlens that check_seqlens=True makes). A check_seqlens=False call with none of
+    window, softcap, alibi_slopes, whose arrays (cu_seqlens included) are CuPy arrays
+    and whose shapes, strides, dtypes, devices, max_seqlen_* and flags repeat an
+    earlier one's, skips straight to the prepared launch: a few microseconds of host
+    time (the serving loop's path; cu_seqlens' values and buffers may change freely).
     """
+    memo_key = None
+    if (  # trusted lengths, no variant: the memo's fast path (plans.memoized_varlen)
+        check_seqlens is False and window is None and alibi_slopes is None and not device.SIMULATOR
+        and (softcap is None or (type(softcap) in api._REALS and softcap == 0))
+    ):
+        memo_key = _plans.varlen_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                     scale, return_lse, out)
+        if memo_key is not None:
+            result = _plans.memoized_varlen(memo_key, q, k, v, cu_seqlens_q, cu_seqlens_k, out, return_lse, stream)
+            if result is not None:
+                return result
     stream_ptr = launch.stream_handle(stream) if stream is not None else None
     ops = [arrays.intake(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
     problem, views = _validate_3d(ops)
@@ -227,7 +242,8 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
     out_op = api._check_out(out, problem, [op.array for op in ops]) if out is not None else None
 
     if problem.on_device or device.SIMULATOR:
-        out, lse = _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, stream_ptr, var)
+        out, lse = _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, stream_ptr, var,
+                                   memo_key if problem.on_device else None)
     else:  # NumPy inputs with a GPU present: there and back
         given = dict(window=window, softcap=softcap, alibi_slopes=alibi_slopes)
         out, lse = _forward_varlen_via_gpu(ops, out_op, seqlens, causal, scale, return_lse, stream_ptr, given)
@@ -253,9 +269,10 @@ def _forward_varlen_via_gpu(ops, out_op, seqlens, causal, scale, return_lse, str
 
 
 def _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, stream_ptr=None,
-                    var=variants.NO_VARIANTS):
+                    var=variants.NO_VARIANTS, memo_key=None):
     """Allocate what the caller did not give, pick the kernel, launch one CTA per
-    (query tile, query head, sequence)."""
+    (query tile, query head, sequence); with ``memo_key`` (a plain device call with
+    trusted lengths), remember the launch for the next call with that key."""
     with api._on_stream(stream_ptr):  # CuPy's pool reuses memory per stream: allocate on ours
         out = out_op[0].array if out_op is not None else api._empty(problem, problem.out_shape(), problem.dtype)
         lse = api._empty(problem, (problem.heads_q, problem.seqlen_q), np.float32) if return_lse else None
@@ -263,8 +280,8 @@ def _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, 
         return out, lse
     spec = _varlen_spec(problem, causal, return_lse, views, var.variant)
     cu_q, cu_k = seqlens.q, seqlens.k
-    if problem.on_device:  # NumPy cu_seqlens with device q: upload (a no-op for CuPy ones)
-        import cupy
+    if problem.on_device and (isinstance(cu_q, np.ndarray) or isinstance(cu_k, np.ndarray)):
+        import cupy  # NumPy cu_seqlens with device q: upload
 
         with api._on_stream(stream_ptr):
             cu_q, cu_k = cupy.asarray(cu_q), cupy.asarray(cu_k)
@@ -276,7 +293,11 @@ def _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, 
     args += [launch.numba_view(lse_view), acc_type(scale), problem.heads_q // problem.heads_kv]
     args += [launch.numba_view(cu_q), launch.numba_view(cu_k)]
     args += api.variant_kernel_args(problem, views, var)
-    launch.launch(kernel, grid, spec.threads, args, launch.shared_bytes(spec), stream_ptr)
+    shared = launch.shared_bytes(spec)
+    launch.launch(kernel, grid, spec.threads, args, shared, stream_ptr)
+    if memo_key is not None and not var.variant:
+        _plans.remember_varlen(memo_key, problem, views, out[None], return_lse, kernel, grid, spec.threads, args,
+                               shared)
     return out, lse
 
 
@@ -408,3 +429,6 @@ def _backward_per_sequence(do_a, ops, out_a, lse_a, grads, host_q, host_k, causa
                            causal=causal, scale=scale, deterministic=deterministic,
                            dq=dq_a[qs], dk=dk_a[ks], dv=dv_a[ks], window=window, softcap=softcap,
                            alibi_slopes=slopes)
+
+
+from . import plans as _plans  # noqa: E402  (the memo builds on api)

@@ -326,6 +326,102 @@ def remember(q, k, v, causal, scale, layout, return_lse, out, problem, views, re
 def forget():
     """Drop every remembered call (after tile configurations change)."""
     _memo.clear()
+    _varlen_memo.clear()
+
+
+# ---------------------------------------------------------------------------
+# The memo behind nbflash.attention_varlen(check_seqlens=False) (serving loops)
+# ---------------------------------------------------------------------------
+
+_varlen_memo: dict[tuple, tuple] = {}  # key -> (_Prepared, data pointer of the dummy lse)
+
+
+def varlen_key(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, scale, return_lse, out):
+    """What an attention_varlen call with check_seqlens=False and no variant depends
+    on, or None when it is not of the memoizable kind (CuPy arrays, cu_seqlens
+    included; bool flags; int max_seqlen_q; int or None max_seqlen_k; a float / int /
+    None scale). The values of cu_seqlens are not in it: such a call never reads them
+    on the host; their shape, strides, dtype and device are."""
+    nd = _ndarray_type
+    if nd is None:
+        nd = _ndarray()
+    if (
+        not nd or type(q) is not nd or type(k) is not nd or type(v) is not nd
+        or type(cu_q) is not nd or type(cu_k) is not nd
+        or type(causal) is not bool or type(return_lse) is not bool or type(max_seqlen_q) is not int
+        or not (max_seqlen_k is None or type(max_seqlen_k) is int)
+        or not (scale is None or type(scale) is float or type(scale) is int)
+        or (out is not None and type(out) is not nd)
+    ):
+        return None
+    return (causal, scale, return_lse, max_seqlen_q, max_seqlen_k,
+            cu_q.shape, cu_q._c_contiguous or cu_q.strides, cu_q.dtype, cu_q.data.device_id,
+            cu_k.shape, cu_k._c_contiguous or cu_k.strides, cu_k.dtype, cu_k.data.device_id) + _call_key(q, k, v, out)
+
+
+def memoized_varlen(key, q, k, v, cu_q, cu_k, out, return_lse, stream):
+    """What attention_varlen returns when ``key`` (:func:`varlen_key`) was remembered,
+    else None (nothing launched): the out overlap check, the allocations, seven data
+    pointers written and one driver call."""
+    found = _varlen_memo.get(key)
+    if found is None:
+        return None
+    entry, lse_dummy = found
+    qp = q.data.ptr
+    kp = k.data.ptr
+    vp = v.data.ptr
+    if out is not None:
+        op = out.data.ptr
+        ov = entry.ov
+        if ov is not None and (ov[0] <= qp - op <= ov[1] or ov[2] <= kp - op <= ov[3] or ov[4] <= vp - op <= ov[5]):
+            raise entry.overlap_error(op, qp, kp, vp)
+    lse = None
+    if stream is None:
+        sp = _get_current_stream().ptr
+        if out is None:
+            out = _empty(entry.out_shape, entry.dtype)
+        if return_lse:
+            lse = _empty(entry.lse_shape, _FLOAT32)
+    else:
+        sp = launch.stream_handle(stream)
+        with _allocation_stream(stream, sp):
+            if out is None:
+                out = _empty(entry.out_shape, entry.dtype)
+            if return_lse:
+                lse = _empty(entry.lse_shape, _FLOAT32)
+    try:
+        entry.go(sp, qp, kp, vp, out.data.ptr, lse_dummy if lse is None else lse.data.ptr, cu_q.data.ptr,
+                 cu_k.data.ptr)
+    except launch.LaunchError as error:
+        _varlen_memo.pop(key, None)
+        launch._disable(entry.kernel, entry.sig, entry.dev, error)
+        return None
+    return (out, lse) if return_lse else out
+
+
+def remember_varlen(key, problem, views, out_view, with_lse, kernel, grid, threads, args, shared):
+    """After a validated varlen launch (``args`` as launched: q, k, v, out, lse, scale,
+    group, cu_seqlens_q, cu_seqlens_k, variant arguments): keep it for the next call
+    under ``key``. Every call rewrites the first seven array pointers (q, k, v, out,
+    lse or its dummy, both cu_seqlens); the variant dummies stay packed."""
+    if key in _varlen_memo:
+        return
+    launcher = launch.launcher_for(kernel, args, shared)
+    if launcher is None:
+        return
+    sig = launch.signature_of(args)
+    dev = arrays.device_id(views[0])
+    try:
+        go = launcher.bind(args).fixed(grid, (threads, 1, 1), shared, varying=7)
+    except launch.LaunchError as error:
+        launch._disable(kernel, sig, dev, error)
+        return
+    extents = [_extent(a) for a in (*views, out_view)]
+    keep = tuple(a for a in args[4:] if type(a) is launch.DeviceArg)  # the dummies behind packed pointers
+    entry = _Prepared(go, problem, with_lse, keep, extents, kernel, sig, dev)
+    if len(_varlen_memo) >= _MEMO_LIMIT:
+        _varlen_memo.clear()
+    _varlen_memo[key] = (entry, None if with_lse else args[4].ptr)
 
 
 # ---------------------------------------------------------------------------
