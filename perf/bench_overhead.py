@@ -437,6 +437,17 @@ def main():
     row("part: cupy.ndarray (alloc)", lambda: cupy.ndarray(SHAPE, cupy.float16))
     row("part: memo key", lambda: plan_module._memo_key(q, k, v, False, None, "bshd", False, None))
 
+    # Serving with packed sequences: the same tokens as one sequence of attention_varlen,
+    # lengths trusted (check_seqlens=False: no host copy; repeats take the varlen memo)
+    qp, kp, vp, op = (x.reshape(SHAPE[1:]) for x in (q, k, v, out))
+    cu = cupy.asarray([0, SHAPE[1]], dtype=cupy.int32)
+    var_want = nbflash.attention_varlen(qp, kp, vp, cu, cu)
+    gpu.sync()
+    assert bool(cupy.array_equal(var_want, want[0])), "varlen and attention disagree"
+    row("attention_varlen(check_seqlens=False, out=)", lambda: nbflash.attention_varlen(
+        qp, kp, vp, cu, cu, max_seqlen_q=SHAPE[1], out=op, check_seqlens=False))
+    row("attention_varlen(checked: host copy)", lambda: nbflash.attention_varlen(qp, kp, vp, cu, cu, out=op))
+
     try:
         import torch
         import torch.nn.functional as F

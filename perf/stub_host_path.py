@@ -179,6 +179,27 @@ def main():
             plan._entries[(q.shape, q.strides, k.shape, k.strides, v.shape, v.strides,
                            None if o is None else (o.shape, o.strides))] = prepared
 
+    # attention_varlen(check_seqlens=False) repeats: the varlen memo (one sequence of S tokens)
+    qv, kv, vv, ov_ = (Array((S, H, D), f16) for _ in range(4))
+    cu = Array((2,), np.int32)
+    vargs = [arg(a, u16) for a in (qv, kv, vv, ov_)] + [arg(lse_dummy), np.float32(0.125), 1, arg(cu), arg(cu)]
+    vlauncher = launch.Launcher(0x1234, launch.ParamLayout(launch.signature_of(vargs)), 0, "stub-varlen")
+    vgo = vlauncher.bind(vargs).fixed((1, H, 1), block, 0, varying=7)
+    vproblem = types.SimpleNamespace(out_shape=lambda: (S, H, D), lse_shape=lambda: (H, S), dtype=f16)
+    ventry = plans._Prepared(vgo, vproblem, False, tuple(vargs[4:]), [plans._extent(a) for a in (qv, kv, vv, ov_)],
+                             None, None, 0)
+    varlen_rows = []
+    if hasattr(plans, "varlen_key"):
+        for o in (None, ov_):
+            plans._varlen_memo[plans.varlen_key(qv, kv, vv, cu, cu, S, None, False, None, False, o)] = (
+                ventry, vargs[4].ptr)
+        varlen_rows = [
+            ("attention_varlen(check_seqlens=False)", lambda: nbflash.attention_varlen(
+                qv, kv, vv, cu, cu, max_seqlen_q=S, check_seqlens=False)),
+            ("attention_varlen(check_seqlens=False, out=)", lambda: nbflash.attention_varlen(
+                qv, kv, vv, cu, cu, max_seqlen_q=S, out=ov_, check_seqlens=False)),
+        ]
+
     # a captured graph's replay: cudaGraphLaunch is the runtime's (not stubbed here), so
     # this row is the Python around it alone
     plans._graph_launch = lambda graph_exec, stream: None
@@ -189,6 +210,10 @@ def main():
     assert nbflash.attention(q, k, v).shape == out.shape
     assert plan(q, k, v, out=out) is out
     assert lib.fake_calls() == before + 2, "the stubbed driver was not reached"
+    for _, fn in varlen_rows:
+        before = lib.fake_calls()
+        fn()
+        assert lib.fake_calls() == before + 1, "the varlen memo did not reach the stubbed driver"
 
     ptrs = [a.ptr for a in args[:4]]
     sp = FakeStream.ptr
@@ -198,6 +223,7 @@ def main():
         ("plan(q, k, v)", lambda: plan(q, k, v)),
         ("plan(q, k, v, out=)", lambda: plan(q, k, v, out=out)),
         ("plan.capture replay (graph launch stubbed)", graph),
+        *varlen_rows,
         ("part: prepared launch go()", lambda: go(sp, *ptrs)),
         ("part: Launcher (packs all args)", lambda: launcher(grid, block, 0, sp, args)),
         *([("part: driver call alone", driver_call(launch))] if hasattr(launch._get_driver(), "kind") else []),
