@@ -421,6 +421,8 @@ def test_gpu_repeated_calls_skip_validation():
     want = nbflash.reference.attention(*host)
     for x in (got, out, from_plan):
         assert_close(x, want, dtype, seed=seed)
+    # the memo's outputs came from the fast allocation (CuPy's memory pool took the probe)
+    assert nbflash.plans._empty is not cupy.ndarray, "output allocation fell back to cupy.ndarray"
 
 
 # --- plan.capture: one launch on fixed buffers, replayed (a CUDA graph on a GPU) ------
