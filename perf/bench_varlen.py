@@ -10,9 +10,9 @@ exactly per sequence (bottom-right causal), random normal inputs. "varlen" and "
 are GPU time: 10 calls queued behind a spin kernel (bench_decode.gpu_timed), so host
 work does not enter; "varlen_call" is one whole varlen call between CUDA events
 (nbflash.device.median_gpu_ms, host time included), as are the peers.
-"varlen" passes device cu_seqlens and max_seqlen_q (no host copy: FlashAttention's
-serving path); "varlen_checked" (a whole call) leaves max_seqlen_q None, so cu_seqlens are copied to
-the host and checked (one small device->host copy per call). Peers when they import:
+"varlen" passes device cu_seqlens, max_seqlen_q and check_seqlens=False (no host copy:
+FlashAttention's serving path); "varlen_checked" (a whole call) checks them (the default), so
+cu_seqlens are copied to the host (one small device->host copy per call). Peers when they import:
 torch SDPA flash on the dense batch (equal case), flash_attn_varlen_func (both).
 
     python perf/bench_varlen.py [--quick] [--out perf/results]
@@ -129,7 +129,8 @@ def main():
                 spec = nbflash.forward_spec_varlen(q, k, v, causal=causal)
                 flops = 2.0 * HEADS * visible_pairs(lengths, lengths, causal) * (d + d)
                 run_varlen = lambda: nbflash.attention_varlen(  # noqa: E731
-                    q, k, v, cu_seqlens, cu_seqlens, max_seqlen_q=max_len, max_seqlen_k=max_len, causal=causal, out=out)
+                    q, k, v, cu_seqlens, cu_seqlens, max_seqlen_q=max_len, max_seqlen_k=max_len, causal=causal, out=out,
+                    check_seqlens=False)
                 times = {
                     "varlen": gpu_timed(run_varlen),
                     "varlen_call": timed(run_varlen, args.repeats),

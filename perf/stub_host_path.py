@@ -140,6 +140,8 @@ def main():
     launch.device.SIMULATOR = False
     Array = real_cupy_arrays() or FakeArray
     plans._ndarray_type = Array
+    if hasattr(plans, "_resolve_empty"):  # an older tree allocates with Array itself
+        plans._empty = plans._resolve_empty(Array) if Array.__module__.startswith("cupy") else Array
     plans._get_current_stream = lambda: FakeStream
     lib = ctypes.CDLL("libcuda.so.1")
     lib.fake_calls.restype = ctypes.c_long
@@ -177,6 +179,27 @@ def main():
             plan._entries[(q.shape, q.strides, k.shape, k.strides, v.shape, v.strides,
                            None if o is None else (o.shape, o.strides))] = prepared
 
+    # attention_varlen(check_seqlens=False) repeats: the varlen memo (one sequence of S tokens)
+    qv, kv, vv, ov_ = (Array((S, H, D), f16) for _ in range(4))
+    cu = Array((2,), np.int32)
+    vargs = [arg(a, u16) for a in (qv, kv, vv, ov_)] + [arg(lse_dummy), np.float32(0.125), 1, arg(cu), arg(cu)]
+    vlauncher = launch.Launcher(0x1234, launch.ParamLayout(launch.signature_of(vargs)), 0, "stub-varlen")
+    vgo = vlauncher.bind(vargs).fixed((1, H, 1), block, 0, varying=7)
+    vproblem = types.SimpleNamespace(out_shape=lambda: (S, H, D), lse_shape=lambda: (H, S), dtype=f16)
+    ventry = plans._Prepared(vgo, vproblem, False, tuple(vargs[4:]), [plans._extent(a) for a in (qv, kv, vv, ov_)],
+                             None, None, 0)
+    varlen_rows = []
+    if hasattr(plans, "varlen_key"):
+        for o in (None, ov_):
+            plans._varlen_memo[plans.varlen_key(qv, kv, vv, cu, cu, S, None, False, None, False, o)] = (
+                ventry, vargs[4].ptr)
+        varlen_rows = [
+            ("attention_varlen(check_seqlens=False)", lambda: nbflash.attention_varlen(
+                qv, kv, vv, cu, cu, max_seqlen_q=S, check_seqlens=False)),
+            ("attention_varlen(check_seqlens=False, out=)", lambda: nbflash.attention_varlen(
+                qv, kv, vv, cu, cu, max_seqlen_q=S, out=ov_, check_seqlens=False)),
+        ]
+
     # a captured graph's replay: cudaGraphLaunch is the runtime's (not stubbed here), so
     # this row is the Python around it alone
     plans._graph_launch = lambda graph_exec, stream: None
@@ -187,6 +210,10 @@ def main():
     assert nbflash.attention(q, k, v).shape == out.shape
     assert plan(q, k, v, out=out) is out
     assert lib.fake_calls() == before + 2, "the stubbed driver was not reached"
+    for _, fn in varlen_rows:
+        before = lib.fake_calls()
+        fn()
+        assert lib.fake_calls() == before + 1, "the varlen memo did not reach the stubbed driver"
 
     ptrs = [a.ptr for a in args[:4]]
     sp = FakeStream.ptr
@@ -196,12 +223,15 @@ def main():
         ("plan(q, k, v)", lambda: plan(q, k, v)),
         ("plan(q, k, v, out=)", lambda: plan(q, k, v, out=out)),
         ("plan.capture replay (graph launch stubbed)", graph),
+        *varlen_rows,
         ("part: prepared launch go()", lambda: go(sp, *ptrs)),
         ("part: Launcher (packs all args)", lambda: launcher(grid, block, 0, sp, args)),
         *([("part: driver call alone", driver_call(launch))] if hasattr(launch._get_driver(), "kind") else []),
         (f"part: {Array.__name__} alloc (Python allocator)", lambda: Array((B, S, H, D), f16)),
         ("part: memo key", lambda: plans._memo_key(q, k, v, False, None, "bshd", False, None)),
     ]
+    rows += breakdown_rows(plans, nd=Array, q=q, k=k, v=v, out=out, go=go, entry=prepared, f16=f16,
+                           shape=(B, S, H, D), driver=launch._get_driver())
     n, rounds = 20_000, 15
     print(f"driver: {getattr(launch._get_driver(), 'kind', 'ctypes (old)')}; stubbed libcuda; arrays: "
           f"{Array.__module__}.{Array.__name__}; best of {rounds} rounds of {n} calls, the ways "
@@ -213,6 +243,108 @@ def main():
     print(f"{'way':44} {'us/call':>8}")
     for name, _ in rows:
         print(f"{name:44} {best[name]:8.3f}")
+    print_breakdown(best)
+
+
+BREAKDOWN = {  # the steps of each hot path, in order (rows of breakdown_rows)
+    "nbflash.attention(q, k, v)": ["step: attention() frame + variant args", "step: type checks", "step: data / ptr reads",
+                                   "step: key tuple (no out)", "step: memo lookup (no out)",
+                                   "step: current stream (stubbed)", "step: output alloc (fast)", "step: out.data.ptr",
+                                   "step: go(): lock, 4 ptr stores, driver"],
+    "plan(q, k, v, out=)": ["step: plan() frame", "step: type checks", "step: data / ptr reads",
+                            "step: key tuple (with out)", "step: plan lookup (with out)", "step: overlap check",
+                            "step: current stream (stubbed)", "step: go(): lock, 4 ptr stores, driver"],
+}
+
+
+def breakdown_rows(plans, *, nd, q, k, v, out, go, entry, f16, shape, driver):
+    """Each step of the two main hot paths alone, written as the code does it
+    (plans.memoized_attention, AttentionPlan.run): a breakdown whose sum can be set
+    against the whole call (the rest: what the steps share, e.g. local variables)."""
+    import nbflash
+
+    qm, km, vm, om = q.data, k.data, v.data, out.data
+    qp, kp, vp, op = qm.ptr, km.ptr, vm.ptr, om.ptr
+    key = (q.shape, q._c_contiguous or q.strides, k.shape, k._c_contiguous or k.strides, v.shape,
+           v._c_contiguous or v.strides, q.dtype, k.dtype, v.dtype, qm.device_id, km.device_id, vm.device_id,
+           not ((qp | kp | vp) & 15))
+    memo_key = ("bshd", False, None, False) + key
+    out_key = key + (out.shape, out._c_contiguous or out.strides, out.dtype, om.device_id)
+    memo = {memo_key: entry}
+    entries = {out_key: entry}
+    ov = entry.ov or (1, 0, 1, 0, 1, 0)
+    stream = plans._get_current_stream
+    empty = plans._empty if getattr(plans, "_empty", None) is not None else nd
+    bound_go = go
+    sp = stream().ptr
+
+    def frame(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=False, out=None, stream=None,
+              window=None, softcap=0.0, alibi_slopes=None, bias=None, mask=None, dropout_p=0.0, seed=None,
+              return_dropout_mask=False):
+        if (window is None and alibi_slopes is None and bias is None and mask is None and seed is None
+                and return_dropout_mask is False and not nbflash.device.SIMULATOR
+                and (softcap is None or (type(softcap) in (float, int) and softcap == 0))
+                and type(dropout_p) in (float, int) and dropout_p == 0):
+            return None
+
+    class Plan:
+        def run(self, q, k, v, out=None, stream=None):
+            return None
+
+        __call__ = run
+
+    plan = Plan()
+
+    def type_checks():
+        return (type(q) is not nd or type(k) is not nd or type(v) is not nd or type(False) is not bool
+                or type(False) is not bool or type("bshd") is not str or not (None is None))
+
+    def ptr_reads():
+        a, b, c = q.data, k.data, v.data
+        return a.ptr, b.ptr, c.ptr
+
+    def key_no_out():
+        return ("bshd", False, None, False, q.shape, q._c_contiguous or q.strides, k.shape,
+                k._c_contiguous or k.strides, v.shape, v._c_contiguous or v.strides, q.dtype, k.dtype, v.dtype,
+                qm.device_id, km.device_id, vm.device_id, not ((qp | kp | vp) & 15))
+
+    def key_out():
+        return (q.shape, q._c_contiguous or q.strides, k.shape, k._c_contiguous or k.strides, v.shape,
+                v._c_contiguous or v.strides, q.dtype, k.dtype, v.dtype, qm.device_id, km.device_id, vm.device_id,
+                not ((qp | kp | vp) & 15), out.shape, out._c_contiguous or out.strides, out.dtype, om.device_id)
+
+    lookup_key = tuple(memo_key)  # equal, not identical: the lookup compares as the real one does
+    lookup_out_key = tuple(out_key)
+    return [
+        ("step: attention() frame + variant args", lambda: frame(q, k, v)),
+        ("step: plan() frame", lambda: plan(q, k, v, out=out)),
+        ("step: type checks", type_checks),
+        ("step: data / ptr reads", ptr_reads),
+        ("step: key tuple (no out)", key_no_out),
+        ("step: key tuple (with out)", key_out),
+        ("step: memo lookup (no out)", lambda: memo.get(lookup_key)),
+        ("step: plan lookup (with out)", lambda: entries.get(lookup_out_key)),
+        ("step: overlap check", lambda: ov[0] <= qp - op <= ov[1] or ov[2] <= kp - op <= ov[3]
+         or ov[4] <= vp - op <= ov[5]),
+        ("step: current stream (stubbed)", lambda: stream().ptr),
+        ("step: output alloc (fast)", lambda: empty(shape, f16)),
+        ("step: output alloc (cupy.ndarray)", lambda: nd(shape, f16)),
+        ("step: out.data.ptr", lambda: out.data.ptr),
+        ("step: go(): lock, 4 ptr stores, driver", lambda: bound_go(sp, qp, kp, vp, op)),
+    ]
+
+
+def print_breakdown(best):
+    """Per hot path: its steps (us), their sum, and the whole call."""
+    for way, steps in BREAKDOWN.items():
+        if way not in best or any(s not in best for s in steps):
+            continue
+        print(f"\nbreakdown of {way}: {best[way]:.3f} us per call")
+        for s in steps:
+            print(f"  {s[6:]:42} {best[s]:7.3f}")
+        total = sum(best[s] for s in steps)
+        print(f"  {'sum of the steps':42} {total:7.3f}  (the rest, {best[way] - total:+.3f}: shared locals, "
+              f"the timing loop's own call)")
 
 
 def driver_call(launch):

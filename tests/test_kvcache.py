@@ -529,3 +529,27 @@ def test_gpu_unchecked_lengths_do_not_synchronize_and_match_the_checked_call(pag
     assert np.array_equal(to_host(got).view(np.uint16), to_host(want).view(np.uint16)), f"seed {seed}"
     for a, b in zip(caches, checked_caches):
         assert np.array_equal(to_host(a).view(np.uint16), to_host(b).view(np.uint16)), f"seed {seed}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(SIMULATOR, reason="device dummies are kept per device on a GPU only")
+def test_gpu_contiguous_cache_calls_reuse_one_dummy_block_table(monkeypatch):
+    """A contiguous-cache call passes the kernels a dummy block table (and a dummy lse
+    without return_lse): made once per device and kept, not allocated (and zeroed by
+    a kernel) on every call."""
+    from nbflash import launch
+
+    seen = []
+    real = launch.launch
+
+    def recording(kernel, grid, threads, args, *rest, **kw):
+        seen.append([a.ptr for a in args if isinstance(a, launch.DeviceArg) and a.shape in ((1, 1), (1, 1, 1))])
+        return real(kernel, grid, threads, args, *rest, **kw)
+
+    monkeypatch.setattr(launch, "launch", recording)
+    rng, _ = new_rng()
+    q = to_device(rng.standard_normal((2, 1, 2, 64)).astype(F16))
+    kc, vc = (to_device(rng.standard_normal((2, 40, 1, 64)).astype(F16)) for _ in range(2))
+    for _ in range(2):
+        nbflash.attention_with_kvcache(q, kc, vc, cache_seqlens=30, num_splits=1, check_seqlens=False)
+    assert len(seen) == 2 and seen[0] and seen[0] == seen[1], seen

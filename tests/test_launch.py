@@ -189,13 +189,15 @@ def test_launcher_retries_once_in_the_primary_context_then_raises(driver, monkey
     fake.results = [1]
     with pytest.raises(launch.LaunchError, match="CUresult 1"):
         launcher.bind([arg])((1, 1, 1), (32, 1, 1), 0, 0, (0x8000,))
-    go = launcher.bind([arg]).fixed((1, 1, 1), (32, 1, 1), 0)
+    bound = launcher.bind([arg])
+    go = bound.fixed((1, 1, 1), (32, 1, 1), 0)
     fake.results, made_current[:] = [201, 0], []
     go(0, 0x8000)
     assert made_current == [0] and fake.calls[-1][0][4] == 0
     fake.results = [1]
     with pytest.raises(launch.LaunchError, match="CUresult 1"):
         go(0, 0x8000)
+    assert not bound._lock.locked(), "a failed launch kept the parameter block's lock"
     go = launcher.bind([arg]).fixed((1, 1, 1), (32, 1, 1), 0, varying=0)  # the retry keeps the packed pointer
     fake.results, made_current[:] = [201, 0], []
     go(0)

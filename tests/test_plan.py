@@ -4,6 +4,8 @@ the prepared-launch path against attention at larger sizes."""
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 
@@ -286,6 +288,7 @@ def test_memo_and_plan_fast_paths_build_the_keys_the_slow_paths_store_under(monk
     plan = plans.AttentionPlan.__new__(plans.AttentionPlan)
     plan._entries, plan.return_lse = {}, False
     with allocator:
+        monkeypatch.setattr(plans, "_empty", plans._resolve_empty(nd))
         for qq in (q, strided):
             for call in ((False, None, "bshd", False, None), (True, 0.25, "bhsd", True, out),
                          (False, 1, "bshd", False, out), (True, None, "bshd", True, None)):
@@ -324,6 +327,7 @@ def test_memo_and_plan_fast_paths_refuse_an_overlapping_out(monkeypatch):
     plan = plans.AttentionPlan.__new__(plans.AttentionPlan)
     plan._entries, plan.return_lse = {plans._call_key(q, k, v, out): entry}, False
     with allocator:
+        monkeypatch.setattr(plans, "_empty", plans._resolve_empty(nd))
         for run in (lambda o: plans.memoized_attention(q, k, v, False, None, "bshd", False, o, None),
                     lambda o: plan(q, k, v, out=o)):
             with pytest.raises(ValueError, match=r"out: overlaps k in memory"):
@@ -332,6 +336,37 @@ def test_memo_and_plan_fast_paths_refuse_an_overlapping_out(monkeypatch):
             run(make(shape, np.float16, v.data.ptr + shape[1] * 64 * 2 * 4))  # just past v: no overlap
             assert len(launches) == 1
             launches.clear()
+
+
+def test_fast_output_allocation_makes_what_cupy_ndarray_makes():
+    """The hot paths allocate outputs through CuPy's Cython constructor directly
+    (plans._resolve_empty): with this CuPy it must be taken (not the fallback), and
+    its arrays must be cupy.ndarray's in every attribute, from the current allocator."""
+    cupy = pytest.importorskip("cupy")
+    from cupy.cuda import memory
+
+    plans = nbflash.plans
+    rng, seed = new_rng()
+    handed = []
+
+    def alloc(size):
+        ptr = 0x7000_0000 + 0x100000 * (len(handed) + 1)
+        handed.append(ptr)
+        return memory.MemoryPointer(memory.UnownedMemory(ptr, max(size, 1), None, device_id=0), 0)
+
+    with cupy.cuda.using_allocator(alloc):
+        empty = plans._resolve_empty(cupy.ndarray)
+        assert empty is not cupy.ndarray, "the fast allocation fell back to cupy.ndarray"
+        for _ in range(4):
+            shape = tuple(int(n) for n in rng.integers(0, 5, int(rng.integers(0, 5))))
+            dtype = np.dtype(rng.choice([np.float16, np.float32, np.float64, np.int32]))
+            a, b = empty(shape, dtype), cupy.ndarray(shape, dtype)
+            assert type(a) is cupy.ndarray and a.data.ptr == handed[-2] and b.data.ptr == handed[-1], seed
+            for attr in ("shape", "strides", "dtype", "size", "nbytes", "ndim", "base", "_c_contiguous"):
+                assert getattr(a, attr) == getattr(b, attr), (attr, shape, dtype, seed)
+            assert (a.flags.c_contiguous, a.flags.f_contiguous, a.flags.owndata) == (
+                b.flags.c_contiguous, b.flags.f_contiguous, b.flags.owndata), (shape, dtype, seed)
+            assert a.data.mem.size == b.data.mem.size and a.data.device_id == b.data.device_id, seed
 
 
 def test_attention_remembers_under_the_arguments_as_given(monkeypatch):
@@ -386,6 +421,8 @@ def test_gpu_repeated_calls_skip_validation():
     want = nbflash.reference.attention(*host)
     for x in (got, out, from_plan):
         assert_close(x, want, dtype, seed=seed)
+    # the memo's outputs came from the fast allocation (CuPy's memory pool took the probe)
+    assert nbflash.plans._empty is not cupy.ndarray, "output allocation fell back to cupy.ndarray"
 
 
 # --- plan.capture: one launch on fixed buffers, replayed (a CUDA graph on a GPU) ------
@@ -461,3 +498,59 @@ def test_gpu_captured_graph_equals_attention_bit_for_bit_and_replays_without_val
             assert np.array_equal(to_host(lse), to_host(want_lse)), f"seed {seed}"
     finally:
         api._validate = real
+
+
+def test_varlen_memo_fast_path_launches_with_the_callers_pointers_and_keys_on_metadata(monkeypatch):
+    # attention_varlen(check_seqlens=False) repeats skip validation (plans.memoized_varlen):
+    # each call's seven pointers reach the launch (cu_seqlens included: their values are
+    # never read on the host), the key holds every metadata the slow path checks, and an
+    # overlapping out is refused before anything launches.
+    plans = nbflash.plans
+    make, nd, allocator = _device_arrays()
+    monkeypatch.setattr(plans, "_ndarray_type", nd)
+    monkeypatch.setattr(plans, "_get_current_stream", lambda: _Stream)
+    monkeypatch.setattr(plans, "_varlen_memo", {})
+    total, heads, dim = 24, 2, 8
+    q, k, v, out = (make((total, heads, dim), np.float16, 0x100000 * (i + 1)) for i in range(4))
+    cu_q, cu_k = (make((4,), np.int32, 0x900000 + 0x1000 * i) for i in range(2))
+    extents = [plans._extent(a[None]) for a in (q, k, v, out)]
+    with allocator:
+        monkeypatch.setattr(plans, "_empty", plans._resolve_empty(nd))
+        for return_lse, o in ((False, out), (True, None)):
+            launches = []
+            problem = types.SimpleNamespace(out_shape=lambda: (total, heads, dim), dtype=np.dtype(np.float16),
+                                            lse_shape=lambda: (heads, total))
+            entry = plans._Prepared(lambda *ptrs: launches.append(ptrs), problem, return_lse, (), extents,
+                                    None, None, 0)
+            key = plans.varlen_key(q, k, v, cu_q, cu_k, 9, None, True, None, return_lse, o)
+            plans._varlen_memo[key] = (entry, None if return_lse else 0xABC0)
+            got = plans.memoized_varlen(key, q, k, v, cu_q, cu_k, o, return_lse, None)
+            result_out = got[0] if return_lse else got
+            assert o is None or result_out is o
+            lse_ptr = got[1].data.ptr if return_lse else 0xABC0
+            assert launches == [(_Stream.ptr, q.data.ptr, k.data.ptr, v.data.ptr, result_out.data.ptr, lse_ptr,
+                                 cu_q.data.ptr, cu_k.data.ptr)]
+            if return_lse:
+                assert got[1].shape == (heads, total) and got[1].dtype == np.float32
+        key = plans.varlen_key(q, k, v, cu_q, cu_k, 9, None, True, None, False, out)
+        other_cu = (make((5,), np.int32, 0xA00000), make((4,), np.int32, 0xA00000, strides=(8,)),
+                    make((4,), np.int64, 0xA00000))
+        for cu in other_cu:  # another batch, strides, dtype: another key (the slow path checks it)
+            assert plans.varlen_key(q, k, v, cu, cu_k, 9, None, True, None, False, out) != key
+            assert plans.varlen_key(q, k, v, cu_q, cu, 9, None, True, None, False, out) != key
+        assert plans.varlen_key(q, k, v, cu_q, cu_k, 10, None, True, None, False, out) != key
+        assert plans.varlen_key(q, k, v, cu_q, cu_k, 9, 3, True, None, False, out) != key
+        for bad in (dict(max_seqlen_q=9.0), dict(max_seqlen_q=True), dict(max_seqlen_k=True), dict(causal=1),
+                    dict(scale="2"), dict(cu_q=np.zeros(4, np.int32))):
+            args = dict(cu_q=cu_q, max_seqlen_q=9, max_seqlen_k=None, causal=True, scale=None)
+            args.update(bad)
+            assert plans.varlen_key(q, k, v, args["cu_q"], cu_k, args["max_seqlen_q"], args["max_seqlen_k"],
+                                    args["causal"], args["scale"], False, out) is None, bad
+        k_as_out = make((total, heads, dim), np.float16, k.data.ptr + 64)
+        overlap_key = plans.varlen_key(q, k, v, cu_q, cu_k, 9, None, True, None, False, k_as_out)
+        launches = []
+        entry = plans._Prepared(lambda *ptrs: launches.append(ptrs), problem, False, (), extents, None, None, 0)
+        plans._varlen_memo[overlap_key] = (entry, 0xABC0)
+        with pytest.raises(ValueError, match=r"out: overlaps k in memory"):
+            plans.memoized_varlen(overlap_key, q, k, v, cu_q, cu_k, k_as_out, False, None)
+        assert launches == []

@@ -19,7 +19,7 @@ SIM_HEAD_DIM = 32  # the cheapest shipped tensor-core head_dim to emulate
 
 
 def run_and_check(shape: VarlenShape, dtype, *, causal, rng, seed, kernel=None, max_seqlens=False,
-                  slack=0, device_seqlens=False, values=None):
+                  slack=0, device_seqlens=False, values=None, check_seqlens=True):
     """Run attention_varlen into a NaN-poisoned out and compare out and lse with the
     oracle. ``kernel`` pins the expected backend; ``max_seqlens`` passes the maxima
     (plus ``slack``); ``device_seqlens`` passes cu_seqlens as device arrays."""
@@ -38,7 +38,8 @@ def run_and_check(shape: VarlenShape, dtype, *, causal, rng, seed, kernel=None, 
     if device_seqlens:
         cu_q, cu_k = to_device(cu_q), to_device(cu_k)
     out = poisoned(ref.shape, dtype)
-    got, lse = nbflash.attention_varlen(dq, dk, dv, cu_q, cu_k, causal=causal, return_lse=True, out=out, **kwargs)
+    got, lse = nbflash.attention_varlen(dq, dk, dv, cu_q, cu_k, causal=causal, return_lse=True, out=out,
+                                        check_seqlens=check_seqlens, **kwargs)
     assert got is out
     assert lse.dtype == np.float32 and lse.shape == (shape.heads_q, sum(shape.seqlens_q))
     assert_close(got, ref, dtype, seed=seed)
@@ -165,12 +166,12 @@ def test_mma_kernel_large_batches_every_shipped_head_dim(dtype, causal, head_dim
 @pytest.mark.gpu
 @pytest.mark.parametrize("max_seqlens", [False, True], ids=["host-copy", "trusted"])
 def test_device_cu_seqlens(max_seqlens):
-    """Device cu_seqlens: copied and checked without max_seqlen_q, trusted with it (a
-    loose bound only adds CTAs that exit at once)."""
+    """Device cu_seqlens: copied and checked by default, trusted with
+    check_seqlens=False and max_seqlen_q (a loose bound only adds CTAs that exit at once)."""
     rng, seed = new_rng()
     shape = draw_varlen(rng, large=True, head_dim=int(rng.choice(SHIPPED)))
     run_and_check(shape, HALF_DTYPES[0], causal=True, rng=rng, seed=seed, max_seqlens=max_seqlens,
-                  slack=int(rng.integers(0, 300)), device_seqlens=True)
+                  slack=int(rng.integers(0, 300)), device_seqlens=True, check_seqlens=not max_seqlens)
 
 
 @pytest.mark.skipif(SIMULATOR, reason="NumPy-in, NumPy-out through the GPU needs a GPU")
@@ -332,3 +333,169 @@ def test_mma_kernel_variants_on_simulator(tiles, monkeypatch):
     shape.heads_kv = shape.heads_q = 1
     shape.seqlens_q[int(np.argmax(shape.seqlens_q))] = int(rng.integers(40, 70))  # several row tiles
     run_and_check(shape, HALF_DTYPES[int(rng.integers(2))], causal=True, rng=rng, seed=seed, kernel="mma")
+
+
+# --- check_seqlens=False: values trusted, spans clamped by the kernels (issue 5) ------
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _clamped_spans(cu, total):
+    """The kernels' clamp (kernels/varlen.sequence_span): start = clip(cu[b], 0, total),
+    end = clip(cu[b + 1], start, total)."""
+    spans = []
+    for b in range(len(cu) - 1):
+        start = min(max(int(cu[b]), 0), total)
+        spans.append((start, min(max(int(cu[b + 1]), start), total)))
+    return spans
+
+
+def _guarded(rng, shape, dtype, guard, fill):
+    """(device buffer, the inner view, host copy of the inner values): ``shape``'s
+    array inside a buffer with ``guard`` extra rows of ``fill`` on both ends of axis 0."""
+    host = rng.standard_normal(shape).astype(dtype) if fill is None else np.full(shape, np.nan, dtype)
+    big = np.full((shape[0] + 2 * guard, *shape[1:]), np.nan, dtype)
+    big[guard:guard + shape[0]] = host
+    dev = to_device(big)
+    return dev, dev[guard:guard + shape[0]], host
+
+
+def _assert_guards_nan(name, buffer, guard, seed):
+    big = to_host(buffer)
+    assert np.isnan(big[:guard]).all() and np.isnan(big[-guard:]).all(), f"{name}: a guard row changed (seed {seed})"
+
+
+@pytest.mark.parametrize("kernel", ["simt", "mma"])
+def test_unchecked_bad_cu_seqlens_are_clamped_and_stay_inside_the_tensors(kernel, monkeypatch):
+    """check_seqlens=False never reads cu_seqlens on the host (the host check is made
+    to fail), and malformed values (negative, past total, decreasing, int32 extremes)
+    neither read nor write outside q, k, v, out: the tensors sit between NaN guard
+    rows that must stay NaN and must not leak into the output. Query spans are kept
+    disjoint so the result is defined: each sequence's rows are attention over its
+    clamped spans, rows of no span stay unwritten; then fully random cu_seqlens (spans
+    overlapping) must still keep every guard."""
+    from nbflash import api_varlen
+
+    def no_host_check(*args, **kwargs):
+        raise AssertionError("cu_seqlens were read on the host")
+
+    monkeypatch.setattr(api_varlen, "_check_prefix_sums", no_host_check)
+    rng, seed = new_rng()
+    dtype, dim = (np.dtype(np.float16), SIM_HEAD_DIM) if kernel == "mma" else (np.dtype(np.float32), 8)
+    total_q, total_k, heads_kv, group, guard = int(rng.integers(8, 14)), int(rng.integers(6, 12)), 1, 2, 3
+    heads_q = heads_kv * group
+    bufs = {}
+    for name, shape, fill in (("q", (total_q, heads_q, dim), None), ("k", (total_k, heads_kv, dim), None),
+                              ("v", (total_k, heads_kv, dim), None), ("out", (total_q, heads_q, dim), np.nan)):
+        bufs[name] = _guarded(rng, shape, dtype, guard, fill)
+    dq, dk, dv, dout = (bufs[n][1] for n in ("q", "k", "v", "out"))
+    hq, hk, hv = (bufs[n][2] for n in ("q", "k", "v"))
+    # queries: starts below 0, a run past total_q, repeated values: disjoint clamped spans
+    cuts = np.sort(rng.integers(1, total_q, 2))
+    cu_q = np.array([-int(rng.integers(1, 9)), cuts[0], cuts[0], cuts[1], total_q + int(rng.integers(1, 50)),
+                     INT32_MAX], np.int32)
+    # keys: anything (reads may overlap): decreasing, negative, past total_k, extremes
+    cu_k = np.array([int(rng.integers(-5, 3)), int(rng.integers(0, total_k + 5)), INT32_MIN,
+                     int(rng.integers(0, total_k)), INT32_MAX, int(rng.integers(-3, total_k))], np.int32)
+    causal = bool(rng.integers(2))
+    max_q = int(rng.choice([total_q, INT32_MAX]))  # a loose bound (clamped to total_q)
+    got, lse = nbflash.attention_varlen(dq, dk, dv, to_device(cu_q), to_device(cu_k), max_seqlen_q=max_q,
+                                        causal=causal, return_lse=True, out=dout, check_seqlens=False)
+    assert got is dout
+    host_out, host_lse = to_host(got).astype(np.float64), to_host(lse).astype(np.float64)
+    covered = np.zeros(total_q, bool)
+    for (qs, qe), (ks, ke) in zip(_clamped_spans(cu_q, total_q), _clamped_spans(cu_k, total_k)):
+        if qs == qe:
+            continue
+        covered[qs:qe] = True
+        ref, ref_lse = nbflash.reference.attention(hq[qs:qe], hk[ks:ke], hv[ks:ke], causal=causal, return_lse=True)
+        assert_close(host_out[qs:qe], ref, dtype, seed=seed)
+        assert_lse_close(host_lse[:, qs:qe], ref_lse, seed=seed)
+    assert np.isnan(host_out[~covered]).all(), f"rows of no sequence were written (seed {seed})"
+    for name in ("q", "k", "v", "out"):
+        _assert_guards_nan(name, bufs[name][0], guard, seed)
+
+    # fully random values, spans overlapping anywhere: garbage out, guards kept
+    wild = lambda n: rng.choice(np.array([INT32_MIN, -1, 0, 1, n // 2, n, n + 1, INT32_MAX], np.int64), 5)  # noqa: E731
+    nbflash.attention_varlen(dq, dk, dv, to_device(wild(total_q).astype(np.int32)),
+                             to_device(wild(total_k).astype(np.int32)), max_seqlen_q=total_q, causal=causal,
+                             out=dout, check_seqlens=False)
+    for name in ("q", "k", "v", "out"):
+        _assert_guards_nan(name, bufs[name][0], guard, seed)
+    assert np.array_equal(to_host(dq), hq) and np.array_equal(to_host(dk), hk) and np.array_equal(to_host(dv), hv)
+
+
+def test_unchecked_cu_seqlens_need_max_seqlen_q_and_keep_metadata_checks():
+    a = operands()
+    refused(ValueError, r"max_seqlen_q: required with check_seqlens=False", a, check_seqlens=False)
+    refused(TypeError, r"check_seqlens: expected a bool; got int", a, check_seqlens=0, max_seqlen_q=5)
+    refused(TypeError, r"cu_seqlens_q: expected dtype int32; got int64", a, check_seqlens=False, max_seqlen_q=5,
+            cu_seqlens_q=to_device(np.array(CU_Q, np.int64)))
+    refused(ValueError, r"cu_seqlens_q, cu_seqlens_k: expected the same length", a, check_seqlens=False,
+            max_seqlen_q=5, cu_seqlens_k=to_device(np.array(CU_K[:-1], np.int32)))
+    refused(TypeError, r"max_seqlen_q: expected a non-negative int or None; got float", a, check_seqlens=False,
+            max_seqlen_q=5.0)
+    # checked (the default), a bound is still checked against the values
+    refused(ValueError, r"max_seqlen_q: 4 is smaller than the longest sequence", a, max_seqlen_q=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(SIMULATOR, reason="needs a GPU stream to stay busy")
+def test_gpu_unchecked_cu_seqlens_do_not_synchronize_and_match_the_checked_call():
+    """check_seqlens=False with device cu_seqlens: the call returns while a spin kernel
+    still holds the stream (no device-to-host copy), and its result is the checked
+    call's, bit for bit."""
+    import time
+
+    import cupy
+
+    rng, seed = new_rng()
+    shape = draw_varlen(rng, large=True, head_dim=int(rng.choice(SHIPPED)))
+    q, k, v = (to_device(random_array(rng, s, np.float16)) for s in shape.qkv_shapes())
+    cu_q, cu_k = (to_device(c) for c in shape.cu_seqlens())
+    bounds = dict(max_seqlen_q=max(shape.seqlens_q), max_seqlen_k=max(shape.seqlens_k))
+    want = nbflash.attention_varlen(q, k, v, cu_q, cu_k, causal=True, **bounds)
+    nbflash.attention_varlen(q, k, v, cu_q, cu_k, causal=True, check_seqlens=False, **bounds)  # warm
+    cupy.cuda.get_current_stream().synchronize()
+    spin = cupy.RawKernel(r'''extern "C" __global__ void spin(long long n) {
+        long long t0 = clock64(); while (clock64() - t0 < n) { } }''', "spin")
+    spin((1,), (1,), (cupy.int64(cupy.cuda.Device().attributes["ClockRate"] * 200),))  # ~200 ms
+    start = time.perf_counter()
+    got = nbflash.attention_varlen(q, k, v, cu_q, cu_k, causal=True, check_seqlens=False, **bounds)
+    took = time.perf_counter() - start
+    busy = not cupy.cuda.get_current_stream().done
+    cupy.cuda.get_current_stream().synchronize()
+    assert busy and took < 0.1, f"the call waited for the stream ({took:.3f} s)"
+    assert np.array_equal(to_host(got).view(np.uint16), to_host(want).view(np.uint16)), f"seed {seed}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(SIMULATOR, reason="the memo serves device arrays on a GPU")
+def test_gpu_repeated_unchecked_calls_skip_validation_and_read_each_calls_cu_seqlens(monkeypatch):
+    """Repeats of a check_seqlens=False call (same shapes, new cu_seqlens values and
+    buffers each time) go through the memo: no validation, and each result is bit for
+    bit the checked call's for that call's cu_seqlens."""
+    from nbflash import api_varlen
+
+    rng, seed = new_rng()
+    dim = int(rng.choice(SHIPPED))
+    total_q, total_k, batch = 700, 900, 4
+    q, k, v = (to_device(random_array(rng, (n, 4, dim), np.float16)) for n in (total_q, total_k, total_k))
+
+    def cu(total):
+        cuts = np.sort(rng.integers(0, total + 1, batch - 1))
+        return to_device(np.concatenate([[0], cuts, [total]]).astype(np.int32))
+
+    calls = []
+    real = api_varlen._validate_3d
+    monkeypatch.setattr(api_varlen, "_validate_3d", lambda ops: calls.append(1) or real(ops))
+    for i in range(4):
+        cu_q, cu_k = cu(total_q), cu(total_k)
+        got, lse = nbflash.attention_varlen(q, k, v, cu_q, cu_k, max_seqlen_q=total_q, causal=True,
+                                            return_lse=True, check_seqlens=False)
+        n = len(calls)
+        want, want_lse = nbflash.attention_varlen(q, k, v, cu_q, cu_k, causal=True, return_lse=True)
+        assert np.array_equal(to_host(got).view(np.uint16), to_host(want).view(np.uint16)), f"call {i}, seed {seed}"
+        assert np.array_equal(to_host(lse), to_host(want_lse)), f"call {i}, seed {seed}"
+        if i:
+            assert n == i + 1, f"call {i} was validated again ({n} validations before the checked call)"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import arrays, device, launch, tuning
+from . import api, arrays, device, launch, tuning
 from .api import MAX_HEAD_DIM, _check_flag, _check_scale
 from .spec import AppendSpec, CombineSpec, DecodeMmaSpec, DecodeSpec
 
@@ -451,6 +451,16 @@ def _xp(problem):
     return np
 
 
+_dummy_tables: dict = {}
+
+
+def _dummy(problem, a, cache, shape, dtype):
+    """A small array the kernels are passed but never read (the block table of a
+    contiguous cache) or write (lse without return_lse): one per device, kept, so a
+    call allocates (and, for zeros, launches) nothing for it."""
+    return api._dummy(problem, [a["q"]], cache, shape, dtype)
+
+
 def _run(problem: _KVProblem, a, seqlens_array, causal, scale, num_splits, return_lse, plan=None):
     """Allocate, append the new tokens, decode, combine (``plan``: from _plan on these arrays)."""
     xp = _xp(problem)
@@ -463,7 +473,7 @@ def _run(problem: _KVProblem, a, seqlens_array, causal, scale, num_splits, retur
     elif problem.on_device and isinstance(seqlens_array, np.ndarray):  # trusted host lengths go up as given
         seqlens_array = xp.asarray(seqlens_array)
     paged = problem.block_size > 0
-    table = a["block_table"] if paged else xp.zeros((1, 1), np.int32)
+    table = a["block_table"] if paged else _dummy(problem, a, _dummy_tables, (1, 1), np.int32)
     view = launch.numba_view
 
     if problem.seqlen_new and problem.heads_kv:
@@ -489,7 +499,7 @@ def _run(problem: _KVProblem, a, seqlens_array, causal, scale, num_splits, retur
         part_lse = xp.empty((num_splits, problem.batch, problem.heads_q, problem.seqlen_q), acc_type)
         results = [view(part_out), view(part_lse)]
     else:
-        lse_arg = lse if return_lse else xp.empty((1, 1, 1), np.float32)
+        lse_arg = lse if return_lse else _dummy(problem, a, api._dummy_lse, (1, 1, 1), np.float32)
         results = [out_k, view(lse_arg)]
     grid = (num_splits, problem.heads_kv * row_chunks, problem.batch)
     args = [view(arrays.kernel_view(a["q"], mma)), *caches, view(table), view(seqlens_array),
@@ -498,7 +508,7 @@ def _run(problem: _KVProblem, a, seqlens_array, causal, scale, num_splits, retur
     if split:
         threads = 32 if device.SIMULATOR else tuning.COMBINE_THREADS
         cspec = CombineSpec(spec.dtype, problem.head_dim_v, return_lse, threads)
-        lse_arg = lse if return_lse else xp.empty((1, 1, 1), np.float32)
+        lse_arg = lse if return_lse else _dummy(problem, a, api._dummy_lse, (1, 1, 1), np.float32)
         launch.launch(launch.compiled(cspec), (problem.seqlen_q, problem.heads_q, problem.batch), threads,
                       [view(part_out), view(part_lse), out_k, view(lse_arg)])
     return out, lse

@@ -77,7 +77,10 @@ def _check_prefix_sums(values, name, total, total_name):
     return int(steps.max()) if steps.size else 0
 
 
-def _validate_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, problem, q_array):
+def _validate_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, problem, q_array,
+                      check_seqlens=True):
+    """Metadata always; the values of cu_seqlens only with ``check_seqlens`` (a host
+    copy for device arrays). Unchecked, max_seqlen_q is required (it sizes the grid)."""
     cu_q = _intake_seqlens(cu_seqlens_q, "cu_seqlens_q", problem, q_array)
     cu_k = _intake_seqlens(cu_seqlens_k, "cu_seqlens_k", problem, q_array)
     if cu_q.array.shape != cu_k.array.shape:
@@ -90,9 +93,13 @@ def _validate_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, pr
         raise ValueError(f"cu_seqlens_q: batch {batch} exceeds the supported {api._MAX_GRID_YZ}")
     max_seqlen_q = _check_max_seqlen(max_seqlen_q, "max_seqlen_q")
     max_seqlen_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k")
-    trusted = cu_q.on_device and cu_k.on_device and max_seqlen_q is not None
-    if trusted:  # no host copy: the values are the caller's promise (see the docstring)
-        return _Seqlens(cu_q.array, cu_k.array, batch, max_seqlen_q)
+    if not check_seqlens:  # values never read on the host: the caller's promise (see the docstring)
+        if max_seqlen_q is None:
+            raise ValueError("max_seqlen_q: required with check_seqlens=False (it sizes the grid; "
+                             "the lengths are not read on the host)")
+        # no sequence of a clamped span is longer than total_q: a larger bound adds
+        # only CTAs that would exit at once
+        return _Seqlens(cu_q.array, cu_k.array, batch, min(max_seqlen_q, problem.seqlen_q))
     # host values: free for NumPy arrays, one small device->host copy (a sync) otherwise
     host_q, host_k = (op.array.get() if op.on_device else op.array for op in (cu_q, cu_k))
     longest_q = _check_prefix_sums(host_q, "cu_seqlens_q", problem.seqlen_q, "total_q (q.shape[0])")
@@ -137,7 +144,7 @@ def forward_spec_varlen(q, k, v, *, causal=False, return_lse=False, window=None,
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, max_seqlen_k=None,
                      causal=False, scale=None, return_lse=False, out=None, stream=None, window=None,
-                     softcap=0.0, alibi_slopes=None):
+                     softcap=0.0, alibi_slopes=None, check_seqlens=True):
     """Exact softmax attention over a batch of packed sequences of different lengths.
 
     Sequence b owns queries cu_seqlens_q[b]:cu_seqlens_q[b + 1] and keys
@@ -154,13 +161,14 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
         cu_seqlens_k: int32 (batch + 1,), the same for keys, ending at total_k.
             Sequences may be empty: a sequence without queries produces nothing, one
             without keys gets output 0 and lse -inf.
-        max_seqlen_q: int or None, an upper bound on the query lengths. Given with
-            device cu_seqlens it sizes the grid (cdiv(max_seqlen_q, block_m) CTAs per
-            head and sequence; a loose bound only adds CTAs that exit at once); when the
-            lengths are read on the host it is checked and the true longest is used.
-        max_seqlen_k: int or None, an upper bound on the key lengths; checked when the
-            lengths are known on the host, otherwise unused (the kernels read each
-            sequence's key length from cu_seqlens_k).
+        max_seqlen_q: int or None, an upper bound on the query lengths. With
+            check_seqlens=False it is required and sizes the grid
+            (cdiv(min(max_seqlen_q, total_q), block_m) CTAs per head and sequence; a
+            loose bound only adds CTAs that exit at once); otherwise it is checked
+            against the lengths and the true longest sizes the grid.
+        max_seqlen_k: int or None, an upper bound on the key lengths; checked with
+            check_seqlens, otherwise unused (the kernels read each sequence's key
+            length from cu_seqlens_k).
         causal: hide key j of a sequence from its query i when j > i + seqlen_k - seqlen_q
             (bottom-right aligned per sequence, as FlashAttention >= 2.1).
         scale: factor on q k^T; default 1/sqrt(head_dim). Positive and finite.
@@ -175,16 +183,20 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
         alibi_slopes: None, or float32 (heads_q,) or (batch, heads_q) with batch the
             number of sequences: -slope * |i + seqlen_k - seqlen_q - j| is added to
             the scores, positions counted within each sequence (FlashAttention's).
+        check_seqlens: True (default): the values of cu_seqlens (start at 0,
+            non-decreasing, end at total) and that max_seqlen_* bound the lengths are
+            checked on the host; device cu_seqlens are copied to the host for it, which
+            synchronizes with the stream on every call. False (serving loops): the
+            values are never read on the host (no copy, no synchronization), as
+            FlashAttention trusts them; max_seqlen_q is then required. Their kind,
+            dtype, shape and device are still checked.
 
-    What is checked on the host: shapes, dtypes, strides, devices and flags always.
-    The values of cu_seqlens (start at 0, non-decreasing, end at total) and that
-    max_seqlen_* bound the lengths are checked whenever the values are on the host:
-    always for NumPy cu_seqlens, and for device cu_seqlens when max_seqlen_q is None,
-    at the price of one device->host copy of the two arrays (it synchronizes with
-    the stream). With device cu_seqlens and max_seqlen_q given nothing is
-    copied and the values are trusted, as in FlashAttention: malformed cu_seqlens give
-    wrong results (never reads or writes outside q, k, v, out and lse: the kernels
-    clamp every sequence to the tensors), and query rows of a sequence beyond
+    What is checked on the host: shapes, dtypes, strides, devices and flags always;
+    cu_seqlens' values as check_seqlens says. Unchecked values that are malformed give
+    garbage out, never an access outside q, k, v, out and lse: the kernels clamp
+    sequence b's span to start = clip(cu[b], 0, total), end = clip(cu[b + 1], start,
+    total) (so a decreasing step gives an empty sequence, overlapping spans write the
+    same rows in an unspecified order), and query rows of a sequence beyond
     max_seqlen_q are left unwritten.
 
     Arrays are CuPy arrays, objects exposing ``__cuda_array_interface__`` or
@@ -198,21 +210,40 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q=None, 
             that see no key (FlashAttention's varlen layout).
 
     Accumulation is float32 for 16-bit and float32 inputs, float64 for float64.
-    Computed on the stream, without synchronizing (except the host copy above).
+    Computed on the stream, without synchronizing (except the host copy of device
+    cu_seqlens that check_seqlens=True makes). A check_seqlens=False call with none of
+    window, softcap, alibi_slopes, whose arrays (cu_seqlens included) are CuPy arrays
+    and whose shapes, strides, dtypes, devices, max_seqlen_* and flags repeat an
+    earlier one's, skips straight to the prepared launch: a few microseconds of host
+    time (the serving loop's path; cu_seqlens' values and buffers may change freely).
     """
+    memo_key = None
+    if (  # trusted lengths, no variant: the memo's fast path (plans.memoized_varlen)
+        check_seqlens is False and window is None and alibi_slopes is None and not device.SIMULATOR
+        and (softcap is None or (type(softcap) in api._REALS and softcap == 0))
+    ):
+        memo_key = _plans.varlen_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                     scale, return_lse, out)
+        if memo_key is not None:
+            result = _plans.memoized_varlen(memo_key, q, k, v, cu_seqlens_q, cu_seqlens_k, out, return_lse, stream)
+            if result is not None:
+                return result
     stream_ptr = launch.stream_handle(stream) if stream is not None else None
     ops = [arrays.intake(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
     problem, views = _validate_3d(ops)
     causal = api._check_flag(causal, "causal")
     return_lse = api._check_flag(return_lse, "return_lse")
     scale = api._check_scale(scale, problem.head_dim)
+    check_seqlens = api._check_flag(check_seqlens, "check_seqlens")
     with api._on_stream(stream_ptr):  # the host copy of cu_seqlens, if any, waits on the stream
-        seqlens = _validate_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, problem, ops[0].array)
+        seqlens = _validate_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, problem, ops[0].array,
+                                    check_seqlens)
     var = _check_varlen_variants(problem, ops[0].array, seqlens.batch, causal, window, softcap, alibi_slopes)
     out_op = api._check_out(out, problem, [op.array for op in ops]) if out is not None else None
 
     if problem.on_device or device.SIMULATOR:
-        out, lse = _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, stream_ptr, var)
+        out, lse = _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, stream_ptr, var,
+                                   memo_key if problem.on_device else None)
     else:  # NumPy inputs with a GPU present: there and back
         given = dict(window=window, softcap=softcap, alibi_slopes=alibi_slopes)
         out, lse = _forward_varlen_via_gpu(ops, out_op, seqlens, causal, scale, return_lse, stream_ptr, given)
@@ -238,9 +269,10 @@ def _forward_varlen_via_gpu(ops, out_op, seqlens, causal, scale, return_lse, str
 
 
 def _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, stream_ptr=None,
-                    var=variants.NO_VARIANTS):
+                    var=variants.NO_VARIANTS, memo_key=None):
     """Allocate what the caller did not give, pick the kernel, launch one CTA per
-    (query tile, query head, sequence)."""
+    (query tile, query head, sequence); with ``memo_key`` (a plain device call with
+    trusted lengths), remember the launch for the next call with that key."""
     with api._on_stream(stream_ptr):  # CuPy's pool reuses memory per stream: allocate on ours
         out = out_op[0].array if out_op is not None else api._empty(problem, problem.out_shape(), problem.dtype)
         lse = api._empty(problem, (problem.heads_q, problem.seqlen_q), np.float32) if return_lse else None
@@ -248,8 +280,8 @@ def _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, 
         return out, lse
     spec = _varlen_spec(problem, causal, return_lse, views, var.variant)
     cu_q, cu_k = seqlens.q, seqlens.k
-    if problem.on_device:  # NumPy cu_seqlens with device q: upload (a no-op for CuPy ones)
-        import cupy
+    if problem.on_device and (isinstance(cu_q, np.ndarray) or isinstance(cu_k, np.ndarray)):
+        import cupy  # NumPy cu_seqlens with device q: upload
 
         with api._on_stream(stream_ptr):
             cu_q, cu_k = cupy.asarray(cu_q), cupy.asarray(cu_k)
@@ -261,7 +293,11 @@ def _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, 
     args += [launch.numba_view(lse_view), acc_type(scale), problem.heads_q // problem.heads_kv]
     args += [launch.numba_view(cu_q), launch.numba_view(cu_k)]
     args += api.variant_kernel_args(problem, views, var)
-    launch.launch(kernel, grid, spec.threads, args, launch.shared_bytes(spec), stream_ptr)
+    shared = launch.shared_bytes(spec)
+    launch.launch(kernel, grid, spec.threads, args, shared, stream_ptr)
+    if memo_key is not None and not var.variant:
+        _plans.remember_varlen(memo_key, problem, views, out[None], return_lse, kernel, grid, spec.threads, args,
+                               shared)
     return out, lse
 
 
@@ -394,3 +430,6 @@ def _backward_per_sequence(do_a, ops, out_a, lse_a, grads, host_q, host_k, causa
                            causal=causal, scale=scale, deterministic=deterministic,
                            dq=dq_a[qs], dk=dk_a[ks], dv=dv_a[ks], window=window, softcap=softcap,
                            alibi_slopes=slopes)
+
+
+from . import plans as _plans  # noqa: E402  (the memo builds on api)

@@ -578,16 +578,21 @@ class Bound:
         all_ptrs = "".join(f"{p}, " for p in names)
         if varying is not None:  # a retry writes every pointer: the fixed ones as packed now
             all_ptrs += "".join(f"{self._slots[slot]}, " for slot in self._data_slots[varying:])
+        # acquire / release in try-finally: half the cost of a with block (0.07 against
+        # 0.15 us, perf/stub_host_path.py), the same release on every way out
         source = (
             f"def go(stream{params}):\n"
-            f"    with lock:\n"
+            f"    acquire()\n"
+            f"    try:\n"
             f"{stores}"
             f"{call}"
+            f"    finally:\n"
+            f"        release()\n"
             f"    failed(rc, False)\n"
             f"    bound({grid!r}, {block!r}, {shared}, stream, ({all_ptrs}), True)\n"
         )
         namespace.update({
-            "lock": self._lock, "slots": self._slots, "handle": self._handle,
+            "acquire": self._lock.acquire, "release": self._lock.release, "slots": self._slots, "handle": self._handle,
             "pointers": self._pointers_addr, "failed": self.launcher._failed, "bound": self,
         })
         exec(source, namespace)  # noqa: S102 - generated from ints and fixed names only

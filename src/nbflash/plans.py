@@ -19,16 +19,51 @@ from . import api, arrays, device, launch
 _MEMO_LIMIT = 1024
 _memo: dict[tuple, "_Prepared"] = {}
 _ndarray_type = None
+_empty = None  # _empty(shape, dtype): a new C-contiguous cupy.ndarray (see _resolve_empty)
 
 
 def _ndarray():
     """cupy.ndarray (None on the simulator, without CuPy, or with a CuPy whose arrays
     lack the ``_c_contiguous`` flag the call keys read)."""
-    global _ndarray_type
+    global _ndarray_type, _empty
     if _ndarray_type is None:
         cupy = device.cupy_or_none()
-        _ndarray_type = cupy.ndarray if cupy is not None and hasattr(cupy.ndarray, "_c_contiguous") else False
+        nd = cupy.ndarray if cupy is not None and hasattr(cupy.ndarray, "_c_contiguous") else False
+        if nd:
+            _empty = _resolve_empty(nd)
+        _ndarray_type = nd
     return _ndarray_type or None
+
+
+def _resolve_empty(nd):
+    """What the hot paths allocate outputs with: ``empty(shape, dtype)`` is
+    ``cupy.ndarray(shape, dtype)`` (C order, from CuPy's allocator on the current
+    stream) without cupy.ndarray's Python-level ``__new__`` (a frame, *args / **kwargs
+    packing): the Cython ``_ndarray_base.__new__`` and ``_init`` that it calls. 0.3-0.4
+    us less per allocating call (perf/stub_host_path.py). Used only after a probe
+    array made both ways agrees in every observable attribute; otherwise (another
+    CuPy) ``nd`` itself."""
+    try:
+        from cupy._core.core import _ndarray_base
+
+        new, init = _ndarray_base.__new__, _ndarray_base._init
+
+        def empty(shape, dtype):
+            a = new(nd)
+            init(a, shape, dtype)
+            return a
+
+        for shape, dtype in (((2, 1, 3), _FLOAT32), ((0, 4), np.dtype(np.float16)), ((), np.dtype(np.float64))):
+            a, b = empty(shape, dtype), nd(shape, dtype)
+            if not (type(a) is nd and a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype
+                    and a.size == b.size and a.nbytes == b.nbytes and a.base is None and b.base is None
+                    and a._c_contiguous == b._c_contiguous and a.flags.owndata == b.flags.owndata
+                    and a.flags.f_contiguous == b.flags.f_contiguous
+                    and a.data.device_id == b.data.device_id and a.data.mem.size == b.data.mem.size):
+                return nd
+        return empty
+    except Exception:  # a CuPy without these internals
+        return nd
 
 
 def _extent(a):
@@ -102,21 +137,20 @@ class _Prepared:
         launch failed (nothing launched; the caller takes the validated slow path).
         ``with_lse`` is the entry's own (its key holds return_lse). The hot paths
         inline this for stream=None."""
-        nd = _ndarray_type
         lse = None
         if stream is None:  # CuPy's current stream: allocate as CuPy would, no stream switch
             sp = _get_current_stream().ptr
             if out is None:
-                out = nd(self.out_shape, self.dtype)
+                out = _empty(self.out_shape, self.dtype)
             if with_lse:
-                lse = nd(self.lse_shape, _FLOAT32)
+                lse = _empty(self.lse_shape, _FLOAT32)
         else:
             sp = launch.stream_handle(stream)
             with _allocation_stream(stream, sp):
                 if out is None:
-                    out = nd(self.out_shape, self.dtype)
+                    out = _empty(self.out_shape, self.dtype)
                 if with_lse:
-                    lse = nd(self.lse_shape, _FLOAT32)
+                    lse = _empty(self.lse_shape, _FLOAT32)
         try:
             if lse is None:
                 self.go(sp, qp, kp, vp, out.data.ptr)
@@ -145,13 +179,20 @@ def _get_current_stream():
     return _get_current_stream()
 
 
+_cupy_stream_type = None
+
+
 def _allocation_stream(stream, ptr):
     """A context making CuPy allocate on the launch stream (its pool reuses memory per
     stream): a CuPy stream is its own context; any other stream's CuPy object is made
-    once per handle (launch.cupy_stream)."""
-    import cupy
+    once per handle (launch.cupy_stream). cupy.cuda.Stream is resolved once (an import
+    statement per call costs ~0.1 us)."""
+    global _cupy_stream_type
+    if _cupy_stream_type is None:
+        import cupy
 
-    if isinstance(stream, cupy.cuda.Stream):
+        _cupy_stream_type = cupy.cuda.Stream
+    if isinstance(stream, _cupy_stream_type):
         return stream
     return launch.cupy_stream(ptr)
 
@@ -228,7 +269,7 @@ def memoized_attention(q, k, v, causal, scale, layout, return_lse, out, stream):
         if stream is not None:
             result = entry.run(qp, kp, vp, None, return_lse, stream)
             return result if result is None or return_lse else result[0]
-        out = nd(entry.out_shape, entry.dtype)
+        out = _empty(entry.out_shape, entry.dtype)
         op = out.data.ptr
     else:
         if type(out) is not nd:
@@ -251,7 +292,7 @@ def memoized_attention(q, k, v, causal, scale, layout, return_lse, out, stream):
     sp = _get_current_stream().ptr
     try:
         if return_lse:
-            lse = nd(entry.lse_shape, _FLOAT32)
+            lse = _empty(entry.lse_shape, _FLOAT32)
             entry.go(sp, qp, kp, vp, op, lse.data.ptr)
             return out, lse
         entry.go(sp, qp, kp, vp, op)
@@ -285,6 +326,102 @@ def remember(q, k, v, causal, scale, layout, return_lse, out, problem, views, re
 def forget():
     """Drop every remembered call (after tile configurations change)."""
     _memo.clear()
+    _varlen_memo.clear()
+
+
+# ---------------------------------------------------------------------------
+# The memo behind nbflash.attention_varlen(check_seqlens=False) (serving loops)
+# ---------------------------------------------------------------------------
+
+_varlen_memo: dict[tuple, tuple] = {}  # key -> (_Prepared, data pointer of the dummy lse)
+
+
+def varlen_key(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, causal, scale, return_lse, out):
+    """What an attention_varlen call with check_seqlens=False and no variant depends
+    on, or None when it is not of the memoizable kind (CuPy arrays, cu_seqlens
+    included; bool flags; int max_seqlen_q; int or None max_seqlen_k; a float / int /
+    None scale). The values of cu_seqlens are not in it: such a call never reads them
+    on the host; their shape, strides, dtype and device are."""
+    nd = _ndarray_type
+    if nd is None:
+        nd = _ndarray()
+    if (
+        not nd or type(q) is not nd or type(k) is not nd or type(v) is not nd
+        or type(cu_q) is not nd or type(cu_k) is not nd
+        or type(causal) is not bool or type(return_lse) is not bool or type(max_seqlen_q) is not int
+        or not (max_seqlen_k is None or type(max_seqlen_k) is int)
+        or not (scale is None or type(scale) is float or type(scale) is int)
+        or (out is not None and type(out) is not nd)
+    ):
+        return None
+    return (causal, scale, return_lse, max_seqlen_q, max_seqlen_k,
+            cu_q.shape, cu_q._c_contiguous or cu_q.strides, cu_q.dtype, cu_q.data.device_id,
+            cu_k.shape, cu_k._c_contiguous or cu_k.strides, cu_k.dtype, cu_k.data.device_id) + _call_key(q, k, v, out)
+
+
+def memoized_varlen(key, q, k, v, cu_q, cu_k, out, return_lse, stream):
+    """What attention_varlen returns when ``key`` (:func:`varlen_key`) was remembered,
+    else None (nothing launched): the out overlap check, the allocations, seven data
+    pointers written and one driver call."""
+    found = _varlen_memo.get(key)
+    if found is None:
+        return None
+    entry, lse_dummy = found
+    qp = q.data.ptr
+    kp = k.data.ptr
+    vp = v.data.ptr
+    if out is not None:
+        op = out.data.ptr
+        ov = entry.ov
+        if ov is not None and (ov[0] <= qp - op <= ov[1] or ov[2] <= kp - op <= ov[3] or ov[4] <= vp - op <= ov[5]):
+            raise entry.overlap_error(op, qp, kp, vp)
+    lse = None
+    if stream is None:
+        sp = _get_current_stream().ptr
+        if out is None:
+            out = _empty(entry.out_shape, entry.dtype)
+        if return_lse:
+            lse = _empty(entry.lse_shape, _FLOAT32)
+    else:
+        sp = launch.stream_handle(stream)
+        with _allocation_stream(stream, sp):
+            if out is None:
+                out = _empty(entry.out_shape, entry.dtype)
+            if return_lse:
+                lse = _empty(entry.lse_shape, _FLOAT32)
+    try:
+        entry.go(sp, qp, kp, vp, out.data.ptr, lse_dummy if lse is None else lse.data.ptr, cu_q.data.ptr,
+                 cu_k.data.ptr)
+    except launch.LaunchError as error:
+        _varlen_memo.pop(key, None)
+        launch._disable(entry.kernel, entry.sig, entry.dev, error)
+        return None
+    return (out, lse) if return_lse else out
+
+
+def remember_varlen(key, problem, views, out_view, with_lse, kernel, grid, threads, args, shared):
+    """After a validated varlen launch (``args`` as launched: q, k, v, out, lse, scale,
+    group, cu_seqlens_q, cu_seqlens_k, variant arguments): keep it for the next call
+    under ``key``. Every call rewrites the first seven array pointers (q, k, v, out,
+    lse or its dummy, both cu_seqlens); the variant dummies stay packed."""
+    if key in _varlen_memo:
+        return
+    launcher = launch.launcher_for(kernel, args, shared)
+    if launcher is None:
+        return
+    sig = launch.signature_of(args)
+    dev = arrays.device_id(views[0])
+    try:
+        go = launcher.bind(args).fixed(grid, (threads, 1, 1), shared, varying=7)
+    except launch.LaunchError as error:
+        launch._disable(kernel, sig, dev, error)
+        return
+    extents = [_extent(a) for a in (*views, out_view)]
+    keep = tuple(a for a in args[4:] if type(a) is launch.DeviceArg)  # the dummies behind packed pointers
+    entry = _Prepared(go, problem, with_lse, keep, extents, kernel, sig, dev)
+    if len(_varlen_memo) >= _MEMO_LIMIT:
+        _varlen_memo.clear()
+    _varlen_memo[key] = (entry, None if with_lse else args[4].ptr)
 
 
 # ---------------------------------------------------------------------------
@@ -351,7 +488,7 @@ class AttentionPlan:
                     v.shape, v._c_contiguous or v.strides, q.dtype, k.dtype, v.dtype,
                     qm.device_id, km.device_id, vm.device_id, not ((qp | kp | vp) & 15)))
                 if entry is not None and stream is None:
-                    out = nd(entry.out_shape, entry.dtype)
+                    out = _empty(entry.out_shape, entry.dtype)
                     op = out.data.ptr
             elif type(out) is nd:
                 om = out.data
@@ -370,7 +507,7 @@ class AttentionPlan:
                 if stream is None:
                     try:
                         if self.return_lse:
-                            lse = nd(entry.lse_shape, _FLOAT32)
+                            lse = _empty(entry.lse_shape, _FLOAT32)
                             entry.go(_get_current_stream().ptr, qp, kp, vp, op, lse.data.ptr)
                             return out, lse
                         entry.go(_get_current_stream().ptr, qp, kp, vp, op)
