@@ -1,7 +1,8 @@
 """Compile the wgmma kernels for sm_90a without a GPU (Numba with cc=(9, 0, "a"), then
 nvJitLink -arch=sm_90a -Xptxas=-v) and print one JSON line per kernel with its
 resources: the probe's check and throughput kernels (kernels/wgmma_probe.py) and every
-wgmma forward specialization the tuning ships (kernels/forward_wgmma.py). Run by
+wgmma forward specialization the tuning ships (kernels/forward_wgmma.py), plain and with
+each combination of window / softcap / ALiBi. Run by
 tests/test_ptx_gate_wgmma.py in a subprocess with the simulator off. sm_80 is never
 asked: wgmma exists on sm_90a only."""
 
@@ -17,7 +18,7 @@ from numba.cuda import types  # noqa: E402
 
 from nbflash import tuning  # noqa: E402
 from nbflash.kernels import forward_wgmma, wgmma_probe  # noqa: E402
-from nbflash.spec import ForwardSpec  # noqa: E402
+from nbflash.spec import ForwardSpec, Variant  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from ptx_gate_worker import ptxas_report, variant_types  # noqa: E402
@@ -60,13 +61,22 @@ def probe_kernels():
                threads=256, shared_bytes=wgmma_probe.loop_shared_bytes(128, 4), kind="probe")
 
 
+LIGHT_VARIANTS = [Variant(window=w, softcap=c, alibi=a) for w in (False, True) for c in (False, True)
+                  for a in (False, True)]
+"""Plain and every combination of the variants the wgmma forward compiles in
+(tuning.wgmma_variant): window, softcap, ALiBi."""
+
+
 def forward_specs():
     """Every wgmma forward specialization tuning.WGMMA_TILES ships (with lse, as the
-    backward's forward runs it; the lse store is the only difference)."""
+    backward's forward runs it; the lse store is the only difference), plain and with
+    each combination of LIGHT_VARIANTS."""
     for head_dim, (bm, bn, threads) in sorted(tuning.WGMMA_TILES.items()):
         for dtype in ("fp16", "bf16"):
             for causal in (False, True):
-                yield ForwardSpec("wgmma", dtype, head_dim, head_dim, causal, True, bm, bn, threads, 2)
+                for variant in LIGHT_VARIANTS:
+                    yield ForwardSpec("wgmma", dtype, head_dim, head_dim, causal, True, bm, bn, threads, 2,
+                                      variant=variant)
 
 
 def forward_kernels():
@@ -76,7 +86,8 @@ def forward_kernels():
     sig += variant_types()
     for spec in forward_specs():
         report(spec.key, forward_wgmma.build(spec), sig, threads=spec.threads, head_dim=spec.head_dim,
-               block_n=spec.block_n, shared_bytes=forward_wgmma.shared_bytes(spec), kind="forward")
+               block_n=spec.block_n, shared_bytes=forward_wgmma.shared_bytes(spec), kind="forward",
+               variant=spec.variant.key)
 
 
 def main():
