@@ -1,8 +1,9 @@
-"""The Hopper wgmma forward (kernels/forward_wgmma.py; on by default on sm_90, turned on here with NBFLASH_WGMMA=1) against
-the float64 oracle. On the simulator its wgmma, cp.async and shuffles run as emulated
-warpgroup-wide operations (one warpgroup, 64-row and 64-key tiles), so these tests check
-the staged layouts, the descriptors and the fragment maps of the whole kernel without
-a GPU; the gpu tier runs the shipped tiles on an H100."""
+"""The Hopper wgmma forward (kernels/forward_wgmma.py; on by default on sm_90, turned on
+here with NBFLASH_WGMMA=1) against the float64 oracle, plain and with the light variants
+it compiles in (sliding window, softcap, ALiBi). On the simulator its wgmma, cp.async and
+shuffles run as emulated warpgroup-wide operations (one warpgroup, 64-row and 64-key
+tiles), so these tests check the staged layouts, the descriptors and the fragment maps of
+the whole kernel without a GPU; the gpu tier runs the shipped tiles on an H100."""
 
 from __future__ import annotations
 
