@@ -191,3 +191,15 @@ def test_wgmma_kernel_seqlen_one_and_long_keys(head_dim, wgmma_on):
         shape = draw_shape(rng, head_dim=head_dim, seqlen_q=seqlen_q, seqlen_k=seqlen_k)
         shape.head_dim_v = head_dim
         check(rng, seed, shape, HALF_DTYPES[0], bool(rng.integers(2)))
+
+
+def test_wgmma_two_warpgroups_with_every_light_variant(wgmma_on, monkeypatch):
+    """The shipped CTA shape, two warpgroups of 64 rows (block_m 128, 256 threads): each
+    warpgroup's rows in the window band, ALiBi's row part and the CTA-wide tile bounds."""
+    monkeypatch.setattr(tuning, "WGMMA_TILES_SIMULATOR", (128, 64, 256))
+    rng, seed = new_rng()
+    shape = sim_shape(rng, int(rng.integers(100, 140)), int(rng.integers(100, 200)))
+    spec = check(rng, seed, shape, pick(rng, HALF_DTYPES), bool(rng.integers(2)),
+                 window=window_of(rng, shape.seqlen_k, 80), softcap=pick(rng, SOFTCAPS),
+                 alibi_slopes=slopes_of(rng, shape))
+    assert spec.block_m == 128 and spec.threads == 256, spec.key
