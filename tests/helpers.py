@@ -276,18 +276,21 @@ def draw_varlen(rng, *, large=False, batch=None, group=None, head_dim=None) -> V
     return VarlenShape(seqlens_q, seqlens_k, heads_kv * group, heads_kv, dim, dim_v)
 
 
-def check_forward_kernel(rng, seed, shape, dtype, causal, kernel, layout="bshd"):
+def check_forward_kernel(rng, seed, shape, dtype, causal, kernel, layout="bshd", **variants):
     """nbflash.attention on random inputs of ``shape`` runs spec.kernel == ``kernel`` and
-    matches the float64 oracle (out into a poisoned buffer, and lse)."""
+    matches the float64 oracle (out into a poisoned buffer, and lse); ``variants`` (window,
+    softcap, alibi_slopes as host arrays, ...) go to both. Returns the spec."""
     q, k, v = (to_device(random_array(rng, s, dtype)) for s in shape.qkv_shapes(layout))
-    spec = nbflash.forward_spec(q, k, v, causal=causal, layout=layout, return_lse=True)
+    dev = {name: (to_device(x) if isinstance(x, np.ndarray) else x) for name, x in variants.items()}
+    spec = nbflash.forward_spec(q, k, v, causal=causal, layout=layout, return_lse=True, **dev)
     assert spec.kernel == kernel, f"expected the {kernel} kernel, got {spec.key}"
     host = [to_host(a) for a in (q, k, v)]
-    ref, ref_lse = nbflash.reference.attention(*host, causal=causal, layout=layout, return_lse=True)
+    ref, ref_lse = nbflash.reference.attention(*host, causal=causal, layout=layout, return_lse=True, **variants)
     out = poisoned(ref.shape, dtype)
-    got, lse = nbflash.attention(q, k, v, causal=causal, layout=layout, return_lse=True, out=out)
+    got, lse = nbflash.attention(q, k, v, causal=causal, layout=layout, return_lse=True, out=out, **dev)
     assert_close(got, ref, dtype, seed=seed)
     assert_lse_close(lse, ref_lse, seed=seed)
+    return spec
 
 
 # ---- the tensor-core backward kernels, launched directly -------------------------

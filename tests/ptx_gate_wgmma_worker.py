@@ -1,7 +1,8 @@
 """Compile the wgmma kernels for sm_90a without a GPU (Numba with cc=(9, 0, "a"), then
 nvJitLink -arch=sm_90a -Xptxas=-v) and print one JSON line per kernel with its
 resources: the probe's check and throughput kernels (kernels/wgmma_probe.py) and every
-wgmma forward specialization the tuning ships (kernels/forward_wgmma.py). Run by
+wgmma forward specialization the tuning ships (kernels/forward_wgmma.py), plain and with
+each combination of window / softcap / ALiBi. Run by
 tests/test_ptx_gate_wgmma.py in a subprocess with the simulator off. sm_80 is never
 asked: wgmma exists on sm_90a only."""
 
@@ -17,7 +18,7 @@ from numba.cuda import types  # noqa: E402
 
 from nbflash import tuning  # noqa: E402
 from nbflash.kernels import backward_wgmma, forward_wgmma, wgmma_probe  # noqa: E402
-from nbflash.spec import BackwardMmaSpec, ForwardSpec  # noqa: E402
+from nbflash.spec import BackwardMmaSpec, ForwardSpec, Variant  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from ptx_gate_backward_worker import signature as backward_signature  # noqa: E402
@@ -61,13 +62,26 @@ def probe_kernels():
                threads=256, shared_bytes=wgmma_probe.loop_shared_bytes(128, 4), kind="probe")
 
 
+LIGHT_VARIANTS = [Variant(window=w, softcap=c, alibi=a) for w in (False, True) for c in (False, True)
+                  for a in (False, True)]
+"""Plain and every combination of the variants the wgmma forward compiles in
+(tuning.wgmma_variant): window, softcap, ALiBi."""
+BF16_VARIANTS = [Variant(), Variant(window=True, softcap=True, alibi=True)]
+"""bf16 differs from fp16 only in the wgmma's type and the P pack: ptxas gave every
+combination the same registers in both (all 64 compiled once, Nov 2026), so bf16 is
+gated plain and with all three variants (the most registers) to keep the gate short."""
+
+
 def forward_specs():
     """Every wgmma forward specialization tuning.WGMMA_TILES ships (with lse, as the
-    backward's forward runs it; the lse store is the only difference)."""
+    backward's forward runs it; the lse store is the only difference): fp16 plain and
+    with each combination of LIGHT_VARIANTS, bf16 with BF16_VARIANTS."""
     for head_dim, (bm, bn, threads) in sorted(tuning.WGMMA_TILES.items()):
-        for dtype in ("fp16", "bf16"):
+        for dtype, variants in (("fp16", LIGHT_VARIANTS), ("bf16", BF16_VARIANTS)):
             for causal in (False, True):
-                yield ForwardSpec("wgmma", dtype, head_dim, head_dim, causal, True, bm, bn, threads, 2)
+                for variant in variants:
+                    yield ForwardSpec("wgmma", dtype, head_dim, head_dim, causal, True, bm, bn, threads, 2,
+                                      variant=variant)
 
 
 def forward_kernels():
@@ -77,7 +91,8 @@ def forward_kernels():
     sig += variant_types()
     for spec in forward_specs():
         report(spec.key, forward_wgmma.build(spec), sig, threads=spec.threads, head_dim=spec.head_dim,
-               block_n=spec.block_n, shared_bytes=forward_wgmma.shared_bytes(spec), kind="forward")
+               block_n=spec.block_n, shared_bytes=forward_wgmma.shared_bytes(spec), kind="forward",
+               variant=spec.variant.key)
 
 
 def backward_specs():

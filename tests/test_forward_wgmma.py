@@ -1,11 +1,13 @@
-"""The Hopper wgmma forward (kernels/forward_wgmma.py; on by default on sm_90, turned on here with NBFLASH_WGMMA=1) against
-the float64 oracle. On the simulator its wgmma, cp.async and shuffles run as emulated
-warpgroup-wide operations (one warpgroup, 64-row and 64-key tiles), so these tests check
-the staged layouts, the descriptors and the fragment maps of the whole kernel without
-a GPU; the gpu tier runs the shipped tiles on an H100."""
+"""The Hopper wgmma forward (kernels/forward_wgmma.py; on by default on sm_90, turned on
+here with NBFLASH_WGMMA=1) against the float64 oracle, plain and with the light variants
+it compiles in (sliding window, softcap, ALiBi). On the simulator its wgmma, cp.async and
+shuffles run as emulated warpgroup-wide operations (one warpgroup, 64-row and 64-key
+tiles), so these tests check the staged layouts, the descriptors and the fragment maps of
+the whole kernel without a GPU; the gpu tier runs the shipped tiles on an H100."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import nbflash
@@ -13,6 +15,7 @@ from helpers import DTYPES, check_forward_kernel, draw_shape, new_rng, random_ar
 from nbflash import plans, tuning
 
 HALF_DTYPES = DTYPES[:2]
+SOFTCAPS = (0.75, 2.0, 5.0)  # exact in float32: the kernel receives softcap as float32
 
 
 @pytest.fixture
@@ -24,8 +27,8 @@ def wgmma_on(monkeypatch):
     plans.forget()
 
 
-def check(rng, seed, shape, dtype, causal, layout="bshd"):
-    check_forward_kernel(rng, seed, shape, dtype, causal, "wgmma", layout)
+def check(rng, seed, shape, dtype, causal, layout="bshd", **variants):
+    return check_forward_kernel(rng, seed, shape, dtype, causal, "wgmma", layout, **variants)
 
 
 def sim_shape(rng, seqlen_q, seqlen_k, group=1):
@@ -51,7 +54,7 @@ def test_wgmma_kernel_causal_unequal_seqlens(relation, wgmma_on):
     check(rng, seed, sim_shape(rng, seqlen_q, seqlen_k), HALF_DTYPES[int(rng.integers(2))], True)
 
 
-def test_wgmma_runs_by_default_on_sm90_and_only_for_plain_dense_attention(monkeypatch):
+def test_wgmma_runs_by_default_on_sm90_for_dense_attention_and_light_variants(monkeypatch):
     rng, _ = new_rng()
     shape = sim_shape(rng, 5, 7)
     q, k, v = (to_device(random_array(rng, s, HALF_DTYPES[0])) for s in shape.qkv_shapes("bshd"))
@@ -62,13 +65,111 @@ def test_wgmma_runs_by_default_on_sm90_and_only_for_plain_dense_attention(monkey
     assert tuning.wgmma_tiles(64, False, (9, 0)) is None
     monkeypatch.setenv("NBFLASH_WGMMA", "1")
     assert nbflash.forward_spec(q, k, v).kernel == "wgmma"
-    assert nbflash.forward_spec(q, k, v, softcap=5.0).kernel == "mma"  # variants: not in the wgmma kernel
+    # window, softcap and ALiBi are compiled into the wgmma kernel; bias, mask and dropout run mma
+    spec = nbflash.forward_spec(q, k, v, causal=True, window=(3, -1), softcap=5.0,
+                                alibi_slopes=to_device(np.ones(shape.heads_q, np.float32)))
+    assert spec.kernel == "wgmma" and spec.variant.key == "-win-cap-alibi", spec.key
+    for heavy in (dict(bias=np.zeros((5, 7), np.float32)), dict(mask=np.ones((5, 7), bool)),
+                  dict(dropout_p=0.1, seed=1), dict(softcap=5.0, bias=np.zeros((5, 7), np.float32))):
+        dev = {name: (to_device(x) if isinstance(x, np.ndarray) else x) for name, x in heavy.items()}
+        assert nbflash.forward_spec(q, k, v, **dev).kernel == "mma", heavy
     shape32 = draw_shape(rng, head_dim=32, group=1, seqlen_q=5, seqlen_k=7)
     shape32.head_dim_v = 32
     q, k, v = (to_device(random_array(rng, s, HALF_DTYPES[0])) for s in shape32.qkv_shapes("bshd"))
     assert nbflash.forward_spec(q, k, v).kernel == "mma"  # head_dim 32: no whole 64-column panel
     assert tuning.wgmma_tiles(64, False, (8, 0)) is None  # sm_80 has no wgmma
     assert tuning.wgmma_tiles(64, False, (9, 0)) == tuning.WGMMA_TILES[64]
+
+
+# --- the light variants (window, softcap, ALiBi) -----------------------------------
+
+
+def window_of(rng, seqlen_k, widest):
+    """(left, right), each side -1 (unbounded) or up to ``widest`` keys, not both -1."""
+    left, right = (int(rng.integers(-1, widest)) for _ in range(2))
+    return (left, right) if (left, right) != (-1, -1) else (int(rng.integers(0, widest)), -1)
+
+
+def slopes_of(rng, shape):
+    """ALiBi slopes (heads_q,) or (batch, heads_q), float32."""
+    size = [(shape.heads_q,), (shape.batch, shape.heads_q)][int(rng.integers(2))]
+    return rng.uniform(0.0, 0.5, size).astype(np.float32)
+
+
+def pick(rng, values):
+    return values[int(rng.integers(len(values)))]
+
+
+def test_wgmma_window_skips_and_masks_tiles(wgmma_on):
+    """Up to 4 key tiles and 3 query tiles: a window narrower than a tile skips tiles at
+    both ends, and its edges cross tiles; with and without causal (folded into the band)."""
+    rng, seed = new_rng()
+    shape = sim_shape(rng, int(rng.integers(65, 180)), int(rng.integers(100, 230)))
+    causal = bool(rng.integers(2))
+    spec = check(rng, seed, shape, pick(rng, HALF_DTYPES), causal, window=window_of(rng, shape.seqlen_k, 60))
+    assert spec.variant.window and spec.kernel == "wgmma", spec.key
+
+
+@pytest.mark.parametrize("which", ["softcap", "alibi", "softcap+alibi"])
+def test_wgmma_softcap_and_alibi(which, wgmma_on):
+    """Three query and key tiles (full attention): ALiBi's key part on tiles left and
+    right of every diagonal and its exact term on the tiles that cross them; softcap's
+    tanh before ALiBi (the oracle's order). GQA 2 for one of the three."""
+    rng, seed = new_rng()
+    group = 2 if which == "softcap+alibi" else 1
+    n = int(rng.integers(129, 180)) if group == 1 else int(rng.integers(65, 110))
+    shape = sim_shape(rng, n, n + int(rng.integers(-20, 20)), group=group)
+    variants = {}
+    if "softcap" in which:
+        variants["softcap"] = pick(rng, SOFTCAPS)
+    if "alibi" in which:
+        variants["alibi_slopes"] = slopes_of(rng, shape)
+    spec = check(rng, seed, shape, pick(rng, HALF_DTYPES), bool(rng.integers(2)) and group == 2, **variants)
+    assert spec.variant.softcap == ("softcap" in which) and spec.variant.alibi == ("alibi" in which), spec.key
+
+
+def test_wgmma_every_light_variant_with_gqa_and_rows_that_see_nothing(wgmma_on):
+    """causal + window + softcap + ALiBi, GQA 2; seqlen_q > seqlen_k, so the first rows
+    see no key (0, lse -inf) and whole query tiles may visit no key tile."""
+    rng, seed = new_rng()
+    seqlen_k = int(rng.integers(20, 60))
+    shape = sim_shape(rng, seqlen_k + int(rng.integers(40, 90)), seqlen_k, group=2)
+    spec = check(rng, seed, shape, pick(rng, HALF_DTYPES), True, layout=pick(rng, ["bshd", "bhsd"]),
+                 window=(int(rng.integers(0, 40)), int(rng.integers(-1, 3))), softcap=pick(rng, SOFTCAPS),
+                 alibi_slopes=slopes_of(rng, shape))
+    assert spec.variant.key == "-win-cap-alibi", spec.key
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", sorted(tuning.WGMMA_TILES))
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_wgmma_light_variants_at_gpu_sizes(dtype, head_dim, wgmma_on):
+    """Every shipped tile, a random non-empty subset of window / softcap / ALiBi, causal or
+    not, GQA, both layouts."""
+    rng, seed = new_rng()
+    for _ in range(3):
+        shape = draw_shape(rng, large=True, head_dim=head_dim)
+        shape.head_dim_v = head_dim
+        variants = dict(window=window_of(rng, shape.seqlen_k, max(2, shape.seqlen_k // 2)),
+                        softcap=pick(rng, SOFTCAPS), alibi_slopes=slopes_of(rng, shape))
+        chosen = rng.permutation(list(variants))[: int(rng.integers(1, len(variants) + 1))]
+        check(rng, seed, shape, dtype, bool(rng.integers(2)), layout=pick(rng, ["bshd", "bhsd"]),
+              **{name: variants[name] for name in chosen})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", sorted(tuning.WGMMA_TILES))
+def test_wgmma_sliding_window_long_sequences(head_dim, wgmma_on):
+    """A few thousand keys and windows of tens to hundreds: most tiles skipped, with
+    softcap and ALiBi on top; seqlen_q != seqlen_k."""
+    rng, seed = new_rng()
+    for dtype in HALF_DTYPES:
+        shape = draw_shape(rng, head_dim=head_dim, seqlen_q=int(rng.integers(1000, 4000)),
+                           seqlen_k=int(rng.integers(1000, 4000)))
+        shape.head_dim_v, shape.batch, shape.heads_kv, shape.heads_q = head_dim, 1, 1, 2
+        window = (int(rng.integers(0, 300)), int(rng.integers(-1, 300)))
+        extra = dict(softcap=pick(rng, SOFTCAPS), alibi_slopes=slopes_of(rng, shape)) if rng.integers(2) else {}
+        check(rng, seed, shape, dtype, bool(rng.integers(2)), window=window, **extra)
 
 
 @pytest.mark.gpu
@@ -90,3 +191,15 @@ def test_wgmma_kernel_seqlen_one_and_long_keys(head_dim, wgmma_on):
         shape = draw_shape(rng, head_dim=head_dim, seqlen_q=seqlen_q, seqlen_k=seqlen_k)
         shape.head_dim_v = head_dim
         check(rng, seed, shape, HALF_DTYPES[0], bool(rng.integers(2)))
+
+
+def test_wgmma_two_warpgroups_with_every_light_variant(wgmma_on, monkeypatch):
+    """The shipped CTA shape, two warpgroups of 64 rows (block_m 128, 256 threads): each
+    warpgroup's rows in the window band, ALiBi's row part and the CTA-wide tile bounds."""
+    monkeypatch.setattr(tuning, "WGMMA_TILES_SIMULATOR", (128, 64, 256))
+    rng, seed = new_rng()
+    shape = sim_shape(rng, int(rng.integers(100, 140)), int(rng.integers(100, 200)))
+    spec = check(rng, seed, shape, pick(rng, HALF_DTYPES), bool(rng.integers(2)),
+                 window=window_of(rng, shape.seqlen_k, 80), softcap=pick(rng, SOFTCAPS),
+                 alibi_slopes=slopes_of(rng, shape))
+    assert spec.block_m == 128 and spec.threads == 256, spec.key

@@ -1,7 +1,8 @@
 """The no-GPU gate on the Hopper wgmma kernels: the probe's kernels (and the wgmma
-forward specializations the tuning ships) compile for sm_90a with wgmma.mma_async in
-their PTX, ptxas does not serialize the wgmma chain, no spills, no stack frame, and
-registers and shared memory their CTA can launch with."""
+forward specializations the tuning ships, plain and with window / softcap / ALiBi)
+compile for sm_90a with wgmma.mma_async in their PTX, ptxas does not serialize the wgmma
+chain, no spills, no stack frame, and registers and shared memory their CTA can launch
+with."""
 
 from __future__ import annotations
 
@@ -20,9 +21,14 @@ gate_jobs.register_module(__file__, "wgmma", [["ptx_gate_wgmma_worker.py"]])
 def reports():
     rows = gate_jobs.rows("wgmma")
     assert len([r for r in rows if r["kind"] == "probe"]) == 6, rows
-    # every (head_dim, dtype, causal) the tuning ships, each once
+    # every (head_dim, causal) the tuning ships, fp16 plain and with each combination of
+    # window / softcap / ALiBi (the variants tuning.wgmma_variant sends to this kernel), bf16
+    # plain and with all three (the worker's BF16_VARIANTS says why); each once
     forward = [r for r in rows if r["kind"] == "forward"]
-    assert len(forward) == len(tuning.WGMMA_TILES) * 2 * 2, rows
+    assert len(forward) == len(tuning.WGMMA_TILES) * 2 * (8 + 2), rows
+    assert {r["variant"] for r in forward if "-fp16-" in r["key"]} == {
+        "", "-win", "-cap", "-alibi", "-win-cap", "-win-alibi", "-cap-alibi", "-win-cap-alibi"}, rows
+    assert {r["variant"] for r in forward if "-bf16-" in r["key"]} == {"", "-win-cap-alibi"}, rows
     assert len({r["key"] for r in forward}) == len(forward), rows
     return rows
 

@@ -29,6 +29,17 @@ KERNELS = [
     pytest.param((BF16, "mma"), id="mma-bf16"),
 ]
 MMA_HEAD_DIM = 32  # the cheapest shipped head_dim to emulate
+
+
+@pytest.fixture(autouse=True)
+def mma_not_wgmma(monkeypatch):
+    """On sm_90 window / softcap / ALiBi at d64/d128 run the wgmma kernel (tested in
+    tests/test_forward_wgmma.py): these tests keep testing the mma.sync kernel there, with
+    no dispatch remembered across."""
+    monkeypatch.setenv("NBFLASH_WGMMA", "0")
+    nbflash.plans.forget()
+    yield
+    nbflash.plans.forget()
 SOFTCAPS = (0.75, 2.0, 5.0)  # exact in float32: the kernels receive softcap as float32
 
 

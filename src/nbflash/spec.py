@@ -61,7 +61,8 @@ class ForwardSpec:
     """A forward-attention kernel specialization.
 
     kernel: "simt" (portable, any dtype), "mma" (tensor cores, fp16/bf16) or "wgmma"
-        (Hopper warpgroup MMA, fp16/bf16, dense, no variants; default on sm_90, NBFLASH_WGMMA=0 turns it off).
+        (Hopper warpgroup MMA, fp16/bf16, dense; window, softcap, ALiBi; default on sm_90,
+        NBFLASH_WGMMA=0 turns it off).
     dtype: short dtype name ("fp16", "bf16", "fp32", "fp64").
     head_dim / head_dim_v: head sizes of q/k and of v.
     causal: bottom-right-aligned causal mask compiled in.

@@ -380,7 +380,8 @@ def heavy_variant(variant) -> bool:
 
 # ---- the Hopper wgmma forward (kernels/forward_wgmma.py) ---------------------------
 # On by default on sm_90 (NBFLASH_WGMMA=0 turns it off, =1 turns it on in the simulator
-# too): fp16 / bf16, head_dim 64 and 128, dense, no variants. head_dim: (block_m,
+# too): fp16 / bf16, head_dim 64 and 128, dense, plain or window / softcap / ALiBi
+# (wgmma_variant). head_dim: (block_m,
 # block_n, threads); block_m is 64 rows per warpgroup of threads / 128. Measured on an
 # H100 (perf/sweep_wgmma_tiles.py, fp16 N 4096, TFLOP/s full / causal, same run as
 # SDPA flash): d64 m128n64t256 337 / 275 (1.16 / 1.10x flash) against m128n128t256
@@ -422,6 +423,12 @@ def wgmma_tiles(head_dim: int, simulator: bool, arch: tuple):
             bm, bn, threads = (int(x) for x in values.split(","))
             return bm, bn, threads
     return WGMMA_TILES[head_dim]
+
+
+def wgmma_variant(variant) -> bool:
+    """The wgmma forward compiles this spec.Variant in: the light variants (window,
+    softcap, ALiBi, in any combination); bias, mask and dropout run the mma kernel."""
+    return not (variant.bias or variant.mask or variant.dropout)
 
 
 def set_wgmma(enabled: bool):

@@ -1,5 +1,6 @@
 """The Hopper forward kernel (sm_90a): FlashAttention-2's algorithm on warpgroup MMA,
-fp16 and bf16, head_dim 64 and 128, dense (no varlen, no variants). nbflash.attention's
+fp16 and bf16, head_dim 64 and 128, dense (no varlen), with the light variants (sliding
+window, softcap, ALiBi; bias, mask and dropout keep forward_mma). nbflash.attention's
 kernel on sm_90 for those (tuning.wgmma_tiles; NBFLASH_WGMMA=0 turns it off).
 
 Work partition: a CTA owns block_m = 64 x warpgroups query rows of one (batch, query
@@ -16,6 +17,14 @@ layout read transposed). The online softmax runs on the S fragment in the exp2 d
 with scale * log2(e) folded in (FlashAttention-2, Algorithm 1, lines 8-10); the output
 is normalized once at the end. Causal is bottom-right aligned, key tiles no row of the
 CTA sees are never visited, and tiles that cross seqlen_k or the diagonal are masked.
+
+Variants (compile-time, from spec.variant; the scheme is forward_mma's, with the same
+score_mods helpers): a window visits only the key tiles from the first to the last that
+some row of the CTA sees and masks only tiles crossing a band edge; softcap applies
+tanh.approx to the S fragment, softcap * log2(e) replacing scale * log2(e) as the exp2
+factor; ALiBi's key part is the S accumulator's initial value (the first wgmma of the
+chain accumulates, scale_d = 1, instead of overwriting) or, under softcap, is added after
+the tanh, and its row part joins each row's max and exponent offset once per tile.
 
 Per thread, in registers: the S accumulator (block_n / 2 floats), the O accumulator
 (head_dim / 2), P (block_n / 4 words), m_i and l_i of its 2 rows (16w' + g, + 8 of
@@ -35,9 +44,11 @@ import numpy as np
 from numba import cuda
 from numba.cuda import float32, uint32
 
+from .. import tuning
 from ..spec import ForwardSpec
 from . import ptx
 from . import ptx_wgmma as wg
+from .score_mods import alibi_split, window_key_range
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -83,12 +94,15 @@ def build(spec: ForwardSpec):
 
     Arguments as forward_mma's (so the launch code is shared): q, k, v, out as uint16
     views of the 16-bit data, q (B, Nq, Hq, D), k and v (B, Nk, Hkv, D), out (B, Nq, Hq,
-    D), lse (B, Hq, Nq) float32, scale (float32), group = Hq // Hkv, then cu_seqlens and
-    the variant arguments, which this kernel never reads. Requires 16-byte aligned rows
-    of q, k and v (checked by the caller)."""
+    D), lse (B, Hq, Nq) float32, scale (float32), group = Hq // Hkv, then cu_seqlens
+    (never read: dense only) and the variant arguments of nbflash.variants.KERNEL_ARGS,
+    of which window_left, window_right, softcap and alibi are read where spec.variant
+    turns them on. Requires 16-byte aligned rows of q, k and v (checked by the caller)."""
     assert spec.kernel == "wgmma" and spec.dtype in ("fp16", "bf16")
     assert spec.head_dim == spec.head_dim_v and spec.head_dim in HEAD_DIMS
-    assert not spec.varlen and not spec.variant and spec.stages == STAGES
+    assert not spec.varlen and spec.stages == STAGES
+    VAR = spec.variant
+    assert tuning.wgmma_variant(VAR), VAR
     D = spec.head_dim
     BM, BN, T = spec.block_m, spec.block_n, spec.threads
     assert T % 128 == 0 and BM == 64 * (T // 128) and BN % 16 == 0 and 16 <= BN <= 256
@@ -107,6 +121,13 @@ def build(spec: ForwardSpec):
     S_BLOCKS, O_BLOCKS = BN // 8, D // 8
     CAUSAL, WITH_LSE = spec.causal, spec.with_lse
     NEG_INF = -math.inf
+    WINDOW, SOFTCAP, ALIBI = VAR.window, VAR.softcap, VAR.alibi
+    # S holds scores in forward_mma's "S units" (the true score in exp2 units is
+    # S * s_log2 + row_add): q.k (plus ALiBi's key part) with s_log2 = scale log2(e), or
+    # under softcap tanh(scale q.k / softcap) (plus ALiBi's key part) with s_log2 =
+    # softcap log2(e). ALiBi's key part is the S chain's initial accumulator without
+    # softcap (the cap applies to scale q.k only, so under softcap it comes after the tanh).
+    ALIBI_INIT = ALIBI and not SOFTCAP
     issue_q = make_issue_tile(D, BM, T)
     issue_kv = make_issue_tile(D, BN, T)
 
@@ -129,7 +150,14 @@ def build(spec: ForwardSpec):
         seqlen_k = np.int32(k.shape[1])
         # rows of this thread: my_row + 8 half (the accumulator layout, ptx_wgmma)
         my_row = np.int32(row0 + wgi * 64 + (tid // 32) % 4 * 16 + g)
-        scale_log2 = float32(scale * LOG2E)
+        s_log2 = float32(scale * LOG2E)  # what turns an S value into exp2 units in the softmax
+        if SOFTCAP:  # S holds th = tanh(scale q.k / softcap); the capped score is th * s_log2 in exp2 units
+            cap_in = float32(scale / softcap)
+            s_log2 = float32(softcap * LOG2E)
+        if ALIBI:
+            slope_log2 = float32(alibi[b, h] * LOG2E)
+            slope_u = slope_log2 / s_log2  # the slope in S units: slope / scale, or slope / softcap
+            row_g = float32(my_row - row0)  # this thread's first row, relative to the CTA's
 
         smem = cuda.shared.array(0, uint32)
         base = wg.shared_align_words(smem)
@@ -138,11 +166,16 @@ def build(spec: ForwardSpec):
         if CAUSAL:
             key_end = max(np.int32(0), min(seqlen_k, row0 + np.int32(BM) + seqlen_k - seqlen_q))
         n_tiles = (key_end + np.int32(BN - 1)) // np.int32(BN)
+        tile_first = np.int32(0)
+        if WINDOW:  # only the key tiles some row of this CTA sees (causal is folded into window_right)
+            first, end = window_key_range(row0, row0 + np.int32(BM), seqlen_q, seqlen_k, window_left, window_right)
+            tile_first = np.int32(first) // np.int32(BN)
+            n_tiles = (np.int32(end) + np.int32(BN - 1)) // np.int32(BN) - tile_first
 
         issue_q(q, smem, base, b, h, row0, seqlen_q, tid)
         if n_tiles > 0:
-            issue_kv(k, smem, base + K_OFF, b, hk, np.int32(0), seqlen_k, tid)
-            issue_kv(v, smem, base + V_OFF, b, hk, np.int32(0), seqlen_k, tid)
+            issue_kv(k, smem, base + K_OFF, b, hk, tile_first * np.int32(BN), seqlen_k, tid)
+            issue_kv(v, smem, base + V_OFF, b, hk, tile_first * np.int32(BN), seqlen_k, tid)
         ptx.cp_async_commit()
 
         desc_q = wg.smem_desc(ptx.shared_address(smem, (base + wgi * WG_ROWS_WORDS,)), K_MAJOR_LBO)
@@ -162,7 +195,7 @@ def build(spec: ForwardSpec):
 
         for it in range(n_tiles):
             stage = it % 2
-            n0 = np.int32(it * BN)
+            n0 = np.int32((tile_first + it) * BN) if WINDOW else np.int32(it * BN)
             if it + 1 < n_tiles:
                 nxt = (1 - stage) * KV_WORDS
                 issue_kv(k, smem, base + K_OFF + nxt, b, hk, n0 + np.int32(BN), seqlen_k, tid)
@@ -172,10 +205,24 @@ def build(spec: ForwardSpec):
             wg.fence_proxy_async()  # cp.async writes are generic-proxy; wgmma reads via the async proxy
             cuda.syncthreads()
 
+            if ALIBI_INIT:
+                # ALiBi's key part (derivation at forward_mma's S mma, score_mods.alibi_split):
+                # col_step (j - c0) in S units, the S chain's initial value at key j = n0 +
+                # 8 jb + 2t + e (0 on a tile crossing the diagonals: the exact term below)
+                col_step, _, c0, _ = alibi_split(row0, np.int32(BM), n0, np.int32(BN), seqlen_q, seqlen_k,
+                                                 slope_u, slope_log2)
+                col0 = col_step * float32(n0 - c0 + np.int32(2) * t)  # key n0 + 2t
+                for jb in range(S_BLOCKS):
+                    for r in range(4):
+                        s[4 * jb + r] = col0 + col_step * float32(jb * 8 + r % 2)
+
             # S = Q K^T: head_dim / 16 k-steps, 32 bytes apart in a panel
             desc_k = wg.desc_add(desc_k0, stage * KV_BYTES)
             wg.wgmma_fence()
-            mma_s(s, desc_q, desc_k, 0)
+            if ALIBI_INIT:  # accumulate onto the preset key part
+                mma_s(s, desc_q, desc_k, 1)
+            else:
+                mma_s(s, desc_q, desc_k, 0)
             for kk in range(1, K_STEPS):
                 mma_s(s, wg.desc_add(desc_q, (kk // 4) * Q_PANEL + (kk % 4) * 32),
                       wg.desc_add(desc_k, (kk // 4) * KV_PANEL + (kk % 4) * 32), 1)
@@ -183,18 +230,55 @@ def build(spec: ForwardSpec):
             wg.wgmma_wait(0)
             wg.fence_operands(s, S_REGS)
 
-            # mask only tiles that cross seqlen_k or the causal diagonal
+            if ALIBI:
+                col_step, row_step, c0, crossing = alibi_split(row0, np.int32(BM), n0, np.int32(BN), seqlen_q,
+                                                               seqlen_k, slope_u, slope_log2)
+            if SOFTCAP:
+                # one MUFU op per score; tanh.approx.f32's relative error is at most 2**-11
+                # (PTX ISA), fp16's rounding, and P is rounded to 16 bits anyway
+                if ALIBI:
+                    col0 = col_step * float32(n0 - c0 + np.int32(2) * t)  # key n0 + 2t
+                for j in range(S_BLOCKS):
+                    for half in range(2):
+                        for e in range(2):
+                            x = ptx.tanh_approx(s[4 * j + 2 * half + e] * cap_in)
+                            if ALIBI:
+                                x += col0 + col_step * float32(j * 8 + e)
+                            s[4 * j + 2 * half + e] = x
+            if ALIBI:
+                if crossing:  # the exact term, -slope_u |c_i - j| in S units, per score
+                    # c_i - j = dist0 + 8 half - (8 jb + e) for this thread's first row and key
+                    dist0 = float32(my_row + seqlen_k - seqlen_q - n0 - np.int32(2) * t)
+                    for half in range(2):
+                        for jb in range(S_BLOCKS):
+                            for e in range(2):
+                                s[4 * jb + 2 * half + e] -= slope_u * abs(dist0 + float32(8 * half - 8 * jb - e))
+
+            # mask only tiles that cross seqlen_k, the causal diagonal or a window edge
             needs_mask = n0 + BN > seqlen_k
-            if CAUSAL:
+            if CAUSAL and not WINDOW:
                 needs_mask = needs_mask or (n0 + BN - 1 > row0 + seqlen_k - seqlen_q)
+            if WINDOW:
+                diagonal0 = row0 + seqlen_k - seqlen_q  # the CTA's first row's diagonal
+                needs_mask = needs_mask or (n0 + BN - 1 > diagonal0 + window_right)
+                needs_mask = needs_mask or (n0 < diagonal0 + np.int32(BM - 1) - window_left)
             if needs_mask:
                 for half in range(2):
-                    visible = np.int32(seqlen_k - n0)  # keys of this tile the row sees: [0, visible)
-                    if CAUSAL:
+                    # keys of this tile the row sees: columns [lowest, visible) (32-bit, once per row)
+                    visible = np.int32(seqlen_k - n0)
+                    if CAUSAL and not WINDOW:
                         visible = min(visible, my_row + np.int32(8 * half) + seqlen_k - seqlen_q - n0 + np.int32(1))
+                    if WINDOW:
+                        i_diag = my_row + np.int32(8 * half) + seqlen_k - seqlen_q - n0
+                        visible = min(visible, i_diag + np.int32(1) + window_right)
+                        lowest = i_diag - window_left
                     for j in range(S_BLOCKS):
                         for e in range(2):
-                            if np.int32(j * 8 + 2 * t + e) >= visible:
+                            col = np.int32(j * 8 + 2 * t + e)
+                            hide = col >= visible
+                            if WINDOW:
+                                hide = hide or col < lowest
+                            if hide:
                                 s[4 * j + 2 * half + e] = NEG_INF
 
             # online softmax, exp2 domain (FlashAttention-2, Algorithm 1, lines 8-10)
@@ -204,14 +288,21 @@ def build(spec: ForwardSpec):
                     row_max = max(row_max, max(s[4 * j + 2 * half], s[4 * j + 2 * half + 1]))
                 row_max = max(row_max, ptx.shfl_xor(row_max, 1))
                 row_max = max(row_max, ptx.shfl_xor(row_max, 2))
-                m_new = max(m_i[half], row_max * scale_log2)
+                if ALIBI:  # this tile's row part of ALiBi (exp2 units)
+                    row_add = row_step * row_g + row_step * float32(8 * half)
+                    m_new = max(m_i[half], row_max * s_log2 + row_add)
+                else:
+                    m_new = max(m_i[half], row_max * s_log2)
                 m_use = m_new if m_new != NEG_INF else float32(0)
                 alpha = ptx.ex2(m_i[half] - m_use)
+                m_sub = m_use  # exponent offset of S * s_log2
+                if ALIBI:
+                    m_sub -= row_add
                 row_sum = float32(0)
                 for j in range(S_BLOCKS):
                     for e in range(2):
                         idx = 4 * j + 2 * half + e
-                        pv = ptx.ex2(s[idx] * scale_log2 - m_use)
+                        pv = ptx.ex2(s[idx] * s_log2 - m_sub)
                         row_sum += pv
                         s[idx] = pv
                 m_i[half] = m_new
