@@ -102,6 +102,12 @@ def build(spec: ForwardSpec):
     Q_REGS = M_TILES * K_STEPS * 4
     ROWS = 2 * M_TILES
     Q_IN_REGS = spec.q_in_registers
+    # Q's fragment addresses are loop invariants: LLVM hoists each out of the key loop
+    # into a register of its own (K_STEPS x M_TILES of them), which at head_dim 192 and 256
+    # (the O accumulator alone is 96 / 128 registers) tips sm_80 into spills. Tied to the
+    # loop counter (ptx.tied) they are one base register and immediate offsets.
+    Q_ROW_TIED = not Q_IN_REGS and D > 128
+    WIDE = D > 128
     CAUSAL, WITH_LSE, VARLEN = spec.causal, spec.with_lse, spec.varlen
     NEG_INF = -math.inf
     VAR = spec.variant
@@ -243,7 +249,10 @@ def build(spec: ForwardSpec):
 
         for it in range(loop_tiles):
             if VARLEN:
-                if it >= span[4]:
+                if WIDE:  # a vote: ptxas then knows the exit is warp-uniform (see WIDE)
+                    if ptx.vote_any(it >= span[4]):
+                        break
+                elif it >= span[4]:
                     break
             stage = it % 2
             n0 = np.int32(it * BN)
@@ -294,6 +303,9 @@ def build(spec: ForwardSpec):
                                                      slope_u, slope_log2)
                     col0 = col_step * float32(n0 - c0 + np.int32(2) * t)  # key n0 + 2t
             # S = Q K^T: each K fragment pair feeds M_TILES mma per k-step
+            q_row = warp_row
+            if Q_ROW_TIED:  # Q fragment addresses: one base register + immediate offsets
+                q_row = ptx.tied(np.int32(warp_row), it)
             for m in range(M_TILES):
                 for nb in range(N_BLOCKS):
                     for r in range(4):
@@ -313,7 +325,7 @@ def build(spec: ForwardSpec):
                                 i = (m * K_STEPS + kk) * 4
                                 a0, a1, a2, a3 = q_frag[i], q_frag[i + 1], q_frag[i + 2], q_frag[i + 3]
                             else:
-                                a0, a1, a2, a3 = q_fragments(smem, warp_row + m * 16, kk, lane)
+                                a0, a1, a2, a3 = q_fragments(smem, q_row + m * 16, kk, lane)
                             lo = b0 if half_k == 0 else b2
                             hi = b1 if half_k == 0 else b3
                             j = (m * N_BLOCKS + nb) * 4
@@ -465,7 +477,10 @@ def build(spec: ForwardSpec):
                                 else:
                                     p = float32(0)
                             s[j] = p
-                    l_i[row] += row_sum  # partial over this thread's columns
+                    if WIDE:  # the whole row's sum (see WIDE)
+                        row_sum += ptx.shfl_xor(row_sum, 1)
+                        row_sum += ptx.shfl_xor(row_sum, 2)
+                    l_i[row] += row_sum  # partial over this thread's columns unless WIDE
 
             # acc += P V: P's C fragments, packed to 16 bits, are the A fragments
             for kk in range(PV_STEPS):
@@ -496,8 +511,9 @@ def build(spec: ForwardSpec):
             for half in range(2):
                 row = 2 * m + half
                 l_sum = l_i[row]
-                l_sum += ptx.shfl_xor(l_sum, 1)
-                l_sum += ptx.shfl_xor(l_sum, 2)
+                if not WIDE:
+                    l_sum += ptx.shfl_xor(l_sum, 1)
+                    l_sum += ptx.shfl_xor(l_sum, 2)
                 inv = float32(0)
                 if l_sum > 0:
                     inv = float32(1) / l_sum
