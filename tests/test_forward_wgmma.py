@@ -28,9 +28,9 @@ def check(rng, seed, shape, dtype, causal, layout="bshd"):
     check_forward_kernel(rng, seed, shape, dtype, causal, "wgmma", layout)
 
 
-def sim_shape(rng, seqlen_q, seqlen_k, group=1):
-    shape = draw_shape(rng, head_dim=64, group=group, seqlen_q=seqlen_q, seqlen_k=seqlen_k)
-    shape.head_dim_v, shape.heads_kv, shape.heads_q, shape.batch = 64, 1, group, 1
+def sim_shape(rng, seqlen_q, seqlen_k, group=1, head_dim=64):
+    shape = draw_shape(rng, head_dim=head_dim, group=group, seqlen_q=seqlen_q, seqlen_k=seqlen_k)
+    shape.head_dim_v, shape.heads_kv, shape.heads_q, shape.batch = head_dim, 1, group, 1
     return shape
 
 
@@ -49,6 +49,16 @@ def test_wgmma_kernel_causal_unequal_seqlens(relation, wgmma_on):
     a, b = int(rng.integers(1, 60)), int(rng.integers(66, 100))
     seqlen_q, seqlen_k = (a, b) if relation == "q<k" else (b, a)
     check(rng, seed, sim_shape(rng, seqlen_q, seqlen_k), HALF_DTYPES[int(rng.integers(2))], True)
+
+
+@pytest.mark.parametrize("head_dim", [192, 256])
+def test_wgmma_kernel_wide_head_dims(head_dim, wgmma_on):
+    """3 and 4 64-column panels: the S chain steps across Q and K panels, P V's N spans
+    every panel of V (LBO); head_dim 192 copies its 24 chunks a row in strided order.
+    Two key tiles, the second partial."""
+    rng, seed = new_rng()
+    shape = sim_shape(rng, int(rng.integers(1, 64)), int(rng.integers(65, 100)), head_dim=head_dim)
+    check(rng, seed, shape, HALF_DTYPES[int(rng.integers(2))], bool(rng.integers(2)))
 
 
 def test_wgmma_runs_by_default_on_sm90_and_only_for_plain_dense_attention(monkeypatch):

@@ -38,17 +38,28 @@ def simt_tiles(acc_bytes: int, head_dim: int, head_dim_v: int, simulator: bool):
 # for its generation (tests/test_ptx_gate.py): sm_80's ptxas needs more registers for
 # the m128n32 d128 tile than Hopper's, and at d128 the causal mask's few extra
 # registers tip the m128n32 tile into spilling on sm_90 too.
+# head_dim 192 and 256: the O accumulator alone is 96 / 128 registers per 16-row slice,
+# so one slice per warp and Q in shared memory; not yet timed (perf/sweep_tiles.py),
+# chosen as the largest spill-free tiles whose shared memory fits (ptxas -v, every
+# dtype / causal / varlen: 254-255 registers): sm_80 spills at block_n 64 (4-44 bytes)
+# and d256 n64 needs 198 KB, over an A100's 164 KB; on sm_90 m128n64t256 compiles clean.
 MMA_TILES = {
     32: (128, 64, 128, 2, True),
     64: (128, 32, 128, 2, True),
     96: (128, 32, 128, 2, False),
     128: (128, 64, 256, 2, False),
+    192: (128, 32, 256, 2, False),
+    256: (128, 32, 256, 2, False),
 }
 MMA_TILES_SM90 = {  # (head_dim, causal) entries that beat MMA_TILES on Hopper
     (64, False): (128, 64, 128, 2, True),
     (64, True): (128, 64, 128, 2, True),
     (128, False): (128, 32, 128, 2, False),
     (128, True): (128, 32, 128, 2, False),
+    (192, False): (128, 64, 256, 2, False),
+    (192, True): (128, 64, 256, 2, False),
+    (256, False): (128, 64, 256, 2, False),
+    (256, True): (128, 64, 256, 2, False),
 }
 # One warp and short key tiles on the simulator: the emulated mma is slow.
 MMA_TILES_SIMULATOR = (16, 16, 32, 2, False)

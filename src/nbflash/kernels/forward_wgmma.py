@@ -1,5 +1,5 @@
 """The Hopper forward kernel (sm_90a): FlashAttention-2's algorithm on warpgroup MMA,
-fp16 and bf16, head_dim 64 and 128, dense (no varlen, no variants). nbflash.attention's
+fp16 and bf16, head_dim 64, 128, 192 and 256, dense (no varlen, no variants). nbflash.attention's
 kernel on sm_90 for those (tuning.wgmma_tiles; NBFLASH_WGMMA=0 turns it off).
 
 Work partition: a CTA owns block_m = 64 x warpgroups query rows of one (batch, query
@@ -41,7 +41,7 @@ from . import ptx_wgmma as wg
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-HEAD_DIMS = (64, 128)  # whole 64-column panels
+HEAD_DIMS = (64, 128, 192, 256)  # whole 64-column panels
 STAGES = 2
 K_MAJOR_LBO = 16  # unused by the hardware for swizzled K-major operands ("assumed 1")
 
@@ -55,24 +55,36 @@ def make_issue_tile(head_dim: int, rows: int, threads: int):
     """issue_tile(src, smem, base, b, h, n0, seqlen, tid): cp.async rows n0 .. n0 + rows - 1
     of src[b, :, h, :] (16-bit, 16-byte aligned rows) into the swizzled tile of ``rows``
     rows at word ``base``; rows at or past seqlen are zero-filled (their source address
-    clamped into the tensor). Each thread keeps one 16-byte chunk column."""
+    clamped into the tensor). Each thread keeps one 16-byte chunk column where the
+    threads tile a row evenly; otherwise (head_dim 192: 24 chunks a row) the threads
+    stride over the tile's chunks in row-major order."""
     CHUNKS = head_dim // 8
     RSTEP = threads // CHUNKS
-    assert threads % CHUNKS == 0
-    PASSES = (rows + RSTEP - 1) // RSTEP
+    PASSES = (rows + RSTEP - 1) // RSTEP if threads % CHUNKS == 0 else (rows * CHUNKS + threads - 1) // threads
+
+    @cuda.jit(device=True, inline=True)
+    def issue_chunk(src, smem, base, r, c, b, h, n0, seqlen):
+        j = np.int32(n0 + r)
+        nbytes = np.int32(16) if j < seqlen else np.int32(0)
+        j = max(np.int32(0), min(j, np.int32(seqlen - 1)))
+        ptx.cp_async_16(ptx.shared_address(smem, (base + wg.chunk_word(r, c, rows),)),
+                        ptx.global_address(src, (b, j, h, c * np.int32(8))), nbytes)
 
     @cuda.jit(device=True, inline=True)
     def issue_tile(src, smem, base, b, h, n0, seqlen, tid):
-        c = np.int32(tid % CHUNKS)
-        r0 = np.int32(tid // CHUNKS)
-        for it in range(PASSES):
-            r = r0 + np.int32(it * RSTEP)
-            if rows % RSTEP == 0 or r < rows:
-                j = np.int32(n0 + r)
-                nbytes = np.int32(16) if j < seqlen else np.int32(0)
-                j = max(np.int32(0), min(j, np.int32(seqlen - 1)))
-                ptx.cp_async_16(ptx.shared_address(smem, (base + wg.chunk_word(r, c, rows),)),
-                                ptx.global_address(src, (b, j, h, c * np.int32(8))), nbytes)
+        if threads % CHUNKS == 0:
+            c = np.int32(tid % CHUNKS)
+            r0 = np.int32(tid // CHUNKS)
+            for it in range(PASSES):
+                r = r0 + np.int32(it * RSTEP)
+                if rows % RSTEP == 0 or r < rows:
+                    issue_chunk(src, smem, base, r, c, b, h, n0, seqlen)
+        else:
+            for it in range(PASSES):
+                e = np.int32(tid + it * threads)
+                if (rows * CHUNKS) % threads == 0 or e < rows * CHUNKS:
+                    r = e // np.int32(CHUNKS)
+                    issue_chunk(src, smem, base, r, e - r * np.int32(CHUNKS), b, h, n0, seqlen)
 
     return issue_tile
 
