@@ -52,12 +52,15 @@ def test_wgmma_kernel_causal_unequal_seqlens(relation, wgmma_on):
 
 
 @pytest.mark.parametrize("head_dim", [192, 256])
-def test_wgmma_kernel_wide_head_dims(head_dim, wgmma_on):
+def test_wgmma_kernel_wide_head_dims(head_dim, wgmma_on, monkeypatch):
     """3 and 4 64-column panels: the S chain steps across Q and K panels, P V's N spans
     every panel of V (LBO); head_dim 192 copies its 24 chunks a row in strided order.
-    Two key tiles, the second partial."""
+    One warpgroup with the shipped key tile (112 and 80 keys: not powers of two); two
+    key tiles, the second partial."""
+    block_n = tuning.WGMMA_TILES[head_dim][1]
+    monkeypatch.setattr(tuning, "WGMMA_TILES_SIMULATOR", (64, block_n, 128))
     rng, seed = new_rng()
-    shape = sim_shape(rng, int(rng.integers(1, 64)), int(rng.integers(65, 100)), head_dim=head_dim)
+    shape = sim_shape(rng, int(rng.integers(1, 64)), int(rng.integers(block_n + 1, 2 * block_n)), head_dim=head_dim)
     check(rng, seed, shape, HALF_DTYPES[int(rng.integers(2))], bool(rng.integers(2)))
 
 

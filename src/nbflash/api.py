@@ -172,7 +172,7 @@ def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool, views=N
     and an sm_80+ GPU; the portable kernel otherwise. ``variant`` (window, softcap,
     ...; see spec.Variant) is compiled in and may pick smaller tensor-core tiles.
     On sm_90 (tuning.wgmma_tiles; NBFLASH_WGMMA=0 turns it off), plain attention at
-    head_dim 64 and 128 runs the Hopper wgmma kernel instead; ``wgmma=False`` (varlen callers)
+    head_dim 64, 128, 192 and 256 runs the Hopper wgmma kernel instead; ``wgmma=False`` (varlen callers)
     keeps the mma kernel."""
     dtype = arrays.short_name(problem.dtype)
     tiles = tuning.mma_tiles(problem.head_dim, device.SIMULATOR, device.compute_capability(), causal)

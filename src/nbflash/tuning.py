@@ -391,16 +391,21 @@ def heavy_variant(variant) -> bool:
 
 # ---- the Hopper wgmma forward (kernels/forward_wgmma.py) ---------------------------
 # On by default on sm_90 (NBFLASH_WGMMA=0 turns it off, =1 turns it on in the simulator
-# too): fp16 / bf16, head_dim 64 and 128, dense, no variants. head_dim: (block_m,
+# too): fp16 / bf16, head_dim 64, 128, 192 and 256, dense, no variants. head_dim: (block_m,
 # block_n, threads); block_m is 64 rows per warpgroup of threads / 128. Measured on an
 # H100 (perf/sweep_wgmma_tiles.py, fp16 N 4096, TFLOP/s full / causal, same run as
 # SDPA flash): d64 m128n64t256 337 / 275 (1.16 / 1.10x flash) against m128n128t256
 # 264 / 225 and m192n128t384 280 / 219; d128 m128n128t256 333 / 300 (1.02 / 1.05x)
 # against m128n64t256 311 / 285. Each compiles without spills for sm_90a
-# (tests/test_ptx_gate_wgmma.py).
+# (tests/test_ptx_gate_wgmma.py). d192 and d256 (3 and 4 panels; not yet timed): the
+# largest key tiles whose Q + 2 stages of K and V fit the 227 KB (217 KB and 225 KB;
+# FlashAttention-3's d256 tile is m128n80 too), 250-254 registers, no spills
+# (m128n64 and m128n96 at d192, m128n64 at d256 compile clean as well).
 WGMMA_TILES = {
     64: (128, 64, 256),
     128: (128, 128, 256),
+    192: (128, 112, 256),
+    256: (128, 80, 256),
 }
 WGMMA_TILES_SIMULATOR = (64, 64, 128)  # one warpgroup: 128 simulated threads
 _WGMMA_VARIABLE = "NBFLASH_WGMMA"
