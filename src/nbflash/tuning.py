@@ -368,6 +368,11 @@ MMA_VARIANT_TILES: dict = {
     # fp32 bias + mask spills 16 bytes (bf16, causal)
     (64, False, False): (128, 32, 128, 2, True),
     (64, True, False): (128, 32, 128, 2, True),
+    # d192 / d256: sm_90's plain m128n64t256 spills with every heavy variant (24 bytes)
+    # and with staged tiles (4-48 bytes; d256's staged bias also needs 234 KB): the
+    # 32-key tile (sm_80's plain one) for all of them, spill-free with every variant
+    **{(d, causal, heavy): (128, 32, 256, 2, False) for d in (192, 256) for causal in (False, True)
+       for heavy in (False, True)},
 }
 
 
