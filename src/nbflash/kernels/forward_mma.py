@@ -107,6 +107,14 @@ def build(spec: ForwardSpec):
     # (the O accumulator alone is 96 / 128 registers) tips sm_80 into spills. Tied to the
     # loop counter (ptx.tied) they are one base register and immediate offsets.
     Q_ROW_TIED = not Q_IN_REGS and D > 128
+    # WIDE (head_dim 192, 256): the O accumulator alone is 96 / 128 registers, and the
+    # kernel runs at 254-255. A shfl.sync or vote.sync where ptxas cannot prove the warp
+    # converged (after the key loop; anywhere in it when varlen breaks out on a value
+    # read from shared memory) gets an out-of-line fallback, an ABI call whose
+    # clobbered registers spilled 188 bytes (dense) to 600 (varlen) on sm_80. So the
+    # row sums are reduced over the quad inside the loop (2 shuffles per row and tile,
+    # next to the row max's) rather than once after it, and varlen's exit is a warp
+    # vote, which ptxas knows is uniform.
     WIDE = D > 128
     CAUSAL, WITH_LSE, VARLEN = spec.causal, spec.with_lse, spec.varlen
     NEG_INF = -math.inf

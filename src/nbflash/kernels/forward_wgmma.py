@@ -89,6 +89,32 @@ def make_issue_tile(head_dim: int, rows: int, threads: int):
     return issue_tile
 
 
+def make_chain(mma, first: int, count: int, a_panel: int, b_panel: int):
+    """chain(acc, desc_a, desc_b): ``mma(acc, a, b, 1)`` for k-steps first .. first + count
+    - 1 of two K-major operands (a step is 32 bytes into a panel, 4 steps a panel), as
+    straight-line code: written as a loop, LLVM leaves d256's 15 steps rolled (a loop of
+    wgmma and descriptor arithmetic in the PTX). Built by halving, so the nesting is
+    log2(count) deep; each step's offsets are compile-time constants."""
+    if count == 1:
+        a_off = (first // 4) * a_panel + (first % 4) * 32
+        b_off = (first // 4) * b_panel + (first % 4) * 32
+
+        @cuda.jit(device=True, inline=True)
+        def step(acc, desc_a, desc_b):
+            mma(acc, wg.desc_add(desc_a, a_off), wg.desc_add(desc_b, b_off), 1)
+
+        return step
+    lower = make_chain(mma, first, count // 2, a_panel, b_panel)
+    upper = make_chain(mma, first + count // 2, count - count // 2, a_panel, b_panel)
+
+    @cuda.jit(device=True, inline=True)
+    def chain(acc, desc_a, desc_b):
+        lower(acc, desc_a, desc_b)
+        upper(acc, desc_a, desc_b)
+
+    return chain
+
+
 def build(spec: ForwardSpec):
     """Compile-time specialized kernel; launch with grid (cdiv(seqlen_q, block_m),
     heads_q, batch), spec.threads threads and shared_bytes(spec) dynamic shared memory.
@@ -120,6 +146,7 @@ def build(spec: ForwardSpec):
     CAUSAL, WITH_LSE = spec.causal, spec.with_lse
     NEG_INF = -math.inf
     issue_q = make_issue_tile(D, BM, T)
+    s_chain = make_chain(mma_s, 1, K_STEPS - 1, Q_PANEL, KV_PANEL)
     issue_kv = make_issue_tile(D, BN, T)
 
     def forward_wgmma(q, k, v, out, lse, scale, group, cu_seqlens_q, cu_seqlens_k, window_left, window_right,
@@ -188,9 +215,7 @@ def build(spec: ForwardSpec):
             desc_k = wg.desc_add(desc_k0, stage * KV_BYTES)
             wg.wgmma_fence()
             mma_s(s, desc_q, desc_k, 0)
-            for kk in range(1, K_STEPS):
-                mma_s(s, wg.desc_add(desc_q, (kk // 4) * Q_PANEL + (kk % 4) * 32),
-                      wg.desc_add(desc_k, (kk // 4) * KV_PANEL + (kk % 4) * 32), 1)
+            s_chain(s, desc_q, desc_k)  # k-steps 1 .. K_STEPS - 1
             wg.wgmma_commit()
             wg.wgmma_wait(0)
             wg.fence_operands(s, S_REGS)
