@@ -102,11 +102,6 @@ def build(spec: ForwardSpec):
     Q_REGS = M_TILES * K_STEPS * 4
     ROWS = 2 * M_TILES
     Q_IN_REGS = spec.q_in_registers
-    # Q's fragment addresses are loop invariants: LLVM hoists each out of the key loop
-    # into a register of its own (K_STEPS x M_TILES of them), which at head_dim 192 and 256
-    # (the O accumulator alone is 96 / 128 registers) tips sm_80 into spills. Tied to the
-    # loop counter (ptx.tied) they are one base register and immediate offsets.
-    Q_ROW_TIED = not Q_IN_REGS and D > 128
     # WIDE (head_dim 192, 256): the O accumulator alone is 96 / 128 registers, and the
     # kernel runs at 254-255. A shfl.sync or vote.sync where ptxas cannot prove the warp
     # converged (after the key loop; anywhere in it when varlen breaks out on a value
@@ -311,9 +306,6 @@ def build(spec: ForwardSpec):
                                                      slope_u, slope_log2)
                     col0 = col_step * float32(n0 - c0 + np.int32(2) * t)  # key n0 + 2t
             # S = Q K^T: each K fragment pair feeds M_TILES mma per k-step
-            q_row = warp_row
-            if Q_ROW_TIED:  # Q fragment addresses: one base register + immediate offsets
-                q_row = ptx.tied(np.int32(warp_row), it)
             for m in range(M_TILES):
                 for nb in range(N_BLOCKS):
                     for r in range(4):
@@ -333,7 +325,7 @@ def build(spec: ForwardSpec):
                                 i = (m * K_STEPS + kk) * 4
                                 a0, a1, a2, a3 = q_frag[i], q_frag[i + 1], q_frag[i + 2], q_frag[i + 3]
                             else:
-                                a0, a1, a2, a3 = q_fragments(smem, q_row + m * 16, kk, lane)
+                                a0, a1, a2, a3 = q_fragments(smem, warp_row + m * 16, kk, lane)
                             lo = b0 if half_k == 0 else b2
                             hi = b1 if half_k == 0 else b3
                             j = (m * N_BLOCKS + nb) * 4

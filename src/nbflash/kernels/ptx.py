@@ -465,33 +465,3 @@ if not SIMULATED:
         """bar.warp.sync 0xffffffff (PTX ISA 9.7.13.2): the lanes of a warp meet here,
         and shared-memory writes before it are visible to every lane after it."""
         cuda.syncwarp(0xFFFFFFFF)
-
-
-# ---- compiler hints (no instruction of their own) -----------------------------------
-
-if SIMULATED:
-
-    def tied(value, anchor):
-        """``value`` unchanged (``anchor`` ignored)."""
-        return value
-
-else:
-
-    @intrinsic
-    def tied(typingctx, value, anchor):
-        """``value`` (int32), which the compiler must treat as depending on ``anchor``
-        (an integer, e.g. a loop counter): a register move that stops LLVM from hoisting
-        address arithmetic on ``value`` out of the loop ``anchor`` varies in. What it
-        is for: shared-memory addresses base + constant inside a fully unrolled key
-        loop stay one base register with immediate offsets instead of one hoisted
-        register per address (at head_dim 256 the 16 Q-fragment addresses of
-        kernels/forward_mma.py pushed sm_80 into spills)."""
-        if not isinstance(value, types.Integer) or not isinstance(anchor, types.Integer):
-            return None
-
-        def codegen(context, builder, sig, args):
-            val = context.cast(builder, args[0], sig.args[0], types.int32)
-            dep = context.cast(builder, args[1], sig.args[1], types.int32)
-            return _asm(builder, "mov.b32 $0, $1;", "=r,r,r", _i32, [val, dep], False)
-
-        return types.int32(value, anchor), codegen
