@@ -41,7 +41,7 @@ def simt_tiles(acc_bytes: int, head_dim: int, head_dim_v: int, simulator: bool):
 # head_dim 192 and 256: the O accumulator alone is 96 / 128 registers per 16-row slice,
 # so one slice per warp and Q in shared memory; not yet timed (perf/sweep_tiles.py),
 # chosen as the largest spill-free tiles whose shared memory fits (ptxas -v, every
-# dtype / causal / varlen: 169-255 registers): sm_80 spills at block_n 64 (4-44 bytes)
+# dtype / causal / varlen: 171-255 registers): sm_80 spills at block_n 64 (4-44 bytes)
 # and d256 n64 needs 198 KB, over an A100's 164 KB; on sm_90 m128n64t256 compiles clean.
 MMA_TILES = {
     32: (128, 64, 128, 2, True),
