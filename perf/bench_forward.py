@@ -8,6 +8,7 @@ and a naive CuPy attention (materialized scores) where it fits in memory.
     python perf/bench_forward.py [--quick] [--out perf/results]
     python perf/bench_forward.py --variants [--out perf/results]
     python perf/bench_forward.py --quick --wgmma [--out perf/results]
+    python perf/bench_forward.py --quick --wgmma --head-dims 192,256 --tag d192-256
 
 Writes <out>/<gpu-name>-forward.json and a PNG plot, and prints a table last.
 --variants (issue 7) times the attention variants instead, fp16, head_dim 128, 16
@@ -19,6 +20,8 @@ kernel; writes <gpu-name>-forward-variants.json.
 --wgmma times the Hopper wgmma kernel (kernels/forward_wgmma.py, nbflash's default on
 sm_90) as "nbflash_wgmma" beside the mma.sync kernel ("nbflash", NBFLASH_WGMMA=0) in
 every row, checks one output against the other, and writes <gpu-name>-forward-wgmma.json.
+--head-dims picks the head dims (64,128 by default; --quick at B 4, H 16, N 4096 is the
+issue-3 anchor, e.g. --head-dims 192,256); --tag keeps such a run's files apart.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ def main():
     ap.add_argument("--dtypes", default="fp16,bf16")
     ap.add_argument("--variants", action="store_true", help="the attention variants (issue 7) instead")
     ap.add_argument("--wgmma", action="store_true", help="the wgmma kernel beside the mma.sync one")
+    ap.add_argument("--tag", default="", help="appended to the result file names (e.g. d256: <gpu>-forward-d256.json)")
     args = ap.parse_args()
     if args.variants:
         return bench_variants(args)
@@ -162,7 +166,7 @@ def main():
 
     os.makedirs(args.out, exist_ok=True)
     tag = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-")
-    what = "forward-wgmma" if args.wgmma else "forward"
+    what = ("forward-wgmma" if args.wgmma else "forward") + (f"-{args.tag}" if args.tag else "")
     with open(os.path.join(args.out, f"{tag}-{what}.json"), "w") as f:
         json.dump(rows, f, indent=1)
     try:

@@ -1,7 +1,10 @@
 """Time tensor-core tile configurations side by side (fp16, B 4, H 16, N 4096) with
-torch SDPA flash as the yardstick; the winners go into nbflash.tuning.MMA_TILES.
+torch SDPA flash as the yardstick; the winners go into nbflash.tuning.MMA_TILES (or
+MMA_TILES_SM90). Times the mma.sync kernel: the wgmma one (nbflash's default on sm_90
+where it applies) is turned off here; perf/sweep_wgmma_tiles.py times its tiles.
 
     python perf/sweep_tiles.py "64=128,64,128,2,0" "64=64,64,128,2,1" ...
+    python perf/sweep_tiles.py "256=128,64,256,2,0" "256=128,32,256,2,0" "256=64,32,128,2,0"
     python perf/sweep_tiles.py --bias "128=128,32,128,2,0" "128=128,64,256,2,0"
 
 --bias / --mask time the tiles with a (B, H, N, N) float16 bias or bool mask (staged
@@ -25,6 +28,7 @@ from bench_forward import cupy_time, torch_peers  # noqa: E402
 def main():
     rng = cupy.random.default_rng()
     flash = torch_peers().get("sdpa_flash")
+    nbflash.tuning.set_wgmma(False)
     print(f"{'spec':60} {'TFLOP/s':>8} {'flash':>8} {'ratio':>6}")
     configs = [c for c in sys.argv[1:] if not c.startswith("--")]
     extra = {}

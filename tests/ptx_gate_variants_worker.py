@@ -37,6 +37,10 @@ GATE_SPECS = [
     ("bf16", 128, False, Variant(bias="bf16", bias_staged=True, mask=True, mask_staged=True)),
     ("bf16", 64, True, Variant(bias="fp32", bias_staged=True, mask=True, mask_staged=True)),
     ("bf16", 128, False, Variant(bias="bf16", bias_staged=True, mask_staged=True, **ALL_VARIANTS)),
+    # head_dim 192 and 256 (the O accumulator alone 96 / 128 registers)
+    ("bf16", 256, True, Variant(bias="bf16", **ALL_VARIANTS)),
+    ("fp16", 256, False, Variant(window=True, softcap=True, alibi=True)),
+    ("bf16", 192, False, Variant(bias="bf16", bias_staged=True, mask_staged=True, **ALL_VARIANTS)),
 ]
 
 

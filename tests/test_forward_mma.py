@@ -51,6 +51,17 @@ def test_mma_kernel_causal_unequal_seqlens(relation):
     check(rng, seed, shape, HALF_DTYPES[0], True)
 
 
+@pytest.mark.parametrize("head_dim", [192, 256])
+def test_mma_kernel_wide_head_dims_on_simulator(head_dim):
+    """head_dim 192 (not a power of two: 24 chunks a row, 12 k-steps) and 256, where
+    the kernel reduces row sums inside the key loop: two key tiles, one warp's rows."""
+    rng, seed = new_rng()
+    shape = draw_shape(rng, head_dim=head_dim, group=1, seqlen_q=int(rng.integers(1, 17)),
+                       seqlen_k=int(rng.integers(17, 32)))
+    shape.head_dim_v, shape.heads_kv, shape.heads_q, shape.batch = head_dim, 1, 1, 1
+    check(rng, seed, shape, HALF_DTYPES[int(rng.integers(2))], bool(rng.integers(2)))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", SHIPPED)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])

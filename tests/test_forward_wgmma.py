@@ -31,9 +31,9 @@ def check(rng, seed, shape, dtype, causal, layout="bshd", **variants):
     return check_forward_kernel(rng, seed, shape, dtype, causal, "wgmma", layout, **variants)
 
 
-def sim_shape(rng, seqlen_q, seqlen_k, group=1):
-    shape = draw_shape(rng, head_dim=64, group=group, seqlen_q=seqlen_q, seqlen_k=seqlen_k)
-    shape.head_dim_v, shape.heads_kv, shape.heads_q, shape.batch = 64, 1, group, 1
+def sim_shape(rng, seqlen_q, seqlen_k, group=1, head_dim=64):
+    shape = draw_shape(rng, head_dim=head_dim, group=group, seqlen_q=seqlen_q, seqlen_k=seqlen_k)
+    shape.head_dim_v, shape.heads_kv, shape.heads_q, shape.batch = head_dim, 1, group, 1
     return shape
 
 
@@ -52,6 +52,19 @@ def test_wgmma_kernel_causal_unequal_seqlens(relation, wgmma_on):
     a, b = int(rng.integers(1, 60)), int(rng.integers(66, 100))
     seqlen_q, seqlen_k = (a, b) if relation == "q<k" else (b, a)
     check(rng, seed, sim_shape(rng, seqlen_q, seqlen_k), HALF_DTYPES[int(rng.integers(2))], True)
+
+
+@pytest.mark.parametrize("head_dim", [192, 256])
+def test_wgmma_kernel_wide_head_dims(head_dim, wgmma_on, monkeypatch):
+    """3 and 4 64-column panels: the S chain steps across Q and K panels, P V's N spans
+    every panel of V (LBO); head_dim 192 copies its 24 chunks a row in strided order.
+    One warpgroup with the shipped key tile (112 and 80 keys: not powers of two); two
+    key tiles, the second partial."""
+    block_n = tuning.WGMMA_TILES[head_dim][1]
+    monkeypatch.setattr(tuning, "WGMMA_TILES_SIMULATOR", (64, block_n, 128))
+    rng, seed = new_rng()
+    shape = sim_shape(rng, int(rng.integers(1, 64)), int(rng.integers(block_n + 1, 2 * block_n)), head_dim=head_dim)
+    check(rng, seed, shape, HALF_DTYPES[int(rng.integers(2))], bool(rng.integers(2)))
 
 
 def test_wgmma_runs_by_default_on_sm90_for_dense_attention_and_light_variants(monkeypatch):

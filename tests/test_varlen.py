@@ -142,6 +142,19 @@ def test_mma_kernel_random_batches_match_oracle(dtype, causal):
     run_and_check(shape, dtype, causal=causal, rng=rng, seed=seed, kernel="mma")
 
 
+def test_mma_kernel_wide_head_dim_batches_match_oracle():
+    """head_dim 192 or 256, where the key loop's exit at a sequence's end is a warp vote
+    (kernels/forward_mma.py, WIDE): sequences of 0 to 2 key tiles beside each other."""
+    rng, seed = new_rng()
+    head_dim = int(rng.choice([192, 256]))
+    pairs = [(int(rng.integers(1, 17)), int(rng.integers(17, 32))), (int(rng.integers(0, 9)), int(rng.integers(0, 9)))]
+    pairs = [pairs[i] for i in rng.permutation(2)]
+    shape = VarlenShape([p[0] for p in pairs], [p[1] for p in pairs], heads_q=1, heads_kv=1,
+                        head_dim=head_dim, head_dim_v=head_dim)
+    run_and_check(shape, HALF_DTYPES[int(rng.integers(2))], causal=bool(rng.integers(2)), rng=rng, seed=seed,
+                  kernel="mma")
+
+
 # --- the GPU tier: thousands of tokens -------------------------------------------------
 
 @pytest.mark.gpu

@@ -171,10 +171,10 @@ def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool, views=N
     fp16/bf16 with a shipped head_dim (equal for q and v), 16-byte aligned q/k/v rows
     and an sm_80+ GPU; the portable kernel otherwise. ``variant`` (window, softcap,
     ...; see spec.Variant) is compiled in and may pick smaller tensor-core tiles.
-    On sm_90 (tuning.wgmma_tiles; NBFLASH_WGMMA=0 turns it off), attention at head_dim 64
-    and 128, plain or with window / softcap / ALiBi (tuning.wgmma_variant; bias, mask and
-    dropout stay on mma), runs the Hopper wgmma kernel instead; ``wgmma=False`` (varlen
-    callers) keeps the mma kernel."""
+    On sm_90 (tuning.wgmma_tiles; NBFLASH_WGMMA=0 turns it off), attention at head_dim 64,
+    128, 192 and 256 runs the Hopper wgmma kernel instead: plain, or at head_dim 64 and 128
+    also with window / softcap / ALiBi (tuning.wgmma_variant; bias, mask and dropout stay
+    on mma); ``wgmma=False`` (varlen callers) keeps the mma kernel."""
     dtype = arrays.short_name(problem.dtype)
     tiles = tuning.mma_tiles(problem.head_dim, device.SIMULATOR, device.compute_capability(), causal)
     if variant and tiles is not None:
@@ -188,7 +188,7 @@ def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool, views=N
         and (views is None or all(_rows_16_byte_aligned(a) for a in views))
     ):
         hopper = tuning.wgmma_tiles(problem.head_dim, device.SIMULATOR, device.compute_capability())
-        if wgmma and hopper is not None and tuning.wgmma_variant(variant):
+        if wgmma and hopper is not None and tuning.wgmma_variant(variant, problem.head_dim):
             block_m, block_n, threads = hopper
             return ForwardSpec("wgmma", dtype, problem.head_dim, problem.head_dim, causal, with_lse,
                                block_m, block_n, threads, 2, variant=variant)

@@ -38,17 +38,28 @@ def simt_tiles(acc_bytes: int, head_dim: int, head_dim_v: int, simulator: bool):
 # for its generation (tests/test_ptx_gate.py): sm_80's ptxas needs more registers for
 # the m128n32 d128 tile than Hopper's, and at d128 the causal mask's few extra
 # registers tip the m128n32 tile into spilling on sm_90 too.
+# head_dim 192 and 256: the O accumulator alone is 96 / 128 registers per 16-row slice,
+# so one slice per warp and Q in shared memory; not yet timed (perf/sweep_tiles.py),
+# chosen as the largest spill-free tiles whose shared memory fits (ptxas -v, every
+# dtype / causal / varlen: 171-255 registers): sm_80 spills at block_n 64 (4-44 bytes)
+# and d256 n64 needs 198 KB, over an A100's 164 KB; on sm_90 m128n64t256 compiles clean.
 MMA_TILES = {
     32: (128, 64, 128, 2, True),
     64: (128, 32, 128, 2, True),
     96: (128, 32, 128, 2, False),
     128: (128, 64, 256, 2, False),
+    192: (128, 32, 256, 2, False),
+    256: (128, 32, 256, 2, False),
 }
 MMA_TILES_SM90 = {  # (head_dim, causal) entries that beat MMA_TILES on Hopper
     (64, False): (128, 64, 128, 2, True),
     (64, True): (128, 64, 128, 2, True),
     (128, False): (128, 32, 128, 2, False),
     (128, True): (128, 32, 128, 2, False),
+    (192, False): (128, 64, 256, 2, False),
+    (192, True): (128, 64, 256, 2, False),
+    (256, False): (128, 64, 256, 2, False),
+    (256, True): (128, 64, 256, 2, False),
 }
 # One warp and short key tiles on the simulator: the emulated mma is slow.
 MMA_TILES_SIMULATOR = (16, 16, 32, 2, False)
@@ -357,6 +368,11 @@ MMA_VARIANT_TILES: dict = {
     # fp32 bias + mask spills 16 bytes (bf16, causal)
     (64, False, False): (128, 32, 128, 2, True),
     (64, True, False): (128, 32, 128, 2, True),
+    # d192 / d256: sm_90's plain m128n64t256 spills with every heavy variant (24 bytes)
+    # and with staged tiles (4-48 bytes; d256's staged bias also needs 234 KB): the
+    # 32-key tile (sm_80's plain one) for all of them, spill-free with every variant
+    **{(d, causal, heavy): (128, 32, 256, 2, False) for d in (192, 256) for causal in (False, True)
+       for heavy in (False, True)},
 }
 
 
@@ -380,17 +396,22 @@ def heavy_variant(variant) -> bool:
 
 # ---- the Hopper wgmma forward (kernels/forward_wgmma.py) ---------------------------
 # On by default on sm_90 (NBFLASH_WGMMA=0 turns it off, =1 turns it on in the simulator
-# too): fp16 / bf16, head_dim 64 and 128, dense, plain or window / softcap / ALiBi
-# (wgmma_variant). head_dim: (block_m,
+# too): fp16 / bf16, head_dim 64, 128, 192 and 256, dense, plain or (head_dim 64 and
+# 128) window / softcap / ALiBi (wgmma_variant). head_dim: (block_m,
 # block_n, threads); block_m is 64 rows per warpgroup of threads / 128. Measured on an
 # H100 (perf/sweep_wgmma_tiles.py, fp16 N 4096, TFLOP/s full / causal, same run as
 # SDPA flash): d64 m128n64t256 337 / 275 (1.16 / 1.10x flash) against m128n128t256
 # 264 / 225 and m192n128t384 280 / 219; d128 m128n128t256 333 / 300 (1.02 / 1.05x)
 # against m128n64t256 311 / 285. Each compiles without spills for sm_90a
-# (tests/test_ptx_gate_wgmma.py).
+# (tests/test_ptx_gate_wgmma.py). d192 and d256 (3 and 4 panels; not yet timed): the
+# largest key tiles whose Q + 2 stages of K and V fit the 227 KB (217 KB and 225 KB;
+# FlashAttention-3's d256 tile is m128n80 too), 250-254 registers, no spills
+# (m128n64 and m128n96 at d192, m128n64 at d256 compile clean as well).
 WGMMA_TILES = {
     64: (128, 64, 256),
     128: (128, 128, 256),
+    192: (128, 112, 256),
+    256: (128, 80, 256),
 }
 WGMMA_TILES_SIMULATOR = (64, 64, 128)  # one warpgroup: 128 simulated threads
 _WGMMA_VARIABLE = "NBFLASH_WGMMA"
@@ -425,10 +446,16 @@ def wgmma_tiles(head_dim: int, simulator: bool, arch: tuple):
     return WGMMA_TILES[head_dim]
 
 
-def wgmma_variant(variant) -> bool:
-    """The wgmma forward compiles this spec.Variant in: the light variants (window,
-    softcap, ALiBi, in any combination); bias, mask and dropout run the mma kernel."""
-    return not (variant.bias or variant.mask or variant.dropout)
+WGMMA_VARIANT_HEAD_DIMS = (64, 128)  # d192/d256 sit at 250-255 registers plain: no room
+
+
+def wgmma_variant(variant, head_dim: int = 64) -> bool:
+    """The wgmma forward compiles this spec.Variant in at head_dim: plain anywhere, the
+    light variants (window, softcap, ALiBi, in any combination) at head_dim 64 and 128;
+    bias, mask and dropout run the mma kernel."""
+    if not variant:
+        return True
+    return head_dim in WGMMA_VARIANT_HEAD_DIMS and not (variant.bias or variant.mask or variant.dropout)
 
 
 def set_wgmma(enabled: bool):

@@ -102,6 +102,15 @@ def build(spec: ForwardSpec):
     Q_REGS = M_TILES * K_STEPS * 4
     ROWS = 2 * M_TILES
     Q_IN_REGS = spec.q_in_registers
+    # WIDE (head_dim 192, 256): the O accumulator alone is 96 / 128 registers, and the
+    # kernel runs at 254-255. A shfl.sync or vote.sync where ptxas cannot prove the warp
+    # converged (after the key loop; anywhere in it when varlen breaks out on a value
+    # read from shared memory) gets an out-of-line fallback, an ABI call whose
+    # clobbered registers spilled 188 bytes (dense) to 600 (varlen) on sm_80. So the
+    # row sums are reduced over the quad inside the loop (2 shuffles per row and tile,
+    # next to the row max's) rather than once after it, and varlen's exit is a warp
+    # vote, which ptxas knows is uniform.
+    WIDE = D > 128
     CAUSAL, WITH_LSE, VARLEN = spec.causal, spec.with_lse, spec.varlen
     NEG_INF = -math.inf
     VAR = spec.variant
@@ -243,7 +252,10 @@ def build(spec: ForwardSpec):
 
         for it in range(loop_tiles):
             if VARLEN:
-                if it >= span[4]:
+                if WIDE:  # a vote: ptxas then knows the exit is warp-uniform (see WIDE)
+                    if ptx.vote_any(it >= span[4]):
+                        break
+                elif it >= span[4]:
                     break
             stage = it % 2
             n0 = np.int32(it * BN)
@@ -465,7 +477,10 @@ def build(spec: ForwardSpec):
                                 else:
                                     p = float32(0)
                             s[j] = p
-                    l_i[row] += row_sum  # partial over this thread's columns
+                    if WIDE:  # the whole row's sum (see WIDE)
+                        row_sum += ptx.shfl_xor(row_sum, 1)
+                        row_sum += ptx.shfl_xor(row_sum, 2)
+                    l_i[row] += row_sum  # partial over this thread's columns unless WIDE
 
             # acc += P V: P's C fragments, packed to 16 bits, are the A fragments
             for kk in range(PV_STEPS):
@@ -496,8 +511,9 @@ def build(spec: ForwardSpec):
             for half in range(2):
                 row = 2 * m + half
                 l_sum = l_i[row]
-                l_sum += ptx.shfl_xor(l_sum, 1)
-                l_sum += ptx.shfl_xor(l_sum, 2)
+                if not WIDE:
+                    l_sum += ptx.shfl_xor(l_sum, 1)
+                    l_sum += ptx.shfl_xor(l_sum, 2)
                 inv = float32(0)
                 if l_sum > 0:
                     inv = float32(1) / l_sum

@@ -1,6 +1,7 @@
 """The Hopper forward kernel (sm_90a): FlashAttention-2's algorithm on warpgroup MMA,
-fp16 and bf16, head_dim 64 and 128, dense (no varlen), with the light variants (sliding
-window, softcap, ALiBi; bias, mask and dropout keep forward_mma). nbflash.attention's
+fp16 and bf16, head_dim 64, 128, 192 and 256, dense (no varlen), with the light variants
+(sliding window, softcap, ALiBi, at head_dim 64 and 128; bias, mask and dropout keep
+forward_mma). nbflash.attention's
 kernel on sm_90 for those (tuning.wgmma_tiles; NBFLASH_WGMMA=0 turns it off).
 
 Work partition: a CTA owns block_m = 64 x warpgroups query rows of one (batch, query
@@ -52,7 +53,7 @@ from .score_mods import alibi_split, window_key_range
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-HEAD_DIMS = (64, 128)  # whole 64-column panels
+HEAD_DIMS = (64, 128, 192, 256)  # whole 64-column panels
 STAGES = 2
 K_MAJOR_LBO = 16  # unused by the hardware for swizzled K-major operands ("assumed 1")
 
@@ -66,26 +67,64 @@ def make_issue_tile(head_dim: int, rows: int, threads: int):
     """issue_tile(src, smem, base, b, h, n0, seqlen, tid): cp.async rows n0 .. n0 + rows - 1
     of src[b, :, h, :] (16-bit, 16-byte aligned rows) into the swizzled tile of ``rows``
     rows at word ``base``; rows at or past seqlen are zero-filled (their source address
-    clamped into the tensor). Each thread keeps one 16-byte chunk column."""
+    clamped into the tensor). Each thread keeps one 16-byte chunk column where the
+    threads tile a row evenly; otherwise (head_dim 192: 24 chunks a row) the threads
+    stride over the tile's chunks in row-major order."""
     CHUNKS = head_dim // 8
     RSTEP = threads // CHUNKS
-    assert threads % CHUNKS == 0
-    PASSES = (rows + RSTEP - 1) // RSTEP
+    PASSES = (rows + RSTEP - 1) // RSTEP if threads % CHUNKS == 0 else (rows * CHUNKS + threads - 1) // threads
+
+    @cuda.jit(device=True, inline=True)
+    def issue_chunk(src, smem, base, r, c, b, h, n0, seqlen):
+        j = np.int32(n0 + r)
+        nbytes = np.int32(16) if j < seqlen else np.int32(0)
+        j = max(np.int32(0), min(j, np.int32(seqlen - 1)))
+        ptx.cp_async_16(ptx.shared_address(smem, (base + wg.chunk_word(r, c, rows),)),
+                        ptx.global_address(src, (b, j, h, c * np.int32(8))), nbytes)
 
     @cuda.jit(device=True, inline=True)
     def issue_tile(src, smem, base, b, h, n0, seqlen, tid):
-        c = np.int32(tid % CHUNKS)
-        r0 = np.int32(tid // CHUNKS)
-        for it in range(PASSES):
-            r = r0 + np.int32(it * RSTEP)
-            if rows % RSTEP == 0 or r < rows:
-                j = np.int32(n0 + r)
-                nbytes = np.int32(16) if j < seqlen else np.int32(0)
-                j = max(np.int32(0), min(j, np.int32(seqlen - 1)))
-                ptx.cp_async_16(ptx.shared_address(smem, (base + wg.chunk_word(r, c, rows),)),
-                                ptx.global_address(src, (b, j, h, c * np.int32(8))), nbytes)
+        if threads % CHUNKS == 0:
+            c = np.int32(tid % CHUNKS)
+            r0 = np.int32(tid // CHUNKS)
+            for it in range(PASSES):
+                r = r0 + np.int32(it * RSTEP)
+                if rows % RSTEP == 0 or r < rows:
+                    issue_chunk(src, smem, base, r, c, b, h, n0, seqlen)
+        else:
+            for it in range(PASSES):
+                e = np.int32(tid + it * threads)
+                if (rows * CHUNKS) % threads == 0 or e < rows * CHUNKS:
+                    r = e // np.int32(CHUNKS)
+                    issue_chunk(src, smem, base, r, e - r * np.int32(CHUNKS), b, h, n0, seqlen)
 
     return issue_tile
+
+
+def make_chain(mma, first: int, count: int, a_panel: int, b_panel: int):
+    """chain(acc, desc_a, desc_b): ``mma(acc, a, b, 1)`` for k-steps first .. first + count
+    - 1 of two K-major operands (a step is 32 bytes into a panel, 4 steps a panel), as
+    straight-line code: written as a loop, LLVM leaves d256's 15 steps rolled (a loop of
+    wgmma and descriptor arithmetic in the PTX). Built by halving, so the nesting is
+    log2(count) deep; each step's offsets are compile-time constants."""
+    if count == 1:
+        a_off = (first // 4) * a_panel + (first % 4) * 32
+        b_off = (first // 4) * b_panel + (first % 4) * 32
+
+        @cuda.jit(device=True, inline=True)
+        def step(acc, desc_a, desc_b):
+            mma(acc, wg.desc_add(desc_a, a_off), wg.desc_add(desc_b, b_off), 1)
+
+        return step
+    lower = make_chain(mma, first, count // 2, a_panel, b_panel)
+    upper = make_chain(mma, first + count // 2, count - count // 2, a_panel, b_panel)
+
+    @cuda.jit(device=True, inline=True)
+    def chain(acc, desc_a, desc_b):
+        lower(acc, desc_a, desc_b)
+        upper(acc, desc_a, desc_b)
+
+    return chain
 
 
 def build(spec: ForwardSpec):
@@ -102,7 +141,7 @@ def build(spec: ForwardSpec):
     assert spec.head_dim == spec.head_dim_v and spec.head_dim in HEAD_DIMS
     assert not spec.varlen and spec.stages == STAGES
     VAR = spec.variant
-    assert tuning.wgmma_variant(VAR), VAR
+    assert tuning.wgmma_variant(VAR, spec.head_dim), VAR
     D = spec.head_dim
     BM, BN, T = spec.block_m, spec.block_n, spec.threads
     assert T % 128 == 0 and BM == 64 * (T // 128) and BN % 16 == 0 and 16 <= BN <= 256
@@ -129,6 +168,7 @@ def build(spec: ForwardSpec):
     # softcap (the cap applies to scale q.k only, so under softcap it comes after the tanh).
     ALIBI_INIT = ALIBI and not SOFTCAP
     issue_q = make_issue_tile(D, BM, T)
+    s_chain = make_chain(mma_s, 1, K_STEPS - 1, Q_PANEL, KV_PANEL)
     issue_kv = make_issue_tile(D, BN, T)
 
     def forward_wgmma(q, k, v, out, lse, scale, group, cu_seqlens_q, cu_seqlens_k, window_left, window_right,
@@ -223,9 +263,7 @@ def build(spec: ForwardSpec):
                 mma_s(s, desc_q, desc_k, 1)
             else:
                 mma_s(s, desc_q, desc_k, 0)
-            for kk in range(1, K_STEPS):
-                mma_s(s, wg.desc_add(desc_q, (kk // 4) * Q_PANEL + (kk % 4) * 32),
-                      wg.desc_add(desc_k, (kk // 4) * KV_PANEL + (kk % 4) * 32), 1)
+            s_chain(s, desc_q, desc_k)  # k-steps 1 .. K_STEPS - 1
             wg.wgmma_commit()
             wg.wgmma_wait(0)
             wg.fence_operands(s, S_REGS)
