@@ -75,11 +75,12 @@ gated plain and with all three variants (the most registers) to keep the gate sh
 def forward_specs():
     """Every wgmma forward specialization tuning.WGMMA_TILES ships (with lse, as the
     backward's forward runs it; the lse store is the only difference): fp16 plain and
-    with each combination of LIGHT_VARIANTS, bf16 with BF16_VARIANTS."""
+    with each combination of LIGHT_VARIANTS, bf16 with BF16_VARIANTS, where
+    tuning.wgmma_variant sends them (head_dim 64 and 128; plain only at 192 and 256)."""
     for head_dim, (bm, bn, threads) in sorted(tuning.WGMMA_TILES.items()):
         for dtype, variants in (("fp16", LIGHT_VARIANTS), ("bf16", BF16_VARIANTS)):
             for causal in (False, True):
-                for variant in variants:
+                for variant in (v for v in variants if tuning.wgmma_variant(v, head_dim)):
                     yield ForwardSpec("wgmma", dtype, head_dim, head_dim, causal, True, bm, bn, threads, 2,
                                       variant=variant)
 

@@ -154,7 +154,7 @@ def test_wgmma_every_light_variant_with_gqa_and_rows_that_see_nothing(wgmma_on):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", sorted(tuning.WGMMA_TILES))
+@pytest.mark.parametrize("head_dim", tuning.WGMMA_VARIANT_HEAD_DIMS)
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 def test_wgmma_light_variants_at_gpu_sizes(dtype, head_dim, wgmma_on):
     """Every shipped tile, a random non-empty subset of window / softcap / ALiBi, causal or
@@ -171,7 +171,7 @@ def test_wgmma_light_variants_at_gpu_sizes(dtype, head_dim, wgmma_on):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", sorted(tuning.WGMMA_TILES))
+@pytest.mark.parametrize("head_dim", tuning.WGMMA_VARIANT_HEAD_DIMS)
 def test_wgmma_sliding_window_long_sequences(head_dim, wgmma_on):
     """A few thousand keys and windows of tens to hundreds: most tiles skipped, with
     softcap and ALiBi on top; seqlen_q != seqlen_k."""

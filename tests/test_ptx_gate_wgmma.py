@@ -1,5 +1,6 @@
 """The no-GPU gate on the Hopper wgmma kernels: the probe's kernels (and the wgmma
-forward specializations the tuning ships, plain and with window / softcap / ALiBi)
+forward specializations the tuning ships, plain and with window / softcap / ALiBi, and
+both kernels of every wgmma backward plan it ships)
 compile for sm_90a with wgmma.mma_async in their PTX, ptxas does not serialize the wgmma
 chain, no spills, no stack frame, and registers and shared memory their CTA can launch
 with."""
@@ -25,11 +26,16 @@ def reports():
     # window / softcap / ALiBi (the variants tuning.wgmma_variant sends to this kernel), bf16
     # plain and with all three (the worker's BF16_VARIANTS says why); each once
     forward = [r for r in rows if r["kind"] == "forward"]
-    assert len(forward) == len(tuning.WGMMA_TILES) * 2 * (8 + 2), rows
+    assert len(forward) == sum(2 * (8 + 2 if d in tuning.WGMMA_VARIANT_HEAD_DIMS else 2)
+                               for d in tuning.WGMMA_TILES), rows
     assert {r["variant"] for r in forward if "-fp16-" in r["key"]} == {
         "", "-win", "-cap", "-alibi", "-win-cap", "-win-alibi", "-cap-alibi", "-win-cap-alibi"}, rows
     assert {r["variant"] for r in forward if "-bf16-" in r["key"]} == {"", "-win-cap-alibi"}, rows
     assert len({r["key"] for r in forward}) == len(forward), rows
+    # both kernels of every wgmma backward plan: (head_dim, dtype, causal) x (dkdv, dq)
+    backward = [r for r in rows if r["kind"] == "backward"]
+    assert len(backward) == len(tuning.WGMMA_BWD_TILES) * 2 * 2 * 2, rows
+    assert len({r["key"] for r in backward}) == len(backward), rows
     return rows
 
 
@@ -52,6 +58,16 @@ def test_forward_issues_every_wgmma_of_a_tile(reports):
     for r in reports:
         if r["kind"] == "forward":
             assert r["wgmma"] >= r["head_dim"] // 16 + r["block_n"] // 16, r
+            assert r["mma_sync"] == 0, r
+
+
+def test_backward_issues_every_wgmma_of_a_tile(reports):
+    """dK/dV: head_dim / 16 each for S^T and dP^T, block_m / 16 each for dV and dK; dQ:
+    head_dim / 16 each for S and dP, block_n / 16 for dQ (at least; unrolling adds)."""
+    for r in reports:
+        if r["kind"] == "backward":
+            steps = r["block_m"] if r["part"] == "dkdv" else r["block_n"] // 2
+            assert r["wgmma"] >= 2 * (r["head_dim"] // 16) + 2 * steps // 16, r
             assert r["mma_sync"] == 0, r
 
 
