@@ -74,9 +74,12 @@ def test_wgmma_runs_by_default_on_sm90_for_dense_attention_and_light_variants(mo
     monkeypatch.delenv("NBFLASH_WGMMA", raising=False)
     assert nbflash.forward_spec(q, k, v).kernel == "mma"  # the simulator: off unless asked
     assert tuning.wgmma_tiles(64, False, (9, 0)) == tuning.WGMMA_TILES[64]  # a GPU: on by default
+    assert tuning.wgmma_tiles(256, False, (9, 0)) == tuning.WGMMA_TILES[256]
+    assert tuning.wgmma_tiles(192, False, (9, 0)) is None  # mma.sync measured faster there
     monkeypatch.setenv("NBFLASH_WGMMA", "0")
     assert tuning.wgmma_tiles(64, False, (9, 0)) is None
     monkeypatch.setenv("NBFLASH_WGMMA", "1")
+    assert tuning.wgmma_tiles(192, False, (9, 0)) == tuning.WGMMA_TILES[192]  # asked for
     assert nbflash.forward_spec(q, k, v).kernel == "wgmma"
     # window, softcap and ALiBi are compiled into the wgmma kernel; bias, mask and dropout run mma
     spec = nbflash.forward_spec(q, k, v, causal=True, window=(3, -1), softcap=5.0,

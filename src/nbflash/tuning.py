@@ -403,7 +403,7 @@ def heavy_variant(variant) -> bool:
 # SDPA flash): d64 m128n64t256 337 / 275 (1.16 / 1.10x flash) against m128n128t256
 # 264 / 225 and m192n128t384 280 / 219; d128 m128n128t256 333 / 300 (1.02 / 1.05x)
 # against m128n64t256 311 / 285. Each compiles without spills for sm_90a
-# (tests/test_ptx_gate_wgmma.py). d192 and d256 (3 and 4 panels; not yet timed): the
+# (tests/test_ptx_gate_wgmma.py). d192 and d256 (3 and 4 panels): the
 # largest key tiles whose Q + 2 stages of K and V fit the 227 KB (217 KB and 225 KB;
 # FlashAttention-3's d256 tile is m128n80 too), 250-254 registers, no spills
 # (m128n64 and m128n96 at d192, m128n64 at d256 compile clean as well).
@@ -413,6 +413,11 @@ WGMMA_TILES = {
     192: (128, 112, 256),
     256: (128, 80, 256),
 }
+# Head dims where the mma.sync kernel measured faster (H100, fp16 B4 N4096 H16, same run:
+# d192 mma m128n64t256 228 / 208 TFLOP/s full / causal against wgmma m128n112t256 219 /
+# 190): wgmma runs there only when NBFLASH_WGMMA=1 asks for it. d256: wgmma 406 / 343
+# against mma 244 / 221 (1.28 / 1.16x SDPA flash).
+WGMMA_ONLY_WHEN_ASKED = (192,)
 WGMMA_TILES_SIMULATOR = (64, 64, 128)  # one warpgroup: 128 simulated threads
 _WGMMA_VARIABLE = "NBFLASH_WGMMA"
 _WGMMA_OVERRIDE = "NBFLASH_WGMMA_TILES"  # "64=128,128,256;128=..." for perf/ sweeps
@@ -433,6 +438,8 @@ def wgmma_tiles(head_dim: int, simulator: bool, arch: tuple):
     turned off, another head_dim, or not sm_90 (wgmma is sm_90a only; the simulator
     emulates it)."""
     if not wgmma_enabled(simulator) or head_dim not in WGMMA_TILES:
+        return None
+    if head_dim in WGMMA_ONLY_WHEN_ASKED and os.environ.get(_WGMMA_VARIABLE) != "1":
         return None
     if simulator:
         return WGMMA_TILES_SIMULATOR
