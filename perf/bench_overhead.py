@@ -443,7 +443,9 @@ def main():
     cu = cupy.asarray([0, SHAPE[1]], dtype=cupy.int32)
     var_want = nbflash.attention_varlen(qp, kp, vp, cu, cu)
     gpu.sync()
-    assert bool(cupy.array_equal(var_want, want[0])), "varlen and attention disagree"
+    # varlen runs the mma.sync kernel, attention on sm_90 the wgmma one: equal to rounding
+    diff = float(cupy.abs(var_want.astype(cupy.float32) - want[0].astype(cupy.float32)).max())
+    assert diff <= 1e-2, f"varlen and attention disagree by {diff}"
     row("attention_varlen(check_seqlens=False, out=)", lambda: nbflash.attention_varlen(
         qp, kp, vp, cu, cu, max_seqlen_q=SHAPE[1], out=op, check_seqlens=False))
     row("attention_varlen(checked: host copy)", lambda: nbflash.attention_varlen(qp, kp, vp, cu, cu, out=op))
