@@ -15,7 +15,7 @@ from . import arrays, device, launch, tuning, variants
 from .api import _bshd, _check_flag, _check_scale, _Problem, _rows_16_byte_aligned, _validate, choose_forward_spec
 from .api import _dummy, _dummy_seqlens, _empty, variant_kernel_args
 from .variants import NO_VARIANTS
-from .spec import PLAIN, BackwardSpec, Variant
+from .spec import PLAIN, BackwardSpec, DeltaSpec, Variant
 
 
 def choose_backward_spec(problem: _Problem, causal: bool, deterministic: bool, views=None,
@@ -332,7 +332,8 @@ def _float64_variant_lse(spec, problem, views, vargs, scale):
 
 def _launch_backward(spec, problem, views, do_view, out_view, lse_view, delta, grad_views, scale, deterministic,
                      vargs=variants.NO_VARIANTS, ds=None, varlen=None):
-    """delta = rowsum(dO * O) by the portable preprocess kernel, then one family's
+    """delta = rowsum(dO * O) (kernels/backward_delta.py for the tensor-core families
+    where O's rows are 16-byte aligned, the portable preprocess otherwise), then one family's
     kernels (contract: kernels/backward_simt.py's docstring) with the variant values
     and the dS buffer for dbias appended. ``varlen``: a packed batch for the
     tensor-core family (see kernels.backward_mma.launch_backward)."""
@@ -345,10 +346,20 @@ def _launch_backward(spec, problem, views, do_view, out_view, lse_view, delta, g
         ds = _dummy(problem, views, _dummy_variant_arrays.setdefault("dbias", {}), (1, 1, 1, 1), np.float32)
     extra.append(launch.numba_view(ds))
     view = lambda a: launch.numba_view(arrays.kernel_view(a))  # noqa: E731
-    launch.launch(
-        kernels.preprocess, (cdiv(problem.seqlen_q, simt.threads), hq, b), simt.threads,
-        [view(do_view), view(out_view), launch.numba_view(delta)],
-    )
+    if spec.module in ("backward_mma", "backward_wgmma") and _rows_16_byte_aligned(out_view):
+        # dO's rows are aligned (the tensor-core family asks for it); O's may not be
+        threads = tuning.DELTA_THREADS_SIMULATOR if device.SIMULATOR else tuning.DELTA_THREADS
+        rows = DeltaSpec(spec.dtype, problem.head_dim_v, threads)
+        launch.launch(
+            launch.compiled(rows), (cdiv(problem.seqlen_q * hq, rows.rows_per_cta()), b), rows.threads,
+            [launch.numba_view(arrays.kernel_view(a, True)) for a in (do_view, out_view)]
+            + [launch.numba_view(delta)],
+        )
+    else:
+        launch.launch(
+            kernels.preprocess, (cdiv(problem.seqlen_q, simt.threads), hq, b), simt.threads,
+            [view(do_view), view(out_view), launch.numba_view(delta)],
+        )
     q, k, v = views
     dq, dk, dv = grad_views
     if spec.module in ("backward_mma", "backward_wgmma"):  # one launcher for both families

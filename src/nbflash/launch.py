@@ -734,16 +734,20 @@ def _check_params(handle, layout, name):
     exactly the ones the layout packs."""
     from cuda.bindings import driver
 
+    # The count comes first and only existing indices are asked for: probing one past the
+    # end returns CUDA_ERROR_INVALID_VALUE, which compute-sanitizer reports as an API error.
     try:
-        get_info = driver.cuKernelGetParamInfo
         kernel = driver.CUkernel(handle)
+        err, count = driver.cuKernelGetParamCount(kernel)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            return  # a driver older than CUDA 12.8: nothing to check against
         sizes = []
-        for i in range(len(layout.param_sizes) + 1):
-            err, _, size = get_info(kernel, i)
+        for i in range(count):
+            err, _, size = driver.cuKernelGetParamInfo(kernel, i)
             if err != driver.CUresult.CUDA_SUCCESS:
-                break
+                return
             sizes.append(size)
-    except Exception:  # an older driver: nothing to check against
+    except Exception:  # bindings without these entry points: nothing to check against
         return
     if tuple(sizes) != layout.param_sizes:
         raise LaunchError(f"{name}: kernel parameters {sizes} differ from the packed layout {layout.param_sizes}")

@@ -221,6 +221,37 @@ class BackwardMmaSpec:
 
 
 @dataclass(frozen=True)
+class DeltaSpec:
+    """The tensor-core backward's preprocess (kernels/backward_delta.py): delta =
+    rowsum(dO * O) in float32, 16-byte loads, head_dim / 8 lanes per row (rounded up to
+    a power of two).
+
+    dtype: "fp16" or "bf16"; head_dim_v: of dO and O (a multiple of 8, at most 256);
+    threads: per CTA.
+    """
+
+    dtype: str
+    head_dim_v: int
+    threads: int
+
+    @property
+    def module(self) -> str:
+        return "backward_delta"
+
+    @property
+    def key(self) -> str:
+        return f"bwd_delta-{self.dtype}-dv{self.head_dim_v}-t{self.threads}"
+
+    def rows_per_cta(self) -> int:
+        from .kernels.backward_delta import lanes_per_row
+
+        return self.threads // lanes_per_row(self)
+
+    def __str__(self) -> str:
+        return self.key
+
+
+@dataclass(frozen=True)
 class DecodeSpec:
     """A split-KV decoding kernel specialization (attention_with_kvcache).
 

@@ -474,6 +474,11 @@ def set_wgmma(enabled: bool):
     importlib.import_module(".plans", __package__).forget()
 
 
+# The tensor-core backward's delta = rowsum(dO * O) kernel (kernels/backward_delta.py):
+# head_dim / 8 lanes per row, so 256 threads cover 32 rows at head_dim 64.
+DELTA_THREADS = 256
+DELTA_THREADS_SIMULATOR = 32  # one warp: every simulated thread costs CPU time
+
 # ---- the Hopper wgmma backward (kernels/backward_wgmma.py) -------------------------
 # Runs where the wgmma forward does (wgmma_enabled, sm_90), for plain dense fp16/bf16 at
 # head_dim 64 and 128. head_dim: ((block_m, block_n, threads) of the dK/dV kernel,
