@@ -356,3 +356,32 @@ def check_backward_kernels(rng, seed, dtype, **problem):
     for what, g, r, m in zip(("dq", "dk", "dv"), got, refs, sizes):
         assert_grad_close(g, r, dtype, what, seed, m)
     return got, refs
+
+
+def check_varlen_forward(shape: VarlenShape, dtype, *, causal, rng, seed, kernel=None, max_seqlens=False,
+                         slack=0, device_seqlens=False, values=None, check_seqlens=True):
+    """Run attention_varlen into a NaN-poisoned out and compare out and lse with the
+    oracle. ``kernel`` pins the expected backend; ``max_seqlens`` passes the maxima
+    (plus ``slack``); ``device_seqlens`` passes cu_seqlens as device arrays."""
+    q, k, v = values if values is not None else (random_array(rng, s, dtype) for s in shape.qkv_shapes())
+    dq, dk, dv = (to_device(a) for a in (q, k, v))
+    cu_q, cu_k = shape.cu_seqlens()
+    spec = nbflash.forward_spec_varlen(dq, dk, dv, causal=causal, return_lse=True)
+    assert spec.varlen and "-varlen" in spec.key
+    if kernel is not None:
+        assert spec.kernel == kernel, f"expected the {kernel} kernel, got {spec.key}"
+    ref, ref_lse = nbflash.reference.attention_varlen(q, k, v, cu_q, cu_k, causal=causal, return_lse=True)
+    kwargs = {}
+    if max_seqlens:
+        kwargs = dict(max_seqlen_q=max(shape.seqlens_q, default=0) + slack,
+                      max_seqlen_k=max(shape.seqlens_k, default=0) + slack)
+    if device_seqlens:
+        cu_q, cu_k = to_device(cu_q), to_device(cu_k)
+    out = poisoned(ref.shape, dtype)
+    got, lse = nbflash.attention_varlen(dq, dk, dv, cu_q, cu_k, causal=causal, return_lse=True, out=out,
+                                        check_seqlens=check_seqlens, **kwargs)
+    assert got is out
+    assert lse.dtype == np.float32 and lse.shape == (shape.heads_q, sum(shape.seqlens_q))
+    assert_close(got, ref, dtype, seed=seed)
+    assert_lse_close(lse, ref_lse, seed=seed)
+    return got, lse

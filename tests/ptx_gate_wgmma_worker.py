@@ -76,13 +76,18 @@ def forward_specs():
     """Every wgmma forward specialization tuning.WGMMA_TILES ships (with lse, as the
     backward's forward runs it; the lse store is the only difference): fp16 plain and
     with each combination of LIGHT_VARIANTS, bf16 with BF16_VARIANTS, where
-    tuning.wgmma_variant sends them (head_dim 64 and 128; plain only at 192 and 256)."""
+    tuning.wgmma_variant sends them (head_dim 64 and 128; plain only at 192 and 256);
+    and the varlen kernel, causal fp16, with BF16_VARIANTS where tuning.wgmma_varlen allows them."""
     for head_dim, (bm, bn, threads) in sorted(tuning.WGMMA_TILES.items()):
         for dtype, variants in (("fp16", LIGHT_VARIANTS), ("bf16", BF16_VARIANTS)):
             for causal in (False, True):
                 for variant in (v for v in variants if tuning.wgmma_variant(v, head_dim)):
                     yield ForwardSpec("wgmma", dtype, head_dim, head_dim, causal, True, bm, bn, threads, 2,
                                       variant=variant)
+        if tuning.wgmma_varlen(head_dim):  # packed batches: causal, plain and with everything on
+            for variant in (v for v in BF16_VARIANTS if tuning.wgmma_varlen(head_dim, v)):
+                yield ForwardSpec("wgmma", "fp16", head_dim, head_dim, True, True, bm, bn, threads, 2,
+                                  variant=variant, varlen=True)
 
 
 def forward_kernels():
@@ -97,10 +102,11 @@ def forward_kernels():
 
 
 def backward_specs():
-    """Both kernels of every wgmma backward plan tuning.WGMMA_BWD_TILES ships."""
+    """Both kernels of every wgmma backward plan tuning.WGMMA_BWD_TILES ships: fp16
+    full and causal, bf16 causal (registers as fp16's, as BF16_VARIANTS says)."""
     for head_dim, ((bm, bn, threads), (qbm, qbn, qthreads)) in sorted(tuning.WGMMA_BWD_TILES.items()):
-        for dtype in ("fp16", "bf16"):
-            for causal in (False, True):
+        for dtype, causals in (("fp16", (False, True)), ("bf16", (True,))):
+            for causal in causals:
                 plan = BackwardMmaSpec(dtype, head_dim, causal, bm, bn, threads, False, qbm, qbn, qthreads, False,
                                        wgmma=True)
                 for part in ("dkdv", "dq"):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import nbflash
-from helpers import DTYPES, check_forward_kernel, draw_shape, new_rng, random_array, to_device
+from helpers import DTYPES, VarlenShape, check_forward_kernel, check_varlen_forward, draw_shape, draw_varlen, new_rng
+from helpers import assert_close, random_array, to_device, to_host
 from nbflash import plans, tuning
 
 HALF_DTYPES = DTYPES[:2]
@@ -219,3 +220,73 @@ def test_wgmma_two_warpgroups_with_every_light_variant(wgmma_on, monkeypatch):
                  window=window_of(rng, shape.seqlen_k, 80), softcap=pick(rng, SOFTCAPS),
                  alibi_slopes=slopes_of(rng, shape))
     assert spec.block_m == 128 and spec.threads == 256, spec.key
+
+
+def test_wgmma_varlen_batches_with_empty_and_nan_filler_sequences(wgmma_on):
+    """Packed sequences on the wgmma kernel (head_dim 64): lengths across two 64-row and
+    64-key tiles, sequences without queries or keys, GQA 2, and key-only filler sequences
+    full of NaN between the real ones (a read past a sequence's end turns rows NaN)."""
+    rng, seed = new_rng()
+    dtype = pick(rng, HALF_DTYPES)
+    lengths_q = [int(rng.integers(1, 100)), 0, 1, int(rng.integers(0, 70))]
+    lengths_k = [int(rng.integers(1, 100)), int(rng.integers(1, 9)), 0, int(rng.integers(60, 140))]
+    filler = [0] * 4
+    shape = VarlenShape([x for pair in zip(filler, lengths_q) for x in pair],
+                        [x for pair in zip([5, 3, 7, 2], lengths_k) for x in pair], heads_q=2, heads_kv=1,
+                        head_dim=64, head_dim_v=64)
+    q, k, v = (random_array(rng, s, dtype) for s in shape.qkv_shapes())
+    cu_k = shape.cu_seqlens()[1]
+    for b in range(0, 8, 2):
+        k[cu_k[b]:cu_k[b + 1]] = np.nan
+        v[cu_k[b]:cu_k[b + 1]] = np.nan
+    check_varlen_forward(shape, dtype, causal=bool(rng.integers(2)), rng=rng, seed=seed, kernel="wgmma",
+                         values=(q, k, v))
+
+
+def test_wgmma_varlen_with_light_variants_matches_each_sequence(wgmma_on):
+    """window, softcap and per-sequence ALiBi slopes through the varlen wgmma kernel: each
+    sequence's rows equal the oracle's attention over that sequence alone."""
+    rng, seed = new_rng()
+    dtype = pick(rng, HALF_DTYPES)
+    shape = VarlenShape([int(rng.integers(1, 80)), int(rng.integers(1, 80))],
+                        [int(rng.integers(1, 100)), int(rng.integers(1, 100))], 1, 1, 64, 64)
+    q, k, v = (random_array(rng, s, dtype) for s in shape.qkv_shapes())
+    cu_q, cu_k = shape.cu_seqlens()
+    causal = bool(rng.integers(2))
+    window = window_of(rng, max(shape.seqlens_k), 40)
+    softcap = pick(rng, SOFTCAPS)
+    slopes = rng.uniform(0.0, 0.5, size=(2, 1)).astype(np.float32)
+    kw = dict(causal=causal, window=window, softcap=softcap)
+    assert nbflash.forward_spec_varlen(*(to_device(x) for x in (q, k, v)), **kw, alibi_slopes=to_device(slopes)
+                                       ).kernel == "wgmma"
+    out = nbflash.attention_varlen(*(to_device(x) for x in (q, k, v)), cu_q, cu_k, alibi_slopes=to_device(slopes),
+                                   **kw)
+    out = to_host(out)
+    for b in range(2):
+        qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        ref = nbflash.reference.attention(q[qs][None], k[ks][None], v[ks][None], alibi_slopes=slopes[b], **kw)[0]
+        assert_close(out[qs], ref, dtype, seed=seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [d for d in sorted(tuning.WGMMA_TILES) if tuning.wgmma_varlen(d)])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_wgmma_varlen_large_batches(dtype, head_dim, wgmma_on):
+    rng, seed = new_rng()
+    shape = draw_varlen(rng, large=True, head_dim=head_dim)
+    shape.head_dim_v = head_dim
+    check_varlen_forward(shape, dtype, causal=bool(rng.integers(2)), rng=rng, seed=seed, kernel="wgmma",
+                         device_seqlens=bool(rng.integers(2)))
+
+
+def test_wgmma_varlen_dispatch_follows_the_register_budget():
+    """Varlen on wgmma where ptxas leaves it spill-free (tuning.wgmma_varlen): plain at
+    head_dim 64 and 128, with variants only at 64; 192, 256 and bias keep mma."""
+    from nbflash.spec import Variant
+
+    everything = Variant(window=True, softcap=True, alibi=True)
+    assert tuning.wgmma_varlen(64) and tuning.wgmma_varlen(128)
+    assert tuning.wgmma_varlen(64, everything) and not tuning.wgmma_varlen(128, everything)
+    assert not tuning.wgmma_varlen(128, Variant(softcap=True))
+    assert not tuning.wgmma_varlen(192) and not tuning.wgmma_varlen(256)
+    assert not tuning.wgmma_varlen(64, Variant(bias=True))

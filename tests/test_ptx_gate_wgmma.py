@@ -11,7 +11,9 @@ import pytest
 
 import gate_jobs
 from nbflash import tuning
+from nbflash.spec import Variant
 
+EVERYTHING = Variant(window=True, softcap=True, alibi=True)
 SM90_REGISTERS = 65536
 SM90_SHARED_PER_CTA = 227 * 1024
 
@@ -27,14 +29,17 @@ def reports():
     # plain and with all three (the worker's BF16_VARIANTS says why); each once
     forward = [r for r in rows if r["kind"] == "forward"]
     assert len(forward) == sum(2 * (8 + 2 if d in tuning.WGMMA_VARIANT_HEAD_DIMS else 2)
-                               for d in tuning.WGMMA_TILES), rows
+                               + sum(tuning.wgmma_varlen(d, v) for v in (None, EVERYTHING)) for d in tuning.WGMMA_TILES), rows
+    assert {r["key"] for r in forward if "-varlen" in r["key"]} and all(
+        "-causal" in r["key"] for r in forward if "-varlen" in r["key"]), rows
     assert {r["variant"] for r in forward if "-fp16-" in r["key"]} == {
         "", "-win", "-cap", "-alibi", "-win-cap", "-win-alibi", "-cap-alibi", "-win-cap-alibi"}, rows
     assert {r["variant"] for r in forward if "-bf16-" in r["key"]} == {"", "-win-cap-alibi"}, rows
     assert len({r["key"] for r in forward}) == len(forward), rows
-    # both kernels of every wgmma backward plan: (head_dim, dtype, causal) x (dkdv, dq)
+    # both kernels (dkdv, dq) of every wgmma backward plan: per head_dim fp16 full and
+    # causal, bf16 causal (the worker's backward_specs says why)
     backward = [r for r in rows if r["kind"] == "backward"]
-    assert len(backward) == len(tuning.WGMMA_BWD_TILES) * 2 * 2 * 2, rows
+    assert len(backward) == len(tuning.WGMMA_BWD_TILES) * 3 * 2, rows
     assert len({r["key"] for r in backward}) == len(backward), rows
     return rows
 

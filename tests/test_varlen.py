@@ -8,43 +8,28 @@ import pytest
 
 import nbflash
 from helpers import (
-    DTYPES, SIMULATOR, assert_close, assert_lse_close, draw_varlen, new_rng, poisoned,
-    random_array, to_device, to_host, VarlenShape,
+    DTYPES, SIMULATOR, assert_close, assert_lse_close, draw_varlen, new_rng, random_array, to_device,
+    to_host, VarlenShape,
 )
-from nbflash import tuning
+from helpers import check_varlen_forward as run_and_check
+from nbflash import plans, tuning
 
 HALF_DTYPES = DTYPES[:2]
 SHIPPED = sorted(tuning.MMA_TILES)
 SIM_HEAD_DIM = 32  # the cheapest shipped tensor-core head_dim to emulate
 
 
-def run_and_check(shape: VarlenShape, dtype, *, causal, rng, seed, kernel=None, max_seqlens=False,
-                  slack=0, device_seqlens=False, values=None, check_seqlens=True):
-    """Run attention_varlen into a NaN-poisoned out and compare out and lse with the
-    oracle. ``kernel`` pins the expected backend; ``max_seqlens`` passes the maxima
-    (plus ``slack``); ``device_seqlens`` passes cu_seqlens as device arrays."""
-    q, k, v = values if values is not None else (random_array(rng, s, dtype) for s in shape.qkv_shapes())
-    dq, dk, dv = (to_device(a) for a in (q, k, v))
-    cu_q, cu_k = shape.cu_seqlens()
-    spec = nbflash.forward_spec_varlen(dq, dk, dv, causal=causal, return_lse=True)
-    assert spec.varlen and "-varlen" in spec.key
-    if kernel is not None:
-        assert spec.kernel == kernel, f"expected the {kernel} kernel, got {spec.key}"
-    ref, ref_lse = nbflash.reference.attention_varlen(q, k, v, cu_q, cu_k, causal=causal, return_lse=True)
-    kwargs = {}
-    if max_seqlens:
-        kwargs = dict(max_seqlen_q=max(shape.seqlens_q, default=0) + slack,
-                      max_seqlen_k=max(shape.seqlens_k, default=0) + slack)
-    if device_seqlens:
-        cu_q, cu_k = to_device(cu_q), to_device(cu_k)
-    out = poisoned(ref.shape, dtype)
-    got, lse = nbflash.attention_varlen(dq, dk, dv, cu_q, cu_k, causal=causal, return_lse=True, out=out,
-                                        check_seqlens=check_seqlens, **kwargs)
-    assert got is out
-    assert lse.dtype == np.float32 and lse.shape == (shape.heads_q, sum(shape.seqlens_q))
-    assert_close(got, ref, dtype, seed=seed)
-    assert_lse_close(lse, ref_lse, seed=seed)
-    return got, lse
+@pytest.fixture(autouse=True)
+def mma_sync_for_mma_tests(request, monkeypatch):
+    """Tests named for the mma kernel pin it (on sm_90 varlen at head_dim 64 / 128 takes
+    the wgmma forward), those named for wgmma turn that one on (also on the simulator)."""
+    if "mma" in request.node.name:
+        monkeypatch.setenv("NBFLASH_WGMMA", "1" if "wgmma" in request.node.name else "0")
+        plans.forget()
+        yield
+        plans.forget()
+    else:
+        yield
 
 
 # --- the portable kernel, every dtype -------------------------------------------------
@@ -378,7 +363,7 @@ def _assert_guards_nan(name, buffer, guard, seed):
     assert np.isnan(big[:guard]).all() and np.isnan(big[-guard:]).all(), f"{name}: a guard row changed (seed {seed})"
 
 
-@pytest.mark.parametrize("kernel", ["simt", "mma"])
+@pytest.mark.parametrize("kernel", ["simt", "mma", "wgmma"])
 def test_unchecked_bad_cu_seqlens_are_clamped_and_stay_inside_the_tensors(kernel, monkeypatch):
     """check_seqlens=False never reads cu_seqlens on the host (the host check is made
     to fail), and malformed values (negative, past total, decreasing, int32 extremes)
@@ -394,7 +379,8 @@ def test_unchecked_bad_cu_seqlens_are_clamped_and_stay_inside_the_tensors(kernel
 
     monkeypatch.setattr(api_varlen, "_check_prefix_sums", no_host_check)
     rng, seed = new_rng()
-    dtype, dim = (np.dtype(np.float16), SIM_HEAD_DIM) if kernel == "mma" else (np.dtype(np.float32), 8)
+    dtype, dim = {"simt": (np.dtype(np.float32), 8), "mma": (np.dtype(np.float16), SIM_HEAD_DIM),
+                  "wgmma": (np.dtype(np.float16), 64)}[kernel]
     total_q, total_k, heads_kv, group, guard = int(rng.integers(8, 14)), int(rng.integers(6, 12)), 1, 2, 3
     heads_q = heads_kv * group
     bufs = {}
@@ -412,6 +398,7 @@ def test_unchecked_bad_cu_seqlens_are_clamped_and_stay_inside_the_tensors(kernel
                      int(rng.integers(0, total_k)), INT32_MAX, int(rng.integers(-3, total_k))], np.int32)
     causal = bool(rng.integers(2))
     max_q = int(rng.choice([total_q, INT32_MAX]))  # a loose bound (clamped to total_q)
+    assert nbflash.forward_spec_varlen(dq, dk, dv, causal=causal, return_lse=True).kernel == kernel
     got, lse = nbflash.attention_varlen(dq, dk, dv, to_device(cu_q), to_device(cu_k), max_seqlen_q=max_q,
                                         causal=causal, return_lse=True, out=dout, check_seqlens=False)
     assert got is dout

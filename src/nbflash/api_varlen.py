@@ -12,7 +12,7 @@ import numbers
 
 import numpy as np
 
-from . import api, arrays, device, launch, variants
+from . import api, arrays, device, launch, tuning, variants
 from .spec import ForwardSpec
 
 _INT32 = np.dtype(np.int32)
@@ -111,7 +111,8 @@ def _validate_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, pr
 
 
 def _varlen_spec(problem, causal, return_lse, views, variant=variants.PLAIN) -> ForwardSpec:
-    spec = api.choose_forward_spec(problem, causal, return_lse, views, variant, wgmma=False)
+    spec = api.choose_forward_spec(problem, causal, return_lse, views, variant,
+                                   wgmma=tuning.wgmma_varlen(problem.head_dim, variant))
     return dataclasses.replace(spec, varlen=True)
 
 
@@ -289,7 +290,7 @@ def _forward_varlen(problem, views, out_op, seqlens, causal, scale, return_lse, 
     acc_type = np.float64 if problem.dtype == arrays.FLOAT64 else np.float32
     kernel = launch.compiled(spec)
     grid = (-(-seqlens.max_seqlen_q // spec.block_m), problem.heads_q, seqlens.batch)
-    args = [launch.numba_view(arrays.kernel_view(a, spec.kernel == "mma")) for a in (*views, out[None])]
+    args = [launch.numba_view(arrays.kernel_view(a, spec.kernel != "simt")) for a in (*views, out[None])]
     args += [launch.numba_view(lse_view), acc_type(scale), problem.heads_q // problem.heads_kv]
     args += [launch.numba_view(cu_q), launch.numba_view(cu_k)]
     args += api.variant_kernel_args(problem, views, var)

@@ -465,6 +465,20 @@ def wgmma_variant(variant, head_dim: int = 64) -> bool:
     return head_dim in WGMMA_VARIANT_HEAD_DIMS and not (variant.bias or variant.mask or variant.dropout)
 
 
+WGMMA_VARLEN_VARIANT_HEAD_DIMS = (64,)
+
+
+def wgmma_varlen(head_dim: int, variant=None) -> bool:
+    """The wgmma forward also runs packed varlen batches (nbflash.attention_varlen): plain
+    at head_dim 64 and 128, with the light variants at 64. ptxas (sm_90a, causal): d64
+    plain 114 -> 136 registers with varlen, with window + softcap + ALiBi 168 -> 196; d128
+    plain 214 -> 229, with all three 255 -> 255 and 88 bytes of spills. 192 and 256 sit
+    at 250-254 registers dense. The rest keep forward_mma."""
+    if variant:
+        return head_dim in WGMMA_VARLEN_VARIANT_HEAD_DIMS and wgmma_variant(variant, head_dim)
+    return head_dim in WGMMA_VARIANT_HEAD_DIMS
+
+
 def set_wgmma(enabled: bool):
     """Set NBFLASH_WGMMA for this process and forget the dispatch decisions
     nbflash.attention remembered (perf/bench_forward.py --wgmma times both paths)."""

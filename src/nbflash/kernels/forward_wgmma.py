@@ -1,7 +1,7 @@
 """The Hopper forward kernel (sm_90a): FlashAttention-2's algorithm on warpgroup MMA,
-fp16 and bf16, head_dim 64, 128, 192 and 256, dense (no varlen), with the light variants
-(sliding window, softcap, ALiBi, at head_dim 64 and 128; bias, mask and dropout keep
-forward_mma). nbflash.attention's
+fp16 and bf16, head_dim 64, 128, 192 and 256, with the light variants (sliding window,
+softcap, ALiBi) and packed varlen batches at head_dim 64 and 128 (varlen with variants at
+64: tuning.wgmma_varlen; bias, mask and dropout keep forward_mma). nbflash.attention's
 kernel on sm_90 for those (tuning.wgmma_tiles; NBFLASH_WGMMA=0 turns it off).
 
 Work partition: a CTA owns block_m = 64 x warpgroups query rows of one (batch, query
@@ -50,6 +50,7 @@ from ..spec import ForwardSpec
 from . import ptx
 from . import ptx_wgmma as wg
 from .score_mods import alibi_split, window_key_range
+from .varlen import sequence_span
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -64,10 +65,11 @@ def shared_bytes(spec: ForwardSpec) -> int:
 
 
 def make_issue_tile(head_dim: int, rows: int, threads: int):
-    """issue_tile(src, smem, base, b, h, n0, seqlen, tid): cp.async rows n0 .. n0 + rows - 1
-    of src[b, :, h, :] (16-bit, 16-byte aligned rows) into the swizzled tile of ``rows``
-    rows at word ``base``; rows at or past seqlen are zero-filled (their source address
-    clamped into the tensor). Each thread keeps one 16-byte chunk column where the
+    """issue_tile(src, smem, base, b, h, start, n0, seqlen, tid): cp.async rows n0 .. n0 +
+    rows - 1 of the sequence at rows start .. start + seqlen - 1 of src[b, :, h, :] (16-bit,
+    16-byte aligned rows; start is 0 but for packed varlen tensors) into the swizzled
+    tile of ``rows`` rows at word ``base``; rows at or past seqlen are zero-filled (their
+    source address clamped into the sequence). Each thread keeps one 16-byte chunk column where the
     threads tile a row evenly; otherwise (head_dim 192: 24 chunks a row) the threads
     stride over the tile's chunks in row-major order."""
     CHUNKS = head_dim // 8
@@ -75,28 +77,28 @@ def make_issue_tile(head_dim: int, rows: int, threads: int):
     PASSES = (rows + RSTEP - 1) // RSTEP if threads % CHUNKS == 0 else (rows * CHUNKS + threads - 1) // threads
 
     @cuda.jit(device=True, inline=True)
-    def issue_chunk(src, smem, base, r, c, b, h, n0, seqlen):
+    def issue_chunk(src, smem, base, r, c, b, h, start, n0, seqlen):
         j = np.int32(n0 + r)
         nbytes = np.int32(16) if j < seqlen else np.int32(0)
         j = max(np.int32(0), min(j, np.int32(seqlen - 1)))
         ptx.cp_async_16(ptx.shared_address(smem, (base + wg.chunk_word(r, c, rows),)),
-                        ptx.global_address(src, (b, j, h, c * np.int32(8))), nbytes)
+                        ptx.global_address(src, (b, start + j, h, c * np.int32(8))), nbytes)
 
     @cuda.jit(device=True, inline=True)
-    def issue_tile(src, smem, base, b, h, n0, seqlen, tid):
+    def issue_tile(src, smem, base, b, h, start, n0, seqlen, tid):
         if threads % CHUNKS == 0:
             c = np.int32(tid % CHUNKS)
             r0 = np.int32(tid // CHUNKS)
             for it in range(PASSES):
                 r = r0 + np.int32(it * RSTEP)
                 if rows % RSTEP == 0 or r < rows:
-                    issue_chunk(src, smem, base, r, c, b, h, n0, seqlen)
+                    issue_chunk(src, smem, base, r, c, b, h, start, n0, seqlen)
         else:
             for it in range(PASSES):
                 e = np.int32(tid + it * threads)
                 if (rows * CHUNKS) % threads == 0 or e < rows * CHUNKS:
                     r = e // np.int32(CHUNKS)
-                    issue_chunk(src, smem, base, r, e - r * np.int32(CHUNKS), b, h, n0, seqlen)
+                    issue_chunk(src, smem, base, r, e - r * np.int32(CHUNKS), b, h, start, n0, seqlen)
 
     return issue_tile
 
@@ -133,15 +135,18 @@ def build(spec: ForwardSpec):
 
     Arguments as forward_mma's (so the launch code is shared): q, k, v, out as uint16
     views of the 16-bit data, q (B, Nq, Hq, D), k and v (B, Nk, Hkv, D), out (B, Nq, Hq,
-    D), lse (B, Hq, Nq) float32, scale (float32), group = Hq // Hkv, then cu_seqlens
-    (never read: dense only) and the variant arguments of nbflash.variants.KERNEL_ARGS,
+    D), lse (B, Hq, Nq) float32, scale (float32), group = Hq // Hkv, then cu_seqlens_q and
+    cu_seqlens_k (read with spec.varlen: packed (1, total, heads, D) tensors, blockIdx.z
+    the sequence, the grid covering the longest one, as forward_mma) and the variant arguments of nbflash.variants.KERNEL_ARGS,
     of which window_left, window_right, softcap and alibi are read where spec.variant
     turns them on. Requires 16-byte aligned rows of q, k and v (checked by the caller)."""
     assert spec.kernel == "wgmma" and spec.dtype in ("fp16", "bf16")
     assert spec.head_dim == spec.head_dim_v and spec.head_dim in HEAD_DIMS
-    assert not spec.varlen and spec.stages == STAGES
+    assert spec.stages == STAGES
     VAR = spec.variant
     assert tuning.wgmma_variant(VAR, spec.head_dim), VAR
+    VARLEN = spec.varlen
+    assert not VARLEN or tuning.wgmma_varlen(spec.head_dim, VAR), spec.key
     D = spec.head_dim
     BM, BN, T = spec.block_m, spec.block_n, spec.threads
     assert T % 128 == 0 and BM == 64 * (T // 128) and BN % 16 == 0 and 16 <= BN <= 256
@@ -185,9 +190,18 @@ def build(spec: ForwardSpec):
         h = cuda.blockIdx.y
         # 32-bit: a 64-bit division is a call in SASS, and any call serializes the wgmma
         hk = uint32(h) // uint32(group)
-        b = cuda.blockIdx.z
-        seqlen_q = np.int32(q.shape[1])
-        seqlen_k = np.int32(k.shape[1])
+        if VARLEN:  # one packed sequence per blockIdx.z; its rows are offset by its start
+            b = 0
+            q_start, seqlen_q = sequence_span(cu_seqlens_q, cuda.blockIdx.z, q.shape[1])
+            k_start, seqlen_k = sequence_span(cu_seqlens_k, cuda.blockIdx.z, k.shape[1])
+            if row0 >= seqlen_q:  # the grid covers the longest sequence; the whole CTA leaves
+                return
+        else:
+            b = cuda.blockIdx.z
+            q_start = np.int32(0)
+            k_start = np.int32(0)
+            seqlen_q = np.int32(q.shape[1])
+            seqlen_k = np.int32(k.shape[1])
         # rows of this thread: my_row + 8 half (the accumulator layout, ptx_wgmma)
         my_row = np.int32(row0 + wgi * 64 + (tid // 32) % 4 * 16 + g)
         s_log2 = float32(scale * LOG2E)  # what turns an S value into exp2 units in the softmax
@@ -195,7 +209,7 @@ def build(spec: ForwardSpec):
             cap_in = float32(scale / softcap)
             s_log2 = float32(softcap * LOG2E)
         if ALIBI:
-            slope_log2 = float32(alibi[b, h] * LOG2E)
+            slope_log2 = float32(alibi[cuda.blockIdx.z, h] * LOG2E)  # (batch or sequence, head)
             slope_u = slope_log2 / s_log2  # the slope in S units: slope / scale, or slope / softcap
             row_g = float32(my_row - row0)  # this thread's first row, relative to the CTA's
 
@@ -212,10 +226,10 @@ def build(spec: ForwardSpec):
             tile_first = np.int32(first) // np.int32(BN)
             n_tiles = (np.int32(end) + np.int32(BN - 1)) // np.int32(BN) - tile_first
 
-        issue_q(q, smem, base, b, h, row0, seqlen_q, tid)
+        issue_q(q, smem, base, b, h, q_start, row0, seqlen_q, tid)
         if n_tiles > 0:
-            issue_kv(k, smem, base + K_OFF, b, hk, tile_first * np.int32(BN), seqlen_k, tid)
-            issue_kv(v, smem, base + V_OFF, b, hk, tile_first * np.int32(BN), seqlen_k, tid)
+            issue_kv(k, smem, base + K_OFF, b, hk, k_start, tile_first * np.int32(BN), seqlen_k, tid)
+            issue_kv(v, smem, base + V_OFF, b, hk, k_start, tile_first * np.int32(BN), seqlen_k, tid)
         ptx.cp_async_commit()
 
         desc_q = wg.smem_desc(ptx.shared_address(smem, (base + wgi * WG_ROWS_WORDS,)), K_MAJOR_LBO)
@@ -238,8 +252,8 @@ def build(spec: ForwardSpec):
             n0 = np.int32((tile_first + it) * BN) if WINDOW else np.int32(it * BN)
             if it + 1 < n_tiles:
                 nxt = (1 - stage) * KV_WORDS
-                issue_kv(k, smem, base + K_OFF + nxt, b, hk, n0 + np.int32(BN), seqlen_k, tid)
-                issue_kv(v, smem, base + V_OFF + nxt, b, hk, n0 + np.int32(BN), seqlen_k, tid)
+                issue_kv(k, smem, base + K_OFF + nxt, b, hk, k_start, n0 + np.int32(BN), seqlen_k, tid)
+                issue_kv(v, smem, base + V_OFF + nxt, b, hk, k_start, n0 + np.int32(BN), seqlen_k, tid)
             ptx.cp_async_commit()
             ptx.cp_async_wait_group(1)  # this tile's group (and Q) has landed
             wg.fence_proxy_async()  # cp.async writes are generic-proxy; wgmma reads via the async proxy
@@ -376,13 +390,13 @@ def build(spec: ForwardSpec):
                 for j in range(O_BLOCKS):
                     word = pack(o[4 * j + 2 * half] * inv, o[4 * j + 2 * half + 1] * inv)
                     col = j * 8 + 2 * t
-                    out[b, i, h, col] = np.uint16(word & 0xFFFF)
-                    out[b, i, h, col + 1] = np.uint16(word >> 16)
+                    out[b, q_start + i, h, col] = np.uint16(word & 0xFFFF)
+                    out[b, q_start + i, h, col + 1] = np.uint16(word >> 16)
                 if WITH_LSE and t == 0:
                     if l_sum > 0:
-                        lse[b, h, i] = m_i[half] * LN2 + math.log(l_sum)
+                        lse[b, h, q_start + i] = m_i[half] * LN2 + math.log(l_sum)
                     else:
-                        lse[b, h, i] = NEG_INF
+                        lse[b, h, q_start + i] = NEG_INF
 
     # .maxntid: ptxas keeps registers x threads within the SM's 64K (3 warpgroups: <= 168)
     bounds = {} if ptx.SIMULATED else {"launch_bounds": T}
