@@ -57,6 +57,7 @@ from .forward_wgmma import K_MAJOR_LBO, make_issue_tile
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128)
 STAGES = 2
+ZERO = np.int32(0)  # make_issue_tile's row offset: dense tensors start at row 0
 
 
 def _dkdv_layout(spec):
@@ -185,11 +186,11 @@ def _build_dkdv(spec):
         total = np.int32(uint32(m_tiles) * uint32(group))  # (query head, query tile) pairs
         h0 = uint32(hk) * uint32(group)
 
-        issue_kv(k, smem, base + K_OFF, b, hk, n0, seqlen_k, tid)
-        issue_kv(v, smem, base + V_OFF, b, hk, n0, seqlen_k, tid)
+        issue_kv(k, smem, base + K_OFF, b, hk, ZERO, n0, seqlen_k, tid)
+        issue_kv(v, smem, base + V_OFF, b, hk, ZERO, n0, seqlen_k, tid)
         if total > 0:
-            issue_q(q, smem, base + Q_OFF, b, h0, m_begin, seqlen_q, tid)
-            issue_q(do, smem, base + DO_OFF, b, h0, m_begin, seqlen_q, tid)
+            issue_q(q, smem, base + Q_OFF, b, h0, ZERO, m_begin, seqlen_q, tid)
+            issue_q(do, smem, base + DO_OFF, b, h0, ZERO, m_begin, seqlen_q, tid)
             if tid < BM:
                 smem[base + LSE_OFF + tid] = ptx.f32_as_u32(_lse_log2(lse, b, h0, m_begin + tid, seqlen_q))
                 smem[base + DELTA_OFF + tid] = ptx.f32_as_u32(_delta_of(delta, b, h0, m_begin + tid, seqlen_q))
@@ -224,8 +225,8 @@ def _build_dkdv(spec):
                 m1 = m_begin + np.int32(uint32(it + 1) - h1 * uint32(m_tiles)) * np.int32(BM)
                 h1 = h0 + h1
                 nxt = (1 - stage) * Q_WORDS
-                issue_q(q, smem, base + Q_OFF + nxt, b, h1, m1, seqlen_q, tid)
-                issue_q(do, smem, base + DO_OFF + nxt, b, h1, m1, seqlen_q, tid)
+                issue_q(q, smem, base + Q_OFF + nxt, b, h1, ZERO, m1, seqlen_q, tid)
+                issue_q(do, smem, base + DO_OFF + nxt, b, h1, ZERO, m1, seqlen_q, tid)
                 if tid < BM:
                     next_lse = _lse_log2(lse, b, h1, m1 + tid, seqlen_q)
                     next_delta = _delta_of(delta, b, h1, m1 + tid, seqlen_q)
@@ -366,11 +367,11 @@ def _build_dq(spec):
             key_end = max(np.int32(0), min(seqlen_k, m0 + np.int32(BM) + shift))
         n_tiles = (key_end + np.int32(BN - 1)) // np.int32(BN)
 
-        issue_q(q, smem, base + Q_OFF, b, h, m0, seqlen_q, tid)
-        issue_q(do, smem, base + DO_OFF, b, h, m0, seqlen_q, tid)
+        issue_q(q, smem, base + Q_OFF, b, h, ZERO, m0, seqlen_q, tid)
+        issue_q(do, smem, base + DO_OFF, b, h, ZERO, m0, seqlen_q, tid)
         if n_tiles > 0:
-            issue_kv(k, smem, base + K_OFF, b, hk, np.int32(0), seqlen_k, tid)
-            issue_kv(v, smem, base + V_OFF, b, hk, np.int32(0), seqlen_k, tid)
+            issue_kv(k, smem, base + K_OFF, b, hk, ZERO, np.int32(0), seqlen_k, tid)
+            issue_kv(v, smem, base + V_OFF, b, hk, ZERO, np.int32(0), seqlen_k, tid)
         ptx.cp_async_commit()
 
         desc_q = wg.smem_desc(ptx.shared_address(smem, (base + Q_OFF + wgi * WG_ROWS_WORDS,)), K_MAJOR_LBO)
@@ -391,8 +392,8 @@ def _build_dq(spec):
             n0 = np.int32(it * BN)
             if it + 1 < n_tiles:
                 nxt = (1 - stage) * KV_WORDS
-                issue_kv(k, smem, base + K_OFF + nxt, b, hk, n0 + np.int32(BN), seqlen_k, tid)
-                issue_kv(v, smem, base + V_OFF + nxt, b, hk, n0 + np.int32(BN), seqlen_k, tid)
+                issue_kv(k, smem, base + K_OFF + nxt, b, hk, ZERO, n0 + np.int32(BN), seqlen_k, tid)
+                issue_kv(v, smem, base + V_OFF + nxt, b, hk, ZERO, n0 + np.int32(BN), seqlen_k, tid)
             ptx.cp_async_commit()
             ptx.cp_async_wait_group(1)
             wg.fence_proxy_async()
