@@ -6,8 +6,9 @@ parameters, 49 of them variant and cu_seqlens members it never reads).
     python perf/probe_launch_params.py
 
 Empty kernels taking 1, 4 and 9 four-dimensional arrays plus scalars (13 parameters per
-array) launch through nbflash.launch's Launcher (kernelParams) and, for the same
-CUfunction, through one packed buffer ("extra"). Prints host microseconds per launch as
+array) launch through a prepared nbflash.launch launch (Bound.fixed: parameters packed
+once, a void* per parameter in kernelParams) and, for the same CUfunction, through one
+packed buffer ("extra"); neither packs anything per call. Prints host microseconds per launch as
 perf/bench_overhead.py measures them: with the GPU held busy by a spin kernel (the state
 a model's loop is in; the two ways interleaved chunk by chunk) and with it free."""
 
@@ -80,8 +81,10 @@ def main():
         launcher = next(v for k, v in launch._launchers.items() if k[0] == id(kernel))
         keep, extra = extra_buffer(launcher.handle, launcher.layout, views)
 
+        go = launcher.bind(views).fixed((1, 1, 1), (32, 1, 1), 0, varying=0)  # packed once, as plans do
+
         def by_pointers():
-            launcher((1, 1, 1), (32, 1, 1), 0, stream.ptr, views)
+            go(stream.ptr)
 
         def by_buffer():
             launchKernel(launcher.handle, 1, 1, 1, 32, 1, 1, 0, stream.ptr, 0, extra)
