@@ -239,48 +239,6 @@ def first_call(cache_dir):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def packed_extra_launch(bound, layout, handle, grid, block, shared, stream_ptr):
-    """A launch of ``bound``'s parameters as one packed buffer through cuLaunchKernel's
-    ``extra`` (CU_LAUNCH_PARAM_BUFFER_POINTER), instead of a void* per parameter:
-    each parameter at its natural alignment, as the PTX entry lays them out."""
-    import ctypes
-
-    from cuda.bindings import driver
-    from cupy_backends.cuda.api.driver import launchKernel
-
-    offsets, end = [], 0
-    for n in layout.param_sizes:
-        end = -(-end // n) * n
-        offsets.append(end)
-        end += n
-    # never launch on a guess: the driver's own offsets must agree (CUDA 12.4+)
-    told = []
-    for i in range(len(offsets)):
-        err, offset, size = driver.cuKernelGetParamInfo(driver.CUkernel(handle), i)
-        if err != driver.CUresult.CUDA_SUCCESS:
-            err, offset, size = driver.cuFuncGetParamInfo(driver.CUfunction(handle), i)
-        if err != driver.CUresult.CUDA_SUCCESS:
-            raise RuntimeError(f"parameter {i}: no offset from the driver ({err})")
-        told.append(offset)
-    if told != offsets:
-        raise RuntimeError(f"parameter offsets {told} differ from the packed ones {offsets}")
-    total = -(-end // 8) * 8
-    buffer = (ctypes.c_uint8 * max(total, 8))()
-    raw = bytes(bound._buffer)
-    for i, (offset, n) in enumerate(zip(offsets, layout.param_sizes)):
-        ctypes.memmove(ctypes.addressof(buffer) + offset, raw[8 * i: 8 * i + n], n)
-    size = ctypes.c_size_t(total)
-    extra = (ctypes.c_void_p * 5)(1, ctypes.addressof(buffer), 2, ctypes.addressof(size), 0)
-    keep = (buffer, size, extra)
-    address = ctypes.addressof(extra)
-
-    def go():
-        launchKernel(handle, *grid, *block, shared, stream_ptr, 0, address)
-
-    go.keep = keep
-    return go
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--stub", action="store_true",
@@ -387,17 +345,6 @@ def main():
 
             optional("part: prepared launch (ctypes)", ctypes_go)
 
-            def extra_go():
-                check = cupy.full_like(out, cupy.nan)
-                bound_check = fast.bind(kargs)
-                bound_check._slots[fast.layout.data_slots[3]] = check.data.ptr
-                packed_extra_launch(bound_check, fast.layout, fast.handle, grid, block, shared, stream_ptr)()
-                gpu.sync()
-                if not bool(cupy.array_equal(check, want)):
-                    raise AssertionError("the packed-buffer launch gave another answer")
-                return packed_extra_launch(fast.bind(kargs), fast.layout, fast.handle, grid, block, shared,
-                                           stream_ptr)
-
         def handle_kinds():
             # a disk-cache load gives a CUkernel, a compile a CUfunction (this process's
             # launcher has either, depending on whether the disk cache held the kernel)
@@ -460,8 +407,6 @@ def main():
         print("# torch not importable: no SDPA yardstick", file=sys.stderr)
 
     gpu_us, gpu_held = kernel_gpu_us(lambda: plan(q, k, v, out=out), gpu)
-    if fast is not None and fast._driver.kind == "cupy":  # last: a wrong layout could fault the context
-        optional("part: one packed buffer (extra)", extra_go)
 
     with tempfile.TemporaryDirectory() as cache:
         cold = first_call(cache)

@@ -6,9 +6,9 @@ parameters, 49 of them variant and cu_seqlens members it never reads).
     python perf/probe_launch_params.py
 
 Empty kernels taking 1, 4 and 9 four-dimensional arrays plus scalars (13 parameters per
-array) launch through a prepared nbflash.launch launch (Bound.fixed: parameters packed
-once, a void* per parameter in kernelParams) and, for the same CUfunction, through one
-packed buffer ("extra"); neither packs anything per call. Prints host microseconds per launch as
+array) launch from one packed parameter block, through a void* per parameter
+(kernelParams) and through the block whole ("extra": nbflash.launch's way since this
+probe, Bound.fixed); neither packs anything per call. Prints host microseconds per launch as
 perf/bench_overhead.py measures them: with the GPU held busy by a spin kernel (the state
 a model's loop is in; the two ways interleaved chunk by chunk) and with it free."""
 
@@ -30,10 +30,6 @@ from nbflash import launch  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from bench_overhead import Gpu, free_per_call, host_per_call_interleaved  # noqa: E402
 
-CU_LAUNCH_PARAM_END = 0x00
-CU_LAUNCH_PARAM_BUFFER_POINTER = 0x01
-CU_LAUNCH_PARAM_BUFFER_SIZE = 0x02
-
 
 def kernel_of(arrays):
     names = ", ".join([f"a{i}" for i in range(arrays)] + ["s", "g"])
@@ -43,29 +39,10 @@ def kernel_of(arrays):
     return cuda.jit(namespace["empty"])
 
 
-def extra_buffer(handle, layout, args):
-    """The kernel's parameters packed at the offsets the driver reports, and the extra
-    array that hands them over."""
-    from cuda.bindings import driver
-
-    fn = driver.CUfunction(handle)
-    offsets = []
-    for i, size in enumerate(layout.param_sizes):
-        err, offset, got = driver.cuFuncGetParamInfo(fn, i)
-        assert err == driver.CUresult.CUDA_SUCCESS and got == size, (err, got, size)
-        offsets.append(offset)
-    total = offsets[-1] + layout.param_sizes[-1]
-    slots = (ctypes.c_uint64 * layout.slots)()
-    layout.pack(slots, args)
-    raw = bytes(slots)
-    packed = bytearray(total)
-    for i, (offset, size) in enumerate(zip(offsets, layout.param_sizes)):
-        packed[offset:offset + size] = raw[8 * i:8 * i + size]
-    buffer = (ctypes.c_char * total).from_buffer_copy(packed)
-    size = ctypes.c_size_t(total)
-    extra = (ctypes.c_void_p * 5)(CU_LAUNCH_PARAM_BUFFER_POINTER, ctypes.addressof(buffer),
-                                   CU_LAUNCH_PARAM_BUFFER_SIZE, ctypes.addressof(size), CU_LAUNCH_PARAM_END)
-    return (buffer, size, extra), ctypes.addressof(extra)
+def pointer_array(layout, buffer):
+    """cuLaunchKernel's kernelParams for a packed block: a void* to each parameter."""
+    base = ctypes.addressof(buffer)
+    return (ctypes.c_void_p * len(layout.param_offsets))(*[base + o for o in layout.param_offsets])
 
 
 def main():
@@ -79,21 +56,21 @@ def main():
         launch.launch(kernel, (1,), 32, views, 0, stream.ptr)
         stream.synchronize()
         launcher = next(v for k, v in launch._launchers.items() if k[0] == id(kernel))
-        keep, extra = extra_buffer(launcher.handle, launcher.layout, views)
-
-        go = launcher.bind(views).fixed((1, 1, 1), (32, 1, 1), 0, varying=0)  # packed once, as plans do
+        bound = launcher.bind(views)
+        go = bound.fixed((1, 1, 1), (32, 1, 1), 0, varying=0)  # the shipped path: the block through extra
+        pointers = pointer_array(launcher.layout, bound._buffer)
+        pointers_addr = ctypes.addressof(pointers)
 
         def by_pointers():
-            go(stream.ptr)
+            launchKernel(launcher.handle, 1, 1, 1, 32, 1, 1, 0, stream.ptr, pointers_addr, 0)
 
         def by_buffer():
-            launchKernel(launcher.handle, 1, 1, 1, 32, 1, 1, 0, stream.ptr, 0, extra)
+            go(stream.ptr)
 
         busy = host_per_call_interleaved({"ptrs": by_pointers, "buffer": by_buffer}, 2000, gpu)
         free = [free_per_call(fn, 2000, gpu)[0] for fn in (by_pointers, by_buffer)]
         print(f"{len(launcher.layout.param_sizes):7d} {arrays:7d} {busy['ptrs'][0]:10.2f} {busy['buffer'][0]:12.2f}"
               f" {free[0]:10.2f} {free[1]:12.2f}", flush=True)
-        del keep
 
 
 if __name__ == "__main__":

@@ -104,8 +104,11 @@ def main():
         layout = launch.ParamLayout(sig)
         buffer, _ = layout.new_buffer()
         layout.pack(buffer, args)
-        packed = bytes(buffer)[: 8 * layout.slots]
-        expected = numba_slots(numba_types, values)
+        block = layout.block(buffer)
+        # each parameter's bytes: ours at its offset in the block, Numba's in its 8-byte slot
+        packed = b"".join(block[o:o + n] for o, n in zip(layout.param_offsets, layout.param_sizes))
+        slots = numba_slots(numba_types, values)
+        expected = b"".join(slots[8 * i:8 * i + n] for i, n in enumerate(layout.param_sizes))
 
         ptx, _ = cuda.compile_ptx(namespace["kernel"], ours, cc=(8, 0))
         entry = ptx[ptx.index(".entry"):]
@@ -119,8 +122,12 @@ def main():
             "packed": packed.hex(), "numba_packed": expected.hex(),
             "param_sizes": list(layout.param_sizes), "ptx_param_sizes": declared,
             "data_slots_hold_pointers": [
-                struct.unpack_from("<Q", packed, 8 * i)[0] for i in layout.data_slots
+                struct.unpack_from("<Q", block, 8 * i)[0] for i in layout.data_slots
             ] == [v.device_ctypes_pointer.value for v in values if isinstance(v, DeviceNDArray)],
+            # natural alignment, as the PTX entry's parameter space lays them out
+            "offsets_aligned": all(o % n == 0 for o, n in zip(layout.param_offsets, layout.param_sizes))
+            and all(a + n <= b for a, n, b in zip(layout.param_offsets, layout.param_sizes,
+                                                   layout.param_offsets[1:] + (layout.size,))),
         }), flush=True)
 
 

@@ -45,6 +45,7 @@ def test_packed_parameters_are_byte_identical_to_numbas(abi_rows):
     for r in abi_rows:
         assert r["bytes_match"], (r["case"], r["packed"], r["numba_packed"])
         assert r["data_slots_hold_pointers"], r["case"]
+        assert r["offsets_aligned"], r["case"]
 
 
 def test_parameter_sizes_are_the_ones_the_ptx_entry_declares(abi_rows):
@@ -81,23 +82,27 @@ def test_device_arg_exposes_a_stream_free_cuda_array_interface():
 
 class RecordingDriver:
     """Stands in for libcuda's cuLaunchKernel as launch._Driver calls it (plain ints,
-    returning the CUresult, as the ctypes driver does): reads every parameter through
-    the void** array the way the driver does, and answers with the queued result codes."""
+    returning the CUresult, as the ctypes driver does): reads the parameter block
+    through the ``extra`` array the way the driver does (buffer pointer, pointer to its
+    size, end), and answers with the queued result codes."""
 
     kind = "recording"
 
-    def __init__(self, sizes, results=()):
-        self.sizes = sizes
+    def __init__(self, size, results=()):
+        self.size = size
         self.results = list(results)
         self.calls = []
 
-    def launch_kernel(self, handle, gx, gy, gz, bx, by, bz, shared, stream, params):
+    def launch_kernel(self, handle, gx, gy, gz, bx, by, bz, shared, stream, extra):
         import ctypes
 
-        for arg in (handle, gx, gy, gz, bx, by, bz, shared, stream, params):
+        for arg in (handle, gx, gy, gz, bx, by, bz, shared, stream, extra):
             assert type(arg) is int  # what CuPy's launchKernel takes as C integers
-        pointers = ctypes.cast(params, ctypes.POINTER(ctypes.c_void_p))
-        values = b"".join(ctypes.string_at(pointers[i], n) for i, n in enumerate(self.sizes))
+        words = ctypes.cast(extra, ctypes.POINTER(ctypes.c_uint64))
+        assert (words[0], words[2], words[4]) == (1, 2, 0)  # BUFFER_POINTER, BUFFER_SIZE, END
+        size = ctypes.c_size_t.from_address(words[3]).value
+        assert size == self.size
+        values = ctypes.string_at(words[1], size)
         self.calls.append(((handle, (gx, gy, gz), (bx, by, bz), shared, stream), values))
         return self.results.pop(0) if self.results else 0
 
@@ -116,14 +121,14 @@ class RaisingRecordingDriver(RecordingDriver):
     error = FakeDriverError
 
     def raw(self, handle, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
-        assert extra == 0
-        rc = RecordingDriver.launch_kernel(self, handle, gx, gy, gz, bx, by, bz, shared, stream, params)
+        assert params == 0  # kernelParams NULL: the block goes through extra
+        rc = RecordingDriver.launch_kernel(self, handle, gx, gy, gz, bx, by, bz, shared, stream, extra)
         if rc:
             raise FakeDriverError(rc)
 
     def launch_kernel(self, *args):
         try:
-            self.raw(*args, 0)
+            self.raw(*args[:-1], 0, args[-1])
         except FakeDriverError as error:
             return error.status
         return 0
@@ -135,8 +140,7 @@ DRIVERS = [RecordingDriver, RaisingRecordingDriver]
 def expected_params(layout, args):
     buffer, _ = layout.new_buffer()
     layout.pack(buffer, args)
-    raw = bytes(buffer)
-    return b"".join(raw[8 * i: 8 * i + n] for i, n in enumerate(layout.param_sizes))
+    return layout.block(buffer)
 
 
 @pytest.mark.parametrize("driver", DRIVERS, ids=lambda d: d.kind)
@@ -146,7 +150,7 @@ def test_launcher_hands_the_driver_every_parameter_and_bound_swaps_only_pointers
     lse = launch.DeviceArg(0x9000, (2, 4, 3), (48, 12, 4), f32, 24, 0, None)
     args = [a, lse, np.float32(0.5), 2]
     layout = launch.ParamLayout(launch.signature_of(args))
-    fake = driver(layout.param_sizes)
+    fake = driver(layout.size)
     monkeypatch.setattr(launch, "_driver", fake)
     launcher = launch.Launcher(0xBEEF, layout, 0, "kernel")
     launcher((3, 4, 2), (128, 1, 1), 1024, 0x51, args)
@@ -176,7 +180,7 @@ def test_launcher_hands_the_driver_every_parameter_and_bound_swaps_only_pointers
 def test_launcher_retries_once_in_the_primary_context_then_raises(driver, monkeypatch):
     arg = launch.DeviceArg(0x7000, (4,), (4,), np.dtype(np.float32), 4, 0, None)
     layout = launch.ParamLayout(launch.signature_of([arg]))
-    fake = driver(layout.param_sizes, results=[201, 0])
+    fake = driver(layout.size, results=[201, 0])
     monkeypatch.setattr(launch, "_driver", fake)
     made_current = []
     monkeypatch.setattr(launch, "_make_context_current", made_current.append)
