@@ -432,11 +432,11 @@ def main():
           "calling thread's CPU time; warm: the next chunk in the same hold (a loop's steady state); free: "
           "chunks with the GPU free; wall: unbroken loop + one sync" % CHUNK)
     print(f"{'way':36} {'host us':>8} {'cpu us':>8} {'warm us':>8} {'free us':>8} {'wall us':>8}  syncs")
-    for way, (host, cpu, warm, free, wall, held, synced) in results.items():
+    for way, (host, cpu, warm_us, free, wall, held, synced) in results.items():  # (warm: the first call's)
         flag = "YES" if synced else "no"
         if not held:
             flag += " (GPU went idle in a chunk)"
-        print(f"{way:36} {host:8.2f} {cpu:8.2f} {warm:8.2f} {free:8.2f} {wall:8.2f}  {flag}")
+        print(f"{way:36} {host:8.2f} {cpu:8.2f} {warm_us:8.2f} {free:8.2f} {wall:8.2f}  {flag}")
     for name, r in (("cold first call", cold), ("warm first call", warm)):
         print(f"{name:36} {r['first_call_s']:8.3f}s  (import {r['import_s']:.2f}s; {sorted(r['compile_seconds'])})")
     a, ao = results["nbflash.attention"][0], results["nbflash.attention(out=)"][0]
