@@ -132,13 +132,12 @@ class _Prepared:
                 return ValueError(f"out: overlaps {'qkv'[i]} in memory; pass a separate buffer")
         raise AssertionError("no overlap")
 
-    def run(self, qp, kp, vp, out, with_lse, stream):
-        """Allocate what is missing and launch; (out, lse), or None when the fast
-        launch failed (nothing launched; the caller takes the validated slow path).
-        ``with_lse`` is the entry's own (its key holds return_lse). The hot paths
-        inline this for stream=None."""
+    def allocate(self, out, with_lse, stream):
+        """(stream handle, out, lse): out allocated when None, lse when ``with_lse``
+        (else None), on ``stream``'s memory pool (None: CuPy's current stream, no
+        stream switch)."""
         lse = None
-        if stream is None:  # CuPy's current stream: allocate as CuPy would, no stream switch
+        if stream is None:
             sp = _get_current_stream().ptr
             if out is None:
                 out = _empty(self.out_shape, self.dtype)
@@ -151,6 +150,14 @@ class _Prepared:
                     out = _empty(self.out_shape, self.dtype)
                 if with_lse:
                     lse = _empty(self.lse_shape, _FLOAT32)
+        return sp, out, lse
+
+    def run(self, qp, kp, vp, out, with_lse, stream):
+        """Allocate what is missing and launch; (out, lse), or None when the fast
+        launch failed (nothing launched; the caller takes the validated slow path).
+        ``with_lse`` is the entry's own (its key holds return_lse). The hot paths
+        inline this for stream=None."""
+        sp, out, lse = self.allocate(out, with_lse, stream)
         try:
             if lse is None:
                 self.go(sp, qp, kp, vp, out.data.ptr)
@@ -375,20 +382,7 @@ def memoized_varlen(key, q, k, v, cu_q, cu_k, out, return_lse, stream):
         ov = entry.ov
         if ov is not None and (ov[0] <= qp - op <= ov[1] or ov[2] <= kp - op <= ov[3] or ov[4] <= vp - op <= ov[5]):
             raise entry.overlap_error(op, qp, kp, vp)
-    lse = None
-    if stream is None:
-        sp = _get_current_stream().ptr
-        if out is None:
-            out = _empty(entry.out_shape, entry.dtype)
-        if return_lse:
-            lse = _empty(entry.lse_shape, _FLOAT32)
-    else:
-        sp = launch.stream_handle(stream)
-        with _allocation_stream(stream, sp):
-            if out is None:
-                out = _empty(entry.out_shape, entry.dtype)
-            if return_lse:
-                lse = _empty(entry.lse_shape, _FLOAT32)
+    sp, out, lse = entry.allocate(out, return_lse, stream)
     try:
         entry.go(sp, qp, kp, vp, out.data.ptr, lse_dummy if lse is None else lse.data.ptr, cu_q.data.ptr,
                  cu_k.data.ptr)
