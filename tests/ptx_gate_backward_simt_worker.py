@@ -5,7 +5,6 @@ Run by tests/test_ptx_gate_backward_simt.py in a subprocess with the simulator o
 
 import json
 import os
-import re
 import sys
 
 os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
@@ -16,7 +15,7 @@ from numba.cuda import types  # noqa: E402
 from nbflash import tuning  # noqa: E402
 from nbflash.kernels import backward_simt  # noqa: E402
 from nbflash.spec import BackwardSpec  # noqa: E402
-from ptx_gate_worker import ptxas_report  # noqa: E402
+from ptx_gate_worker import ptxas_report, ptxas_resources  # noqa: E402
 
 TARGETS = {"sm_80": (8, 0), "sm_90a": (9, 0, "a")}
 STORAGE = {"fp16": types.float16, "bf16": types.uint16, "fp32": types.float32, "fp64": types.float64}
@@ -47,13 +46,9 @@ def main():
         for part, sig in sigs.items():
             ptx, _ = cuda.compile_ptx(getattr(kernels, part).py_func, sig, cc=TARGETS[arch])
             log = ptxas_report(ptx, arch)
-            grab = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
             print(json.dumps({
                 "key": spec.key, "part": part, "arch": arch, "threads": threads,
-                "registers": grab(r"Used (\d+) registers"),
-                "stack": grab(r"(\d+) bytes stack frame"),
-                "spill_stores": grab(r"(\d+) bytes spill stores"),
-                "spill_loads": grab(r"(\d+) bytes spill loads"),
+                **ptxas_resources(log),
                 "shared_bytes": tuning.backward_simt_shared_bytes(bm, bn, head_dim, head_dim, acc.bitwidth // 8),
             }), flush=True)
 

@@ -6,7 +6,6 @@ with CASE one of CASES' names."""
 
 import json
 import os
-import re
 import sys
 from dataclasses import replace
 
@@ -20,7 +19,7 @@ from nbflash import tuning  # noqa: E402
 from nbflash.kernels import backward_mma, backward_simt  # noqa: E402
 from nbflash.spec import BackwardSpec, Variant  # noqa: E402
 from ptx_gate_backward_worker import signature, variant_types  # noqa: E402
-from ptx_gate_worker import ptxas_report  # noqa: E402
+from ptx_gate_worker import ptxas_report, ptxas_resources  # noqa: E402
 
 EVERYTHING = Variant(window=True, softcap=True, alibi=True, bias="fp32", mask=True, dropout=True)
 # name: (family, dtype, head_dim, causal, variant, dbias, parts)
@@ -35,13 +34,9 @@ ARCH = "sm_90a"
 
 def report(key, part, threads, ptx, shared_bytes):
     log = ptxas_report(ptx, ARCH)
-    grab = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
     print(json.dumps({
         "key": key, "part": part, "arch": ARCH, "threads": threads,
-        "registers": grab(r"Used (\d+) registers"),
-        "stack": grab(r"(\d+) bytes stack frame"),
-        "spill_stores": grab(r"(\d+) bytes spill stores"),
-        "spill_loads": grab(r"(\d+) bytes spill loads"),
+        **ptxas_resources(log),
         "mma": ptx.count("mma.sync.aligned.m16n8k16"),
         "shared_bytes": shared_bytes,
     }), flush=True)

@@ -10,7 +10,6 @@ assembles for sm_90a): the Numba front end is most of the time, and the backward
 
 import json
 import os
-import re
 import sys
 
 os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
@@ -20,7 +19,7 @@ from numba.cuda import types  # noqa: E402
 
 from nbflash import tuning  # noqa: E402
 from nbflash.kernels import backward_mma  # noqa: E402
-from ptx_gate_worker import ptxas_report  # noqa: E402
+from ptx_gate_worker import ptxas_report, ptxas_resources  # noqa: E402
 
 def parts(plan):
     """The kernels a shipped plan launches (dq_convert has no tensor-core work)."""
@@ -66,13 +65,9 @@ def main():
         ptx, _ = cuda.compile_ptx(backward_mma.build(spec).py_func, signature(spec.part), cc=(8, 0))
         for arch in ARCHS:
             log = ptxas_report(ptx, arch)
-            grab = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
             print(json.dumps({
                 "key": spec.key, "part": spec.part, "varlen": spec.varlen, "arch": arch, "threads": threads,
-                "registers": grab(r"Used (\d+) registers"),
-                "stack": grab(r"(\d+) bytes stack frame"),
-                "spill_stores": grab(r"(\d+) bytes spill stores"),
-                "spill_loads": grab(r"(\d+) bytes spill loads"),
+                **ptxas_resources(log),
                 "mma": ptx.count("mma.sync.aligned.m16n8k16"),
                 "ldmatrix": ptx.count("ldmatrix.sync.aligned"),
                 "cp_async": ptx.count("cp.async.cg.shared.global"),

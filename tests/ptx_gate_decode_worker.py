@@ -6,7 +6,6 @@ subprocess with the simulator off."""
 
 import json
 import os
-import re
 import sys
 
 os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
@@ -19,7 +18,7 @@ from nbflash.kernels import decode, decode_combine, decode_mma, kv_append  # noq
 from nbflash.spec import AppendSpec, CombineSpec, DecodeMmaSpec, DecodeSpec  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from ptx_gate_worker import ptxas_report  # noqa: E402
+from ptx_gate_worker import ptxas_report, ptxas_resources  # noqa: E402
 
 STORAGE = {"fp16": types.float16, "bf16": types.uint16, "fp32": types.float32, "fp64": types.float64}
 ACC = {"fp16": types.float32, "bf16": types.float32, "fp32": types.float32, "fp64": types.float64}
@@ -89,15 +88,11 @@ def main():
             fastmath = getattr(kernel, "targetoptions", {}).get("fastmath", False)
             ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=targets[arch], fastmath=fastmath)
             log = ptxas_report(ptx, arch)
-            grab = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
             print(json.dumps({
                 "key": spec.key, "arch": arch, "threads": spec.threads, "gated": gated,
                 "kind": "mma" if module is decode_mma else "simt",
                 "head_dim": getattr(spec, "head_dim", 0), "head_dim_v": getattr(spec, "head_dim_v", 0),
-                "registers": grab(r"Used (\d+) registers"),
-                "stack": grab(r"(\d+) bytes stack frame"),
-                "spill_stores": grab(r"(\d+) bytes spill stores"),
-                "spill_loads": grab(r"(\d+) bytes spill loads"),
+                **ptxas_resources(log),
                 "ld_v4": ptx.count("ld.global.nc.L1::no_allocate.v4.u32"),
                 "shfl": ptx.count("shfl.sync.bfly"),
                 "cp_async": ptx.count("cp.async.cg.shared.global"),

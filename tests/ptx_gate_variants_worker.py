@@ -6,7 +6,6 @@ index % parts == part; all without an argument)."""
 
 import json
 import os
-import re
 import sys
 
 os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
@@ -14,7 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from numba import cuda  # noqa: E402
 from numba.cuda import types  # noqa: E402
-from ptx_gate_worker import ptxas_report, variant_types  # noqa: E402
+from ptx_gate_worker import ptxas_report, ptxas_resources, variant_types  # noqa: E402
 
 from nbflash import tuning  # noqa: E402
 from nbflash.kernels import forward_mma  # noqa: E402
@@ -65,13 +64,9 @@ def main():
         fastmath = kernel.targetoptions.get("fastmath", False)
         ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(8, 0), fastmath=fastmath)
         log = ptxas_report(ptx, "sm_90a")
-        grab = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
         print(json.dumps({
             "index": index, "of": len(GATE_SPECS), "key": spec.key, "threads": spec.threads,
-            "registers": grab(r"Used (\d+) registers"),
-            "stack": grab(r"(\d+) bytes stack frame"),
-            "spill_stores": grab(r"(\d+) bytes spill stores"),
-            "spill_loads": grab(r"(\d+) bytes spill loads"),
+            **ptxas_resources(log),
             "mma": ptx.count("mma.sync.aligned.m16n8k16"),
             "shared_bytes": forward_mma.shared_bytes(spec),
         }), flush=True)

@@ -8,7 +8,6 @@ asked: wgmma exists on sm_90a only."""
 
 import json
 import os
-import re
 import sys
 
 os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
@@ -22,7 +21,7 @@ from nbflash.spec import BackwardMmaSpec, ForwardSpec, Variant  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from ptx_gate_backward_worker import signature as backward_signature  # noqa: E402
-from ptx_gate_worker import ptxas_report, variant_types  # noqa: E402
+from ptx_gate_worker import ptxas_report, ptxas_resources, variant_types  # noqa: E402
 
 CC = (9, 0, "a")
 
@@ -32,13 +31,9 @@ def report(name, kernel, sig, **extra):
     ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=CC, fastmath=fastmath,
                               launch_bounds=kernel.targetoptions.get("launch_bounds"))
     log = ptxas_report(ptx, "sm_90a")
-    grab = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
     print(json.dumps({
         "key": name, "arch": "sm_90a",
-        "registers": grab(r"Used (\d+) registers"),
-        "stack": grab(r"(\d+) bytes stack frame"),
-        "spill_stores": grab(r"(\d+) bytes spill stores"),
-        "spill_loads": grab(r"(\d+) bytes spill loads"),
+        **ptxas_resources(log),
         "wgmma": ptx.count("wgmma.mma_async.sync.aligned"),
         "mma_sync": ptx.count("mma.sync.aligned"),
         "serialized": "serialized" in log,  # ptxas: "wgmma.mma_async instructions are serialized"

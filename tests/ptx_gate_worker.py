@@ -38,6 +38,13 @@ is gated with the most flags on (causal varlen) for each head_dim, fp16 with eve
 combination, to keep CI short."""
 
 
+def ptxas_resources(log: str) -> dict:
+    """Registers, stack frame and spill bytes from ptxas's -v report of one kernel."""
+    grab = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
+    return {"registers": grab(r"Used (\d+) registers"), "stack": grab(r"(\d+) bytes stack frame"),
+            "spill_stores": grab(r"(\d+) bytes spill stores"), "spill_loads": grab(r"(\d+) bytes spill loads")}
+
+
 def shipped_specs(dtypes):
     """{spec: [archs that ship it]}: sm_80 and sm_90a share most tiles, and a spec's
     compute_80 PTX is what ptxas assembles for either (Numba's front end is most of
@@ -74,13 +81,9 @@ def main():
         ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(8, 0), fastmath=fastmath)
         for arch in archs:
             log = ptxas_report(ptx, arch)
-            grab = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
             print(json.dumps({
                 "key": spec.key, "arch": arch, "threads": spec.threads,
-                "registers": grab(r"Used (\d+) registers"),
-                "stack": grab(r"(\d+) bytes stack frame"),
-                "spill_stores": grab(r"(\d+) bytes spill stores"),
-                "spill_loads": grab(r"(\d+) bytes spill loads"),
+                **ptxas_resources(log),
                 "mma": ptx.count("mma.sync.aligned.m16n8k16"),
                 "ldmatrix": ptx.count("ldmatrix.sync.aligned"),
                 "cp_async": ptx.count("cp.async.cg.shared.global"),
