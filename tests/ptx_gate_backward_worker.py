@@ -18,7 +18,8 @@ from numba import cuda  # noqa: E402
 from numba.cuda import types  # noqa: E402
 
 from nbflash import tuning  # noqa: E402
-from nbflash.kernels import backward_mma  # noqa: E402
+from nbflash.kernels import backward_delta, backward_mma  # noqa: E402
+from nbflash.spec import DeltaSpec  # noqa: E402
 from ptx_gate_worker import ptxas_report, ptxas_resources  # noqa: E402
 
 def parts(plan):
@@ -56,10 +57,27 @@ def shipped_specs(dtypes, varlens=(False, True)):
                         yield plan.__class__(**{**plan.__dict__, "part": part, "varlen": varlen})
 
 
+def delta_kernels(dtypes):
+    """The tensor-core backward's delta = rowsum(dO * O) kernel (kernels/backward_delta.py)
+    at every head_dim a tensor-core backward ships, one row per (kernel, arch), kind "delta"."""
+    u16 = types.Array(types.uint16, 4, "A")
+    sig = (u16, u16, types.Array(types.float32, 3, "A"))
+    for head_dim in sorted(set(tuning.MMA_BWD_TILES) | set(tuning.WGMMA_BWD_TILES)):
+        for dtype in dtypes:
+            spec = DeltaSpec(dtype, head_dim, tuning.DELTA_THREADS)
+            ptx, _ = cuda.compile_ptx(backward_delta.build(spec).py_func, sig, cc=(8, 0))
+            for arch in ARCHS:
+                print(json.dumps({"key": spec.key, "kind": "delta", "arch": arch, "threads": spec.threads,
+                                  **ptxas_resources(ptxas_report(ptx, arch)),
+                                  "ld_nc_v4": ptx.count("ld.global.nc.L1::no_allocate.v4.u32")}), flush=True)
+
+
 def main():
     args = sys.argv[1:]
     dtypes = [a for a in args if a in ("fp16", "bf16")] or ("fp16", "bf16")
     varlens = (False,) if "dense" in args else (True,) if "varlen" in args else (False, True)
+    if False in varlens:
+        delta_kernels(dtypes)
     for spec in shipped_specs(dtypes, varlens):
         threads = spec.dq_threads if spec.part == "dq" else spec.threads
         ptx, _ = cuda.compile_ptx(backward_mma.build(spec).py_func, signature(spec.part), cc=(8, 0))

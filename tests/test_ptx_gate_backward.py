@@ -22,7 +22,7 @@ gate_jobs.register_module(__file__, "backward", [["ptx_gate_backward_worker.py",
 
 @pytest.fixture(scope="module")
 def reports():
-    rows = gate_jobs.rows("backward")
+    rows = [r for r in gate_jobs.rows("backward") if r.get("kind") != "delta"]
     parts = sum(3 if tuning.mma_bwd_dq_atomics(d, False) else 2 for d in tuning.MMA_BWD_TILES)
     assert len(rows) == parts * len(WORKERS) * 2 * 2, rows  # x causal x arch
     assert {r["key"].split("-")[1] for r in rows} == set(DTYPES), rows
@@ -57,3 +57,15 @@ def test_every_dense_kernel_has_a_varlen_twin(reports):
     for key, r in varlen.items():
         assert (r["part"], r["threads"], r["shared_bytes"]) == (dense[key]["part"], dense[key]["threads"],
                                                                 dense[key]["shared_bytes"]), r
+
+
+def test_delta_kernel_compiles_without_spills_at_every_head_dim():
+    """kernels/backward_delta.py, which every tensor-core backward runs first: each head_dim
+    and dtype, both archs, 16-byte read-only loads, no spills, no stack frame."""
+    rows = [r for r in gate_jobs.rows("backward") if r.get("kind") == "delta"]
+    head_dims = set(tuning.MMA_BWD_TILES) | set(tuning.WGMMA_BWD_TILES)
+    assert len(rows) == len(head_dims) * len(DTYPES) * 2, rows
+    for r in rows:
+        assert r["ld_nc_v4"] == 2, r  # one 16-byte load of dO and one of O per lane
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0 and r["stack"] == 0, r
+        assert r["registers"] * r["threads"] <= 65536, r
