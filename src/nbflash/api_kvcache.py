@@ -12,7 +12,6 @@ kernels clamp every length into the cache.
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 from dataclasses import dataclass
 
