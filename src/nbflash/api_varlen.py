@@ -313,7 +313,8 @@ def attention_varlen_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
             respect to out.
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale:
             exactly as the forward took them (see :func:`attention_varlen`).
-        out: the forward's output, (total_q, heads_q, head_dim_v), q's dtype.
+        out: the forward's output, (total_q, heads_q, head_dim_v), q's dtype. do and
+            out may be strided views with a unit-stride head_dim axis.
         lse: the forward's lse, float32 (heads_q, total_q) (float64 accepted for
             float64 inputs, as :func:`nbflash.attention_backward` does).
         deterministic: as in :func:`nbflash.attention_backward`.
@@ -354,6 +355,10 @@ def attention_varlen_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
     packed_out = (problem.seqlen_q, problem.heads_q, problem.head_dim_v)
     do_a = _check_array(do, "do", problem, qa, packed_out, bshd=False)[0].array
     out_a = _check_array(out, "out", problem, qa, packed_out, bshd=False)[0].array
+    for name, a in (("do", do_a), ("out", out_a)):  # as attention_backward: the kernels read whole rows
+        if a.size and a.shape[2] > 1 and a.strides[2] != a.itemsize:
+            raise ValueError(f"{name}: the head_dim axis must have unit stride ({a.itemsize} bytes); "
+                             f"got {a.strides[2]} bytes")
     lse_dtypes = (arrays.FLOAT32, arrays.FLOAT64) if problem.dtype == arrays.FLOAT64 else (arrays.FLOAT32,)
     lse_a = _check_array(lse, "lse", problem, qa, (problem.heads_q, problem.seqlen_q), lse_dtypes,
                          bshd=False)[0].array
