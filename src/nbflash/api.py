@@ -174,7 +174,8 @@ def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool, views=N
     On sm_90 (tuning.wgmma_tiles; NBFLASH_WGMMA=0 turns it off), attention at head_dim 64,
     128, 192 and 256 runs the Hopper wgmma kernel instead: plain, or at head_dim 64 and 128
     also with window / softcap / ALiBi (tuning.wgmma_variant; bias, mask and dropout stay
-    on mma); ``wgmma=False`` (varlen callers) keeps the mma kernel."""
+    on mma); ``wgmma=False`` keeps the mma kernel (varlen callers pass
+    tuning.wgmma_varlen's answer)."""
     dtype = arrays.short_name(problem.dtype)
     tiles = tuning.mma_tiles(problem.head_dim, device.SIMULATOR, device.compute_capability(), causal)
     if variant and tiles is not None:
@@ -197,7 +198,7 @@ def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool, views=N
                            block_m, block_n, threads, stages, q_in_registers, variant=variant)
         fitted = variants.fit_staging(spec, device.max_shared_bytes())
         if fitted.variant != variant:  # staging dropped: the tiles of the per-element reads
-            return choose_forward_spec(problem, causal, with_lse, views, fitted.variant)
+            return choose_forward_spec(problem, causal, with_lse, views, fitted.variant, wgmma)
         return spec
     variant = variants.unstaged(variant)  # the portable kernel reads bias / mask per element
     acc_bytes = 8 if problem.dtype == arrays.FLOAT64 else 4
