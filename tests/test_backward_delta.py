@@ -19,8 +19,7 @@ HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 
 
 def run_delta(do, out, dtype, head_dim):
-    spec = DeltaSpec(arrays.short_name(dtype), head_dim,
-                     tuning.DELTA_THREADS_SIMULATOR if SIMULATOR else tuning.DELTA_THREADS)
+    spec = DeltaSpec(arrays.short_name(dtype), head_dim, tuning.delta_threads(SIMULATOR))
     batch, seqlen, heads, _ = do.shape
     delta = poisoned((batch, heads, seqlen), np.float32)
     grid = (-(-seqlen * heads // spec.rows_per_cta()), batch)

@@ -122,17 +122,20 @@ def _validate(q, k, v, layout):
         if not 1 <= dim <= MAX_HEAD_DIM:
             raise ValueError(f"{name}: head_dim must be between 1 and {MAX_HEAD_DIM}; got {dim}")
     for name, a in zip(names, (qv, kv, vv)):
-        if a.size and a.shape[3] > 1 and a.strides[3] != a.itemsize:
-            raise ValueError(
-                f"{name}: the head_dim axis must have unit stride ({a.itemsize} bytes); "
-                f"got {a.strides[3]} bytes"
-            )
+        _check_unit_head_dim_stride(name, a)
     if batch > _MAX_GRID_YZ:
         raise ValueError(f"q: batch {batch} exceeds the supported {_MAX_GRID_YZ}")
     return _Problem(
         batch, seqlen_q, kv.shape[1], heads_q, heads_kv, head_dim, vv.shape[3], dtype,
         squeeze, layout, on_device,
     ), (qv, kv, vv)
+
+
+def _check_unit_head_dim_stride(name, a):
+    """The last (head_dim) axis of ``a`` must be contiguous: the kernels read whole rows."""
+    if a.size and a.shape[-1] > 1 and a.strides[-1] != a.itemsize:
+        raise ValueError(f"{name}: the head_dim axis must have unit stride ({a.itemsize} bytes); "
+                         f"got {a.strides[-1]} bytes")
 
 
 def _check_out(out, problem: _Problem, inputs):
@@ -148,8 +151,7 @@ def _check_out(out, problem: _Problem, inputs):
     if problem.on_device and arrays.device_id(a) != arrays.device_id(inputs[0]):
         raise ValueError(f"out: on device {arrays.device_id(a)}, q on device {arrays.device_id(inputs[0])}")
     view = _bshd(a, problem.layout, problem.squeeze)
-    if view.size and view.shape[3] > 1 and view.strides[3] != view.itemsize:
-        raise ValueError(f"out: the head_dim axis must have unit stride; got {view.strides[3]} bytes")
+    _check_unit_head_dim_stride("out", view)
     if any(s == 0 for s, n in zip(view.strides, view.shape) if n > 1):
         raise ValueError("out: broadcast (zero-stride) arrays cannot be written")
     for name, x in zip(("q", "k", "v"), inputs):

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import arrays, device, launch, tuning, variants
 from .api import _bshd, _check_flag, _check_scale, _Problem, _rows_16_byte_aligned, _validate, choose_forward_spec
-from .api import _dummy, _dummy_seqlens, _empty, variant_kernel_args
+from .api import _check_unit_head_dim_stride, _dummy, _dummy_seqlens, _empty, variant_kernel_args
 from .variants import NO_VARIANTS
 from .spec import PLAIN, BackwardSpec, DeltaSpec, Variant
 
@@ -111,11 +111,7 @@ def _check_array(x, name, problem: _Problem, q, shape, dtypes=None, *, bshd=True
         raise ValueError(f"{name}: on device {arrays.device_id(a)}, q on device {arrays.device_id(q)}")
     if bshd:
         view = _bshd(a, problem.layout, problem.squeeze)
-        if view.size and view.shape[3] > 1 and view.strides[3] != view.itemsize:
-            raise ValueError(
-                f"{name}: the head_dim axis must have unit stride ({view.itemsize} bytes); "
-                f"got {view.strides[3]} bytes"
-            )
+        _check_unit_head_dim_stride(name, view)
     else:
         view = a[None] if problem.squeeze else a
     if writable and any(s == 0 for s, n in zip(a.strides, a.shape) if n > 1):
@@ -348,8 +344,7 @@ def _launch_backward(spec, problem, views, do_view, out_view, lse_view, delta, g
     view = lambda a: launch.numba_view(arrays.kernel_view(a))  # noqa: E731
     if spec.module in ("backward_mma", "backward_wgmma") and _rows_16_byte_aligned(out_view):
         # dO's rows are aligned (the tensor-core family asks for it); O's may not be
-        threads = tuning.DELTA_THREADS_SIMULATOR if device.SIMULATOR else tuning.DELTA_THREADS
-        rows = DeltaSpec(spec.dtype, problem.head_dim_v, threads)
+        rows = DeltaSpec(spec.dtype, problem.head_dim_v, tuning.delta_threads(device.SIMULATOR))
         launch.launch(
             launch.compiled(rows), (cdiv(problem.seqlen_q * hq, rows.rows_per_cta()), b), rows.threads,
             [launch.numba_view(arrays.kernel_view(a, True)) for a in (do_view, out_view)]

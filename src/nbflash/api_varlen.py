@@ -355,10 +355,8 @@ def attention_varlen_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
     packed_out = (problem.seqlen_q, problem.heads_q, problem.head_dim_v)
     do_a = _check_array(do, "do", problem, qa, packed_out, bshd=False)[0].array
     out_a = _check_array(out, "out", problem, qa, packed_out, bshd=False)[0].array
-    for name, a in (("do", do_a), ("out", out_a)):  # as attention_backward: the kernels read whole rows
-        if a.size and a.shape[2] > 1 and a.strides[2] != a.itemsize:
-            raise ValueError(f"{name}: the head_dim axis must have unit stride ({a.itemsize} bytes); "
-                             f"got {a.strides[2]} bytes")
+    for name, a in (("do", do_a), ("out", out_a)):  # as attention_backward
+        api._check_unit_head_dim_stride(name, a)
     lse_dtypes = (arrays.FLOAT32, arrays.FLOAT64) if problem.dtype == arrays.FLOAT64 else (arrays.FLOAT32,)
     lse_a = _check_array(lse, "lse", problem, qa, (problem.heads_q, problem.seqlen_q), lse_dtypes,
                          bshd=False)[0].array

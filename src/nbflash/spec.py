@@ -242,10 +242,16 @@ class DeltaSpec:
     def key(self) -> str:
         return f"bwd_delta-{self.dtype}-dv{self.head_dim_v}-t{self.threads}"
 
-    def rows_per_cta(self) -> int:
-        from .kernels.backward_delta import lanes_per_row
+    def lanes_per_row(self) -> int:
+        """head_dim_v / 8 (one 16-byte load each) rounded up to a power of two: the
+        butterfly reduction needs one; lanes past the row's end add 0."""
+        lanes = 1
+        while lanes * 8 < self.head_dim_v:
+            lanes *= 2
+        return lanes
 
-        return self.threads // lanes_per_row(self)
+    def rows_per_cta(self) -> int:
+        return self.threads // self.lanes_per_row()
 
     def __str__(self) -> str:
         return self.key

@@ -493,6 +493,10 @@ def set_wgmma(enabled: bool):
 DELTA_THREADS = 256
 DELTA_THREADS_SIMULATOR = 32  # one warp: every simulated thread costs CPU time
 
+
+def delta_threads(simulator: bool) -> int:
+    return DELTA_THREADS_SIMULATOR if simulator else DELTA_THREADS
+
 # ---- the Hopper wgmma backward (kernels/backward_wgmma.py) -------------------------
 # Runs where the wgmma forward does (wgmma_enabled, sm_90), for plain dense fp16/bf16 at
 # head_dim 64 and 128. head_dim: ((block_m, block_n, threads) of the dK/dV kernel,

@@ -25,19 +25,6 @@ from .convert import bf16_bits_to_f32
 VECTOR = 8  # 16-bit elements per 16-byte load
 
 
-def shared_bytes(spec: DeltaSpec) -> int:
-    return 0
-
-
-def lanes_per_row(spec: DeltaSpec) -> int:
-    """head_dim_v / 8 rounded up to a power of two (the butterfly needs one; lanes past
-    the row's end add 0)."""
-    lanes = 1
-    while lanes * VECTOR < spec.head_dim_v:
-        lanes *= 2
-    return lanes
-
-
 def _word_dot(dtype: str):
     """dot(a, b): the sum of the products of the two 16-bit halves of words a and b, in float32."""
     if dtype == "fp16":
@@ -66,7 +53,7 @@ def build(spec: DeltaSpec):
                          f"got {spec.head_dim_v}")
     if spec.threads % 32:
         raise ValueError(f"spec.threads: expected a multiple of 32; got {spec.threads}")
-    lanes = lanes_per_row(spec)
+    lanes = spec.lanes_per_row()
     dot = _word_dot(spec.dtype)
     rows = spec.rows_per_cta()
 
