@@ -273,8 +273,8 @@ class ParamLayout:
     the kernel's parameter block (each at its natural alignment: ``param_offsets``,
     ``size`` bytes in all, checked against the driver's own offsets where it reports
     them) and handed to cuLaunchKernel whole, through ``extra``
-    (CU_LAUNCH_PARAM_BUFFER_POINTER): with ~120 parameters that took 1.1 us less host
-    time per launch on an H100 than a void* per parameter (perf/probe_launch_params.py).
+    (CU_LAUNCH_PARAM_BUFFER_POINTER): with ~120 parameters that took 0.3-1.1 us less
+    host time per launch on H100 hosts than a void* per parameter (perf/probe_launch_params.py).
     ``pack(buffer, args)`` fills the block in one struct call.
     """
 
