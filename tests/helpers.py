@@ -342,6 +342,8 @@ def run_backward_kernels(rng, dtype, *, batch, seqlen_q, seqlen_k, heads_kv, gro
     assert spec is not None and spec.wgmma == wgmma, f"no such tensor-core backward for head_dim {head_dim}"
     if not wgmma:  # the atomic-dQ kernels stay tested even where the tuning ships the separate dQ kernel
         spec = dataclasses.replace(spec, dq_atomics=not deterministic)
+    elif not deterministic and not spec.dq_atomics:  # the fused dQ needs 64-row query tiles (the simulator's are 16)
+        spec = dataclasses.replace(spec, dq_atomics=True, block_m=64)
     bits = [nbflash.arrays.kernel_view(to_device(x), raw_bits=True) for x in (q, k, v, do)]
     bits += [to_device(lse.astype(np.float32)), to_device(delta)]
     bits += [nbflash.arrays.kernel_view(x, raw_bits=True) for x in got]

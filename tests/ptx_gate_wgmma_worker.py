@@ -97,14 +97,17 @@ def forward_kernels():
 
 
 def backward_specs():
-    """Both kernels of every wgmma backward plan tuning.WGMMA_BWD_TILES ships: fp16
-    full and causal, bf16 causal (registers as fp16's, as BF16_VARIANTS says)."""
+    """Every kernel of every wgmma backward plan tuning.WGMMA_BWD_TILES ships (the
+    deterministic dK/dV and dQ pair, and the fused dK/dV/dQ kernel where
+    tuning.WGMMA_BWD_DQ_ATOMICS sends the default path): fp16 full and causal, bf16
+    causal (registers as fp16's, as BF16_VARIANTS says)."""
     for head_dim, ((bm, bn, threads), (qbm, qbn, qthreads)) in sorted(tuning.WGMMA_BWD_TILES.items()):
+        fused = bm == 64 and tuning.WGMMA_BWD_DQ_ATOMICS.get(head_dim, False)
         for dtype, causals in (("fp16", (False, True)), ("bf16", (True,))):
             for causal in causals:
                 plan = BackwardMmaSpec(dtype, head_dim, causal, bm, bn, threads, False, qbm, qbn, qthreads, False,
-                                       wgmma=True)
-                for part in ("dkdv", "dq"):
+                                       fused, wgmma=True)
+                for part in ("dkdv", "dq") + (("dkdvq",) if fused else ()):
                     yield BackwardMmaSpec(**{**plan.__dict__, "part": part})
 
 

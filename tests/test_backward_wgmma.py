@@ -43,6 +43,28 @@ def test_gradients_match_oracle_several_tiles_each_way(dtype, causal):
           heads_kv=1, group=2, head_dim=SIM_HEAD_DIM, causal=causal)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_fused_dq_matches_oracle_several_tiles_each_way(causal):
+    """The fused dK/dV/dQ kernel ("dkdvq", the default non-deterministic path): dS^T
+    through shared memory, dQ = dS K by wgmma with A read transposed, float32 red.add
+    into the accumulator, then dq_convert. 64-row query tiles (the dQ wgmma's M), two
+    64-key CTAs, a partial key tile (its P must not leak into dQ), GQA 2."""
+    rng, seed = new_rng()
+    check_backward_kernels(rng, seed, HALF_DTYPES[int(rng.integers(2))], deterministic=False, wgmma=True, batch=1,
+                           seqlen_q=int(rng.integers(65, 140)), seqlen_k=int(rng.integers(65, 120)), heads_kv=1,
+                           group=2, head_dim=SIM_HEAD_DIM, causal=causal)
+
+
+def test_fused_dq_head_dim_128_chunks():
+    """head_dim 128: dQ in 32-column chunks (tuning.wgmma_bwd_dq_cols), two per panel of
+    K, the second starting 64 bytes into the swizzled rows."""
+    rng, seed = new_rng()
+    assert tuning.wgmma_bwd_dq_cols(128) < 64
+    check_backward_kernels(rng, seed, HALF_DTYPES[int(rng.integers(2))], deterministic=False, wgmma=True, batch=1,
+                           seqlen_q=int(rng.integers(1, 80)), seqlen_k=int(rng.integers(1, 80)), heads_kv=1,
+                           group=1, head_dim=128, causal=bool(rng.integers(2)))
+
+
 @pytest.mark.parametrize("relation", ["q<k", "q>k"])
 def test_causal_unequal_seqlens_and_rows_that_see_no_key(relation):
     rng, seed = new_rng()
@@ -76,6 +98,19 @@ def test_gradients_match_oracle_every_shipped_head_dim(dtype, causal, head_dim):
     check(rng, seed, dtype, batch=int(rng.integers(1, 3)), seqlen_q=int(rng.integers(1, 700)),
           seqlen_k=int(rng.integers(1, 700)), heads_kv=int(rng.integers(1, 3)), group=int(rng.choice([1, 2, 4])),
           head_dim=head_dim, causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", sorted(tuning.WGMMA_BWD_TILES))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_fused_dq_every_shipped_head_dim(causal, head_dim):
+    rng, seed = new_rng()
+    for seqlen_q, seqlen_k in ((int(rng.integers(1, 700)), int(rng.integers(1, 700))), (1, 1), (1000, 2001),
+                               (2001, 1000)):
+        check_backward_kernels(rng, seed, HALF_DTYPES[int(rng.integers(2))], deterministic=False, wgmma=True,
+                               batch=int(rng.integers(1, 3)), seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+                               heads_kv=int(rng.integers(1, 3)), group=int(rng.choice([1, 2, 4])), head_dim=head_dim,
+                               causal=causal)
 
 
 @pytest.mark.gpu

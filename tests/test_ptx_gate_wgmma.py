@@ -36,10 +36,13 @@ def reports():
         "", "-win", "-cap", "-alibi", "-win-cap", "-win-alibi", "-cap-alibi", "-win-cap-alibi"}, rows
     assert {r["variant"] for r in forward if "-bf16-" in r["key"]} == {"", "-win-cap-alibi"}, rows
     assert len({r["key"] for r in forward}) == len(forward), rows
-    # both kernels (dkdv, dq) of every wgmma backward plan: per head_dim fp16 full and
-    # causal, bf16 causal (the worker's backward_specs says why)
+    # every kernel (dkdv, dq, and the fused dkdvq where the tuning ships it) of every
+    # wgmma backward plan: per head_dim fp16 full and causal, bf16 causal (the worker's
+    # backward_specs says why)
     backward = [r for r in rows if r["kind"] == "backward"]
-    assert len(backward) == len(tuning.WGMMA_BWD_TILES) * 3 * 2, rows
+    assert len(backward) == sum(3 * (2 + tuning.WGMMA_BWD_DQ_ATOMICS.get(d, False)) for d in tuning.WGMMA_BWD_TILES)
+    assert {r["head_dim"] for r in backward if r["part"] == "dkdvq"} == {
+        d for d, fused in tuning.WGMMA_BWD_DQ_ATOMICS.items() if fused}, rows
     assert len({r["key"] for r in backward}) == len(backward), rows
     return rows
 
@@ -52,9 +55,12 @@ def test_every_kernel_uses_wgmma_and_is_not_serialized(reports):
 
 
 def test_no_spills_and_no_local_memory(reports):
+    """None, but the fused backward kernel's measured allowance at head_dim 128
+    (tuning.WGMMA_BWD_FUSED_SPILL_BYTES says why)."""
     for r in reports:
-        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
-        assert r["stack"] == 0, r
+        allowed = tuning.WGMMA_BWD_FUSED_SPILL_BYTES.get(r["head_dim"], 0) if r.get("part") == "dkdvq" else 0
+        assert r["spill_stores"] <= allowed and r["spill_loads"] <= allowed, r
+        assert r["stack"] <= allowed, r
 
 
 def test_forward_issues_every_wgmma_of_a_tile(reports):

@@ -95,12 +95,19 @@ def byte_range(a) -> tuple[int, int]:
     """[first, last] byte addresses an array can touch (for overlap checks)."""
     if a.size == 0:
         return (0, -1)
-    base = a.data.ptr if not isinstance(a, np.ndarray) else a.__array_interface__["data"][0]
-    lo = base + sum(min(0, s * (n - 1)) for s, n in zip(a.strides, a.shape))
-    hi = base + sum(max(0, s * (n - 1)) for s, n in zip(a.strides, a.shape)) + a.itemsize - 1
-    return (lo, hi)
+    lo = hi = a.data.ptr if not isinstance(a, np.ndarray) else a.__array_interface__["data"][0]
+    for s, n in zip(a.strides, a.shape):
+        if s < 0:
+            lo += s * (n - 1)
+        else:
+            hi += s * (n - 1)
+    return (lo, hi + a.itemsize - 1)
 
 
 def overlaps(a, b) -> bool:
-    (a0, a1), (b0, b1) = byte_range(a), byte_range(b)
-    return a0 <= b1 and b0 <= a1
+    return ranges_overlap(byte_range(a), byte_range(b))
+
+
+def ranges_overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether two byte_range results share a byte."""
+    return a[0] <= b[1] and b[0] <= a[1]

@@ -176,9 +176,10 @@ class BackwardMmaSpec:
     varlen: packed variable-length sequences (nbflash.attention_varlen_backward): the
         dK/dV and dQ kernels read their sequence's offsets and lengths from cu_seqlens
         arrays (blockIdx.z is the sequence), as ForwardSpec.varlen.
-    wgmma: the Hopper (sm_90a) kernels of kernels/backward_wgmma.py ("dkdv" and "dq"
-        parts; dQ never takes atomics there): block_n is 64 keys per warpgroup of the
-        dK/dV kernel and dq_block_m 64 query rows per warpgroup of the dQ kernel.
+    wgmma: the Hopper (sm_90a) kernels of kernels/backward_wgmma.py: block_n is 64
+        keys per warpgroup of the dK/dV kernel and dq_block_m 64 query rows per
+        warpgroup of the dQ kernel; with dq_atomics, "dkdvq" fuses dQ (bulk float32
+        reductions into a tile-contiguous accumulator, block_m 64).
     """
 
     dtype: str

@@ -517,6 +517,41 @@ WGMMA_BWD_TILES_SIMULATOR = ((16, 64, 128), (64, 16, 128))
 _WGMMA_BWD_OVERRIDE = "NBFLASH_WGMMA_BWD_TILES"  # "128=64,128,256,128,64,256;..." for perf/ sweeps
 
 
+# The fused dQ ("dkdvq"): dS^T to shared memory, dQ = dS K by wgmma in the dK/dV kernel,
+# staged in shared memory and added into a float32 accumulator by one bulk reduce per
+# query tile (cp.reduce.async.bulk), then dq_convert: 5 matmuls instead of the separate
+# dQ kernel's 7. head_dim: whether the non-deterministic backward takes it (its dK/dV
+# block_m must be 64: the dQ wgmma's M). Measured on an H100 (perf/NOTES.md, session 7;
+# probe_backward_kernels, fp16 B4 N4096 H16, same run, ms fused / two kernels): d64
+# 2.855 / 2.920 full, 1.617 / 1.728 causal; d128 4.186 / 4.716, 2.624 / 2.691. Per-element
+# red.global.add (v2 or v4) instead of the bulk reduce lost at d64 (3.0-3.2 ms).
+# NBFLASH_WGMMA_BWD_DQ_ATOMICS=0/1 overrides it for perf/ comparisons.
+WGMMA_BWD_DQ_ATOMICS: dict[int, bool] = {64: True, 128: True}
+# ptxas spills of the fused kernel the gate accepts (bytes, by head_dim): at 128 the
+# dK/dV kernel alone sits at 255 registers, and the fused one spills 64-92 bytes however
+# its dQ is chunked (16, 32 or 64 columns); measured faster all the same (above). The
+# route to none is FA3's register split (setmaxnreg with a producer warpgroup).
+WGMMA_BWD_FUSED_SPILL_BYTES: dict[int, int] = {128: 96}
+_WGMMA_BWD_DQ_ATOMICS_OVERRIDE = "NBFLASH_WGMMA_BWD_DQ_ATOMICS"
+
+
+def wgmma_bwd_dq_atomics(head_dim: int, simulator: bool) -> bool:
+    """Whether the non-deterministic wgmma backward fuses dQ into the dK/dV kernel. Not
+    on the simulator, whose 16-row query tiles cannot feed the dQ wgmma (the tests run
+    the fused kernel with 64-row tiles explicitly)."""
+    override = os.environ.get(_WGMMA_BWD_DQ_ATOMICS_OVERRIDE)
+    if override is not None and not simulator:
+        return override == "1"
+    return not simulator and WGMMA_BWD_DQ_ATOMICS.get(head_dim, False)
+
+
+def wgmma_bwd_dq_cols(head_dim: int) -> int:
+    """dQ columns per wgmma of the fused kernel (its accumulator holds half as many
+    float32 per thread): 64 (one panel) where the dK/dV kernel has the registers, 32 at
+    head_dim 128, whose dK/dV kernel already sits at 255 (64 spilled 64-80 bytes)."""
+    return 32 if head_dim >= 128 else 64
+
+
 def wgmma_bwd_tiles(head_dim: int, simulator: bool, arch: tuple):
     """The wgmma backward's two tile triples (see WGMMA_BWD_TILES), or None where it
     does not run (as wgmma_tiles)."""

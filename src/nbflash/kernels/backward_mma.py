@@ -112,8 +112,9 @@ def choose_spec(dtype: str, head_dim: int, causal: bool, simulator: bool, varian
         hopper = tuning.wgmma_bwd_tiles(head_dim, simulator, device.compute_capability())
         if hopper is not None:
             (bm, bn, threads), (qbm, qbn, qthreads) = hopper
+            atomics = bm == 64 and tuning.wgmma_bwd_dq_atomics(head_dim, simulator)
             return BackwardMmaSpec(dtype, head_dim, causal, bm, bn, threads, False, qbm, qbn, qthreads, False,
-                                   wgmma=True)
+                                   atomics, wgmma=True)
 
     if variant:
         tiles = tuning.mma_bwd_variant_tiles(head_dim, simulator)
@@ -1077,6 +1078,11 @@ def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, det
     if deterministic:
         part = replace(spec, part="dkdv")
         dq_acc = _zeros(q, (1, 1, 1, 1))
+    elif spec.wgmma:  # tile-contiguous, for the fused kernel's bulk reduce
+        from .backward_wgmma import dq_accumulator_shape
+
+        part = replace(spec, part="dkdvq")
+        dq_acc = _zeros(q, dq_accumulator_shape(spec, batch, seqlen_q, heads_q))
     else:
         part = replace(spec, part="dkdvq")
         dq_acc = _zeros(q, q.shape)
@@ -1092,6 +1098,12 @@ def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, det
         grid = (-(-grid_q // spec.dq_block_m), heads_q, sequences)
         args = [*views, launch.numba_view(dq), scale, group, *variant_args, *seqlens]
         launch.launch(launch.compiled(part), grid, spec.dq_threads, args, launch.shared_bytes(part))
+    elif spec.wgmma:
+        from .backward_wgmma import CONVERT_THREADS as WGMMA_CONVERT_THREADS
+
+        part = replace(spec, part="dq_convert")
+        args = [launch.numba_view(dq_acc), launch.numba_view(dq.view(np.uint32)), scale]
+        launch.launch(launch.compiled(part), dq_acc.shape[2:0:-1] + (batch,), WGMMA_CONVERT_THREADS, args, 0)
     else:  # elementwise over the rows: packed tensors convert as one dense sequence
         part = replace(spec, part="dq_convert", varlen=False)
         grid = (-(-seqlen_q // CONVERT_ROWS), heads_q, batch)

@@ -5,8 +5,8 @@ The math is backward_mma's (P recomputed from the forward's lse, delta = rowsum(
 from the portable preprocess kernel):
     dV = P^T dO,    dP = dO V^T,    dS = P * (dP - delta),
     dK = scale dS^T Q,    dQ = scale dS K,
-in two kernels that never exchange a fragment through shared memory and use no
-atomics (deterministic by construction; 7 matmuls where a fused dQ takes 5):
+either fused into one kernel with float32 reductions (the default; 5 matmuls) or, for
+deterministic=True, in two kernels that use no atomics (bitwise repeatable; 7 matmuls):
 
 dK/dV ("dkdv"): a CTA owns block_n = 64 x warpgroups keys of one (batch, kv head);
 warpgroup w owns keys 64w .. 64w + 63, the M of its wgmma. K and V are staged once;
@@ -25,6 +25,21 @@ tile that sees these keys, stream through shared memory double-buffered by cp.as
     dK  += dS^T Q   rs wgmma, N = head_dim, Q MN-major
 dK is scaled once at the end; dK and dV are written once as 16 bits.
 
+dK/dV/dQ ("dkdvq", block_m 64: the M of the dQ wgmma): the same loop, and dS^T also
+goes to shared memory (row = key, column = query, the tile layout) while dK's wgmma
+runs; after a CTA barrier warpgroup w computes dQ = dS K for its head_dim / warpgroups
+columns over all block_n keys (ss wgmma, dS^T read MN-major through imm-trans-a, K
+MN-major), tuning.wgmma_bwd_dq_cols at a time. The finished dQ goes to a float32
+staging buffer in fragment order (staging_word; two buffers by tile parity) and, after
+the loop's barrier, thread 0 adds the whole tile into the accumulator (batch, heads,
+query tiles, block_m x head_dim) with one cp.reduce.async.bulk ... add.f32; "dq_convert"
+then scales it and rounds it to 16 bits. Where one chunk covers the warpgroup's
+columns (head_dim 64) the dQ wgmma of a tile is issued in the next tile's iteration,
+beside S^T and dP^T, so that it runs under P's and dS's arithmetic. Keys past seqlen_k
+get P = 0 (their zero-filled K rows give S = 0, and exp2(-lse) may be inf).
+Per-element red.global.add (.v2 or .v4) in place of the bulk reduce measured 10-20%
+slower at head_dim 64 (perf/NOTES.md, session 7).
+
 dQ ("dq"): a CTA owns dq_block_m = 64 x warpgroups query rows of one (batch, query
 head); Q and dO are staged once, K and V tiles of dq_block_n keys stream through
 shared memory double-buffered. Per key tile:
@@ -36,7 +51,7 @@ Causal (bottom-right aligned): the dK/dV kernel starts at the first query tile t
 sees its keys and the dQ kernel stops after the last key tile its rows see; only tiles
 crossing the diagonal are masked (and, in the dQ kernel, the tile crossing seqlen_k).
 
-Launch contract: backward_mma.launch_backward's for the "dkdv" and "dq" parts (same
+Launch contract: backward_mma.launch_backward's for the "dkdv", "dkdvq" and "dq" parts (same
 arguments, grids and shared_bytes through launch.shared_bytes), so the API runs either
 family through one launcher; the variant and cu_seqlens arguments are never read.
 """
@@ -49,6 +64,7 @@ import numpy as np
 from numba import cuda
 from numba.cuda import float32, uint32
 
+from .. import tuning
 from ..spec import BackwardMmaSpec
 from . import ptx
 from . import ptx_wgmma as wg
@@ -61,16 +77,56 @@ ZERO = np.int32(0)  # make_issue_tile's row offset: dense tensors start at row 0
 
 
 def _dkdv_layout(spec):
-    """Word offsets of the dK/dV kernel's shared buffers: K, V, Q stages, dO stages
-    (16-bit swizzled tiles, each 1024-byte aligned), then lse and delta stages."""
+    """Word offsets of the dK/dV kernel's shared buffers: K, V, Q stages, dO stages,
+    with "dkdvq" the dS^T tile (16-bit swizzled tiles, each 1024-byte aligned), then lse
+    and delta stages."""
     kv = wg.tile_bytes(spec.block_n, spec.head_dim) // 4
     qt = wg.tile_bytes(spec.block_m, spec.head_dim) // 4
     k_off, v_off = 0, kv
     q_off = 2 * kv
     do_off = q_off + STAGES * qt
-    lse_off = do_off + STAGES * qt
+    ds_off = do_off + STAGES * qt
+    fused = spec.part == "dkdvq"
+    ds_words = wg.tile_bytes(spec.block_n, spec.block_m) // 4 * (2 if _dq_deferred(spec) else 1) if fused else 0
+    staging_off = ds_off + ds_words
+    lse_off = staging_off + (STAGES * spec.block_m * spec.head_dim if fused else 0)
     delta_off = lse_off + STAGES * spec.block_m
-    return k_off, v_off, q_off, do_off, lse_off, delta_off, delta_off + STAGES * spec.block_m
+    return k_off, v_off, q_off, do_off, ds_off, staging_off, lse_off, delta_off, delta_off + STAGES * spec.block_m
+
+
+def _dq_deferred(spec):
+    """Whether the fused kernel issues a query tile's dQ wgmma in the next tile's
+    iteration, beside its S^T and dP^T, so that it runs under P's and dS's arithmetic
+    (two dS^T buffers), instead of right after dK with nothing to hide it: where one
+    chunk covers the warpgroup's columns (its accumulator then lives through P and dS,
+    which only the head_dim 64 kernel has the registers for)."""
+    return spec.head_dim // (spec.threads // 128) <= tuning.wgmma_bwd_dq_cols(spec.head_dim)
+
+
+@cuda.jit(device=True, inline=True)
+def staging_word(wgi, block, half, e, lane, nq):
+    """Word of dQ element (row 16w + g + 8 half, column wgi nq + 8 block + 2t + e) of a
+    query tile in the fused kernel's staging buffer, and of the tile in the float32
+    accumulator it is added into (lane = 32w + 4g + t of the warpgroup): fragment order,
+    so that a warp's 32 stores of one (block, half, e) are consecutive words (no bank
+    conflicts); dq_convert reads it back in this order."""
+    return wgi * 64 * nq + ((block * 2 + half) * 2 + e) * 128 + lane
+
+
+def _make_stage_dq(cols, nq):
+    BLOCKS = cols // 8
+
+    @cuda.jit(device=True, inline=True)
+    def stage_dq(smem, at, dq, wgi, block0, lane):
+        """The dQ accumulator (columns 8 block0 .. of the warpgroup's nq) into the
+        staging buffer at word ``at`` (staging_word's order), as float32 bits."""
+        for j in range(BLOCKS):
+            for half in range(2):
+                for e in range(2):
+                    smem[at + staging_word(wgi, block0 + j, half, e, lane, nq)] = ptx.f32_as_u32(
+                        dq[4 * j + 2 * half + e])
+
+    return stage_dq
 
 
 def _dq_layout(spec):
@@ -83,19 +139,22 @@ def _dq_layout(spec):
 
 
 def shared_bytes(spec: BackwardMmaSpec) -> int:
-    words = _dkdv_layout(spec)[-1] if spec.part == "dkdv" else _dq_layout(spec)[-1]
+    words = _dkdv_layout(spec)[-1] if spec.part in ("dkdv", "dkdvq") else _dq_layout(spec)[-1]
     return 4 * words + wg.TILE_ALIGN
 
 
 def build(spec: BackwardMmaSpec):
-    """The kernel of spec.part ("dkdv" or "dq"); see the module docstring."""
+    """The kernel of spec.part ("dkdv", "dkdvq", "dq" or "dq_convert"); see the module
+    docstring."""
     assert spec.wgmma and spec.dtype in ("fp16", "bf16") and spec.head_dim in HEAD_DIMS
-    assert not spec.variant and not spec.varlen and not spec.dbias and not spec.dq_atomics
-    if spec.part == "dkdv":
+    assert not spec.variant and not spec.varlen and not spec.dbias
+    if spec.part in ("dkdv", "dkdvq"):
         return _build_dkdv(spec)
     if spec.part == "dq":
         return _build_dq(spec)
-    raise ValueError(f"spec.part: expected dkdv or dq for the wgmma backward; got {spec.part!r}")
+    if spec.part == "dq_convert":
+        return _build_convert(spec)
+    raise ValueError(f"spec.part: expected dkdv, dkdvq, dq or dq_convert for the wgmma backward; got {spec.part!r}")
 
 
 @cuda.jit(device=True, inline=True)
@@ -146,7 +205,24 @@ def _build_dkdv(spec):
     mma_acc = wg.wgmma_rs(spec.dtype, D, True)  # dV += P^T dO, dK += dS^T Q
     pack = ptx.pack_f16x2 if spec.dtype == "fp16" else ptx.pack_bf16x2
     store = _make_store(D, pack)
-    K_OFF, V_OFF, Q_OFF, DO_OFF, LSE_OFF, DELTA_OFF, _ = _dkdv_layout(spec)
+    K_OFF, V_OFF, Q_OFF, DO_OFF, DS_OFF, STAGING_OFF, LSE_OFF, DELTA_OFF, _ = _dkdv_layout(spec)
+    WITH_DQ = spec.part == "dkdvq"
+    WARPGROUPS = T // 128
+    # dQ = dS K per query tile: warpgroup w takes head-dim columns [w NQ, (w + 1) NQ)
+    # over all BN keys, DQ_COLS at a time (N of the wgmma), A = dS^T read MN-major
+    NQ = D // WARPGROUPS
+    DQ_COLS = min(tuning.wgmma_bwd_dq_cols(D), NQ)
+    DQ_CHUNKS, DQ_REGS, DQ_BLOCKS, KEY_STEPS = NQ // DQ_COLS, DQ_COLS // 2, DQ_COLS // 8, BN // 16
+    if WITH_DQ:  # wgmma's M is 64 query rows; a chunk stays inside one 64-column panel of K
+        assert BM == 64 and NQ % DQ_COLS == 0 and wg.PANEL_COLS % DQ_COLS == 0, (BM, NQ, DQ_COLS)
+        mma_dq = wg.wgmma_ss(spec.dtype, DQ_COLS, True, trans_a=True)
+    else:
+        mma_dq = mma_t  # never called
+    DEFER = WITH_DQ and _dq_deferred(spec)
+    DS_WORDS = wg.tile_bytes(BN, BM) // 4 if WITH_DQ else 0
+    STAGING_WORDS = BM * D
+    stage_dq = _make_stage_dq(DQ_COLS, NQ)
+
     Q_BYTES = wg.tile_bytes(BM, D)
     Q_WORDS = Q_BYTES // 4
     KV_PANEL, Q_PANEL = wg.panel_bytes(BN), wg.panel_bytes(BM)
@@ -156,6 +232,26 @@ def _build_dkdv(spec):
     CAUSAL = spec.causal
     issue_kv = make_issue_tile(D, BN, T)
     issue_q = make_issue_tile(D, BM, T)
+
+    @cuda.jit(device=True, inline=True)
+    def tile_at(it, m_tiles, m_begin):
+        """(query head offset, first row) of iteration it: head it // m_tiles, query tile
+        it % m_tiles. 32-bit division: a 64-bit one is a call in SASS, and a call
+        serializes wgmma."""
+        hi = uint32(it) // uint32(m_tiles)
+        return hi, m_begin + np.int32(uint32(it) - hi * uint32(m_tiles)) * np.int32(BM)
+
+    @cuda.jit(device=True, inline=True)
+    def issue_dq(dq, desc_ds, desc_kt, ds_bytes, col0):
+        """dq = dS K, columns col0 .. col0 + DQ_COLS, dS^T at desc_ds + ds_bytes; one
+        committed group."""
+        desc_a = wg.desc_add(desc_ds, ds_bytes)
+        desc_b = wg.desc_add(desc_kt, col0 // wg.PANEL_COLS * KV_PANEL + col0 % wg.PANEL_COLS * 2)
+        wg.wgmma_fence()
+        mma_dq(dq, desc_a, desc_b, 0)
+        for kk in range(1, KEY_STEPS):
+            mma_dq(dq, wg.desc_add(desc_a, kk * 2 * wg.SBO_BYTES), wg.desc_add(desc_b, kk * 2 * wg.SBO_BYTES), 1)
+        wg.wgmma_commit()
 
     def backward_dkdv_wgmma(q, k, v, do, lse, delta, dk, dv, dq_acc, scale, group,
                             window_left, window_right, softcap, alibi, bias, mask,
@@ -185,15 +281,16 @@ def _build_dkdv(spec):
             m_tiles = np.int32(0)
         total = np.int32(uint32(m_tiles) * uint32(group))  # (query head, query tile) pairs
         h0 = uint32(hk) * uint32(group)
+        h_first, m_first = h0, m_begin
 
         issue_kv(k, smem, base + K_OFF, b, hk, ZERO, n0, seqlen_k, tid)
         issue_kv(v, smem, base + V_OFF, b, hk, ZERO, n0, seqlen_k, tid)
         if total > 0:
-            issue_q(q, smem, base + Q_OFF, b, h0, ZERO, m_begin, seqlen_q, tid)
-            issue_q(do, smem, base + DO_OFF, b, h0, ZERO, m_begin, seqlen_q, tid)
+            issue_q(q, smem, base + Q_OFF, b, h_first, ZERO, m_first, seqlen_q, tid)
+            issue_q(do, smem, base + DO_OFF, b, h_first, ZERO, m_first, seqlen_q, tid)
             if tid < BM:
-                smem[base + LSE_OFF + tid] = ptx.f32_as_u32(_lse_log2(lse, b, h0, m_begin + tid, seqlen_q))
-                smem[base + DELTA_OFF + tid] = ptx.f32_as_u32(_delta_of(delta, b, h0, m_begin + tid, seqlen_q))
+                smem[base + LSE_OFF + tid] = ptx.f32_as_u32(_lse_log2(lse, b, h_first, m_first + tid, seqlen_q))
+                smem[base + DELTA_OFF + tid] = ptx.f32_as_u32(_delta_of(delta, b, h_first, m_first + tid, seqlen_q))
         ptx.cp_async_commit()
 
         desc_k = wg.smem_desc(ptx.shared_address(smem, (base + K_OFF + wgi * WG_ROWS_WORDS,)), K_MAJOR_LBO)
@@ -202,6 +299,8 @@ def _build_dkdv(spec):
         desc_do0 = wg.smem_desc(ptx.shared_address(smem, (base + DO_OFF,)), K_MAJOR_LBO)
         desc_qt0 = wg.smem_desc(ptx.shared_address(smem, (base + Q_OFF,)), Q_PANEL)  # Q read MN-major
         desc_dot0 = wg.smem_desc(ptx.shared_address(smem, (base + DO_OFF,)), Q_PANEL)
+        desc_ds = wg.smem_desc(ptx.shared_address(smem, (base + DS_OFF,)), KV_PANEL)  # dS^T read MN-major
+        desc_kt = wg.smem_desc(ptx.shared_address(smem, (base + K_OFF,)), KV_PANEL)  # K read MN-major
 
         dk_acc = cuda.local.array(ACC_REGS, float32)
         dv_acc = cuda.local.array(ACC_REGS, float32)
@@ -212,17 +311,21 @@ def _build_dkdv(spec):
         dp = cuda.local.array(S_REGS, float32)
         p = cuda.local.array(P_REGS, uint32)
         ds = cuda.local.array(P_REGS, uint32)
+        dq = cuda.local.array(DQ_REGS, float32)
+        lane128 = tid % 128
+        prev_m0 = np.int32(0)  # DEFER: the query tile and head whose dS^T waits for its dQ
+        prev_h = uint32(0)
+        staged_m0 = np.int32(0)  # the query tile and head whose dQ is in the staging buffer
+        staged_h = uint32(0)
 
         for it in range(total):
             stage = it % 2
-            # 32-bit division: a 64-bit one is a call in SASS, and a call serializes wgmma
-            hi = uint32(it) // uint32(m_tiles)
-            m0 = m_begin + np.int32(uint32(it) - hi * uint32(m_tiles)) * np.int32(BM)
+            hi, m0 = tile_at(it, m_tiles, m_begin)
+            h = h0 + hi
             next_lse = float32(0)
             next_delta = float32(0)
             if it + 1 < total:
-                h1 = uint32(it + 1) // uint32(m_tiles)
-                m1 = m_begin + np.int32(uint32(it + 1) - h1 * uint32(m_tiles)) * np.int32(BM)
+                h1, m1 = tile_at(it + 1, m_tiles, m_begin)
                 h1 = h0 + h1
                 nxt = (1 - stage) * Q_WORDS
                 issue_q(q, smem, base + Q_OFF + nxt, b, h1, ZERO, m1, seqlen_q, tid)
@@ -249,7 +352,13 @@ def _build_dkdv(spec):
                 mma_t(dp, wg.desc_add(desc_v, (kk // 4) * KV_PANEL + (kk % 4) * 32),
                       wg.desc_add(desc_do, (kk // 4) * Q_PANEL + (kk % 4) * 32), 1)
             wg.wgmma_commit()
-            wg.wgmma_wait(1)  # S^T is in; dP^T may still run
+            if DEFER:  # the last tile's dQ runs under this tile's P and dS
+                if it > 0:
+                    issue_dq(dq, desc_ds, desc_kt, (1 - stage) * DS_WORDS * 4, wgi * NQ)
+                wg.wgmma_commit()  # (an empty group on the first tile keeps the counts below)
+                wg.wgmma_wait(2)  # S^T is in; dP^T and dQ may still run
+            else:
+                wg.wgmma_wait(1)  # S^T is in; dP^T may still run
             wg.fence_operands(s, S_REGS)
 
             # P^T: rows are keys (my_key, my_key + 8), columns queries m0 + 8j + 2t + e
@@ -269,6 +378,14 @@ def _build_dkdv(spec):
                         for e in range(2):
                             if np.int32(j * 8 + 2 * t + e) < first_seen:
                                 s[4 * j + 2 * half + e] = float32(0)
+            if WITH_DQ and n0 + np.int32(BN) > seqlen_k:
+                # keys past seqlen_k: their zero-filled K rows give S = 0 and P = exp2(-lse),
+                # harmless for dK and dV (never stored) but possibly inf, and inf * 0 in dS K
+                for half in range(2):
+                    if my_key + np.int32(8 * half) >= seqlen_k:
+                        for j in range(S_BLOCKS):
+                            for e in range(2):
+                                s[4 * j + 2 * half + e] = float32(0)
             for i in range(P_REGS):
                 p[i] = pack(s[2 * i], s[2 * i + 1])
 
@@ -278,7 +395,10 @@ def _build_dkdv(spec):
                 mma_acc(dv_acc, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3],
                         wg.desc_add(desc_dot0, q_bytes + kk * 2 * wg.SBO_BYTES), 1)
             wg.wgmma_commit()
-            wg.wgmma_wait(1)  # dP^T is in; dV may still run
+            if DEFER:
+                wg.wgmma_wait(2)  # dP^T is in; dQ and dV may still run
+            else:
+                wg.wgmma_wait(1)  # dP^T is in; dV may still run
             wg.fence_operands(dp, S_REGS)
 
             delta_base = base + DELTA_OFF + stage * BM
@@ -297,6 +417,36 @@ def _build_dkdv(spec):
                 mma_acc(dk_acc, ds[4 * kk], ds[4 * kk + 1], ds[4 * kk + 2], ds[4 * kk + 3],
                         wg.desc_add(desc_qt0, q_bytes + kk * 2 * wg.SBO_BYTES), 1)
             wg.wgmma_commit()
+            if WITH_DQ:
+                # dS^T to shared memory (row = key, column = query) while dK's wgmma runs;
+                # dQ = dS K over all keys of the CTA reads it MN-major. The finished dQ of
+                # a tile goes to a staging buffer (two, by tile parity), which thread 0
+                # adds into the accumulator with one bulk reduce after the loop's barrier
+                ds_off = base + DS_OFF + (stage * DS_WORDS if DEFER else 0)
+                for j in range(S_BLOCKS):
+                    for half in range(2):
+                        row = my_key - n0 + np.int32(8 * half)
+                        smem[ds_off + wg.chunk_word(row, j, BN) + t] = ds[2 * j + half]
+                wg.fence_proxy_async()
+                if DEFER:
+                    if it > 0:  # the last tile's dQ is in; dV and dK may still run
+                        wg.wgmma_wait(2)
+                        wg.fence_operands(dq, DQ_REGS)
+                        stage_dq(smem, base + STAGING_OFF + (1 - stage) * STAGING_WORDS, dq, wgi, 0, lane128)
+                        staged_m0 = prev_m0
+                        staged_h = prev_h
+                    prev_m0 = m0
+                    prev_h = h
+                else:
+                    cuda.syncthreads()  # every warpgroup's keys are in
+                    for c in range(DQ_CHUNKS):
+                        issue_dq(dq, desc_ds, desc_kt, 0, wgi * NQ + c * DQ_COLS)
+                        wg.wgmma_wait(0)
+                        wg.fence_operands(dq, DQ_REGS)
+                        stage_dq(smem, base + STAGING_OFF + stage * STAGING_WORDS, dq, wgi, c * DQ_BLOCKS, lane128)
+                    staged_m0 = m0
+                    staged_h = h
+                wg.fence_proxy_async()  # the staging stores, for the bulk reduce's async proxy
             wg.wgmma_wait(0)
             wg.fence_operands(dv_acc, ACC_REGS)
             wg.fence_operands(dk_acc, ACC_REGS)
@@ -305,13 +455,80 @@ def _build_dkdv(spec):
                 smem[base + LSE_OFF + other + tid] = ptx.f32_as_u32(next_lse)
                 smem[base + DELTA_OFF + other + tid] = ptx.f32_as_u32(next_delta)
             cuda.syncthreads()  # everyone is done with this stage before it is refilled
+            if WITH_DQ and tid == 0 and (it > 0 or not DEFER):
+                # the previous reduce has had an iteration to read its buffer; the next
+                # writes into that buffer come after the next barrier
+                wg.bulk_wait_read(0)
+                buffer = (1 - stage) if DEFER else stage
+                wg.bulk_reduce_add_f32(
+                    ptx.global_address(dq_acc, (b, staged_h, staged_m0 // np.int32(BM), 0)),
+                    ptx.shared_address(smem, (base + STAGING_OFF + buffer * STAGING_WORDS,)), STAGING_WORDS * 4)
+                wg.bulk_commit()
 
         ptx.cp_async_wait_group(0)
+        if DEFER and total > 0:  # the last tile's dQ (its dS^T passed the loop's last barrier)
+            issue_dq(dq, desc_ds, desc_kt, (total - 1) % 2 * DS_WORDS * 4, wgi * NQ)
+            wg.wgmma_wait(0)
+            wg.fence_operands(dq, DQ_REGS)
+            last = (total - 1) % 2
+            if tid == 0:  # the reduce that last read this buffer (two tiles back) is done
+                wg.bulk_wait_read(0)
+            cuda.syncthreads()
+            stage_dq(smem, base + STAGING_OFF + last * STAGING_WORDS, dq, wgi, 0, lane128)
+            wg.fence_proxy_async()
+            cuda.syncthreads()
+            if tid == 0:
+                wg.bulk_reduce_add_f32(ptx.global_address(dq_acc, (b, prev_h, prev_m0 // np.int32(BM), 0)),
+                                       ptx.shared_address(smem, (base + STAGING_OFF + last * STAGING_WORDS,)),
+                                       STAGING_WORDS * 4)
+                wg.bulk_commit()
+        if WITH_DQ and tid == 0:
+            wg.bulk_wait(0)  # every reduce has finished before the CTA's shared memory goes
         store(dk, dk_acc, b, hk, my_key, seqlen_k, float32(scale), t)
         store(dv, dv_acc, b, hk, my_key, seqlen_k, float32(1), t)
 
     bounds = {} if ptx.SIMULATED else {"launch_bounds": T}
     return cuda.jit(backward_dkdv_wgmma, fastmath={"contract"}, **bounds)
+
+
+CONVERT_THREADS = 256
+
+
+def dq_accumulator_shape(spec, batch, seqlen_q, heads_q):
+    """The fused kernel's float32 dQ accumulator: (batch, heads_q, query tiles,
+    block_m x head_dim), each tile contiguous (one bulk reduce) in staging_word's order."""
+    return batch, heads_q, -(-seqlen_q // spec.block_m), spec.block_m * spec.head_dim
+
+
+def _build_convert(spec):
+    D, BM = spec.head_dim, spec.block_m
+    NQ = D // (spec.threads // 128)
+    PAIRS = BM * D // 2
+    BLOCKS = NQ // 8
+    pack = ptx.pack_f16x2 if spec.dtype == "fp16" else ptx.pack_bf16x2
+
+    def backward_dq_convert_tiles(dq_acc, dq, scale):
+        """dq[b, tile rows, h, :] = scale * the accumulator's tile, rounded to 16 bits;
+        one CTA per (query tile, head, batch). dq is a uint32 view (two 16-bit values a
+        word); thread p reads the words p and p + 128 of its (warpgroup, block, half)
+        group of 256 (staging_word's order), so consecutive threads read consecutive words."""
+        tile = cuda.blockIdx.x
+        h = cuda.blockIdx.y
+        b = cuda.blockIdx.z
+        for p in range(cuda.threadIdx.x, PAIRS, CONVERT_THREADS):
+            lane = p % 128
+            group = p // 128  # (wgi * BLOCKS + block) * 2 + half
+            half = group % 2
+            block = group // 2
+            wgi = block // BLOCKS
+            block -= wgi * BLOCKS
+            i = tile * BM + (lane // 32) * 16 + (lane % 32) // 4 + 8 * half
+            if i < dq.shape[1]:
+                at = group * 256 + lane
+                word = pack(dq_acc[b, h, tile, at] * scale, dq_acc[b, h, tile, at + 128] * scale)
+                dq[b, i, h, (wgi * NQ + block * 8) // 2 + lane % 4] = word
+
+    return cuda.jit(backward_dq_convert_tiles)
 
 
 def _build_dq(spec):

@@ -201,15 +201,16 @@ if SIMULATED:
         B = _read_operand(desc_b, n, not trans_b, dtype)  # [n, k]
         return B.T
 
-    def wgmma_ss(dtype: str, n: int, trans_b: bool):
+    def wgmma_ss(dtype: str, n: int, trans_b: bool, trans_a: bool = False):
         """wgmma.mma_async m64n{n}k16, A and B from shared memory: ``fn(acc, desc_a,
-        desc_b, scale_d)``, acc += A B (acc = A B when scale_d is 0); A K-major, B
-        K-major (element (k, n) at row n, column k of its tile) or, with trans_b,
-        MN-major (element (k, n) at row k, column n)."""
+        desc_b, scale_d)``, acc += A B (acc = A B when scale_d is 0); A K-major
+        (element (m, k) at row m, column k) or, with trans_a, MN-major (at row k,
+        column m); B K-major (element (k, n) at row n, column k of its tile) or, with
+        trans_b, MN-major (element (k, n) at row k, column n)."""
         np_dtype = _NP[dtype]
 
         def fn(acc, desc_a, desc_b, scale_d):
-            A = _read_operand(desc_a, 64, True, np_dtype)
+            A = _read_operand(desc_a, 64, not trans_a, np_dtype)
             B = _b_operand(desc_b, n, trans_b, np_dtype)
             current_warpgroup().barrier.wait()  # every thread has read before anyone moves on
             _accumulate(acc, n, A, B, scale_d)
@@ -242,6 +243,27 @@ if SIMULATED:
         pass
 
     def fence_operands(acc, count):
+        pass
+
+    def bulk_reduce_add_f32(dst, src, nbytes):
+        """The twin of cp.reduce.async.bulk ... .add.f32: dst (a global_address of a
+        float32 array) and on, nbytes / 4 elements in row-major order, += the float32
+        words at src (a shared_address into the uint32 shared array); synchronous here."""
+        n = int(nbytes) // 4
+        start = src.index[-1]
+        values = np.ascontiguousarray(src.array[start:start + n]).view(np.float32)
+        flat = dst.array.reshape(-1)  # a view: the accumulator is contiguous
+        at = int(np.ravel_multi_index(dst.index, dst.array.shape))
+        with ptx._red_lock:
+            flat[at:at + n] += values
+
+    def bulk_commit():
+        pass
+
+    def bulk_wait_read(n):
+        pass
+
+    def bulk_wait(n):
         pass
 
 else:
@@ -298,6 +320,47 @@ else:
         "proxy, PTX ISA 9.7.9.25.2) visible to async-proxy reads (wgmma's operand fetches). Each "
         "writing thread fences after its copies complete, then a barrier, then the wgmma.")
 
+    bulk_commit = _simple("bulk_commit", "cp.async.bulk.commit_group;",
+                          "cp.async.bulk.commit_group (PTX ISA 9.7.9.25.6.1): close the bulk-async "
+                          "group of the cp.reduce.async.bulk issued so far by this thread.")
+
+    @intrinsic
+    def bulk_reduce_add_f32(typingctx, dst, src, nbytes):
+        """cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [dst], [src], nbytes
+        (PTX ISA 9.7.9.25.4.3): the bulk copy engine adds nbytes / 4 float32 from shared
+        memory (src, a 32-bit shared address) into global memory (dst, 64-bit), each
+        element atomically; both 16-byte aligned, nbytes a multiple of 16. Issued by one
+        thread; the source may be overwritten after bulk_wait_read."""
+
+        def codegen(context, builder, sig, args):
+            size = context.cast(builder, args[2], sig.args[2], types.uint32)
+            _asm(builder, "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [$0], [$1], $2;",
+                 "l,r,r,~{memory}", ir.VoidType(), [args[0], args[1], size])
+            return context.get_dummy_value()
+
+        return types.void(types.uint64, types.uint32, nbytes), codegen
+
+    def _bulk_wait(name, read):
+        def typer(typingctx, n):
+            if not isinstance(n, types.IntegerLiteral):
+                return None
+            text = f"cp.async.bulk.wait_group{'.read' if read else ''} {n.literal_value};"
+
+            def codegen(context, builder, sig, args):
+                _asm(builder, text, "~{memory}", ir.VoidType(), [])
+                return context.get_dummy_value()
+
+            return types.void(n), codegen
+
+        typer.__name__ = name
+        return intrinsic(typer)
+
+    bulk_wait_read = _bulk_wait("bulk_wait_read", True)
+    bulk_wait_read.__doc__ = ("cp.async.bulk.wait_group.read n: at most n of this thread's bulk groups still "
+                              "read their shared-memory source (n a compile-time constant).")
+    bulk_wait = _bulk_wait("bulk_wait", False)
+    bulk_wait.__doc__ = "cp.async.bulk.wait_group n: at most n of this thread's bulk groups are incomplete."
+
     @intrinsic
     def wgmma_wait(typingctx, n):
         """wgmma.wait_group.sync.aligned n: wait until at most n committed groups are in
@@ -337,7 +400,7 @@ else:
     _KIND = {"fp16": "f16", "bf16": "bf16"}
     _made: dict = {}
 
-    def _wgmma_text(kind, n, trans_b, a_in_registers, fresh):
+    def _wgmma_text(kind, n, trans_b, a_in_registers, fresh, trans_a=False):
         """(PTX, constraints) of one wgmma; ``fresh`` (scale_d a literal 0): D = A B,
         the accumulator's old values are not operands (so not kept alive for it)."""
         regs = n // 2
@@ -351,7 +414,7 @@ else:
         else:
             a = f"${first}"
             nxt = first + 1
-            tail = f"1, 1, 0, {int(trans_b)}"  # imm-scale-a, -b, imm-trans-a (K-major), imm-trans-b
+            tail = f"1, 1, {int(trans_a)}, {int(trans_b)}"  # imm-scale-a, -b, imm-trans-a, imm-trans-b
             a_cons = ["l"]
         text = (f"{{ .reg .pred p; setp.ne.b32 p, ${nxt + 1}, 0; "
                 f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{kind}.{kind} "
@@ -359,8 +422,9 @@ else:
         tied = [] if fresh else [str(i) for i in range(regs)]
         return text, ",".join(["=f"] * regs + tied + a_cons + ["l", "r"])
 
-    def _wgmma(dtype, n, trans_b, a_in_registers):
-        key = (dtype, n, trans_b, a_in_registers)
+    def _wgmma(dtype, n, trans_b, a_in_registers, trans_a=False):
+        assert not (trans_a and a_in_registers), "an A from registers has one layout"
+        key = (dtype, n, trans_b, a_in_registers, trans_a)
         if key in _made:
             return _made[key]
         assert n % 8 == 0 and 8 <= n <= 256, n
@@ -368,7 +432,7 @@ else:
         ret = ir.LiteralStructType([_f32] * regs)
 
         def make_codegen(fresh):
-            text, constraints = _wgmma_text(_KIND[dtype], n, trans_b, a_in_registers, fresh)
+            text, constraints = _wgmma_text(_KIND[dtype], n, trans_b, a_in_registers, fresh, trans_a)
 
             def codegen(context, builder, sig, args):
                 ptrs = [_acc_pointer(context, builder, sig.args[0], args[0], i) for i in range(regs)]
@@ -397,20 +461,21 @@ else:
             def typer(typingctx, acc, desc_a, desc_b, scale_d):
                 return typing(acc, scale_d)
 
-        name = f"wgmma_{'rs' if a_in_registers else 'ss'}_{dtype}_n{n}{'_tb' if trans_b else ''}"
+        name = f"wgmma_{'rs' if a_in_registers else 'ss'}_{dtype}_n{n}{'_ta' if trans_a else ''}{'_tb' if trans_b else ''}"
         typer.__name__ = name
         fn = intrinsic(typer)
         _made[key] = fn
         return fn
 
-    def wgmma_ss(dtype: str, n: int, trans_b: bool):
+    def wgmma_ss(dtype: str, n: int, trans_b: bool, trans_a: bool = False):
         """wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{f16|bf16} with A and B from shared
         memory (descriptors): ``fn(acc, desc_a, desc_b, scale_d)``; acc (float32 local
         array, N / 2 used) += A B, or = A B when scale_d is 0 (a literal 0 also keeps the
-        old accumulator out of the instruction's operands). A is K-major; B is
-        K-major (element (k, n) at row n, column k of its tile) or, with trans_b,
-        MN-major (element (k, n) at row k, column n)."""
-        return _wgmma(dtype, n, trans_b, False)
+        old accumulator out of the instruction's operands). A is K-major (element (m, k)
+        at row m, column k) or, with trans_a, MN-major (at row k, column m: the 16-bit
+        types' transposed A); B is K-major (element (k, n) at row n, column k of its
+        tile) or, with trans_b, MN-major (element (k, n) at row k, column n)."""
+        return _wgmma(dtype, n, trans_b, False, trans_a)
 
     def wgmma_rs(dtype: str, n: int, trans_b: bool):
         """As wgmma_ss with A from registers (four .b32 in mma.m16n8k16's A fragment
