@@ -5,9 +5,12 @@ TFLOP/s = 2.5 x the forward's FLOPs (4 * B * H * Nq * Nk * D, halved for causal)
 time: the backward's five matmuls (S recomputed, dP, dV, dK, dQ) against the forward's
 two. The timed call is the backward alone, given the forward's out and lse (nbflash:
 delta, dK/dV and dQ kernels; torch: autograd.grad through SDPA's saved forward). CUDA
-events around each call after warm-up, median of --repeats runs (fewer when one call
-takes long), fresh random normal inputs (never zeros). Peers: torch SDPA's flash,
-cuDNN and efficient backends when torch imports (optional).
+events around CALLS_PER_SAMPLE calls issued back to back (per call: the host work of
+one call overlaps the kernels of the one before, as in a training step; a sync after
+every call would add each library's host latency, ~0.3 ms for nbflash's backward, to
+its GPU time), after warm-up, median of --repeats samples (fewer when one call takes
+long), fresh random normal inputs (never zeros). Peers: torch SDPA's flash, cuDNN and
+efficient backends when torch imports (optional).
 
     python perf/bench_backward.py [--quick] [--out perf/results]
     python perf/bench_backward.py --variants [--out perf/results]
@@ -40,6 +43,7 @@ import nbflash  # noqa: E402
 from bench_forward import HEADS, TOKENS, plot  # noqa: E402
 
 TIME_PER_CASE_S = 3.0  # cap on timed work per (config, implementation)
+CALLS_PER_SAMPLE = 4
 
 
 def repeats_for(one_call_ms, wanted):
@@ -52,7 +56,7 @@ def nbflash_time(do, q, k, v, out, lse, causal, grads, repeats, deterministic=Fa
     fn = lambda: nbflash.attention_backward(  # noqa: E731
         do, q, k, v, out, lse, causal=causal, deterministic=deterministic, dq=dq, dk=dk, dv=dv, **variants)
     one = nbflash.device.median_gpu_ms(fn, 1, 1)  # also compiles
-    return nbflash.device.median_gpu_ms(fn, 2, repeats_for(one, repeats))
+    return nbflash.device.median_gpu_ms(fn, 2, repeats_for(one * CALLS_PER_SAMPLE, repeats), CALLS_PER_SAMPLE)
 
 
 def torch_peers():
@@ -88,12 +92,13 @@ def torch_peers():
                 for _ in range(2):
                     fn()
                 times = []
-                for _ in range(repeats_for(start.elapsed_time(stop), repeats)):
+                for _ in range(repeats_for(start.elapsed_time(stop) * CALLS_PER_SAMPLE, repeats)):
                     start.record()
-                    fn()
+                    for _ in range(CALLS_PER_SAMPLE):
+                        fn()
                     stop.record()
                     stop.synchronize()
-                    times.append(start.elapsed_time(stop))
+                    times.append(start.elapsed_time(stop) / CALLS_PER_SAMPLE)
             return float(np.median(times))
 
         return run

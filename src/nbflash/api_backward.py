@@ -27,8 +27,9 @@ def choose_backward_spec(problem: _Problem, causal: bool, deterministic: bool, v
     kernels of kernels/backward_wgmma.py unless ``wgmma`` is False); the portable
     kernels (any dtype and head_dim) otherwise.
 
-    Every family honours ``deterministic`` (the wgmma family never uses atomics): the tensor-core family then computes dQ in
-    a kernel of its own instead of with float32 atomics. ``variant`` and ``dbias`` are
+    Every family honours ``deterministic``: the tensor-core families then compute dQ in
+    a kernel of its own instead of with float32 reductions from the dK/dV kernel (the
+    wgmma family's default, tuning.WGMMA_BWD_DQ_ATOMICS). ``variant`` and ``dbias`` are
     compiled into the spec (spec.Variant; dbias: the kernels also write dS).
     """
     dtype = arrays.short_name(problem.dtype)
@@ -172,8 +173,10 @@ def attention_backward(
         causal, scale, layout: as in :func:`nbflash.attention`; they must match the
             forward's.
         deterministic: bitwise-repeatable gradients from run to run. The portable
-            kernels always are (no atomics); a family that accumulates with atomics is
-            not chosen when this is True.
+            kernels always are (no atomics). Without it the Hopper (wgmma) kernels add
+            dQ in float32 reductions whose order varies (dq differs between runs in
+            its last bits; dk and dv do not); with it they take the two-kernel path,
+            2-7% slower on the H100.
         dq, dk, dv: optional arrays of q's, k's and v's shapes and q's dtype to write
             into; they must not overlap any input or each other.
         window, softcap, alibi_slopes, bias, mask, dropout_p, seed: the forward's

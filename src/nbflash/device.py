@@ -109,9 +109,12 @@ def describe() -> str:
     return f"{name} (sm_{cc[0]}{cc[1]})"
 
 
-def median_gpu_ms(fn, warmup: int = 3, repeats: int = 20) -> float:
+def median_gpu_ms(fn, warmup: int = 3, repeats: int = 20, calls: int = 1) -> float:
     """Median milliseconds of ``fn`` on CuPy's current stream, timed with CUDA events
-    after ``warmup`` untimed calls (the self-check and perf/ share this)."""
+    after ``warmup`` untimed calls (the self-check and perf/ share this). With
+    ``calls`` > 1 each sample times that many calls issued back to back, divided by
+    ``calls``: the host work of one call then overlaps the kernels of the one before,
+    as in a training step, instead of the GPU waiting for it after every sync."""
     import cupy
     import numpy as np
 
@@ -121,8 +124,9 @@ def median_gpu_ms(fn, warmup: int = 3, repeats: int = 20) -> float:
     times = []
     for _ in range(repeats):
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         stop.record()
         stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop))
+        times.append(cupy.cuda.get_elapsed_time(start, stop) / calls)
     return float(np.median(times))
