@@ -1102,7 +1102,7 @@ def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, det
         from .backward_wgmma import CONVERT_THREADS as WGMMA_CONVERT_THREADS
 
         part = replace(spec, part="dq_convert")
-        args = [launch.numba_view(dq_acc), launch.numba_view(dq.view(np.uint32)), scale]
+        args = [launch.numba_view(dq_acc), launch.numba_view(dq), scale]
         launch.launch(launch.compiled(part), dq_acc.shape[2:0:-1] + (batch,), WGMMA_CONVERT_THREADS, args, 0)
     else:  # elementwise over the rows: packed tensors convert as one dense sequence
         part = replace(spec, part="dq_convert", varlen=False)

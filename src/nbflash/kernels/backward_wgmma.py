@@ -509,9 +509,10 @@ def _build_convert(spec):
 
     def backward_dq_convert_tiles(dq_acc, dq, scale):
         """dq[b, tile rows, h, :] = scale * the accumulator's tile, rounded to 16 bits;
-        one CTA per (query tile, head, batch). dq is a uint32 view (two 16-bit values a
-        word); thread p reads the words p and p + 128 of its (warpgroup, block, half)
-        group of 256 (staging_word's order), so consecutive threads read consecutive words."""
+        one CTA per (query tile, head, batch), dq as 16-bit bits (any strides but a unit
+        head_dim one). Thread p reads the words p and p + 128 of its (warpgroup, block,
+        half) group of 256 (staging_word's order), so consecutive threads read consecutive
+        words."""
         tile = cuda.blockIdx.x
         h = cuda.blockIdx.y
         b = cuda.blockIdx.z
@@ -526,7 +527,9 @@ def _build_convert(spec):
             if i < dq.shape[1]:
                 at = group * 256 + lane
                 word = pack(dq_acc[b, h, tile, at] * scale, dq_acc[b, h, tile, at + 128] * scale)
-                dq[b, i, h, (wgi * NQ + block * 8) // 2 + lane % 4] = word
+                col = wgi * NQ + block * 8 + 2 * (lane % 4)
+                dq[b, i, h, col] = np.uint16(word & 0xFFFF)
+                dq[b, i, h, col + 1] = np.uint16(word >> 16)
 
     return cuda.jit(backward_dq_convert_tiles)
 
