@@ -528,7 +528,7 @@ _WGMMA_BWD_OVERRIDE = "NBFLASH_WGMMA_BWD_TILES"  # "128=64,128,256,128,64,256;..
 # NBFLASH_WGMMA_BWD_DQ_ATOMICS=0/1 overrides it for perf/ comparisons.
 WGMMA_BWD_DQ_ATOMICS: dict[int, bool] = {64: True, 128: True}
 # ptxas spills of the fused kernel the gate accepts (bytes, by head_dim): at 128 the
-# dK/dV kernel alone sits at 255 registers, and the fused one spills 64-92 bytes however
+# dK/dV kernel alone sits at 255 registers, and the fused one spills 48-96 bytes however
 # its dQ is chunked (16, 32 or 64 columns); measured faster all the same (above). The
 # route to none is FA3's register split (setmaxnreg with a producer warpgroup).
 WGMMA_BWD_FUSED_SPILL_BYTES: dict[int, int] = {128: 96}

@@ -411,6 +411,17 @@ def _build_dkdv(spec):
             for i in range(P_REGS):
                 ds[i] = pack(dp[2 * i], dp[2 * i + 1])
 
+            if WITH_DQ:
+                # dS^T to shared memory (row = key, column = query), before dK's wgmma
+                # takes ds as its A operand: registers of an in-flight wgmma may not be
+                # touched, not even read (PTX ISA 9.7.15.5.1)
+                ds_off = base + DS_OFF + (stage * DS_WORDS if DEFER else 0)
+                for j in range(S_BLOCKS):
+                    for half in range(2):
+                        row = my_key - n0 + np.int32(8 * half)
+                        smem[ds_off + wg.chunk_word(row, j, BN) + t] = ds[2 * j + half]
+                wg.fence_proxy_async()
+
             # dK += dS^T Q
             wg.wgmma_fence()
             for kk in range(M_STEPS):
@@ -418,16 +429,9 @@ def _build_dkdv(spec):
                         wg.desc_add(desc_qt0, q_bytes + kk * 2 * wg.SBO_BYTES), 1)
             wg.wgmma_commit()
             if WITH_DQ:
-                # dS^T to shared memory (row = key, column = query) while dK's wgmma runs;
-                # dQ = dS K over all keys of the CTA reads it MN-major. The finished dQ of
-                # a tile goes to a staging buffer (two, by tile parity), which thread 0
+                # dQ = dS K over all keys of the CTA reads dS^T MN-major. The finished dQ
+                # of a tile goes to a staging buffer (two, by tile parity), which thread 0
                 # adds into the accumulator with one bulk reduce after the loop's barrier
-                ds_off = base + DS_OFF + (stage * DS_WORDS if DEFER else 0)
-                for j in range(S_BLOCKS):
-                    for half in range(2):
-                        row = my_key - n0 + np.int32(8 * half)
-                        smem[ds_off + wg.chunk_word(row, j, BN) + t] = ds[2 * j + half]
-                wg.fence_proxy_async()
                 if DEFER:
                     if it > 0:  # the last tile's dQ is in; dV and dK may still run
                         wg.wgmma_wait(2)
