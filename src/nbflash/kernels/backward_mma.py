@@ -1103,7 +1103,8 @@ def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, det
 
         part = replace(spec, part="dq_convert")
         args = [launch.numba_view(dq_acc), launch.numba_view(dq), scale]
-        launch.launch(launch.compiled(part), dq_acc.shape[2:0:-1] + (batch,), WGMMA_CONVERT_THREADS, args, 0)
+        grid = (dq_acc.shape[2], heads_q, batch)  # one CTA per query tile
+        launch.launch(launch.compiled(part), grid, WGMMA_CONVERT_THREADS, args, 0)
     else:  # elementwise over the rows: packed tensors convert as one dense sequence
         part = replace(spec, part="dq_convert", varlen=False)
         grid = (-(-seqlen_q // CONVERT_ROWS), heads_q, batch)

@@ -26,8 +26,8 @@ tile that sees these keys, stream through shared memory double-buffered by cp.as
 dK is scaled once at the end; dK and dV are written once as 16 bits.
 
 dK/dV/dQ ("dkdvq", block_m 64: the M of the dQ wgmma): the same loop, and dS^T also
-goes to shared memory (row = key, column = query, the tile layout) while dK's wgmma
-runs; after a CTA barrier warpgroup w computes dQ = dS K for its head_dim / warpgroups
+goes to shared memory (row = key, column = query, the tile layout) before dK's wgmma
+takes ds as its A operand; after a CTA barrier warpgroup w computes dQ = dS K for its head_dim / warpgroups
 columns over all block_n keys (ss wgmma, dS^T read MN-major through imm-trans-a, K
 MN-major), tuning.wgmma_bwd_dq_cols at a time. The finished dQ goes to a float32
 staging buffer in fragment order (staging_word; two buffers by tile parity) and, after
@@ -242,6 +242,14 @@ def _build_dkdv(spec):
         return hi, m_begin + np.int32(uint32(it) - hi * uint32(m_tiles)) * np.int32(BM)
 
     @cuda.jit(device=True, inline=True)
+    def reduce_tile(dq_acc, b, h, m0, smem, staging):
+        """One bulk reduce (one committed bulk group) of the staging buffer at word
+        ``staging`` into query tile m0 of head h in dq_acc; issued by one thread."""
+        wg.bulk_reduce_add_f32(ptx.global_address(dq_acc, (b, h, m0 // np.int32(BM), 0)),
+                               ptx.shared_address(smem, (staging,)), STAGING_WORDS * 4)
+        wg.bulk_commit()
+
+    @cuda.jit(device=True, inline=True)
     def issue_dq(dq, desc_ds, desc_kt, ds_bytes, col0):
         """dq = dS K, columns col0 .. col0 + DQ_COLS, dS^T at desc_ds + ds_bytes; one
         committed group."""
@@ -281,16 +289,15 @@ def _build_dkdv(spec):
             m_tiles = np.int32(0)
         total = np.int32(uint32(m_tiles) * uint32(group))  # (query head, query tile) pairs
         h0 = uint32(hk) * uint32(group)
-        h_first, m_first = h0, m_begin
 
         issue_kv(k, smem, base + K_OFF, b, hk, ZERO, n0, seqlen_k, tid)
         issue_kv(v, smem, base + V_OFF, b, hk, ZERO, n0, seqlen_k, tid)
         if total > 0:
-            issue_q(q, smem, base + Q_OFF, b, h_first, ZERO, m_first, seqlen_q, tid)
-            issue_q(do, smem, base + DO_OFF, b, h_first, ZERO, m_first, seqlen_q, tid)
+            issue_q(q, smem, base + Q_OFF, b, h0, ZERO, m_begin, seqlen_q, tid)
+            issue_q(do, smem, base + DO_OFF, b, h0, ZERO, m_begin, seqlen_q, tid)
             if tid < BM:
-                smem[base + LSE_OFF + tid] = ptx.f32_as_u32(_lse_log2(lse, b, h_first, m_first + tid, seqlen_q))
-                smem[base + DELTA_OFF + tid] = ptx.f32_as_u32(_delta_of(delta, b, h_first, m_first + tid, seqlen_q))
+                smem[base + LSE_OFF + tid] = ptx.f32_as_u32(_lse_log2(lse, b, h0, m_begin + tid, seqlen_q))
+                smem[base + DELTA_OFF + tid] = ptx.f32_as_u32(_delta_of(delta, b, h0, m_begin + tid, seqlen_q))
         ptx.cp_async_commit()
 
         desc_k = wg.smem_desc(ptx.shared_address(smem, (base + K_OFF + wgi * WG_ROWS_WORDS,)), K_MAJOR_LBO)
@@ -464,10 +471,7 @@ def _build_dkdv(spec):
                 # writes into that buffer come after the next barrier
                 wg.bulk_wait_read(0)
                 buffer = (1 - stage) if DEFER else stage
-                wg.bulk_reduce_add_f32(
-                    ptx.global_address(dq_acc, (b, staged_h, staged_m0 // np.int32(BM), 0)),
-                    ptx.shared_address(smem, (base + STAGING_OFF + buffer * STAGING_WORDS,)), STAGING_WORDS * 4)
-                wg.bulk_commit()
+                reduce_tile(dq_acc, b, staged_h, staged_m0, smem, base + STAGING_OFF + buffer * STAGING_WORDS)
 
         ptx.cp_async_wait_group(0)
         if DEFER and total > 0:  # the last tile's dQ (its dS^T passed the loop's last barrier)
@@ -482,10 +486,7 @@ def _build_dkdv(spec):
             wg.fence_proxy_async()
             cuda.syncthreads()
             if tid == 0:
-                wg.bulk_reduce_add_f32(ptx.global_address(dq_acc, (b, prev_h, prev_m0 // np.int32(BM), 0)),
-                                       ptx.shared_address(smem, (base + STAGING_OFF + last * STAGING_WORDS,)),
-                                       STAGING_WORDS * 4)
-                wg.bulk_commit()
+                reduce_tile(dq_acc, b, prev_h, prev_m0, smem, base + STAGING_OFF + last * STAGING_WORDS)
         if WITH_DQ and tid == 0:
             wg.bulk_wait(0)  # every reduce has finished before the CTA's shared memory goes
         store(dk, dk_acc, b, hk, my_key, seqlen_k, float32(scale), t)

@@ -165,14 +165,6 @@ if SIMULATED:
         with _red_lock:
             address.array[address.index] += np.float32(value)
 
-    def red_add_v4_f32(address, x0, x1, x2, x3):
-        """address[0 .. 3] += x0 .. x3 (consecutive float32 of the last axis),
-        atomically as red_add_f32."""
-        *lead, last = address.index
-        with _red_lock:
-            for i, x in enumerate((x0, x1, x2, x3)):
-                address.array[(*lead, last + i)] += np.float32(x)
-
     def ld_global_nc_v4(address):
         """16 bytes from global memory as four uint32 words (the lower address in
         word 0, little-endian as on the GPU)."""
@@ -403,19 +395,6 @@ else:
             return context.get_dummy_value()
 
         return types.void(types.uint64, value), codegen
-
-    @intrinsic
-    def red_add_v4_f32(typingctx, address, x0, x1, x2, x3):
-        """red.global.add.v4.f32 [address], {x0, x1, x2, x3} (PTX ISA 9.7.13.6, sm_90):
-        four consecutive float32 added in one instruction; address 16-byte aligned."""
-
-        def codegen(context, builder, sig, args):
-            vals = [context.cast(builder, a, t, types.float32) for a, t in zip(args[1:], sig.args[1:])]
-            _asm(builder, "red.global.add.v4.f32 [$0], {$1, $2, $3, $4};", "l,f,f,f,f", ir.VoidType(),
-                 [args[0], *vals])
-            return context.get_dummy_value()
-
-        return types.void(types.uint64, x0, x1, x2, x3), codegen
 
     @cuda.jit(device=True, inline=True)
     def shfl_xor(value, lane_mask):
