@@ -55,12 +55,11 @@ def test_every_kernel_uses_wgmma_and_is_not_serialized(reports):
 
 
 def test_no_spills_and_no_local_memory(reports):
-    """None, but the fused backward kernel's measured allowance at head_dim 128
-    (tuning.WGMMA_BWD_FUSED_SPILL_BYTES says why)."""
+    """None anywhere, the fused backward kernel at head_dim 128 (255 registers) included:
+    its 48-96 bytes of spills went with the 32-bit shared addressing (session 8)."""
     for r in reports:
-        allowed = tuning.WGMMA_BWD_FUSED_SPILL_BYTES.get(r["head_dim"], 0) if r.get("part") == "dkdvq" else 0
-        assert r["spill_stores"] <= allowed and r["spill_loads"] <= allowed, r
-        assert r["stack"] <= allowed, r
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        assert r["stack"] == 0, r
 
 
 def test_forward_issues_every_wgmma_of_a_tile(reports):

@@ -527,11 +527,6 @@ _WGMMA_BWD_OVERRIDE = "NBFLASH_WGMMA_BWD_TILES"  # "128=64,128,256,128,64,256;..
 # red.global.add (v2 or v4) instead of the bulk reduce lost at d64 (3.0-3.2 ms).
 # NBFLASH_WGMMA_BWD_DQ_ATOMICS=0/1 overrides it for perf/ comparisons.
 WGMMA_BWD_DQ_ATOMICS: dict[int, bool] = {64: True, 128: True}
-# ptxas spills of the fused kernel the gate accepts (bytes, by head_dim): at 128 the
-# dK/dV kernel alone sits at 255 registers, and the fused one spills 48-96 bytes however
-# its dQ is chunked (16, 32 or 64 columns); measured faster all the same (above). The
-# route to none is FA3's register split (setmaxnreg with a producer warpgroup).
-WGMMA_BWD_FUSED_SPILL_BYTES: dict[int, int] = {128: 96}
 _WGMMA_BWD_DQ_ATOMICS_OVERRIDE = "NBFLASH_WGMMA_BWD_DQ_ATOMICS"
 
 
@@ -548,7 +543,8 @@ def wgmma_bwd_dq_atomics(head_dim: int, simulator: bool) -> bool:
 def wgmma_bwd_dq_cols(head_dim: int) -> int:
     """dQ columns per wgmma of the fused kernel (its accumulator holds half as many
     float32 per thread): 64 (one panel) where the dK/dV kernel has the registers, 32 at
-    head_dim 128, whose dK/dV kernel already sits at 255 (64 spilled 64-80 bytes)."""
+    head_dim 128, whose dK/dV kernel already sits at 250 (64 spills 120-184 bytes, 32
+    none: session 8)."""
     return 32 if head_dim >= 128 else 64
 
 

@@ -117,14 +117,15 @@ def _make_stage_dq(cols, nq):
     BLOCKS = cols // 8
 
     @cuda.jit(device=True, inline=True)
-    def stage_dq(smem, at, dq, wgi, block0, lane):
+    def stage_dq(at, dq, wgi, block0, lane):
         """The dQ accumulator (columns 8 block0 .. of the warpgroup's nq) into the
-        staging buffer at word ``at`` (staging_word's order), as float32 bits."""
+        staging buffer at shared address ``at`` (staging_word's order), as float32 bits."""
+        mine = at + uint32(4 * staging_word(wgi, block0, 0, 0, lane, nq))
         for j in range(BLOCKS):
             for half in range(2):
                 for e in range(2):
-                    smem[at + staging_word(wgi, block0 + j, half, e, lane, nq)] = ptx.f32_as_u32(
-                        dq[4 * j + 2 * half + e])
+                    ptx.st_shared_u32(mine + uint32(4 * (staging_word(0, j, half, e, 0, nq))),
+                                      ptx.f32_as_u32(dq[4 * j + 2 * half + e]))
 
     return stage_dq
 
@@ -163,9 +164,9 @@ def _lse_log2(lse, b, h, i, seqlen_q):
     so that P = exp2(s - it) is 0 there."""
     x = float32(math.inf)
     if i < seqlen_q:
-        y = lse[b, h, i]
+        y = lse[uint32(b), uint32(h), uint32(i)]
         if y != -math.inf:
-            x = float32(y * LOG2E)
+            x = y * float32(LOG2E)
     return x
 
 
@@ -173,7 +174,7 @@ def _lse_log2(lse, b, h, i, seqlen_q):
 def _delta_of(delta, b, h, i, seqlen_q):
     x = float32(0)
     if i < seqlen_q:
-        x = delta[b, h, i]
+        x = delta[uint32(b), uint32(h), uint32(i)]
     return x
 
 
@@ -206,6 +207,9 @@ def _build_dkdv(spec):
     pack = ptx.pack_f16x2 if spec.dtype == "fp16" else ptx.pack_bf16x2
     store = _make_store(D, pack)
     K_OFF, V_OFF, Q_OFF, DO_OFF, DS_OFF, STAGING_OFF, LSE_OFF, DELTA_OFF, _ = _dkdv_layout(spec)
+    # 8-byte lse / delta pairs (ld.shared.v2); dS^T tiles 1024-byte aligned (the XOR swizzle)
+    assert LSE_OFF % 2 == 0 and DELTA_OFF % 2 == 0 and BM % 2 == 0, (LSE_OFF, DELTA_OFF)
+    assert spec.part != "dkdvq" or (DS_OFF % (wg.TILE_ALIGN // 4) == 0 and wg.tile_bytes(BN, BM) % wg.TILE_ALIGN == 0)
     WITH_DQ = spec.part == "dkdvq"
     WARPGROUPS = T // 128
     # dQ = dS K per query tile: warpgroup w takes head-dim columns [w NQ, (w + 1) NQ)
@@ -234,12 +238,15 @@ def _build_dkdv(spec):
     issue_q = make_issue_tile(D, BM, T)
 
     @cuda.jit(device=True, inline=True)
-    def tile_at(it, m_tiles, m_begin):
-        """(query head offset, first row) of iteration it: head it // m_tiles, query tile
-        it % m_tiles. 32-bit division: a 64-bit one is a call in SASS, and a call
-        serializes wgmma."""
-        hi = uint32(it) // uint32(m_tiles)
-        return hi, m_begin + np.int32(uint32(it) - hi * uint32(m_tiles)) * np.int32(BM)
+    def next_tile(h, m0, m_begin, m_end):
+        """(query head, first row) of the iteration after (h, m0): the next query tile of
+        head h, or head h + 1's first (iterations run the query tiles m_begin .. m_end of
+        each head of the GQA group in turn); stepped, not divided out of the iteration
+        count (a division is ~25 instructions an iteration)."""
+        m1 = m0 + np.int32(BM)
+        if m1 >= m_end:
+            return h + uint32(1), m_begin
+        return h, m1
 
     @cuda.jit(device=True, inline=True)
     def reduce_tile(dq_acc, b, h, m0, smem, staging):
@@ -280,6 +287,7 @@ def _build_dkdv(spec):
 
         smem = cuda.shared.array(0, uint32)
         base = wg.shared_align_words(smem)
+        at_base = ptx.shared_address(smem, (base,))  # byte addresses from here on: ld/st_shared_u32
 
         m_begin = np.int32(0)
         if CAUSAL:  # the first query tile with a row that sees key n0
@@ -296,8 +304,10 @@ def _build_dkdv(spec):
             issue_q(q, smem, base + Q_OFF, b, h0, ZERO, m_begin, seqlen_q, tid)
             issue_q(do, smem, base + DO_OFF, b, h0, ZERO, m_begin, seqlen_q, tid)
             if tid < BM:
-                smem[base + LSE_OFF + tid] = ptx.f32_as_u32(_lse_log2(lse, b, h0, m_begin + tid, seqlen_q))
-                smem[base + DELTA_OFF + tid] = ptx.f32_as_u32(_delta_of(delta, b, h0, m_begin + tid, seqlen_q))
+                ptx.st_shared_u32(at_base + uint32(4 * (LSE_OFF + tid)),
+                                  ptx.f32_as_u32(_lse_log2(lse, b, h0, m_begin + tid, seqlen_q)))
+                ptx.st_shared_u32(at_base + uint32(4 * (DELTA_OFF + tid)),
+                                  ptx.f32_as_u32(_delta_of(delta, b, h0, m_begin + tid, seqlen_q)))
         ptx.cp_async_commit()
 
         desc_k = wg.smem_desc(ptx.shared_address(smem, (base + K_OFF + wgi * WG_ROWS_WORDS,)), K_MAJOR_LBO)
@@ -325,15 +335,15 @@ def _build_dkdv(spec):
         staged_m0 = np.int32(0)  # the query tile and head whose dQ is in the staging buffer
         staged_h = uint32(0)
 
+        m_end = m_begin + m_tiles * np.int32(BM)
+        h = h0
+        m0 = m_begin
         for it in range(total):
-            stage = it % 2
-            hi, m0 = tile_at(it, m_tiles, m_begin)
-            h = h0 + hi
+            stage = it & 1
             next_lse = float32(0)
             next_delta = float32(0)
             if it + 1 < total:
-                h1, m1 = tile_at(it + 1, m_tiles, m_begin)
-                h1 = h0 + h1
+                h1, m1 = next_tile(h, m0, m_begin, m_end)
                 nxt = (1 - stage) * Q_WORDS
                 issue_q(q, smem, base + Q_OFF + nxt, b, h1, ZERO, m1, seqlen_q, tid)
                 issue_q(do, smem, base + DO_OFF + nxt, b, h1, ZERO, m1, seqlen_q, tid)
@@ -369,10 +379,11 @@ def _build_dkdv(spec):
             wg.fence_operands(s, S_REGS)
 
             # P^T: rows are keys (my_key, my_key + 8), columns queries m0 + 8j + 2t + e
-            lse_base = base + LSE_OFF + stage * BM
+            lse_at = at_base + uint32(4 * (LSE_OFF + stage * BM + 2 * t))
             for j in range(S_BLOCKS):
+                pair = ptx.ld_shared_v2_u32(lse_at + uint32(32 * j))  # columns 8j + 2t, + 1
                 for e in range(2):
-                    row_lse = ptx.u32_as_f32(smem[lse_base + j * 8 + 2 * t + e])
+                    row_lse = ptx.u32_as_f32(pair[e])
                     for half in range(2):
                         idx = 4 * j + 2 * half + e
                         s[idx] = ptx.ex2(s[idx] * scale_log2 - row_lse)
@@ -408,10 +419,11 @@ def _build_dkdv(spec):
                 wg.wgmma_wait(1)  # dP^T is in; dV may still run
             wg.fence_operands(dp, S_REGS)
 
-            delta_base = base + DELTA_OFF + stage * BM
+            delta_at = at_base + uint32(4 * (DELTA_OFF + stage * BM + 2 * t))
             for j in range(S_BLOCKS):
+                pair = ptx.ld_shared_v2_u32(delta_at + uint32(32 * j))
                 for e in range(2):
-                    row_delta = ptx.u32_as_f32(smem[delta_base + j * 8 + 2 * t + e])
+                    row_delta = ptx.u32_as_f32(pair[e])
                     for half in range(2):
                         idx = 4 * j + 2 * half + e
                         dp[idx] = s[idx] * (dp[idx] - row_delta)
@@ -422,12 +434,16 @@ def _build_dkdv(spec):
                 # dS^T to shared memory (row = key, column = query), before dK's wgmma
                 # takes ds as its A operand: registers of an in-flight wgmma may not be
                 # touched, not even read (PTX ISA 9.7.15.5.1)
-                ds_off = base + DS_OFF + (stage * DS_WORDS if DEFER else 0)
-                for j in range(S_BLOCKS):
-                    for half in range(2):
-                        row = my_key - n0 + np.int32(8 * half)
-                        smem[ds_off + wg.chunk_word(row, j, BN) + t] = ds[2 * j + half]
-                wg.fence_proxy_async()
+                # (word chunk_word(row, j, BN) + t: the swizzle XORs j's chunk bits with
+                # the row's, so each store is one XOR off the row's chunk-0 address)
+                ds_at = at_base + uint32(4 * (DS_OFF + (stage * DS_WORDS if DEFER else 0)))
+                for half in range(2):
+                    row = my_key - n0 + np.int32(8 * half)
+                    row_at = ds_at + uint32(4 * (wg.chunk_word(row, 0, BN) + t))
+                    for j in range(S_BLOCKS):
+                        ptx.st_shared_u32((row_at + uint32(j // 8 * BN * 128)) ^ uint32(j % 8 * 16), ds[2 * j + half])
+                if not DEFER:  # (deferred, the staging fence below covers these stores)
+                    wg.fence_proxy_async()
 
             # dK += dS^T Q
             wg.wgmma_fence()
@@ -443,7 +459,7 @@ def _build_dkdv(spec):
                     if it > 0:  # the last tile's dQ is in; dV and dK may still run
                         wg.wgmma_wait(2)
                         wg.fence_operands(dq, DQ_REGS)
-                        stage_dq(smem, base + STAGING_OFF + (1 - stage) * STAGING_WORDS, dq, wgi, 0, lane128)
+                        stage_dq(at_base + uint32(4 * (STAGING_OFF + (1 - stage) * STAGING_WORDS)), dq, wgi, 0, lane128)
                         staged_m0 = prev_m0
                         staged_h = prev_h
                     prev_m0 = m0
@@ -454,7 +470,7 @@ def _build_dkdv(spec):
                         issue_dq(dq, desc_ds, desc_kt, 0, wgi * NQ + c * DQ_COLS)
                         wg.wgmma_wait(0)
                         wg.fence_operands(dq, DQ_REGS)
-                        stage_dq(smem, base + STAGING_OFF + stage * STAGING_WORDS, dq, wgi, c * DQ_BLOCKS, lane128)
+                        stage_dq(at_base + uint32(4 * (STAGING_OFF + stage * STAGING_WORDS)), dq, wgi, c * DQ_BLOCKS, lane128)
                     staged_m0 = m0
                     staged_h = h
                 wg.fence_proxy_async()  # the staging stores, for the bulk reduce's async proxy
@@ -463,8 +479,8 @@ def _build_dkdv(spec):
             wg.fence_operands(dk_acc, ACC_REGS)
             if it + 1 < total and tid < BM:  # the other stage's last readers passed the last barrier
                 other = (1 - stage) * BM
-                smem[base + LSE_OFF + other + tid] = ptx.f32_as_u32(next_lse)
-                smem[base + DELTA_OFF + other + tid] = ptx.f32_as_u32(next_delta)
+                ptx.st_shared_u32(at_base + uint32(4 * (LSE_OFF + other + tid)), ptx.f32_as_u32(next_lse))
+                ptx.st_shared_u32(at_base + uint32(4 * (DELTA_OFF + other + tid)), ptx.f32_as_u32(next_delta))
             cuda.syncthreads()  # everyone is done with this stage before it is refilled
             if WITH_DQ and tid == 0 and (it > 0 or not DEFER):
                 # the previous reduce has had an iteration to read its buffer; the next
@@ -472,6 +488,7 @@ def _build_dkdv(spec):
                 wg.bulk_wait_read(0)
                 buffer = (1 - stage) if DEFER else stage
                 reduce_tile(dq_acc, b, staged_h, staged_m0, smem, base + STAGING_OFF + buffer * STAGING_WORDS)
+            h, m0 = next_tile(h, m0, m_begin, m_end)
 
         ptx.cp_async_wait_group(0)
         if DEFER and total > 0:  # the last tile's dQ (its dS^T passed the loop's last barrier)
@@ -482,7 +499,7 @@ def _build_dkdv(spec):
             if tid == 0:  # the reduce that last read this buffer (two tiles back) is done
                 wg.bulk_wait_read(0)
             cuda.syncthreads()
-            stage_dq(smem, base + STAGING_OFF + last * STAGING_WORDS, dq, wgi, 0, lane128)
+            stage_dq(at_base + uint32(4 * (STAGING_OFF + last * STAGING_WORDS)), dq, wgi, 0, lane128)
             wg.fence_proxy_async()
             cuda.syncthreads()
             if tid == 0:
@@ -508,33 +525,39 @@ def dq_accumulator_shape(spec, batch, seqlen_q, heads_q):
 def _build_convert(spec):
     D, BM = spec.head_dim, spec.block_m
     NQ = D // (spec.threads // 128)
-    PAIRS = BM * D // 2
+    QUADS = BM * D // 8  # 8 columns of one row each: 4 lanes' (2t, 2t + 1) pairs
     BLOCKS = NQ // 8
     pack = ptx.pack_f16x2 if spec.dtype == "fp16" else ptx.pack_bf16x2
 
     def backward_dq_convert_tiles(dq_acc, dq, scale):
         """dq[b, tile rows, h, :] = scale * the accumulator's tile, rounded to 16 bits;
         one CTA per (query tile, head, batch), dq as 16-bit bits (any strides but a unit
-        head_dim one). Thread p reads the words p and p + 128 of its (warpgroup, block,
-        half) group of 256 (staging_word's order), so consecutive threads read consecutive
-        words."""
-        tile = cuda.blockIdx.x
-        h = cuda.blockIdx.y
-        b = cuda.blockIdx.z
-        for p in range(cuda.threadIdx.x, PAIRS, CONVERT_THREADS):
-            lane = p % 128
-            group = p // 128  # (wgi * BLOCKS + block) * 2 + half
-            half = group % 2
-            block = group // 2
-            wgi = block // BLOCKS
-            block -= wgi * BLOCKS
-            i = tile * BM + (lane // 32) * 16 + (lane % 32) // 4 + 8 * half
-            if i < dq.shape[1]:
-                at = group * 256 + lane
-                word = pack(dq_acc[b, h, tile, at] * scale, dq_acc[b, h, tile, at + 128] * scale)
-                col = wgi * NQ + block * 8 + 2 * (lane % 4)
-                dq[b, i, h, col] = np.uint16(word & 0xFFFF)
-                dq[b, i, h, col + 1] = np.uint16(word >> 16)
+        head_dim one). Unit u covers lanes 4q .. 4q + 3 (q = u % 32) of staging group
+        u // 32 = (warpgroup, block, half): two 16-byte loads (e = 0 and 1, 128 words
+        apart) give columns 8 block .. 8 block + 7 of one row, so consecutive threads
+        read consecutive 16 bytes."""
+        tile = uint32(cuda.blockIdx.x)
+        h = uint32(cuda.blockIdx.y)
+        b = uint32(cuda.blockIdx.z)
+        rows = uint32(dq.shape[1])
+        for u in range(cuda.threadIdx.x, QUADS, CONVERT_THREADS):
+            u = uint32(u)
+            lane0 = (u % uint32(32)) * uint32(4)
+            group = u // uint32(32)  # (wgi * BLOCKS + block) * 2 + half
+            half = group % uint32(2)
+            block = group // uint32(2)
+            wgi = block // uint32(BLOCKS)
+            block -= wgi * uint32(BLOCKS)
+            i = tile * uint32(BM) + (lane0 // uint32(32)) * uint32(16) + (lane0 % uint32(32)) // uint32(4) + uint32(8) * half
+            if i < rows:
+                at = group * uint32(256) + lane0
+                e0 = ptx.ld_global_nc_v4(ptx.global_address(dq_acc, (b, h, tile, at)))
+                e1 = ptx.ld_global_nc_v4(ptx.global_address(dq_acc, (b, h, tile, at + uint32(128))))
+                col = wgi * uint32(NQ) + block * uint32(8)
+                for t in range(4):
+                    word = pack(ptx.u32_as_f32(e0[t]) * scale, ptx.u32_as_f32(e1[t]) * scale)
+                    dq[b, i, h, col + uint32(2 * t)] = np.uint16(word & 0xFFFF)
+                    dq[b, i, h, col + uint32(2 * t + 1)] = np.uint16(word >> 16)
 
     return cuda.jit(backward_dq_convert_tiles)
 

@@ -69,7 +69,8 @@ def make_issue_tile(head_dim: int, rows: int, threads: int):
     rows - 1 of the sequence at rows start .. start + seqlen - 1 of src[b, :, h, :] (16-bit,
     16-byte aligned rows; start is 0 but for packed varlen tensors) into the swizzled
     tile of ``rows`` rows at word ``base``; rows at or past seqlen are zero-filled (their
-    source address clamped into the sequence). Each thread keeps one 16-byte chunk column where the
+    source address clamped into the sequence; the address of row start of (b, h) is
+    computed once, each row adds one row stride). Each thread keeps one 16-byte chunk column where the
     threads tile a row evenly; otherwise (head_dim 192: 24 chunks a row) the threads
     stride over the tile's chunks in row-major order."""
     CHUNKS = head_dim // 8
@@ -82,7 +83,7 @@ def make_issue_tile(head_dim: int, rows: int, threads: int):
         nbytes = np.int32(16) if j < seqlen else np.int32(0)
         j = max(np.int32(0), min(j, np.int32(seqlen - 1)))
         ptx.cp_async_16(ptx.shared_address(smem, (base + wg.chunk_word(r, c, rows),)),
-                        ptx.global_address(src, (b, start + j, h, c * np.int32(8))), nbytes)
+                        ptx.global_row_address(src, (b, start, h, c * np.int32(8)), j), nbytes)
 
     @cuda.jit(device=True, inline=True)
     def issue_tile(src, smem, base, b, h, start, n0, seqlen, tid):

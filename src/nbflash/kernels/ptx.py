@@ -47,6 +47,24 @@ if SIMULATED:
             *lead, last = self.index
             return [self.array[(*lead, last + i)] for i in range(count)]
 
+        def _moved(self, byte):
+            size = self.array.dtype.itemsize
+            assert byte % size == 0, (byte, size)
+            *lead, _ = self.index
+            return _Address(self.array, (*lead, byte // size))
+
+        def __add__(self, nbytes):
+            """The address ``nbytes`` further along the last axis (shared words)."""
+            return self._moved(self.index[-1] * self.array.dtype.itemsize + int(nbytes))
+
+        __radd__ = __add__
+
+        def __xor__(self, bits):
+            """The byte offset along the last axis XOR ``bits``: the device's 32-bit
+            shared address XOR bits where the array starts 1024-byte aligned and
+            bits < 1024 (a 128-byte swizzle's chunk bits)."""
+            return self._moved((self.index[-1] * self.array.dtype.itemsize) ^ int(bits))
+
     def _lane():
         return threading.current_thread().thread_id % 32
 
@@ -67,6 +85,23 @@ if SIMULATED:
 
     def global_address(array, index):
         return _Address(array, index)
+
+    def ld_shared_u32(address):
+        """The 32-bit word at a shared address."""
+        return int(address.array[address.index]) & 0xFFFFFFFF
+
+    def ld_shared_v2_u32(address):
+        """The two 32-bit words at an 8-byte-aligned shared address."""
+        return int(address.array[address.index]), int((address + 4).array[(address + 4).index])
+
+    def st_shared_u32(address, value):
+        """Store a 32-bit word at a shared address."""
+        address.array[address.index] = int(value) & 0xFFFFFFFF
+
+    def global_row_address(array, index, rows):
+        """global_address(array, index) moved ``rows`` along axis 1."""
+        index = tuple(int(i) for i in index)
+        return _Address(array, (index[0], index[1] + int(rows), *index[2:]))
 
     def cp_async_16(dst, src, src_bytes):
         """Copy 16 bytes (zero-filled past src_bytes) right away; the twin is synchronous."""
@@ -200,6 +235,7 @@ else:
     from numba.cuda.extending import intrinsic
 
     _i32 = ir.IntType(32)
+    _i64 = ir.IntType(64)
     _f32 = ir.FloatType()
 
     def _asm(builder, text, constraints, ret, args, side_effect=True):
@@ -271,6 +307,70 @@ else:
             return builder.ptrtoint(global_ptr, ir.IntType(64))
 
         return types.uint64(array, index), codegen
+
+    @intrinsic
+    def ld_shared_u32(typingctx, address):
+        """ld.shared.u32 at a 32-bit shared address (a shared_address plus a byte offset,
+        any integer type: truncated to 32 bits). Addressing through these instead of
+        smem[word] keeps the address arithmetic 32-bit with constant offsets folded into
+        the instruction (an unsigned index into a Numba array costs a 64-bit shift and
+        mask an access; a signed one adds the negative-index wraparound)."""
+        if not isinstance(address, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            addr = context.cast(builder, args[0], sig.args[0], types.uint32)
+            return _asm(builder, "ld.shared.u32 $0, [$1];", "=r,r", _i32, [addr])
+
+        return types.uint32(address), codegen
+
+    @intrinsic
+    def ld_shared_v2_u32(typingctx, address):
+        """ld.shared.v2.u32 at an 8-byte-aligned 32-bit shared address: two words."""
+        if not isinstance(address, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            addr = context.cast(builder, args[0], sig.args[0], types.uint32)
+            pair = _asm(builder, "ld.shared.v2.u32 {$0, $1}, [$2];", "=r,=r,r",
+                        ir.LiteralStructType([_i32, _i32]), [addr])
+            return _tuple(context, builder, sig, pair, 2)
+
+        return types.UniTuple(types.uint32, 2)(address), codegen
+
+    @intrinsic
+    def st_shared_u32(typingctx, address, value):
+        """st.shared.u32 of ``value`` (an integer, low 32 bits) at a 32-bit shared address."""
+        if not isinstance(address, types.Integer) or not isinstance(value, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            addr = context.cast(builder, args[0], sig.args[0], types.uint32)
+            val = context.cast(builder, args[1], sig.args[1], types.uint32)
+            _asm(builder, "st.shared.u32 [$0], $1;", "r,r", ir.VoidType(), [addr, val])
+            return context.get_dummy_value()
+
+        return types.void(address, value), codegen
+
+    @intrinsic
+    def global_row_address(typingctx, array, index, rows):
+        """global_address(array, index) moved ``rows`` (>= 0) along axis 1, by the
+        array's axis-1 stride (under 4 GB): one mul.wide.u32 and a 64-bit add on top of
+        an address that does not depend on rows, so a loop over rows computes the
+        shape-and-stride arithmetic of ``index`` once instead of per row."""
+        if (not isinstance(array, types.Array) or array.ndim < 2 or not isinstance(index, types.BaseTuple)
+                or not isinstance(rows, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            ptr = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+            base = builder.ptrtoint(builder.addrspacecast(ptr, ir.PointerType(ptr.type.pointee, 1)), _i64)
+            stride = cgutils.unpack_tuple(builder, context.make_array(sig.args[0])(context, builder, args[0]).strides)[1]
+            count = context.cast(builder, args[2], sig.args[2], types.uint32)
+            offset = builder.mul(builder.zext(count, _i64), builder.zext(builder.trunc(stride, _i32), _i64))
+            return builder.add(base, offset)
+
+        return types.uint64(array, index, rows), codegen
 
     @intrinsic
     def cp_async_16(typingctx, dst, src, src_bytes):
