@@ -526,23 +526,35 @@ def _build_convert(spec):
     D, BM = spec.head_dim, spec.block_m
     NQ = D // (spec.threads // 128)
     PAIRS = BM * D // 2
+    PASSES = PAIRS // CONVERT_THREADS
+    WORDS = 2 * PASSES
+    assert PAIRS % CONVERT_THREADS == 0 and CONVERT_THREADS % 128 == 0
     BLOCKS = NQ // 8
     pack = ptx.pack_f16x2 if spec.dtype == "fp16" else ptx.pack_bf16x2
 
     def backward_dq_convert_tiles(dq_acc, dq, scale):
         """dq[b, tile rows, h, :] = scale * the accumulator's tile, rounded to 16 bits;
         one CTA per (query tile, head, batch), dq as 16-bit bits (any strides but a unit
-        head_dim one). Thread p reads the words p and p + 128 of its (warpgroup, block,
-        half) group of 256 (staging_word's order), so consecutive threads read consecutive
-        words and the 4 lanes of a quad write 16 consecutive bytes of one row (a thread
-        taking a row's 8 columns instead read 16-byte quads but spread each store over 32
-        rows: 3x slower on the H100, session 8). Unsigned indices: no wraparound code."""
+        head_dim one). Pair p (of PASSES per thread, unrolled so that their loads are in
+        flight together) reads the words p and p + 128 of its (warpgroup, block, half)
+        group of 256 (staging_word's order): consecutive threads read consecutive words,
+        and the 4 lanes of a quad write 16 consecutive bytes of one row, one 32-bit
+        store each (dq's rows are 16-byte aligned: choose_backward_spec sends no other
+        to the tensor-core kernels).
+        (A thread taking a row's 8 columns read 16-byte quads but spread each store over
+        32 rows: 3x slower on the H100, session 8.) Unsigned indices: no wraparound code."""
         tile = uint32(cuda.blockIdx.x)
         h = uint32(cuda.blockIdx.y)
         b = uint32(cuda.blockIdx.z)
+        tid = uint32(cuda.threadIdx.x)
         rows = uint32(dq.shape[1])
-        for p in range(cuda.threadIdx.x, PAIRS, CONVERT_THREADS):
-            p = uint32(p)
+        words = cuda.local.array(WORDS, float32)
+        for r in range(PASSES):
+            at = uint32(r * CONVERT_THREADS // 128 * 256) + tid // uint32(128) * uint32(256) + tid % uint32(128)
+            words[2 * r] = dq_acc[b, h, tile, at]
+            words[2 * r + 1] = dq_acc[b, h, tile, at + uint32(128)]
+        for r in range(PASSES):
+            p = tid + uint32(r * CONVERT_THREADS)
             lane = p % uint32(128)
             group = p // uint32(128)  # (wgi * BLOCKS + block) * 2 + half
             half = group % uint32(2)
@@ -551,11 +563,9 @@ def _build_convert(spec):
             block -= wgi * uint32(BLOCKS)
             i = tile * uint32(BM) + (lane // uint32(32)) * uint32(16) + (lane % uint32(32)) // uint32(4) + uint32(8) * half
             if i < rows:
-                at = group * uint32(256) + lane
-                word = pack(dq_acc[b, h, tile, at] * scale, dq_acc[b, h, tile, at + uint32(128)] * scale)
+                word = pack(words[2 * r] * scale, words[2 * r + 1] * scale)
                 col = wgi * uint32(NQ) + block * uint32(8) + uint32(2) * (lane % uint32(4))
-                dq[b, i, h, col] = np.uint16(word & 0xFFFF)
-                dq[b, i, h, col + uint32(1)] = np.uint16(word >> 16)
+                ptx.st_global_u32(ptx.global_address(dq, (b, i, h, col)), word)
 
     return cuda.jit(backward_dq_convert_tiles)
 

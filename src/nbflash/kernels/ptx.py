@@ -98,6 +98,15 @@ if SIMULATED:
         """Store a 32-bit word at a shared address."""
         address.array[address.index] = int(value) & 0xFFFFFFFF
 
+    def st_global_u32(address, value):
+        """Store a 32-bit word at a 4-byte-aligned global address (over as many elements
+        of the array's last axis as it covers)."""
+        parts = np.array([int(value) & 0xFFFFFFFF], dtype=np.uint32).view(address.array.dtype)
+        *lead, last = address.index
+        for i, part in enumerate(parts):
+            address.array[(*lead, last + i)] = part
+
+
     def global_row_address(array, index, rows):
         """global_address(array, index) moved ``rows`` along axis 1."""
         index = tuple(int(i) for i in index)
@@ -348,6 +357,20 @@ else:
             addr = context.cast(builder, args[0], sig.args[0], types.uint32)
             val = context.cast(builder, args[1], sig.args[1], types.uint32)
             _asm(builder, "st.shared.u32 [$0], $1;", "r,r", ir.VoidType(), [addr, val])
+            return context.get_dummy_value()
+
+        return types.void(address, value), codegen
+
+    @intrinsic
+    def st_global_u32(typingctx, address, value):
+        """st.global.u32 of ``value`` (low 32 bits) at a 4-byte-aligned global address."""
+        if not isinstance(address, types.Integer) or not isinstance(value, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            addr = context.cast(builder, args[0], sig.args[0], types.uint64)
+            val = context.cast(builder, args[1], sig.args[1], types.uint32)
+            _asm(builder, "st.global.u32 [$0], $1;", "l,r", ir.VoidType(), [addr, val])
             return context.get_dummy_value()
 
         return types.void(address, value), codegen
