@@ -521,10 +521,12 @@ _WGMMA_BWD_OVERRIDE = "NBFLASH_WGMMA_BWD_TILES"  # "128=64,128,256,128,64,256;..
 # staged in shared memory and added into a float32 accumulator by one bulk reduce per
 # query tile (cp.reduce.async.bulk), then dq_convert: 5 matmuls instead of the separate
 # dQ kernel's 7. head_dim: whether the non-deterministic backward takes it (its dK/dV
-# block_m must be 64: the dQ wgmma's M). Measured on an H100 (perf/NOTES.md, session 7;
-# probe_backward_kernels, fp16 B4 N4096 H16, same run, ms fused / two kernels): d64
-# 2.855 / 2.920 full, 1.617 / 1.728 causal; d128 4.186 / 4.716, 2.624 / 2.691. Per-element
-# red.global.add (v2 or v4) instead of the bulk reduce lost at d64 (3.0-3.2 ms).
+# block_m must be 64: the dQ wgmma's M). Measured (perf/NOTES.md, session 8;
+# probe_backward_kernels on an H200, fp16 B4 N4096 H16, same run, kernel sums in ms, fused /
+# two kernels): d64 2.378 / 2.574 full, 1.299 / 1.420 causal; d128 4.178 / 4.279, 2.345 /
+# 2.425. bench_backward on the H100 (whole calls back to back): fused 1.07x faster at d64,
+# within 2% of the two kernels at d128. Per-element red.global.add (v2 or v4) instead of
+# the bulk reduce lost at d64 (session 7).
 # NBFLASH_WGMMA_BWD_DQ_ATOMICS=0/1 overrides it for perf/ comparisons.
 WGMMA_BWD_DQ_ATOMICS: dict[int, bool] = {64: True, 128: True}
 _WGMMA_BWD_DQ_ATOMICS_OVERRIDE = "NBFLASH_WGMMA_BWD_DQ_ATOMICS"
