@@ -48,6 +48,20 @@ def link(ptx: str):
     return log.decode(), bytes(cubin)
 
 
+def opcode_counts(cubin: bytes) -> collections.Counter:
+    """How many times each SASS opcode (without its modifiers) occurs in a cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([NVDISASM, "-c", f.name], capture_output=True, text=True, check=True).stdout
+    ops = collections.Counter()
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        if m:
+            ops[m.group(2).split(".")[0]] += 1
+    return ops
+
+
 def compile_one(kind: str, dtype: str, head_dim: int, causal: bool, variant_name: str) -> dict:
     from numba import cuda
     from numba.cuda import types
@@ -84,15 +98,7 @@ def compile_one(kind: str, dtype: str, head_dim: int, causal: bool, variant_name
     fastmath = kernel.targetoptions.get("fastmath", False)
     ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(8, 0), fastmath=fastmath)
     log, cubin = link(ptx)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        sass = subprocess.run([NVDISASM, "-c", f.name], capture_output=True, text=True, check=True).stdout
-    ops = collections.Counter()
-    for line in sass.splitlines():
-        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
-        if m:
-            ops[m.group(2).split(".")[0]] += 1
+    ops = opcode_counts(cubin)
     grab = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
     return {
         "kind": kind, "dtype": dtype, "head_dim": head_dim, "causal": causal, "variant": variant_name,

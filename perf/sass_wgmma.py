@@ -12,18 +12,15 @@ Needs nvdisasm: $NVDISASM or /work/tools/nvidia/cu13/bin/nvdisasm."""
 
 from __future__ import annotations
 
-import collections
 import os
 import re
-import subprocess
 import sys
-import tempfile
 
 os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from sass_variants import NVDISASM, link  # noqa: E402
+from sass_variants import link, opcode_counts  # noqa: E402
 
 GROUPS = {
     "int": ("IMAD", "ISETP", "LOP3", "LEA", "SEL", "IADD3", "SHF", "VIADD", "IABS", "VIMNMX", "PLOP3", "I2F", "F2I"),
@@ -40,15 +37,7 @@ def sass_of(kernel, sig):
     ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=(9, 0, "a"), fastmath=fastmath,
                               launch_bounds=kernel.targetoptions.get("launch_bounds"))
     log, cubin = link(ptx)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        sass = subprocess.run([NVDISASM, "-c", f.name], capture_output=True, text=True, check=True).stdout
-    ops = collections.Counter()
-    for line in sass.splitlines():
-        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
-        if m:
-            ops[m.group(2).split(".")[0]] += 1
+    ops = opcode_counts(cubin)
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     spills = int(re.search(r"(\d+) bytes spill stores", log).group(1))
     return regs, spills, ops

@@ -86,10 +86,6 @@ if SIMULATED:
     def global_address(array, index):
         return _Address(array, index)
 
-    def ld_shared_u32(address):
-        """The 32-bit word at a shared address."""
-        return int(address.array[address.index]) & 0xFFFFFFFF
-
     def ld_shared_v2_u32(address):
         """The two 32-bit words at an 8-byte-aligned shared address."""
         return int(address.array[address.index]), int((address + 4).array[(address + 4).index])
@@ -318,24 +314,13 @@ else:
         return types.uint64(array, index), codegen
 
     @intrinsic
-    def ld_shared_u32(typingctx, address):
-        """ld.shared.u32 at a 32-bit shared address (a shared_address plus a byte offset,
-        any integer type: truncated to 32 bits). Addressing through these instead of
-        smem[word] keeps the address arithmetic 32-bit with constant offsets folded into
-        the instruction (an unsigned index into a Numba array costs a 64-bit shift and
-        mask an access; a signed one adds the negative-index wraparound)."""
-        if not isinstance(address, types.Integer):
-            return None
-
-        def codegen(context, builder, sig, args):
-            addr = context.cast(builder, args[0], sig.args[0], types.uint32)
-            return _asm(builder, "ld.shared.u32 $0, [$1];", "=r,r", _i32, [addr])
-
-        return types.uint32(address), codegen
-
-    @intrinsic
     def ld_shared_v2_u32(typingctx, address):
-        """ld.shared.v2.u32 at an 8-byte-aligned 32-bit shared address: two words."""
+        """ld.shared.v2.u32 at an 8-byte-aligned 32-bit shared address (a shared_address
+        plus a byte offset, any integer type: truncated to 32 bits): two words. Shared
+        accesses through these and st_shared_u32 instead of smem[word] keep the address
+        arithmetic 32-bit with constant offsets folded into the instruction (an unsigned
+        index into a Numba array costs a 64-bit shift and mask an access; a signed one
+        adds the negative-index wraparound)."""
         if not isinstance(address, types.Integer):
             return None
 
@@ -347,33 +332,27 @@ else:
 
         return types.UniTuple(types.uint32, 2)(address), codegen
 
-    @intrinsic
-    def st_shared_u32(typingctx, address, value):
-        """st.shared.u32 of ``value`` (an integer, low 32 bits) at a 32-bit shared address."""
-        if not isinstance(address, types.Integer) or not isinstance(value, types.Integer):
-            return None
+    def _store_u32(space, address_type, constraint, doc):
+        def typer(typingctx, address, value):
+            if not isinstance(address, types.Integer) or not isinstance(value, types.Integer):
+                return None
 
-        def codegen(context, builder, sig, args):
-            addr = context.cast(builder, args[0], sig.args[0], types.uint32)
-            val = context.cast(builder, args[1], sig.args[1], types.uint32)
-            _asm(builder, "st.shared.u32 [$0], $1;", "r,r", ir.VoidType(), [addr, val])
-            return context.get_dummy_value()
+            def codegen(context, builder, sig, args):
+                addr = context.cast(builder, args[0], sig.args[0], address_type)
+                val = context.cast(builder, args[1], sig.args[1], types.uint32)
+                _asm(builder, f"st.{space}.u32 [$0], $1;", f"{constraint},r", ir.VoidType(), [addr, val])
+                return context.get_dummy_value()
 
-        return types.void(address, value), codegen
+            return types.void(address, value), codegen
 
-    @intrinsic
-    def st_global_u32(typingctx, address, value):
-        """st.global.u32 of ``value`` (low 32 bits) at a 4-byte-aligned global address."""
-        if not isinstance(address, types.Integer) or not isinstance(value, types.Integer):
-            return None
+        typer.__name__ = f"st_{space}_u32"
+        typer.__doc__ = doc
+        return intrinsic(typer)
 
-        def codegen(context, builder, sig, args):
-            addr = context.cast(builder, args[0], sig.args[0], types.uint64)
-            val = context.cast(builder, args[1], sig.args[1], types.uint32)
-            _asm(builder, "st.global.u32 [$0], $1;", "l,r", ir.VoidType(), [addr, val])
-            return context.get_dummy_value()
-
-        return types.void(address, value), codegen
+    st_shared_u32 = _store_u32("shared", types.uint32, "r",
+                               "st.shared.u32 of ``value`` (an integer, low 32 bits) at a 32-bit shared address.")
+    st_global_u32 = _store_u32("global", types.uint64, "l",
+                               "st.global.u32 of ``value`` (low 32 bits) at a 4-byte-aligned global address.")
 
     @intrinsic
     def global_row_address(typingctx, array, index, rows):
