@@ -65,6 +65,27 @@ def test_fused_dq_head_dim_128_chunks():
                            group=1, head_dim=128, causal=bool(rng.integers(2)))
 
 
+def test_negative_sequence_strides():
+    """q, k, v and dO viewed with the sequence axis reversed (negative row strides):
+    every cp.async row address steps by the signed stride; the public API, GQA 2."""
+    from helpers import assert_close
+    from nbflash import reference
+
+    rng, seed = new_rng()
+    dtype = HALF_DTYPES[int(rng.integers(2))]
+    causal = bool(rng.integers(2))
+    seqlen_q, seqlen_k = int(rng.integers(17, 70)), int(rng.integers(65, 90))
+    q, do = (random_array(rng, (1, seqlen_q, 2, SIM_HEAD_DIM), dtype) for _ in range(2))
+    k, v = (random_array(rng, (1, seqlen_k, 1, SIM_HEAD_DIM), dtype) for _ in range(2))
+    qr, kr, vr, dor = (to_device(a)[:, ::-1] for a in (q, k, v, do))
+    assert "wgmma" in nbflash.backward_spec(qr, kr, vr, causal=causal).key
+    out, lse = nbflash.attention(qr, kr, vr, causal=causal, return_lse=True)
+    grads = nbflash.attention_backward(dor, qr, kr, vr, out, lse, causal=causal)
+    refs = reference.attention_backward(*(a[:, ::-1].astype(np.float64) for a in (do, q, k, v)), causal=causal)
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, refs):
+        assert_close(got, ref, dtype, what=name, seed=seed)
+
+
 @pytest.mark.parametrize("relation", ["q<k", "q>k"])
 def test_causal_unequal_seqlens_and_rows_that_see_no_key(relation):
     rng, seed = new_rng()

@@ -46,6 +46,25 @@ def test_wgmma_kernel_matches_oracle_two_tiles_each_way(dtype, wgmma_on):
     check(rng, seed, shape, dtype, False, layout=str(rng.choice(["bshd", "bhsd"])))
 
 
+def test_wgmma_kernel_reads_negative_sequence_strides(wgmma_on):
+    """q, k and v viewed with the sequence axis reversed (negative row strides): the
+    cp.async row addresses step by the signed stride (a zero-extended 32-bit one read
+    2^32 bytes off); GQA 2, causal or not, two tiles each way."""
+    from nbflash import reference
+
+    rng, seed = new_rng()
+    seqlen_q, seqlen_k = int(rng.integers(65, 100)), int(rng.integers(65, 100))
+    dtype = HALF_DTYPES[int(rng.integers(2))]
+    causal = bool(rng.integers(2))
+    q = random_array(rng, (1, seqlen_q, 2, 64), dtype)
+    k, v = (random_array(rng, (1, seqlen_k, 1, 64), dtype) for _ in range(2))
+    views = [to_device(a)[:, ::-1] for a in (q, k, v)]
+    assert nbflash.forward_spec(*views, causal=causal).kernel == "wgmma"
+    out = nbflash.attention(*views, causal=causal)
+    ref = reference.attention(*(a[:, ::-1].astype(np.float64) for a in (q, k, v)), causal=causal)
+    assert_close(out, ref, dtype, seed=seed)
+
+
 @pytest.mark.parametrize("relation", ["q<k", "q>k"])
 def test_wgmma_kernel_causal_unequal_seqlens(relation, wgmma_on):
     """Bottom-right causal: with seqlen_q > seqlen_k the first rows see no key (0, -inf)."""

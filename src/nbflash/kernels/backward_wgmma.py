@@ -473,7 +473,9 @@ def _build_dkdv(spec):
                         stage_dq(at_base + uint32(4 * (STAGING_OFF + stage * STAGING_WORDS)), dq, wgi, c * DQ_BLOCKS, lane128)
                     staged_m0 = m0
                     staged_h = h
-                wg.fence_proxy_async()  # the staging stores, for the bulk reduce's async proxy
+                # the staging stores, for the bulk reduce's async proxy; deferred, also this
+                # tile's dS^T stores (every iteration, it == 0 included: keep it unconditional)
+                wg.fence_proxy_async()
             wg.wgmma_wait(0)
             wg.fence_operands(dv_acc, ACC_REGS)
             wg.fence_operands(dk_acc, ACC_REGS)

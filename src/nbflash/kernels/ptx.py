@@ -61,7 +61,8 @@ if SIMULATED:
 
         def __xor__(self, bits):
             """The byte offset along the last axis XOR ``bits``: the device's 32-bit
-            shared address XOR bits where the array starts 1024-byte aligned and
+            shared address XOR bits, where the kernel's tiles start 1024-byte aligned
+            (smem[base] on the device, smem[0] here: shared_align_words is 0) and
             bits < 1024 (a 128-byte swizzle's chunk bits)."""
             return self._moved((self.index[-1] * self.array.dtype.itemsize) ^ int(bits))
 
@@ -88,6 +89,7 @@ if SIMULATED:
 
     def ld_shared_v2_u32(address):
         """The two 32-bit words at an 8-byte-aligned shared address."""
+        assert address.index[-1] * address.array.dtype.itemsize % 8 == 0, address.index
         return int(address.array[address.index]), int((address + 4).array[(address + 4).index])
 
     def st_shared_u32(address, value):
@@ -97,6 +99,8 @@ if SIMULATED:
     def st_global_u32(address, value):
         """Store a 32-bit word at a 4-byte-aligned global address (over as many elements
         of the array's last axis as it covers)."""
+        assert address.array.strides[-1] == address.array.dtype.itemsize, address.array.strides
+        assert (address.array.ctypes.data + sum(i * st for i, st in zip(address.index, address.array.strides))) % 4 == 0
         parts = np.array([int(value) & 0xFFFFFFFF], dtype=np.uint32).view(address.array.dtype)
         *lead, last = address.index
         for i, part in enumerate(parts):
@@ -356,9 +360,9 @@ else:
 
     @intrinsic
     def global_row_address(typingctx, array, index, rows):
-        """global_address(array, index) moved ``rows`` (>= 0) along axis 1, by the
-        array's axis-1 stride (under 4 GB): one mul.wide.u32 and a 64-bit add on top of
-        an address that does not depend on rows, so a loop over rows computes the
+        """global_address(array, index) moved ``rows`` (>= 0) along axis 1 by the
+        array's axis-1 byte stride (any sign or size: a 64-bit multiply): on top of an
+        address that does not depend on rows, so a loop over rows computes the
         shape-and-stride arithmetic of ``index`` once instead of per row."""
         if (not isinstance(array, types.Array) or array.ndim < 2 or not isinstance(index, types.BaseTuple)
                 or not isinstance(rows, types.Integer)):
@@ -369,7 +373,7 @@ else:
             base = builder.ptrtoint(builder.addrspacecast(ptr, ir.PointerType(ptr.type.pointee, 1)), _i64)
             stride = cgutils.unpack_tuple(builder, context.make_array(sig.args[0])(context, builder, args[0]).strides)[1]
             count = context.cast(builder, args[2], sig.args[2], types.uint32)
-            offset = builder.mul(builder.zext(count, _i64), builder.zext(builder.trunc(stride, _i32), _i64))
+            offset = builder.mul(builder.zext(count, _i64), stride)
             return builder.add(base, offset)
 
         return types.uint64(array, index, rows), codegen
