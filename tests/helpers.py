@@ -320,10 +320,11 @@ def assert_grad_close(got, ref, dtype, what, seed, magnitude):
 
 
 def run_backward_kernels(rng, dtype, *, batch, seqlen_q, seqlen_k, heads_kv, group, head_dim, causal,
-                         deterministic, wgmma=False):
+                         deterministic, wgmma=False, tiles=None):
     """Random inputs, the tensor-core backward's gradients (run through
-    kernels.backward_mma.launch_backward, the wgmma family when ``wgmma``) and the
-    oracle's: (dq, dk, dv), (dq_ref, dk_ref, dv_ref, do, q, k, v), spec."""
+    kernels.backward_mma.launch_backward, the wgmma family when ``wgmma``; ``tiles``: spec
+    fields to override, e.g. two warpgroups) and the oracle's: (dq, dk, dv), (dq_ref,
+    dk_ref, dv_ref, do, q, k, v), spec."""
     from nbflash.kernels import backward_mma
 
     heads_q = heads_kv * group
@@ -344,6 +345,8 @@ def run_backward_kernels(rng, dtype, *, batch, seqlen_q, seqlen_k, heads_kv, gro
         spec = dataclasses.replace(spec, dq_atomics=not deterministic)
     elif not deterministic and not spec.dq_atomics:  # the fused dQ needs 64-row query tiles (the simulator's are 16)
         spec = dataclasses.replace(spec, dq_atomics=True, block_m=64)
+    if tiles:
+        spec = dataclasses.replace(spec, **tiles)
     bits = [nbflash.arrays.kernel_view(to_device(x), raw_bits=True) for x in (q, k, v, do)]
     bits += [to_device(lse.astype(np.float32)), to_device(delta)]
     bits += [nbflash.arrays.kernel_view(x, raw_bits=True) for x in got]

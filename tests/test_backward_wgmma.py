@@ -86,6 +86,18 @@ def test_negative_sequence_strides():
         assert_close(got, ref, dtype, what=name, seed=seed)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["two_kernels", "fused"])
+def test_two_warpgroups(fused):
+    """The shipped head_dim-128 layout at head_dim 64: two warpgroups a CTA (128 keys in
+    dK/dV, 128 query rows in dQ), so the warpgroup index is broadcast from lane 0
+    (ptx.warp_uniform) and steers each warpgroup's descriptors, keys and dQ columns."""
+    rng, seed = new_rng()
+    tiles = dict(block_n=128, threads=256, dq_block_m=128, dq_threads=256)
+    check_backward_kernels(rng, seed, HALF_DTYPES[int(rng.integers(2))], deterministic=not fused, wgmma=True,
+                           batch=1, seqlen_q=int(rng.integers(65, 140)), seqlen_k=int(rng.integers(65, 150)),
+                           heads_kv=1, group=2, head_dim=SIM_HEAD_DIM, causal=bool(rng.integers(2)), tiles=tiles)
+
+
 @pytest.mark.parametrize("relation", ["q<k", "q>k"])
 def test_causal_unequal_seqlens_and_rows_that_see_no_key(relation):
     rng, seed = new_rng()

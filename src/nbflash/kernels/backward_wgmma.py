@@ -273,7 +273,7 @@ def _build_dkdv(spec):
                             keep_threshold, keep_scale, seed_lo, seed_hi, dbias, cu_seqlens_q, cu_seqlens_k):
         tid = cuda.threadIdx.x
         lane = tid % 32
-        wgi = tid // 128
+        wgi = ptx.warp_uniform(np.int32(tid // 128)) if T > 128 else 0
         g = lane // 4
         t = lane % 4
         n0 = np.int32(cuda.blockIdx.x * BN)
@@ -596,7 +596,7 @@ def _build_dq(spec):
                           keep_threshold, keep_scale, seed_lo, seed_hi, cu_seqlens_q, cu_seqlens_k):
         tid = cuda.threadIdx.x
         lane = tid % 32
-        wgi = tid // 128
+        wgi = ptx.warp_uniform(np.int32(tid // 128)) if T > 128 else 0
         g = lane // 4
         t = lane % 4
         m_block = cuda.blockIdx.x

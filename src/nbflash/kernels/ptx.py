@@ -202,6 +202,12 @@ if SIMULATED:
         values = current_warp().exchange(_lane(), value)
         return values[_lane() ^ lane_mask]
 
+    def warp_uniform(value):
+        """``value``, which every lane of the warp holds alike (checked here)."""
+        values = current_warp().exchange(_lane(), value)
+        assert all(v == values[0] for v in values), values
+        return values[0]
+
     _red_lock = threading.Lock()
 
     def red_add_f32(address, value):
@@ -506,6 +512,15 @@ else:
     def shfl_xor(value, lane_mask):
         """shfl.sync.bfly: the value of lane (this lane ^ lane_mask), all lanes taking part."""
         return cuda.shfl_xor_sync(0xFFFFFFFF, value, lane_mask)
+
+    @cuda.jit(device=True, inline=True)
+    def warp_uniform(value):
+        """``value``, which every lane of the warp holds alike, broadcast from lane 0
+        (shfl.sync.idx): ptxas then knows it is warp-uniform and keeps what derives from
+        it (a warpgroup's wgmma descriptors) in uniform registers instead of building
+        each descriptor per thread and moving it over with R2UR (CUTLASS's
+        canonical_warp_group_idx does the same)."""
+        return cuda.shfl_sync(0xFFFFFFFF, value, 0)
 
     @intrinsic
     def ld_global_nc_v4(typingctx, address):
