@@ -181,7 +181,7 @@ def build(spec: ForwardSpec):
                       softcap, alibi, bias, mask, keep_threshold, keep_scale, seed_lo, seed_hi):
         tid = cuda.threadIdx.x
         lane = tid % 32
-        wgi = tid // 128  # this thread's warpgroup
+        wgi = ptx.warp_uniform(np.int32(tid // 128)) if T > 128 else 0  # this thread's warpgroup (uniform: see ptx)
         g = lane // 4
         t = lane % 4
         m_block = cuda.blockIdx.x
