@@ -175,8 +175,8 @@ def attention_backward(
         deterministic: bitwise-repeatable gradients from run to run. The portable
             kernels always are (no atomics). Without it the Hopper (wgmma) kernels add
             dQ in float32 reductions whose order varies (dq differs between runs in
-            its last bits; dk and dv do not); with it they take the two-kernel path,
-            2-7% slower on the H100.
+            its last bits; dk and dv do not); with it they take the two-kernel path
+            (from 2% faster to 8% slower on the H100, perf/NOTES.md session 8).
         dq, dk, dv: optional arrays of q's, k's and v's shapes and q's dtype to write
             into; they must not overlap any input or each other.
         window, softcap, alibi_slopes, bias, mask, dropout_p, seed: the forward's

@@ -551,7 +551,7 @@ def _build_convert(spec):
         tid = uint32(cuda.threadIdx.x)
         rows = uint32(dq.shape[1])
         words = cuda.local.array(WORDS, float32)
-        for r in range(PASSES):
+        for r in range(PASSES):  # at = p // 128 * 256 + p % 128, split so that r's part is a constant
             at = uint32(r * CONVERT_THREADS // 128 * 256) + tid // uint32(128) * uint32(256) + tid % uint32(128)
             words[2 * r] = dq_acc[b, h, tile, at]
             words[2 * r + 1] = dq_acc[b, h, tile, at + uint32(128)]
