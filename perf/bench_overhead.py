@@ -315,6 +315,33 @@ def main():
     for way, fn in main.items():
         row(way, fn, timed=main_times[way])
 
+    # The backward of the same problem (delta, dK/dV/dQ and dQ-convert kernels): a
+    # repeated call through attention_backward's memo (backward_plans.py), and the same
+    # call validated and dispatched in full (the memo turned off for the row)
+    o_lse, lse = nbflash.attention(q, k, v, return_lse=True)
+    do = rng.standard_normal(SHAPE, dtype=cupy.float32).astype(cupy.float16)
+    grads = [cupy.empty_like(x) for x in (q, k, v)]
+    backward = lambda: nbflash.attention_backward(do, q, k, v, o_lse, lse)  # noqa: E731
+    backward_into = lambda: nbflash.attention_backward(  # noqa: E731
+        do, q, k, v, o_lse, lse, dq=grads[0], dk=grads[1], dv=grads[2])
+    first = backward()
+    gpu.sync()
+    memo_entries = len(nbflash.backward_plans._memo)
+    row("attention_backward", backward)
+    row("attention_backward(dq=, dk=, dv=)", backward_into)
+    replayed = nbflash.backward_plans.memoized_backward
+    nbflash.backward_plans.memoized_backward = lambda *a: None
+    try:
+        row("attention_backward, memo off", backward)
+    finally:
+        nbflash.backward_plans.memoized_backward = replayed
+    again = backward()
+    gpu.sync()
+    assert memo_entries >= 1, "the backward memo remembered nothing"
+    for x, y in zip(first, again):  # the atomic dQ may differ in its last bits; dk, dv may not
+        assert bool(cupy.allclose(x.astype(cupy.float32), y.astype(cupy.float32), rtol=1e-2, atol=1e-3))
+    assert all(bool(cupy.array_equal(x, y)) for x, y in zip(first[1:], again[1:])), "memo and validated disagree"
+
     # Numba's own launch of the same kernel's arguments (typing every argument per call).
     # Numba's launch cannot raise a kernel's dynamic shared-memory limit past 48 KB, so
     # this row launches the mma kernel with tiles under it (the host work is the same:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import arrays, device, launch, tuning, variants
+from . import arrays, backward_plans, device, launch, tuning, variants
 from .api import _bshd, _check_flag, _check_scale, _Problem, _rows_16_byte_aligned, _validate, choose_forward_spec
-from .api import _check_unit_head_dim_stride, _dummy, _dummy_seqlens, _empty, variant_kernel_args
+from .api import _REALS, _check_unit_head_dim_stride, _dummy, _dummy_seqlens, _empty, variant_kernel_args
 from .variants import NO_VARIANTS
 from .spec import PLAIN, BackwardSpec, DeltaSpec, Variant
 
@@ -207,8 +207,23 @@ def attention_backward(
     precision (plus, for float64 with a float32 lse, a float64 lse and a scratch
     output; with return_dbias, dS as (batch, heads_q, seqlen_q, seqlen_k) in
     accumulation precision).
-    Computed on CuPy's current stream, without synchronizing.
+    Computed on CuPy's current stream, without synchronizing. A call on CuPy arrays
+    whose shapes, strides, dtypes and flags repeat an earlier one, and that passes
+    none of the variant arguments, replays that call's prepared launches without
+    validating again (backward_plans.py); calls with variants are validated in full
+    every time.
     """
+    key = None
+    if (
+        window is None and alibi_slopes is None and bias is None and mask is None and seed is None
+        and return_dbias is False and not device.SIMULATOR
+        and type(softcap) in _REALS and softcap == 0 and type(dropout_p) in _REALS and dropout_p == 0
+    ):
+        key = backward_plans.memo_key(do, q, k, v, out, lse, dq, dk, dv, causal, scale, layout, deterministic)
+        if key is not None:
+            grads = backward_plans.memoized_backward(key, do, q, k, v, out, lse, dq, dk, dv)
+            if grads is not None:
+                return grads
     ops = [arrays.intake(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v"))]
     options = dict(window=window, softcap=softcap, alibi_slopes=alibi_slopes, bias=bias, mask=mask,
                    dropout_p=dropout_p, seed=seed, return_dbias=return_dbias)
@@ -216,8 +231,13 @@ def attention_backward(
         ops, do, out, lse, (dq, dk, dv), causal, deterministic, scale, layout, dict(options)
     )
     if problem.on_device or device.SIMULATOR:
-        return _backward(problem, views, do_view, out_view, lse_view, given, ops, causal, deterministic, scale,
-                         vargs, dbias)
+        recording = backward_plans.Recording() if key is not None and problem.on_device else None
+        grads = _backward(problem, views, do_view, out_view, lse_view, given, ops, causal, deterministic, scale,
+                          vargs, dbias, recording)
+        if recording is not None:  # keyed by the arguments as given (scale=None, not its value)
+            buffers = dict(q=q, k=k, v=v, do=do, out=out, lse=lse, dq=grads[0], dk=grads[1], dv=grads[2])
+            backward_plans.remember(key, recording, buffers, problem.dtype)
+        return grads
     return _backward_via_gpu(do, q, k, v, out, lse, given, causal, deterministic, scale, layout, options)
 
 
@@ -245,8 +265,10 @@ def _backward_via_gpu(do, q, k, v, out, lse, given, causal, deterministic, scale
 
 
 def _backward(problem, views, do_view, out_view, lse_view, given, ops, causal, deterministic, scale,
-              vargs=variants.NO_VARIANTS, dbias=False):
-    """Allocate what the caller did not give, recompute a float64 lse if needed, launch."""
+              vargs=variants.NO_VARIANTS, dbias=False, recording=None):
+    """Allocate what the caller did not give, recompute a float64 lse if needed, launch
+    (reporting the launches to ``recording``, a backward_plans.Recording, unless an
+    extra lse pass makes the call unfit to replay)."""
     grads = []
     for name, op in zip(("dq", "dk", "dv"), ops):
         grads.append(given[name] if name in given else _empty(problem, op.array.shape, problem.dtype))
@@ -261,13 +283,16 @@ def _backward(problem, views, do_view, out_view, lse_view, given, ops, causal, d
     grad_views = [_bshd(g, problem.layout, problem.squeeze) for g in grads]
     spec = choose_backward_spec(problem, causal, deterministic, [*views, do_view, *grad_views], vargs.variant, dbias)
     if lse_view.dtype != acc_type:  # float64 inputs with the forward's float32 lse
+        recording = None
         if vargs.variant:
             lse_view = _float64_variant_lse(spec, problem, views, vargs, scale)
         else:
             lse_view = _float64_lse(problem, views, causal, scale)
     delta = _empty(problem, (problem.batch, problem.heads_q, problem.seqlen_q), acc_type)
+    if recording is not None:
+        recording.allocated("delta", delta, zeroed=False)
     _launch_backward(spec, problem, views, do_view, out_view, lse_view, delta, grad_views, acc_type(scale),
-                     deterministic, vargs, ds)
+                     deterministic, vargs, ds, recording=recording)
     return tuple(grads) + ((_dbias(ds, vargs, problem),) if dbias else ())
 
 
@@ -329,12 +354,14 @@ def _float64_variant_lse(spec, problem, views, vargs, scale):
 
 
 def _launch_backward(spec, problem, views, do_view, out_view, lse_view, delta, grad_views, scale, deterministic,
-                     vargs=variants.NO_VARIANTS, ds=None, varlen=None):
+                     vargs=variants.NO_VARIANTS, ds=None, varlen=None, recording=None):
     """delta = rowsum(dO * O) (kernels/backward_delta.py for the tensor-core families
     where O's rows are 16-byte aligned, the portable preprocess otherwise), then one family's
     kernels (contract: kernels/backward_simt.py's docstring) with the variant values
     and the dS buffer for dbias appended. ``varlen``: a packed batch for the
-    tensor-core family (see kernels.backward_mma.launch_backward)."""
+    tensor-core family (see kernels.backward_mma.launch_backward). ``recording``: a
+    backward_plans.Recording each launch is reported to, with its per-call arrays'
+    names."""
     b, hq, hkv = problem.batch, problem.heads_q, problem.heads_kv
     cdiv = lambda n, d: -(-n // d)  # noqa: E731
     simt = spec if spec.module == "backward_simt" else _simt_spec(problem, spec.causal)
@@ -344,18 +371,25 @@ def _launch_backward(spec, problem, views, do_view, out_view, lse_view, delta, g
         ds = _dummy(problem, views, _dummy_variant_arrays.setdefault("dbias", {}), (1, 1, 1, 1), np.float32)
     extra.append(launch.numba_view(ds))
     view = lambda a: launch.numba_view(arrays.kernel_view(a))  # noqa: E731
+
+    def run(kernel, grid, threads, args, shared, names):
+        if recording is None:
+            launch.launch(kernel, grid, threads, args, shared)
+        else:
+            recording.launch(kernel, grid, threads, args, shared, names)
+
     if spec.module in ("backward_mma", "backward_wgmma") and _rows_16_byte_aligned(out_view):
         # dO's rows are aligned (the tensor-core family asks for it); O's may not be
         rows = DeltaSpec(spec.dtype, problem.head_dim_v, tuning.delta_threads(device.SIMULATOR))
-        launch.launch(
+        run(
             launch.compiled(rows), (cdiv(problem.seqlen_q * hq, rows.rows_per_cta()), b), rows.threads,
             [launch.numba_view(arrays.kernel_view(a, True)) for a in (do_view, out_view)]
-            + [launch.numba_view(delta)],
+            + [launch.numba_view(delta)], 0, ("do", "out", "delta"),
         )
     else:
-        launch.launch(
+        run(
             kernels.preprocess, (cdiv(problem.seqlen_q, simt.threads), hq, b), simt.threads,
-            [view(do_view), view(out_view), launch.numba_view(delta)],
+            [view(do_view), view(out_view), launch.numba_view(delta)], 0, ("do", "out", "delta"),
         )
     q, k, v = views
     dq, dk, dv = grad_views
@@ -365,7 +399,7 @@ def _launch_backward(spec, problem, views, do_view, out_view, lse_view, delta, g
         raw = lambda a: arrays.kernel_view(a, True)  # noqa: E731
         backward_mma.launch_backward(
             spec, raw(q), raw(k), raw(v), raw(do_view), lse_view, delta, raw(dq), raw(dk), raw(dv),
-            scale, hq // hkv, deterministic, extra, varlen,
+            scale, hq // hkv, deterministic, extra, varlen, recording,
         )
         return
     args = [
@@ -373,8 +407,9 @@ def _launch_backward(spec, problem, views, do_view, out_view, lse_view, delta, g
         view(dq), view(dk), view(dv), scale, hq // hkv, *extra,
     ]
     shared = launch.shared_bytes(spec)
-    launch.launch(kernels.dkdv, (cdiv(problem.seqlen_k, spec.block_n), hkv, b), spec.threads, args, shared)
-    launch.launch(kernels.dq, (cdiv(problem.seqlen_q, spec.block_m), hq, b), spec.threads, args, shared)
+    names = ("q", "k", "v", "do", "lse", "delta", "dq", "dk", "dv")
+    run(kernels.dkdv, (cdiv(problem.seqlen_k, spec.block_n), hkv, b), spec.threads, args, shared, names)
+    run(kernels.dq, (cdiv(problem.seqlen_q, spec.block_m), hq, b), spec.threads, args, shared, names)
 
 
 def _float64_lse(problem, views, causal, scale, out_view=None):

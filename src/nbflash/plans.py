@@ -331,9 +331,12 @@ def remember(q, k, v, causal, scale, layout, return_lse, out, problem, views, re
 
 
 def forget():
-    """Drop every remembered call (after tile configurations change)."""
+    """Drop every remembered call, the backward's too (after tile configurations change)."""
     _memo.clear()
     _varlen_memo.clear()
+    from . import backward_plans
+
+    backward_plans.forget()
 
 
 # ---------------------------------------------------------------------------

@@ -1028,7 +1028,7 @@ def _no_seqlens(like):
 
 
 def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, deterministic, extra=None,
-                    varlen=None):
+                    varlen=None, recording=None):
     """Launch the backward for one problem (``spec`` is a "plan" BackwardMmaSpec).
 
     Args (all (batch, seqlen, heads, head_dim) "bshd" views, NumPy on the simulator,
@@ -1051,8 +1051,17 @@ def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, det
             The dK/dV and dQ kernels are then built with spec.varlen: blockIdx.z is the
             sequence and the grids cover the longest one; dq_convert runs on the packed
             rows as on one dense sequence.
+        recording: None, or a backward_plans.Recording that each launch and the dQ
+            accumulator are reported to (for attention_backward's memo), each launch
+            with the names of its per-call array arguments.
     """
     from .. import launch
+
+    def run(kernel, grid, threads, args, shared, names):
+        if recording is None:
+            launch.launch(kernel, grid, threads, args, shared)
+        else:
+            recording.launch(kernel, grid, threads, args, shared, names)
 
     batch, seqlen_q, heads_q, _ = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
@@ -1086,27 +1095,31 @@ def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, det
     else:
         part = replace(spec, part="dkdvq")
         dq_acc = _zeros(q, q.shape)
+    if recording is not None and not deterministic:
+        recording.allocated("dq_acc", dq_acc, zeroed=True)
+    inputs = ("q", "k", "v", "do", "lse", "delta")  # views' names
     if grid_k > 0:
         grid = (-(-grid_k // spec.block_n), heads_kv, sequences)
         args = [*views, launch.numba_view(dk), launch.numba_view(dv), launch.numba_view(dq_acc), scale, group,
                 *variant_args, dbias, *seqlens]
-        launch.launch(launch.compiled(part), grid, spec.threads, args, launch.shared_bytes(part))
+        names = inputs + ("dk", "dv") + (() if deterministic else ("dq_acc",))  # else a dummy
+        run(launch.compiled(part), grid, spec.threads, args, launch.shared_bytes(part), names)
     if grid_q == 0:
         return
     if deterministic:
         part = replace(spec, part="dq")
         grid = (-(-grid_q // spec.dq_block_m), heads_q, sequences)
         args = [*views, launch.numba_view(dq), scale, group, *variant_args, *seqlens]
-        launch.launch(launch.compiled(part), grid, spec.dq_threads, args, launch.shared_bytes(part))
+        run(launch.compiled(part), grid, spec.dq_threads, args, launch.shared_bytes(part), inputs + ("dq",))
     elif spec.wgmma:
         from .backward_wgmma import CONVERT_THREADS as WGMMA_CONVERT_THREADS
 
         part = replace(spec, part="dq_convert")
         args = [launch.numba_view(dq_acc), launch.numba_view(dq), scale]
         grid = (dq_acc.shape[2], heads_q, batch)  # one CTA per query tile
-        launch.launch(launch.compiled(part), grid, WGMMA_CONVERT_THREADS, args, 0)
+        run(launch.compiled(part), grid, WGMMA_CONVERT_THREADS, args, 0, ("dq_acc", "dq"))
     else:  # elementwise over the rows: packed tensors convert as one dense sequence
         part = replace(spec, part="dq_convert", varlen=False)
         grid = (-(-seqlen_q // CONVERT_ROWS), heads_q, batch)
         args = [launch.numba_view(dq_acc), launch.numba_view(dq), scale]
-        launch.launch(launch.compiled(part), grid, CONVERT_THREADS, args, 0)
+        run(launch.compiled(part), grid, CONVERT_THREADS, args, 0, ("dq_acc", "dq"))
