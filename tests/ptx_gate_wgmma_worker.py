@@ -100,7 +100,8 @@ def backward_specs():
     """Every kernel of every wgmma backward plan tuning.WGMMA_BWD_TILES ships (the
     deterministic dK/dV and dQ pair, and the fused dK/dV/dQ kernel where
     tuning.WGMMA_BWD_DQ_ATOMICS sends the default path): fp16 full and causal, bf16
-    causal (registers as fp16's, as BF16_VARIANTS says)."""
+    causal (registers as fp16's, as BF16_VARIANTS says); and the fused kernel with the
+    variants tuning.wgmma_bwd_variant sends it (window, ALiBi, both), fp16 full and causal."""
     for head_dim, ((bm, bn, threads), (qbm, qbn, qthreads)) in sorted(tuning.WGMMA_BWD_TILES.items()):
         fused = bm == 64 and tuning.WGMMA_BWD_DQ_ATOMICS.get(head_dim, False)
         for dtype, causals in (("fp16", (False, True)), ("bf16", (True,))):
@@ -109,6 +110,12 @@ def backward_specs():
                                        fused, wgmma=True)
                 for part in ("dkdv", "dq") + (("dkdvq",) if fused else ()):
                     yield BackwardMmaSpec(**{**plan.__dict__, "part": part})
+        for window, alibi in ((True, False), (False, True), (True, True)):
+            light = Variant(window=window, alibi=alibi)
+            if fused and tuning.wgmma_bwd_variant(light, head_dim):
+                for causal in (False, True):
+                    yield BackwardMmaSpec("fp16", head_dim, causal, bm, bn, threads, False, qbm, qbn, qthreads, False,
+                                          True, wgmma=True, variant=light, part="dkdvq")
 
 
 def backward_kernels():
@@ -117,7 +124,8 @@ def backward_kernels():
         report(spec.key, backward_wgmma.build(spec), backward_signature(spec.part),
                threads=spec.dq_threads if dq else spec.threads, head_dim=spec.head_dim,
                block_m=spec.dq_block_m if dq else spec.block_m, block_n=spec.dq_block_n if dq else spec.block_n,
-               part=spec.part, shared_bytes=backward_wgmma.shared_bytes(spec), kind="backward")
+               part=spec.part, shared_bytes=backward_wgmma.shared_bytes(spec), kind="backward",
+               variant=spec.variant.key)
 
 
 def main():

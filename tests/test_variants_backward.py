@@ -8,7 +8,9 @@ portable one at tiny sizes; the gpu tier runs the shipped tiles at larger sizes.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import numpy as np
 import pytest
@@ -35,6 +37,9 @@ def pick_dtype_dim(rng, family, large):
     fp16/bf16 and a shipped head_dim; the portable one gets the rest)."""
     if family == "mma":
         dims = sorted(tuning.MMA_BWD_TILES) if large else [32]
+        return HALF[int(rng.integers(2))], int(rng.choice(dims))
+    if family == "wgmma":
+        dims = sorted(tuning.WGMMA_VARIANT_HEAD_DIMS) if large else [64]
         return HALF[int(rng.integers(2))], int(rng.choice(dims))
     dtype = DTYPES[int(rng.integers(4))]
     dim = int(rng.integers(1, (160 if large else 12) + 1))
@@ -88,10 +93,32 @@ def magnitudes(do, q, k, v, causal, scale, kw):
     return mq, mk, mv, ds
 
 
-def run(rng, seed, *, family, large=False, causal=False, group=None, deterministic=None, bias=None,
-        return_dbias=False, dtype=None, seqlens=None, lse_dtype=None, edit=None, **flags):
+@contextlib.contextmanager
+def _wgmma_off(off):
+    """NBFLASH_WGMMA=0 inside (when ``off``): window and ALiBi would take the wgmma
+    kernels at head_dim 64 and 128 on sm_90 (the "mma" family's tests mean mma.sync)."""
+    before = os.environ.get("NBFLASH_WGMMA")
+    if off:
+        os.environ["NBFLASH_WGMMA"] = "0"
+    try:
+        yield
+    finally:
+        if off:
+            if before is None:
+                os.environ.pop("NBFLASH_WGMMA", None)
+            else:
+                os.environ["NBFLASH_WGMMA"] = before
+
+
+def run(rng, seed, *, family, large=False, **options):
     """Random inputs and variants (``edit(kw)`` may change them), attention_backward on
     the family's kernels, checked against the oracle; returns (grads, kw, seqlens)."""
+    with _wgmma_off(family == "mma"):
+        return _run(rng, seed, family=family, large=large, **options)
+
+
+def _run(rng, seed, *, family, large=False, causal=False, group=None, deterministic=None, bias=None,
+         return_dbias=False, dtype=None, seqlens=None, lse_dtype=None, edit=None, **flags):
     dtype_dim = pick_dtype_dim(rng, family, large)
     dtype, head_dim = (dtype, dtype_dim[1]) if dtype is not None else dtype_dim
     group = group if group is not None else int(rng.choice([1, 2]))
@@ -169,6 +196,40 @@ def test_variants_on_the_tensor_core_family(variant, large):
     flags = {"window": {"window": True}, "softcap-alibi": {"softcap": True, "alibi": True},
              "mask-bias": {"mask": True, "bias": lambda s: s[1:]}, "dropout": {"dropout": True}}[variant]
     run(rng, seed, family="mma", large=large, causal=bool(rng.integers(2)), **flags)
+
+
+@pytest.mark.parametrize("large", TIERS)
+@pytest.mark.parametrize("variant", ["window", "alibi", "window-alibi"])
+def test_window_and_alibi_on_the_wgmma_family(monkeypatch, variant, large):
+    """The fused wgmma dK/dV/dQ kernel with a window (query tiles outside the band
+    skipped, band edges masked), ALiBi (its term in P's exponent) or both, causal or
+    not, GQA 1 or 2."""
+    rng, seed = new_rng()
+    monkeypatch.setenv("NBFLASH_WGMMA", "1")
+    if SIMULATOR:
+        _ship_fused_dq_on_the_simulator(monkeypatch)
+    flags = {name: True for name in variant.split("-")}
+    run(rng, seed, family="wgmma", large=large, causal=bool(rng.integers(2)), deterministic=False, **flags)
+
+
+def _ship_fused_dq_on_the_simulator(monkeypatch):
+    """The simulator's tuning ships no fused dQ kernel (its 16-row query tiles cannot
+    feed the dQ wgmma): ship it with 64-row tiles, as helpers.run_backward_kernels runs it."""
+    tiles = tuning.wgmma_bwd_tiles(64, True, (9, 0))
+    monkeypatch.setattr(tuning, "wgmma_bwd_tiles", lambda head_dim, simulator, arch: ((64,) + tiles[0][1:], tiles[1]))
+    monkeypatch.setattr(tuning, "wgmma_bwd_dq_atomics", lambda head_dim, simulator: True)
+
+
+def test_wgmma_variants_under_deterministic_take_the_mma_family(monkeypatch):
+    monkeypatch.setenv("NBFLASH_WGMMA", "1")
+    if SIMULATOR:
+        _ship_fused_dq_on_the_simulator(monkeypatch)
+    q = to_device(np.ones((1, 8, 2, 64), np.float16))
+    slopes = to_device(np.full((2,), 0.25, np.float32))
+    fused = nbflash.backward_spec(q, q, q, window=(3, 0), alibi_slopes=slopes)
+    assert fused.module == "backward_wgmma" and "-win-alibi" in fused.key, fused.key
+    assert nbflash.backward_spec(q, q, q, window=(3, 0), deterministic=True).module == "backward_mma"
+    assert nbflash.backward_spec(q, q, q, softcap=2.0).module == "backward_mma"
 
 
 @pytest.mark.parametrize("large", TIERS)

@@ -24,7 +24,8 @@ def choose_backward_spec(problem: _Problem, causal: bool, deterministic: bool, v
     tensor-core kernels (kernels/backward_mma.py) for fp16/bf16 with a shipped
     head_dim equal for q and v, 16-byte aligned rows in every array in ``views`` and
     an sm_80+ GPU (on sm_90, plain attention at head_dim 64/128 takes the wgmma
-    kernels of kernels/backward_wgmma.py unless ``wgmma`` is False); the portable
+    kernels of kernels/backward_wgmma.py unless ``wgmma`` is False, and so do window
+    and ALiBi without ``deterministic``: tuning.wgmma_bwd_variant); the portable
     kernels (any dtype and head_dim) otherwise.
 
     Every family honours ``deterministic``: the tensor-core families then compute dQ in
@@ -42,6 +43,7 @@ def choose_backward_spec(problem: _Problem, causal: bool, deterministic: bool, v
     ):
         from .kernels import backward_mma
 
+        wgmma = wgmma and not (variant and deterministic)  # the wgmma variants are in the fused kernel only
         spec = backward_mma.choose_spec(dtype, problem.head_dim, causal, device.SIMULATOR, variant, dbias, wgmma)
         if spec is not None:
             return spec

@@ -465,6 +465,17 @@ def wgmma_variant(variant, head_dim: int = 64) -> bool:
     return head_dim in WGMMA_VARIANT_HEAD_DIMS and not (variant.bias or variant.mask or variant.dropout)
 
 
+def wgmma_bwd_variant(variant, head_dim: int = 64) -> bool:
+    """The wgmma backward's fused dK/dV/dQ kernel compiles this spec.Variant in at
+    head_dim: plain, and sliding window and ALiBi (alone or together) at head_dim 64 and
+    128; softcap (whose dS needs tanh's derivative per score), bias, mask and dropout
+    run the mma.sync backward, as do the variants under deterministic=True."""
+    if not variant:
+        return True
+    light = not (variant.softcap or variant.bias or variant.mask or variant.dropout)
+    return head_dim in WGMMA_VARIANT_HEAD_DIMS and light
+
+
 WGMMA_VARLEN_VARIANT_HEAD_DIMS = (64,)
 
 

@@ -61,7 +61,7 @@ import numpy as np
 from numba import cuda
 from numba.cuda import float32, int32, uint32
 
-from ..spec import BackwardMmaSpec
+from ..spec import PLAIN, BackwardMmaSpec
 from . import ptx
 from .philox import keep_pair
 from .score_mods import (
@@ -105,16 +105,21 @@ def choose_spec(dtype: str, head_dim: int, causal: bool, simulator: bool, varian
     """The plan for a problem, or None when no tensor-core backward ships for head_dim;
     with variants (spec.Variant) on, from tuning's variant tile table. Plain attention
     on sm_90 takes the wgmma kernels (kernels/backward_wgmma.py, tuning.wgmma_bwd_tiles)
-    unless ``wgmma`` is False (the varlen backward: those kernels are dense only)."""
+    unless ``wgmma`` is False (the varlen backward: those kernels are dense only; the
+    API passes False for variants under deterministic=True), and so do the variants of
+    tuning.wgmma_bwd_variant where the tuning ships the fused dQ kernel (the only one
+    that takes them)."""
     from .. import device, tuning
 
-    if wgmma and not variant and not dbias and dtype in ("fp16", "bf16") and tuning.wgmma_enabled(simulator):
+    if (wgmma and tuning.wgmma_bwd_variant(variant, head_dim) and not dbias and dtype in ("fp16", "bf16")
+            and tuning.wgmma_enabled(simulator)):
         hopper = tuning.wgmma_bwd_tiles(head_dim, simulator, device.compute_capability())
         if hopper is not None:
             (bm, bn, threads), (qbm, qbn, qthreads) = hopper
             atomics = bm == 64 and tuning.wgmma_bwd_dq_atomics(head_dim, simulator)
-            return BackwardMmaSpec(dtype, head_dim, causal, bm, bn, threads, False, qbm, qbn, qthreads, False,
-                                   atomics, wgmma=True)
+            if atomics or not variant:
+                return BackwardMmaSpec(dtype, head_dim, causal, bm, bn, threads, False, qbm, qbn, qthreads, False,
+                                       atomics, wgmma=True, variant=variant or PLAIN)
 
     if variant:
         tiles = tuning.mma_bwd_variant_tiles(head_dim, simulator)

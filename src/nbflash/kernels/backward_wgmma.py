@@ -1,5 +1,7 @@
 """The Hopper backward kernels (sm_90a): FlashAttention-2's backward on warpgroup MMA,
-fp16 and bf16, head_dim 64 and 128, dense, no variants (those keep backward_mma).
+fp16 and bf16, head_dim 64 and 128, dense; the fused dK/dV/dQ kernel also takes a
+sliding window and ALiBi (tuning.wgmma_bwd_variant; the other variants, and these under
+deterministic=True, keep backward_mma).
 
 The math is backward_mma's (P recomputed from the forward's lse, delta = rowsum(dO O)
 from the portable preprocess kernel):
@@ -51,9 +53,16 @@ Causal (bottom-right aligned): the dK/dV kernel starts at the first query tile t
 sees its keys and the dQ kernel stops after the last key tile its rows see; only tiles
 crossing the diagonal are masked (and, in the dQ kernel, the tile crossing seqlen_k).
 
+Variants ("dkdvq" only, compiled in from spec.variant): a window visits only the query
+tiles from the first to the last row that sees some key of the CTA
+(score_mods.window_query_range; causal is folded into window_right) and masks only
+tiles crossing a band edge; ALiBi subtracts slope log2(e) |i + seqlen_k - seqlen_q - j|
+inside P's exponent (a constant per score has no gradient, so dS is unchanged).
+
 Launch contract: backward_mma.launch_backward's for the "dkdv", "dkdvq" and "dq" parts (same
 arguments, grids and shared_bytes through launch.shared_bytes), so the API runs either
-family through one launcher; the variant and cu_seqlens arguments are never read.
+family through one launcher; window_left, window_right and alibi are read where
+spec.variant says so, the other variant and the cu_seqlens arguments never.
 """
 
 from __future__ import annotations
@@ -69,6 +78,7 @@ from ..spec import BackwardMmaSpec
 from . import ptx
 from . import ptx_wgmma as wg
 from .forward_wgmma import K_MAJOR_LBO, make_issue_tile
+from .score_mods import tile_crosses_band, window_query_range
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128)
@@ -148,7 +158,9 @@ def build(spec: BackwardMmaSpec):
     """The kernel of spec.part ("dkdv", "dkdvq", "dq" or "dq_convert"); see the module
     docstring."""
     assert spec.wgmma and spec.dtype in ("fp16", "bf16") and spec.head_dim in HEAD_DIMS
-    assert not spec.variant and not spec.varlen and not spec.dbias
+    assert not spec.varlen and not spec.dbias
+    assert not spec.variant or (spec.part in ("dkdvq", "dq_convert")
+                                and tuning.wgmma_bwd_variant(spec.variant, spec.head_dim)), spec.key
     if spec.part in ("dkdv", "dkdvq"):
         return _build_dkdv(spec)
     if spec.part == "dq":
@@ -234,6 +246,7 @@ def _build_dkdv(spec):
     S_REGS, ACC_REGS, P_REGS = BM // 2, D // 2, BM // 4
     K_STEPS, M_STEPS, S_BLOCKS = D // 16, BM // 16, BM // 8
     CAUSAL = spec.causal
+    WINDOW, ALIBI = spec.variant.window, spec.variant.alibi
     issue_kv = make_issue_tile(D, BN, T)
     issue_q = make_issue_tile(D, BM, T)
 
@@ -290,9 +303,16 @@ def _build_dkdv(spec):
         at_base = ptx.shared_address(smem, (base,))  # byte addresses from here on: ld/st_shared_u32
 
         m_begin = np.int32(0)
-        if CAUSAL:  # the first query tile with a row that sees key n0
+        m_stop = seqlen_q  # the query tiles m_begin .. cover the rows up to m_stop
+        if WINDOW:  # the rows that see some key of the CTA (causal folded into window_right)
+            q_first, m_stop = window_query_range(n0, n0 + np.int32(BN), seqlen_q, seqlen_k, window_left,
+                                                 window_right)
+            m_begin = q_first // np.int32(BM) * np.int32(BM)
+            if m_stop <= q_first:
+                m_stop = m_begin
+        elif CAUSAL:  # the first query tile with a row that sees key n0
             m_begin = max(np.int32(0), n0 - shift) // np.int32(BM) * np.int32(BM)
-        m_tiles = max(np.int32(0), (seqlen_q - m_begin + np.int32(BM - 1)) // np.int32(BM))
+        m_tiles = max(np.int32(0), (m_stop - m_begin + np.int32(BM - 1)) // np.int32(BM))
         if n0 >= seqlen_k:
             m_tiles = np.int32(0)
         total = np.int32(uint32(m_tiles) * uint32(group))  # (query head, query tile) pairs
@@ -380,16 +400,37 @@ def _build_dkdv(spec):
 
             # P^T: rows are keys (my_key, my_key + 8), columns queries m0 + 8j + 2t + e
             lse_at = at_base + uint32(4 * (LSE_OFF + stage * BM + 2 * t))
+            if ALIBI:  # query column c, key row r: distance |m0 + c + shift - r| (exact in float32 below 2^24)
+                slope_log2 = alibi[uint32(b), h] * float32(LOG2E)
+                distance0 = float32(m0 + np.int32(2 * t) + shift - my_key)
             for j in range(S_BLOCKS):
                 pair = ptx.ld_shared_v2_u32(lse_at + uint32(32 * j))  # columns 8j + 2t, + 1
                 for e in range(2):
                     row_lse = ptx.u32_as_f32(pair[e])
                     for half in range(2):
                         idx = 4 * j + 2 * half + e
-                        s[idx] = ptx.ex2(s[idx] * scale_log2 - row_lse)
+                        if ALIBI:
+                            distance = abs(distance0 + float32(8 * j + e - 8 * half))
+                            s[idx] = ptx.ex2(s[idx] * scale_log2 - row_lse - slope_log2 * distance)
+                        else:
+                            s[idx] = ptx.ex2(s[idx] * scale_log2 - row_lse)
+            if WINDOW:
+                # query column c sees key row r when r - m0 - shift - window_right <= c
+                # <= r - m0 - shift + window_left; only tiles crossing a band edge have
+                # columns that do not
+                if tile_crosses_band(n0, np.int32(BN), m0 + shift, np.int32(BM), window_left, window_right):
+                    for half in range(2):
+                        nearest = my_key + np.int32(8 * half) - m0 - shift
+                        lowest = nearest - window_right
+                        highest = nearest + window_left
+                        for j in range(S_BLOCKS):
+                            for e in range(2):
+                                c = np.int32(j * 8 + 2 * t + e)
+                                if c < lowest or c > highest:
+                                    s[4 * j + 2 * half + e] = float32(0)
             # causal: query column c hides key j when c < j - m0 - shift; only tiles
             # crossing the diagonal have such columns
-            if CAUSAL and n0 + np.int32(BN - 1) > m0 + shift:
+            elif CAUSAL and n0 + np.int32(BN - 1) > m0 + shift:
                 for half in range(2):
                     first_seen = my_key + np.int32(8 * half) - m0 - shift
                     for j in range(S_BLOCKS):
