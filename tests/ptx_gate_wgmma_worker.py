@@ -101,7 +101,8 @@ def backward_specs():
     deterministic dK/dV and dQ pair, and the fused dK/dV/dQ kernel where
     tuning.WGMMA_BWD_DQ_ATOMICS sends the default path): fp16 full and causal, bf16
     causal (registers as fp16's, as BF16_VARIANTS says); and the fused kernel with the
-    variants tuning.wgmma_bwd_variant sends it (window, ALiBi, both), fp16 full and causal."""
+    variants tuning.wgmma_bwd_variant sends it (window, ALiBi, softcap and the pairs it
+    takes), fp16 full and causal."""
     for head_dim, ((bm, bn, threads), (qbm, qbn, qthreads)) in sorted(tuning.WGMMA_BWD_TILES.items()):
         fused = bm == 64 and tuning.WGMMA_BWD_DQ_ATOMICS.get(head_dim, False)
         for dtype, causals in (("fp16", (False, True)), ("bf16", (True,))):
@@ -110,8 +111,9 @@ def backward_specs():
                                        fused, wgmma=True)
                 for part in ("dkdv", "dq") + (("dkdvq",) if fused else ()):
                     yield BackwardMmaSpec(**{**plan.__dict__, "part": part})
-        for window, alibi in ((True, False), (False, True), (True, True)):
-            light = Variant(window=window, alibi=alibi)
+        for window, alibi, softcap in ((True, False, False), (False, True, False), (False, False, True),
+                                       (True, True, False), (True, False, True)):
+            light = Variant(window=window, alibi=alibi, softcap=softcap)
             if fused and tuning.wgmma_bwd_variant(light, head_dim):
                 for causal in (False, True):
                     yield BackwardMmaSpec("fp16", head_dim, causal, bm, bn, threads, False, qbm, qbn, qthreads, False,

@@ -199,11 +199,11 @@ def test_variants_on_the_tensor_core_family(variant, large):
 
 
 @pytest.mark.parametrize("large", TIERS)
-@pytest.mark.parametrize("variant", ["window", "alibi", "window-alibi"])
-def test_window_and_alibi_on_the_wgmma_family(monkeypatch, variant, large):
+@pytest.mark.parametrize("variant", ["window", "alibi", "softcap", "window-alibi", "window-softcap"])
+def test_light_variants_on_the_wgmma_family(monkeypatch, variant, large):
     """The fused wgmma dK/dV/dQ kernel with a window (query tiles outside the band
-    skipped, band edges masked), ALiBi (its term in P's exponent) or both, causal or
-    not, GQA 1 or 2."""
+    skipped, band edges masked), ALiBi (its term in P's exponent), softcap (tanh' from
+    P) and the pairs it takes, causal or not, GQA 1 or 2."""
     rng, seed = new_rng()
     monkeypatch.setenv("NBFLASH_WGMMA", "1")
     if SIMULATOR:
@@ -229,7 +229,8 @@ def test_wgmma_variants_under_deterministic_take_the_mma_family(monkeypatch):
     fused = nbflash.backward_spec(q, q, q, window=(3, 0), alibi_slopes=slopes)
     assert fused.module == "backward_wgmma" and "-win-alibi" in fused.key, fused.key
     assert nbflash.backward_spec(q, q, q, window=(3, 0), deterministic=True).module == "backward_mma"
-    assert nbflash.backward_spec(q, q, q, softcap=2.0).module == "backward_mma"
+    assert nbflash.backward_spec(q, q, q, softcap=2.0).module == "backward_wgmma"
+    assert nbflash.backward_spec(q, q, q, softcap=2.0, alibi_slopes=slopes).module == "backward_mma"
 
 
 @pytest.mark.parametrize("large", TIERS)

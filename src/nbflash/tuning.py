@@ -467,12 +467,13 @@ def wgmma_variant(variant, head_dim: int = 64) -> bool:
 
 def wgmma_bwd_variant(variant, head_dim: int = 64) -> bool:
     """The wgmma backward's fused dK/dV/dQ kernel compiles this spec.Variant in at
-    head_dim: plain, and sliding window and ALiBi (alone or together) at head_dim 64 and
-    128; softcap (whose dS needs tanh's derivative per score), bias, mask and dropout
-    run the mma.sync backward, as do the variants under deterministic=True."""
+    head_dim: plain, and window, softcap and ALiBi at head_dim 64 and 128 in any
+    combination but softcap with ALiBi (its tanh' would have to undo the ALiBi term too);
+    that pair, bias, mask and dropout run the mma.sync backward, as do the variants
+    under deterministic=True."""
     if not variant:
         return True
-    light = not (variant.softcap or variant.bias or variant.mask or variant.dropout)
+    light = not (variant.bias or variant.mask or variant.dropout or (variant.softcap and variant.alibi))
     return head_dim in WGMMA_VARIANT_HEAD_DIMS and light
 
 

@@ -1,7 +1,7 @@
 """The Hopper backward kernels (sm_90a): FlashAttention-2's backward on warpgroup MMA,
 fp16 and bf16, head_dim 64 and 128, dense; the fused dK/dV/dQ kernel also takes a
-sliding window and ALiBi (tuning.wgmma_bwd_variant; the other variants, and these under
-deterministic=True, keep backward_mma).
+sliding window, softcap and ALiBi (tuning.wgmma_bwd_variant; the other variants, and
+these under deterministic=True, keep backward_mma).
 
 The math is backward_mma's (P recomputed from the forward's lse, delta = rowsum(dO O)
 from the portable preprocess kernel):
@@ -57,7 +57,11 @@ Variants ("dkdvq" only, compiled in from spec.variant): a window visits only the
 tiles from the first to the last row that sees some key of the CTA
 (score_mods.window_query_range; causal is folded into window_right) and masks only
 tiles crossing a band edge; ALiBi subtracts slope log2(e) |i + seqlen_k - seqlen_q - j|
-inside P's exponent (a constant per score has no gradient, so dS is unchanged).
+inside P's exponent (a constant per score has no gradient, so dS is unchanged);
+softcap computes P = exp2(th softcap log2(e) - lse log2(e)) with th = tanh.approx(scale
+q.k / softcap), as the forward does, and multiplies dS by tanh's derivative 1 - th^2,
+th recovered from P itself, (lg2(P) + lse log2(e)) / (softcap log2(e)) (one MUFU
+operation and no registers held from P to dS; where P = 0, dS is 0 anyway).
 
 Launch contract: backward_mma.launch_backward's for the "dkdv", "dkdvq" and "dq" parts (same
 arguments, grids and shared_bytes through launch.shared_bytes), so the API runs either
@@ -246,7 +250,8 @@ def _build_dkdv(spec):
     S_REGS, ACC_REGS, P_REGS = BM // 2, D // 2, BM // 4
     K_STEPS, M_STEPS, S_BLOCKS = D // 16, BM // 16, BM // 8
     CAUSAL = spec.causal
-    WINDOW, ALIBI = spec.variant.window, spec.variant.alibi
+    WINDOW, ALIBI, SOFTCAP = spec.variant.window, spec.variant.alibi, spec.variant.softcap
+    assert not (SOFTCAP and ALIBI)  # tuning.wgmma_bwd_variant
     issue_kv = make_issue_tile(D, BN, T)
     issue_q = make_issue_tile(D, BM, T)
 
@@ -297,6 +302,10 @@ def _build_dkdv(spec):
         shift = seqlen_k - seqlen_q  # key j is hidden from query i when j > i + shift
         my_key = np.int32(n0 + wgi * 64 + (tid // 32) % 4 * 16 + g)  # and my_key + 8
         scale_log2 = float32(scale * LOG2E)
+        if SOFTCAP:  # P = exp2(tanh(cap_in q.k) s_log2 - lse log2(e))
+            cap_in = float32(scale / softcap)
+            s_log2 = float32(softcap * LOG2E)
+            inv_s_log2 = float32(1) / s_log2
 
         smem = cuda.shared.array(0, uint32)
         base = wg.shared_align_words(smem)
@@ -412,6 +421,8 @@ def _build_dkdv(spec):
                         if ALIBI:
                             distance = abs(distance0 + float32(8 * j + e - 8 * half))
                             s[idx] = ptx.ex2(s[idx] * scale_log2 - row_lse - slope_log2 * distance)
+                        elif SOFTCAP:
+                            s[idx] = ptx.ex2(ptx.tanh_approx(s[idx] * cap_in) * s_log2 - row_lse)
                         else:
                             s[idx] = ptx.ex2(s[idx] * scale_log2 - row_lse)
             if WINDOW:
@@ -463,11 +474,20 @@ def _build_dkdv(spec):
             delta_at = at_base + uint32(4 * (DELTA_OFF + stage * BM + 2 * t))
             for j in range(S_BLOCKS):
                 pair = ptx.ld_shared_v2_u32(delta_at + uint32(32 * j))
+                if SOFTCAP:
+                    lse_pair = ptx.ld_shared_v2_u32(lse_at + uint32(32 * j))
                 for e in range(2):
                     row_delta = ptx.u32_as_f32(pair[e])
                     for half in range(2):
                         idx = 4 * j + 2 * half + e
-                        dp[idx] = s[idx] * (dp[idx] - row_delta)
+                        if SOFTCAP:  # dS of scale q.k: times tanh' = 1 - th^2, th from P
+                            slope = float32(0)  # where P = 0 (hidden, or a row seeing no key: lse +inf)
+                            if s[idx] > float32(0):
+                                th = (ptx.lg2_approx(s[idx]) + ptx.u32_as_f32(lse_pair[e])) * inv_s_log2
+                                slope = max(float32(1) - th * th, float32(0))  # |th| may pass 1 by rounding
+                            dp[idx] = s[idx] * (dp[idx] - row_delta) * slope
+                        else:
+                            dp[idx] = s[idx] * (dp[idx] - row_delta)
             for i in range(P_REGS):
                 ds[i] = pack(dp[2 * i], dp[2 * i + 1])
 
