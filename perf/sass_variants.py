@@ -87,7 +87,7 @@ def compile_one(kind: str, dtype: str, head_dim: int, causal: bool, variant_name
     else:
         from ptx_gate_backward_worker import signature
 
-        plan = backward_mma.choose_spec(dtype, head_dim, causal, False, variant)
+        plan = backward_mma.choose_spec(dtype, head_dim, causal, False, variant, wgmma=False)
         spec = replace(plan, part=kind)
         sig = signature(kind)
         kernel = backward_mma.build(spec)

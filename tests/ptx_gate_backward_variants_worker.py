@@ -43,7 +43,7 @@ def report(key, part, threads, ptx, shared_bytes):
 
 
 def mma_case(dtype, head_dim, causal, variant, dbias, parts):
-    plan = backward_mma.choose_spec(dtype, head_dim, causal, False, variant, dbias)
+    plan = backward_mma.choose_spec(dtype, head_dim, causal, False, variant, dbias, wgmma=False)  # the mma.sync family
     for part in parts:
         spec = replace(plan, part=part)
         threads = spec.dq_threads if part == "dq" else spec.threads
