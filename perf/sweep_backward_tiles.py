@@ -31,6 +31,7 @@ def main():
     for config in sys.argv[1:]:
         d = int(config.split("=")[0])
         os.environ["NBFLASH_MMA_BWD_TILES"] = config
+        nbflash.plans.forget()  # attention_backward's memo would replay the previous config's kernels
         shape = (4, 4096, 16, d)
         q, k, v, do = (rng.standard_normal(shape, dtype=cupy.float32).astype(cupy.float16) for _ in range(4))
         for causal in (False, True):

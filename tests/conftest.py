@@ -3,6 +3,15 @@ import pytest
 import nbflash
 
 
+@pytest.fixture(autouse=True)
+def no_remembered_calls():
+    """Each test starts with empty memos (nbflash.plans.forget, the backward's too): a
+    test that changes the dispatch (NBFLASH_WGMMA, a tile override, a patched spec) must
+    not replay launches an earlier test remembered."""
+    nbflash.plans.forget()
+    yield
+
+
 def pytest_collection_modifyitems(config, items):
     if not nbflash.SIMULATOR:
         return

@@ -212,6 +212,25 @@ def test_light_variants_on_the_wgmma_family(monkeypatch, variant, large):
     run(rng, seed, family="wgmma", large=large, causal=bool(rng.integers(2)), deterministic=False, **flags)
 
 
+def test_wgmma_window_skips_query_tiles_and_leaves_band_interiors_unmasked(monkeypatch):
+    """Longer sequences than the other simulator cases, several 64-row query tiles and
+    64-key CTAs: tiles outside the band are skipped, tiles inside it take the unmasked
+    branch and only tiles on its edges mask (left 130-159 keys, right 0-5); ALiBi or
+    softcap on top at random."""
+    rng, seed = new_rng()
+    monkeypatch.setenv("NBFLASH_WGMMA", "1")
+    if SIMULATOR:
+        _ship_fused_dq_on_the_simulator(monkeypatch)
+    seqlens = (int(rng.integers(150, 260)), int(rng.integers(150, 260)))
+    extra = [{}, {"alibi": True}, {"softcap": True}][int(rng.integers(3))]
+
+    def band(kw):
+        kw["window"] = (int(rng.integers(130, 160)), int(rng.integers(0, 6)))
+
+    run(rng, seed, family="wgmma", causal=bool(rng.integers(2)), deterministic=False, group=1, seqlens=seqlens,
+        window=True, edit=band, **extra)
+
+
 def _ship_fused_dq_on_the_simulator(monkeypatch):
     """The simulator's tuning ships no fused dQ kernel (its 16-row query tiles cannot
     feed the dQ wgmma): ship it with 64-row tiles, as helpers.run_backward_kernels runs it."""

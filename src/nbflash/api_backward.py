@@ -24,8 +24,8 @@ def choose_backward_spec(problem: _Problem, causal: bool, deterministic: bool, v
     tensor-core kernels (kernels/backward_mma.py) for fp16/bf16 with a shipped
     head_dim equal for q and v, 16-byte aligned rows in every array in ``views`` and
     an sm_80+ GPU (on sm_90, plain attention at head_dim 64/128 takes the wgmma
-    kernels of kernels/backward_wgmma.py unless ``wgmma`` is False, and so do window
-    and ALiBi without ``deterministic``: tuning.wgmma_bwd_variant); the portable
+    kernels of kernels/backward_wgmma.py unless ``wgmma`` is False, and so do window,
+    softcap and ALiBi without ``deterministic``: tuning.wgmma_bwd_variant); the portable
     kernels (any dtype and head_dim) otherwise.
 
     Every family honours ``deterministic``: the tensor-core families then compute dQ in
@@ -210,10 +210,10 @@ def attention_backward(
     output; with return_dbias, dS as (batch, heads_q, seqlen_q, seqlen_k) in
     accumulation precision).
     Computed on CuPy's current stream, without synchronizing. A call on CuPy arrays
-    whose shapes, strides, dtypes and flags repeat an earlier one, and that passes
-    none of the variant arguments, replays that call's prepared launches without
-    validating again (backward_plans.py); calls with variants are validated in full
-    every time.
+    with 16-byte aligned data pointers whose shapes, strides, dtypes and flags repeat
+    an earlier one, and that passes none of the variant arguments (softcap and
+    dropout_p as Python numbers 0), replays that call's prepared launches without
+    validating again (backward_plans.py); other calls are validated in full every time.
     """
     key = None
     if (

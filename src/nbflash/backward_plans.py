@@ -77,7 +77,7 @@ def memo_key(do, q, k, v, out, lse, dq, dk, dv, causal, scale, layout, determini
 
 
 def _extent(a):
-    """(first, last) byte offsets from a's data pointer that a can touch."""
+    """(first, last) byte offsets from a's data pointer that a can touch (a non-empty)."""
     lo = sum(min(0, s * (n - 1)) for s, n in zip(a.strides, a.shape))
     hi = sum(max(0, s * (n - 1)) for s, n in zip(a.strides, a.shape)) + a.itemsize - 1
     return lo, hi
@@ -175,8 +175,11 @@ def remember(key, recording: Recording, buffers: dict, problem_dtype):
     everything = dict(buffers)
     for name, (array, _) in recording.scratch.items():
         everything[name] = array
+    if any(a.size == 0 for a in everything.values()):
+        return
     ptrs = {name: a.data.ptr for name, a in everything.items()}
-    if len(set(ptrs.values())) != len(ptrs):  # q is k, say: a name could not tell them apart
+    per_call = set(ptrs.values())
+    if len(per_call) != len(ptrs):  # q is k, say: a name could not tell them apart
         return
     steps = []
     for kernel, grid, threads, args, shared, names in recording.launches:
@@ -185,6 +188,8 @@ def remember(key, recording: Recording, buffers: dict, problem_dtype):
             return
         array_args = [a for a in args if type(a) is launch.DeviceArg]
         if [a.ptr for a in array_args[:len(names)]] != [ptrs.get(n) for n in names]:
+            return
+        if any(a.ptr in per_call for a in array_args[len(names):]):  # an unnamed per-call buffer: stale on replay
             return
         try:
             go = fast.bind(args).fixed(grid, threads, shared, varying=len(names))
@@ -195,7 +200,7 @@ def remember(key, recording: Recording, buffers: dict, problem_dtype):
     scratch = tuple((_INDEX[name], array.shape, array.dtype, zeroed)
                     for name, (array, zeroed) in recording.scratch.items())
     extents = {name: _extent(buffers[name]) for name in _INPUTS + ("dq", "dk", "dv")}
-    per_call = set(ptrs.values())  # never kept: the first call's arrays would live on
+    # the dummies behind the packed pointers; never the first call's arrays (they would live on)
     keep = tuple(a for r in recording.launches for a in r[3] if type(a) is launch.DeviceArg and a.ptr not in per_call)
     with _lock:
         if len(_memo) >= _MEMO_LIMIT:

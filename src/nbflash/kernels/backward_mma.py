@@ -1119,7 +1119,7 @@ def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, det
     elif spec.wgmma:
         from .backward_wgmma import CONVERT_THREADS as WGMMA_CONVERT_THREADS
 
-        part = replace(spec, part="dq_convert")
+        part = replace(spec, part="dq_convert", variant=PLAIN)  # one convert for every variant
         args = [launch.numba_view(dq_acc), launch.numba_view(dq), scale]
         grid = (dq_acc.shape[2], heads_q, batch)  # one CTA per query tile
         run(launch.compiled(part), grid, WGMMA_CONVERT_THREADS, args, 0, ("dq_acc", "dq"))
