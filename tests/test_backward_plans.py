@@ -103,7 +103,7 @@ def _fake_replay(monkeypatch, shapes, dtype):
     arrays = {n: make(s, dtype if n != "lse" else np.float32, 0x100000 * (i + 1))
               for i, (n, s) in enumerate((("q", q_shape), ("k", kv_shape), ("v", kv_shape), ("do", q_shape),
                                          ("out", q_shape), ("lse", lse_shape)))}
-    extents = {n: backward_plans._extent(a) for n, a in arrays.items()}
+    extents = {n: plans._extent(a) for n, a in arrays.items()}
     extents.update(dq=extents["q"], dk=extents["k"], dv=extents["v"])
     scratch = ((backward_plans._INDEX["delta"], lse_shape, np.dtype(np.float32), False),
                (backward_plans._INDEX["dq_acc"], (4, 4), np.dtype(np.float32), True))

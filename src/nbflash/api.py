@@ -236,11 +236,12 @@ MAX_DROPOUT_MASK_ELEMENTS = 1 << 26
 _REALS = (float, int)
 
 
-def _plain(window, softcap, alibi_slopes, bias, mask, dropout_p, seed, return_dropout_mask) -> bool:
-    """No variant argument given (the memo's fast path serves only such calls)."""
+def _plain(window, softcap, alibi_slopes, bias, mask, dropout_p, seed, return_extra) -> bool:
+    """No variant argument given (the memos' fast paths serve only such calls);
+    ``return_extra``: attention's return_dropout_mask, attention_backward's return_dbias."""
     return (window is None and alibi_slopes is None and bias is None and mask is None and seed is None
             and (softcap is None or (type(softcap) in _REALS and softcap == 0))
-            and type(dropout_p) in _REALS and dropout_p == 0 and return_dropout_mask is False)
+            and type(dropout_p) in _REALS and dropout_p == 0 and return_extra is False)
 
 
 def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=False, out=None, stream=None,

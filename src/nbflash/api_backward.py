@@ -13,7 +13,7 @@ import numpy as np
 
 from . import arrays, backward_plans, device, launch, tuning, variants
 from .api import _bshd, _check_flag, _check_scale, _Problem, _rows_16_byte_aligned, _validate, choose_forward_spec
-from .api import _REALS, _check_unit_head_dim_stride, _dummy, _dummy_seqlens, _empty, variant_kernel_args
+from .api import _check_unit_head_dim_stride, _dummy, _dummy_seqlens, _empty, _plain, variant_kernel_args
 from .variants import NO_VARIANTS
 from .spec import PLAIN, BackwardSpec, DeltaSpec, Variant
 
@@ -211,16 +211,12 @@ def attention_backward(
     accumulation precision).
     Computed on CuPy's current stream, without synchronizing. A call on CuPy arrays
     with 16-byte aligned data pointers whose shapes, strides, dtypes and flags repeat
-    an earlier one, and that passes none of the variant arguments (softcap and
-    dropout_p as Python numbers 0), replays that call's prepared launches without
+    an earlier one, and that passes none of the variant arguments (softcap None or a
+    Python number 0, dropout_p a Python number 0), replays that call's prepared launches without
     validating again (backward_plans.py); other calls are validated in full every time.
     """
     key = None
-    if (
-        window is None and alibi_slopes is None and bias is None and mask is None and seed is None
-        and return_dbias is False and not device.SIMULATOR
-        and type(softcap) in _REALS and softcap == 0 and type(dropout_p) in _REALS and dropout_p == 0
-    ):
+    if not device.SIMULATOR and _plain(window, softcap, alibi_slopes, bias, mask, dropout_p, seed, return_dbias):
         key = backward_plans.memo_key(do, q, k, v, out, lse, dq, dk, dv, causal, scale, layout, deterministic)
         if key is not None:
             grads = backward_plans.memoized_backward(key, do, q, k, v, out, lse, dq, dk, dv)
@@ -375,10 +371,7 @@ def _launch_backward(spec, problem, views, do_view, out_view, lse_view, delta, g
     view = lambda a: launch.numba_view(arrays.kernel_view(a))  # noqa: E731
 
     def run(kernel, grid, threads, args, shared, names):
-        if recording is None:
-            launch.launch(kernel, grid, threads, args, shared)
-        else:
-            recording.launch(kernel, grid, threads, args, shared, names)
+        backward_plans.launch_named(recording, kernel, grid, threads, args, shared, names)
 
     if spec.module in ("backward_mma", "backward_wgmma") and _rows_16_byte_aligned(out_view):
         # dO's rows are aligned (the tensor-core family asks for it); O's may not be

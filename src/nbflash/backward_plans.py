@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 
-from . import launch, plans
+from . import arrays, launch, plans
 
 _MEMO_LIMIT = 256
 _memo: dict[tuple, "_Replay"] = {}
@@ -48,6 +48,15 @@ class Recording:
         self.scratch[name] = (array, zeroed)
 
 
+def launch_named(recording, kernel, grid, threads, args, shared, names):
+    """launch.launch, also reported to ``recording`` (a Recording, or None) with the
+    names (from BUFFERS) of ``args``' first len(names) array arguments."""
+    if recording is None:
+        launch.launch(kernel, grid, threads, args, shared)
+    else:
+        recording.launch(kernel, grid, threads, args, shared, names)
+
+
 def _signature(a):
     return None if a is None else (a.shape, a._c_contiguous or a.strides, a.dtype, a.data.device_id)
 
@@ -59,28 +68,21 @@ def memo_key(do, q, k, v, out, lse, dq, dk, dv, causal, scale, layout, determini
     nd = plans._ndarray()
     if nd is None:
         return None
-    arrays = (q, k, v, do, out, lse)
+    inputs = (q, k, v, do, out, lse)
     grads = (dq, dk, dv)
-    if any(type(a) is not nd for a in arrays) or any(g is not None and type(g) is not nd for g in grads):
+    if any(type(a) is not nd for a in inputs) or any(g is not None and type(g) is not nd for g in grads):
         return None
     if type(causal) is not bool or type(deterministic) is not bool or type(layout) is not str:
         return None
     if not (scale is None or type(scale) is float or type(scale) is int):
         return None
     ptrs = 0
-    for a in arrays + grads:
+    for a in inputs + grads:
         if a is not None:
             ptrs |= a.data.ptr
     if ptrs & 15:
         return None
-    return (layout, causal, scale, deterministic) + tuple(_signature(a) for a in arrays + grads)
-
-
-def _extent(a):
-    """(first, last) byte offsets from a's data pointer that a can touch (a non-empty)."""
-    lo = sum(min(0, s * (n - 1)) for s, n in zip(a.strides, a.shape))
-    hi = sum(max(0, s * (n - 1)) for s, n in zip(a.strides, a.shape)) + a.itemsize - 1
-    return lo, hi
+    return (layout, causal, scale, deterministic) + tuple(_signature(a) for a in inputs + grads)
 
 
 def _zero(array):
@@ -143,7 +145,7 @@ class _Replay:
         for name, g in given.items():
             here = span(name, g)
             for other, there in spans.items():
-                if here[0] <= there[1] and there[0] <= here[1]:
+                if arrays.ranges_overlap(here, there):
                     raise ValueError(f"{name}: overlaps {other} in memory; pass a separate buffer")
             spans[name] = here
 
@@ -199,7 +201,7 @@ def remember(key, recording: Recording, buffers: dict, problem_dtype):
     grad_shapes = tuple(buffers[n].shape for n in ("dq", "dk", "dv"))
     scratch = tuple((_INDEX[name], array.shape, array.dtype, zeroed)
                     for name, (array, zeroed) in recording.scratch.items())
-    extents = {name: _extent(buffers[name]) for name in _INPUTS + ("dq", "dk", "dv")}
+    extents = {name: plans._extent(buffers[name]) for name in _INPUTS + ("dq", "dk", "dv")}  # none empty
     # the dummies behind the packed pointers; never the first call's arrays (they would live on)
     keep = tuple(a for r in recording.launches for a in r[3] if type(a) is launch.DeviceArg and a.ptr not in per_call)
     with _lock:

@@ -1061,12 +1061,10 @@ def launch_backward(spec, q, k, v, do, lse, delta, dq, dk, dv, scale, group, det
             with the names of its per-call array arguments.
     """
     from .. import launch
+    from ..backward_plans import launch_named
 
     def run(kernel, grid, threads, args, shared, names):
-        if recording is None:
-            launch.launch(kernel, grid, threads, args, shared)
-        else:
-            recording.launch(kernel, grid, threads, args, shared, names)
+        launch_named(recording, kernel, grid, threads, args, shared, names)
 
     batch, seqlen_q, heads_q, _ = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]

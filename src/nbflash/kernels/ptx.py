@@ -490,16 +490,23 @@ else:
     pack_bf16x2 = intrinsic(_pack_intrinsic("bf16"))
     pack_bf16x2.__doc__ = "cvt.rn.bf16x2.f32: two float32 to bfloat16, lo in the low half."
 
-    @intrinsic
-    def ex2(typingctx, x):
-        """ex2.approx.ftz.f32: 2**x (PTX ISA 9.7.3.21)."""
+    def _unary_f32(instruction, name, doc):
+        """The intrinsic ``name``: float32 -> float32 by the one PTX instruction
+        ``instruction $0, $1;``."""
 
-        def codegen(context, builder, sig, args):
-            val = context.cast(builder, args[0], sig.args[0], types.float32)
-            fnty = ir.FunctionType(_f32, [_f32])
-            return builder.call(ir.InlineAsm(fnty, "ex2.approx.ftz.f32 $0, $1;", "=f,f"), [val])
+        def typer(typingctx, x):
+            def codegen(context, builder, sig, args):
+                val = context.cast(builder, args[0], sig.args[0], types.float32)
+                fnty = ir.FunctionType(_f32, [_f32])
+                return builder.call(ir.InlineAsm(fnty, f"{instruction} $0, $1;", "=f,f"), [val])
 
-        return types.float32(x), codegen
+            return types.float32(x), codegen
+
+        typer.__name__ = name
+        typer.__doc__ = doc
+        return intrinsic(typer)
+
+    ex2 = _unary_f32("ex2.approx.ftz.f32", "ex2", "ex2.approx.ftz.f32: 2**x (PTX ISA 9.7.3.21).")
 
     @intrinsic
     def red_add_f32(typingctx, address, value):
@@ -554,41 +561,20 @@ else:
 
         return types.UniTuple(types.float32, 2)(word), codegen
 
-    @intrinsic
-    def rcp_approx(typingctx, x):
-        """rcp.approx.ftz.f32 (PTX ISA 9.7.3.14): 1 / x in one MUFU operation, within
-        1 ulp; 1 / inf = 0 and 1 / 0 = inf."""
+    rcp_approx = _unary_f32(
+        "rcp.approx.ftz.f32", "rcp_approx",
+        "rcp.approx.ftz.f32 (PTX ISA 9.7.3.14): 1 / x in one MUFU operation, within 1 ulp; "
+        "1 / inf = 0 and 1 / 0 = inf.")
 
-        def codegen(context, builder, sig, args):
-            val = context.cast(builder, args[0], sig.args[0], types.float32)
-            fnty = ir.FunctionType(_f32, [_f32])
-            return builder.call(ir.InlineAsm(fnty, "rcp.approx.ftz.f32 $0, $1;", "=f,f"), [val])
+    tanh_approx = _unary_f32(
+        "tanh.approx.f32", "tanh_approx",
+        "tanh.approx.f32 (PTX ISA 9.7.3.22, sm_75+): tanh(x) in one MUFU operation, maximum relative "
+        "error 2**-11 over the whole range; tanh(+-inf) = +-1.")
 
-        return types.float32(x), codegen
-
-    @intrinsic
-    def tanh_approx(typingctx, x):
-        """tanh.approx.f32 (PTX ISA 9.7.3.22, sm_75+): tanh(x) in one MUFU operation,
-        maximum relative error 2**-11 over the whole range; tanh(+-inf) = +-1."""
-
-        def codegen(context, builder, sig, args):
-            val = context.cast(builder, args[0], sig.args[0], types.float32)
-            fnty = ir.FunctionType(_f32, [_f32])
-            return builder.call(ir.InlineAsm(fnty, "tanh.approx.f32 $0, $1;", "=f,f"), [val])
-
-        return types.float32(x), codegen
-
-    @intrinsic
-    def lg2_approx(typingctx, x):
-        """lg2.approx.ftz.f32 (PTX ISA 9.7.3.20): log2(x) in one MUFU operation, maximum
-        absolute error 2**-22 for x in [0.5, 2], relative 2**-22 elsewhere; lg2(0) = -inf."""
-
-        def codegen(context, builder, sig, args):
-            val = context.cast(builder, args[0], sig.args[0], types.float32)
-            fnty = ir.FunctionType(_f32, [_f32])
-            return builder.call(ir.InlineAsm(fnty, "lg2.approx.ftz.f32 $0, $1;", "=f,f"), [val])
-
-        return types.float32(x), codegen
+    lg2_approx = _unary_f32(
+        "lg2.approx.ftz.f32", "lg2_approx",
+        "lg2.approx.ftz.f32 (PTX ISA 9.7.3.20): log2(x) in one MUFU operation, maximum absolute "
+        "error 2**-22 for x in [0.5, 2], relative 2**-22 elsewhere; lg2(0) = -inf.")
 
 if not SIMULATED:
 
