@@ -302,7 +302,8 @@ def bench_variants(args):
 
     os.makedirs(args.out, exist_ok=True)
     tag = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-")
-    with open(os.path.join(args.out, f"{tag}-forward-variants.json"), "w") as f:
+    what = "forward-variants" + (f"-{args.tag}" if args.tag else "")
+    with open(os.path.join(args.out, f"{tag}-{what}.json"), "w") as f:
         json.dump(rows, f, indent=1)
     nbflash.tuning.set_wgmma(default_wgmma)
     print(f"{'variant':24} {'kernel':6} {'N':>6} {'ms':>9} {'TFLOP/s':>8} {'x base time':>11}  target")

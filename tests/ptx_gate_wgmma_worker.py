@@ -78,11 +78,12 @@ def forward_specs():
             for causal in (False, True):
                 for variant in (v for v in variants if tuning.wgmma_variant(v, head_dim)):
                     yield ForwardSpec("wgmma", dtype, head_dim, head_dim, causal, True, bm, bn, threads, 2,
-                                      variant=variant)
+                                      variant=variant, softmax_overlap=tuning.wgmma_overlap(head_dim, variant))
         if tuning.wgmma_varlen(head_dim):  # packed batches: causal, plain and with everything on
             for variant in (v for v in BF16_VARIANTS if tuning.wgmma_varlen(head_dim, v)):
                 yield ForwardSpec("wgmma", "fp16", head_dim, head_dim, True, True, bm, bn, threads, 2,
-                                  variant=variant, varlen=True)
+                                  variant=variant, varlen=True,
+                                  softmax_overlap=tuning.wgmma_overlap(head_dim, variant))
 
 
 def forward_kernels():

@@ -236,6 +236,41 @@ def test_wgmma_kernel_seqlen_one_and_long_keys(head_dim, wgmma_on):
         check(rng, seed, shape, HALF_DTYPES[0], bool(rng.integers(2)))
 
 
+@pytest.mark.parametrize("overlap", ["on", "off"])
+def test_wgmma_softmax_overlap_on_and_off(overlap, wgmma_on, monkeypatch):
+    """Both loops of the kernel: the pipelined one (K a tile ahead of V, the softmax of
+    tile j beside P V of tile j - 1, the last P V after the loop) that head_dim 128
+    ships, and the serial one that the other head_dims and NBFLASH_WGMMA_OVERLAP=0 run;
+    head_dim 128, one to four key tiles, a random subset of the light variants, causal or not."""
+    if overlap == "off":
+        monkeypatch.setenv("NBFLASH_WGMMA_OVERLAP", "0")
+    rng, seed = new_rng()
+    shape = sim_shape(rng, int(rng.integers(1, 130)), int(rng.integers(1, 250)), group=int(rng.integers(1, 3)),
+                      head_dim=128)
+    variants = dict(window=window_of(rng, shape.seqlen_k, 80), softcap=pick(rng, SOFTCAPS),
+                    alibi_slopes=slopes_of(rng, shape))
+    chosen = list(rng.permutation(list(variants))[: int(rng.integers(0, len(variants) + 1))])
+    if overlap == "on" and {"window", "alibi_slopes"} <= set(chosen):
+        chosen.remove("alibi_slopes")  # that pair keeps the serial loop at head_dim 128
+    spec = check(rng, seed, shape, pick(rng, HALF_DTYPES), bool(rng.integers(2)),
+                 **{name: variants[name] for name in chosen})
+    assert spec.kernel == "wgmma" and spec.softmax_overlap == (overlap == "on"), spec.key
+
+
+def test_wgmma_softmax_overlap_follows_the_register_budget(monkeypatch):
+    """Overlap at head_dim 128 (measured faster there, slower at 64) but not with window
+    and ALiBi together (spills), nor at 192 / 256; NBFLASH_WGMMA_OVERLAP=0 turns it off."""
+    from nbflash.spec import Variant
+
+    monkeypatch.delenv("NBFLASH_WGMMA_OVERLAP", raising=False)
+    assert tuning.wgmma_overlap(128) and not tuning.wgmma_overlap(64)
+    assert tuning.wgmma_overlap(128, Variant(window=True, softcap=True))
+    assert not tuning.wgmma_overlap(128, Variant(window=True, alibi=True))
+    assert not tuning.wgmma_overlap(192) and not tuning.wgmma_overlap(256)
+    monkeypatch.setenv("NBFLASH_WGMMA_OVERLAP", "0")
+    assert not tuning.wgmma_overlap(128)
+
+
 def test_wgmma_two_warpgroups_with_every_light_variant(wgmma_on, monkeypatch):
     """The shipped CTA shape, two warpgroups of 64 rows (block_m 128, 256 threads): each
     warpgroup's rows in the window band, ALiBi's row part and the CTA-wide tile bounds."""

@@ -74,6 +74,9 @@ class ForwardSpec:
     varlen: packed variable-length sequences (nbflash.attention_varlen): each CTA reads
         its sequence's offsets and lengths from cu_seqlens arrays.
     variant: the attention variants compiled in (window, softcap, ...; see Variant).
+    softmax_overlap: wgmma only: each key tile's softmax runs while the previous tile's
+        O += P V is on the tensor cores (FlashAttention-3's intra-warpgroup pipelining;
+        costs a second S tile of registers, so tuning.wgmma_overlap picks it per head_dim).
     """
 
     kernel: str
@@ -89,6 +92,7 @@ class ForwardSpec:
     q_in_registers: bool = False
     varlen: bool = False
     variant: Variant = PLAIN
+    softmax_overlap: bool = False
 
     @property
     def module(self) -> str:
@@ -100,6 +104,7 @@ class ForwardSpec:
         flags = ("-causal" if self.causal else "") + ("-lse" if self.with_lse else "")
         flags += ("-varlen" if self.varlen else "") + self.variant.key
         stages = f"s{self.stages}" + ("qr" if self.q_in_registers else "") if self.kernel != "simt" else ""
+        stages += "ov" if self.softmax_overlap else ""
         return (
             f"fwd_{self.kernel}-{self.dtype}-d{self.head_dim}-dv{self.head_dim_v}{flags}"
             f"-m{self.block_m}n{self.block_n}t{self.threads}{stages}"

@@ -147,6 +147,7 @@ def build(spec: ForwardSpec):
     VAR = spec.variant
     assert tuning.wgmma_variant(VAR, spec.head_dim), VAR
     VARLEN = spec.varlen
+    OVERLAP = spec.softmax_overlap
     assert not VARLEN or tuning.wgmma_varlen(spec.head_dim, VAR), spec.key
     D = spec.head_dim
     BM, BN, T = spec.block_m, spec.block_n, spec.threads
@@ -177,6 +178,135 @@ def build(spec: ForwardSpec):
     s_chain = make_chain(mma_s, 1, K_STEPS - 1, Q_PANEL, KV_PANEL)
     issue_kv = make_issue_tile(D, BN, T)
 
+    @cuda.jit(device=True, inline=True)
+    def issue_s(s, desc_q, desc_k, n0, row0, seqlen_q, seqlen_k, t, slope_u, slope_log2):
+        """Issue S = Q K^T of the key tile at n0 (one wgmma group, not waited for)."""
+        if ALIBI_INIT:
+            # ALiBi's key part (derivation at forward_mma's S mma, score_mods.alibi_split):
+            # col_step (j - c0) in S units, the S chain's initial value at key j = n0 +
+            # 8 jb + 2t + e (0 on a tile crossing the diagonals: the exact term below)
+            col_step, _, c0, _ = alibi_split(row0, np.int32(BM), n0, np.int32(BN), seqlen_q, seqlen_k,
+                                             slope_u, slope_log2)
+            col0 = col_step * float32(n0 - c0 + np.int32(2) * t)  # key n0 + 2t
+            for jb in range(S_BLOCKS):
+                for r in range(4):
+                    s[4 * jb + r] = col0 + col_step * float32(jb * 8 + r % 2)
+        # head_dim / 16 k-steps, 32 bytes apart in a panel
+        wg.wgmma_fence()
+        if ALIBI_INIT:  # accumulate onto the preset key part
+            mma_s(s, desc_q, desc_k, 1)
+        else:
+            mma_s(s, desc_q, desc_k, 0)
+        s_chain(s, desc_q, desc_k)  # k-steps 1 .. K_STEPS - 1
+        wg.wgmma_commit()
+
+    @cuda.jit(device=True, inline=True)
+    def issue_pv(o, p, desc_v):
+        """Issue O += P V for the tile whose P is packed in p (one wgmma group): k-step kk
+        takes keys 16kk .. 16kk + 15 (blocks 2kk, 2kk + 1 of P; two groups of 8 rows, 2
+        SBO, further into V)."""
+        wg.wgmma_fence()
+        for kk in range(PV_STEPS):
+            mma_o(o, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3],
+                  wg.desc_add(desc_v, kk * 2 * wg.SBO_BYTES), 1)
+        wg.wgmma_commit()
+
+    @cuda.jit(device=True, inline=True)
+    def scores_to_p(s, m_i, l_i, alpha, n0, row0, my_row, seqlen_q, seqlen_k, t, window_left, window_right,
+                    cap_in, s_log2, slope_u, slope_log2, row_g):
+        """The variants' score modifications, the masks and the online softmax
+        (FlashAttention-2, Algorithm 1, lines 8-10, exp2 domain) on the S fragment of
+        the key tile at n0: s becomes P (float32, unnormalized), m_i and l_i move to
+        this tile, and alpha[half] = exp2(m_old - m_new) is the factor O still owes."""
+        if ALIBI:
+            col_step, row_step, c0, crossing = alibi_split(row0, np.int32(BM), n0, np.int32(BN), seqlen_q,
+                                                           seqlen_k, slope_u, slope_log2)
+        if SOFTCAP:
+            # one MUFU op per score; tanh.approx.f32's relative error is at most 2**-11
+            # (PTX ISA), fp16's rounding, and P is rounded to 16 bits anyway
+            if ALIBI:
+                col0 = col_step * float32(n0 - c0 + np.int32(2) * t)  # key n0 + 2t
+            for j in range(S_BLOCKS):
+                for half in range(2):
+                    for e in range(2):
+                        x = ptx.tanh_approx(s[4 * j + 2 * half + e] * cap_in)
+                        if ALIBI:
+                            x += col0 + col_step * float32(j * 8 + e)
+                        s[4 * j + 2 * half + e] = x
+        if ALIBI:
+            if crossing:  # the exact term, -slope_u |c_i - j| in S units, per score
+                # c_i - j = dist0 + 8 half - (8 jb + e) for this thread's first row and key
+                dist0 = float32(my_row + seqlen_k - seqlen_q - n0 - np.int32(2) * t)
+                for half in range(2):
+                    for jb in range(S_BLOCKS):
+                        for e in range(2):
+                            s[4 * jb + 2 * half + e] -= slope_u * abs(dist0 + float32(8 * half - 8 * jb - e))
+
+        # mask only tiles that cross seqlen_k, the causal diagonal or a window edge
+        needs_mask = n0 + BN > seqlen_k
+        if CAUSAL and not WINDOW:
+            needs_mask = needs_mask or (n0 + BN - 1 > row0 + seqlen_k - seqlen_q)
+        if WINDOW:
+            diagonal0 = row0 + seqlen_k - seqlen_q  # the CTA's first row's diagonal
+            needs_mask = needs_mask or (n0 + BN - 1 > diagonal0 + window_right)
+            needs_mask = needs_mask or (n0 < diagonal0 + np.int32(BM - 1) - window_left)
+        if needs_mask:
+            for half in range(2):
+                # keys of this tile the row sees: columns [lowest, visible) (32-bit, once per row)
+                visible = np.int32(seqlen_k - n0)
+                if CAUSAL and not WINDOW:
+                    visible = min(visible, my_row + np.int32(8 * half) + seqlen_k - seqlen_q - n0 + np.int32(1))
+                if WINDOW:
+                    i_diag = my_row + np.int32(8 * half) + seqlen_k - seqlen_q - n0
+                    visible = min(visible, i_diag + np.int32(1) + window_right)
+                    lowest = i_diag - window_left
+                for j in range(S_BLOCKS):
+                    for e in range(2):
+                        col = np.int32(j * 8 + 2 * t + e)
+                        hide = col >= visible
+                        if WINDOW:
+                            hide = hide or col < lowest
+                        if hide:
+                            s[4 * j + 2 * half + e] = NEG_INF
+
+        for half in range(2):
+            row_max = float32(NEG_INF)
+            for j in range(S_BLOCKS):
+                row_max = max(row_max, max(s[4 * j + 2 * half], s[4 * j + 2 * half + 1]))
+            row_max = max(row_max, ptx.shfl_xor(row_max, 1))
+            row_max = max(row_max, ptx.shfl_xor(row_max, 2))
+            if ALIBI:  # this tile's row part of ALiBi (exp2 units)
+                row_add = row_step * row_g + row_step * float32(8 * half)
+                m_new = max(m_i[half], row_max * s_log2 + row_add)
+            else:
+                m_new = max(m_i[half], row_max * s_log2)
+            m_use = m_new if m_new != NEG_INF else float32(0)
+            alpha[half] = ptx.ex2(m_i[half] - m_use)
+            m_sub = m_use  # exponent offset of S * s_log2
+            if ALIBI:
+                m_sub -= row_add
+            row_sum = float32(0)
+            for j in range(S_BLOCKS):
+                for e in range(2):
+                    idx = 4 * j + 2 * half + e
+                    pv = ptx.ex2(s[idx] * s_log2 - m_sub)
+                    row_sum += pv
+                    s[idx] = pv
+            m_i[half] = m_new
+            l_i[half] = l_i[half] * alpha[half] + row_sum  # partial over this thread's columns
+
+    @cuda.jit(device=True, inline=True)
+    def rescale_o(o, alpha):
+        for half in range(2):
+            for j in range(O_BLOCKS):
+                o[4 * j + 2 * half] *= alpha[half]
+                o[4 * j + 2 * half + 1] *= alpha[half]
+
+    @cuda.jit(device=True, inline=True)
+    def pack_p(p, s):
+        for i in range(P_REGS):  # word 2j + half: row g + 8 half, columns 8j + 2t, +1
+            p[i] = pack(s[2 * i], s[2 * i + 1])
+
     def forward_wgmma(q, k, v, out, lse, scale, group, cu_seqlens_q, cu_seqlens_k, window_left, window_right,
                       softcap, alibi, bias, mask, keep_threshold, keep_scale, seed_lo, seed_hi):
         tid = cuda.threadIdx.x
@@ -206,9 +336,13 @@ def build(spec: ForwardSpec):
         # rows of this thread: my_row + 8 half (the accumulator layout, ptx_wgmma)
         my_row = np.int32(row0 + wgi * 64 + (tid // 32) % 4 * 16 + g)
         s_log2 = float32(scale * LOG2E)  # what turns an S value into exp2 units in the softmax
+        cap_in = float32(0)
         if SOFTCAP:  # S holds th = tanh(scale q.k / softcap); the capped score is th * s_log2 in exp2 units
             cap_in = float32(scale / softcap)
             s_log2 = float32(softcap * LOG2E)
+        slope_log2 = float32(0)
+        slope_u = float32(0)
+        row_g = float32(0)
         if ALIBI:
             slope_log2 = float32(alibi[cuda.blockIdx.z, h] * LOG2E)  # (batch or sequence, head)
             slope_u = slope_log2 / s_log2  # the slope in S units: slope / scale, or slope / softcap
@@ -226,12 +360,7 @@ def build(spec: ForwardSpec):
             first, end = window_key_range(row0, row0 + np.int32(BM), seqlen_q, seqlen_k, window_left, window_right)
             tile_first = np.int32(first) // np.int32(BN)
             n_tiles = (np.int32(end) + np.int32(BN - 1)) // np.int32(BN) - tile_first
-
-        issue_q(q, smem, base, b, h, q_start, row0, seqlen_q, tid)
-        if n_tiles > 0:
-            issue_kv(k, smem, base + K_OFF, b, hk, k_start, tile_first * np.int32(BN), seqlen_k, tid)
-            issue_kv(v, smem, base + V_OFF, b, hk, k_start, tile_first * np.int32(BN), seqlen_k, tid)
-        ptx.cp_async_commit()
+        n_first = tile_first * np.int32(BN)
 
         desc_q = wg.smem_desc(ptx.shared_address(smem, (base + wgi * WG_ROWS_WORDS,)), K_MAJOR_LBO)
         desc_k0 = wg.smem_desc(ptx.shared_address(smem, (base + K_OFF,)), K_MAJOR_LBO)
@@ -244,141 +373,86 @@ def build(spec: ForwardSpec):
         p = cuda.local.array(P_REGS, uint32)
         m_i = cuda.local.array(2, float32)
         l_i = cuda.local.array(2, float32)
+        alpha = cuda.local.array(2, float32)
         for r in range(2):
             m_i[r] = NEG_INF
             l_i[r] = 0
 
-        for it in range(n_tiles):
-            stage = it % 2
-            n0 = np.int32((tile_first + it) * BN) if WINDOW else np.int32(it * BN)
-            if it + 1 < n_tiles:
-                nxt = (1 - stage) * KV_WORDS
-                issue_kv(k, smem, base + K_OFF + nxt, b, hk, k_start, n0 + np.int32(BN), seqlen_k, tid)
-                issue_kv(v, smem, base + V_OFF + nxt, b, hk, k_start, n0 + np.int32(BN), seqlen_k, tid)
-            ptx.cp_async_commit()
-            ptx.cp_async_wait_group(1)  # this tile's group (and Q) has landed
-            wg.fence_proxy_async()  # cp.async writes are generic-proxy; wgmma reads via the async proxy
-            cuda.syncthreads()
-
-            if ALIBI_INIT:
-                # ALiBi's key part (derivation at forward_mma's S mma, score_mods.alibi_split):
-                # col_step (j - c0) in S units, the S chain's initial value at key j = n0 +
-                # 8 jb + 2t + e (0 on a tile crossing the diagonals: the exact term below)
-                col_step, _, c0, _ = alibi_split(row0, np.int32(BM), n0, np.int32(BN), seqlen_q, seqlen_k,
-                                                 slope_u, slope_log2)
-                col0 = col_step * float32(n0 - c0 + np.int32(2) * t)  # key n0 + 2t
-                for jb in range(S_BLOCKS):
-                    for r in range(4):
-                        s[4 * jb + r] = col0 + col_step * float32(jb * 8 + r % 2)
-
-            # S = Q K^T: head_dim / 16 k-steps, 32 bytes apart in a panel
-            desc_k = wg.desc_add(desc_k0, stage * KV_BYTES)
-            wg.wgmma_fence()
-            if ALIBI_INIT:  # accumulate onto the preset key part
-                mma_s(s, desc_q, desc_k, 1)
-            else:
-                mma_s(s, desc_q, desc_k, 0)
-            s_chain(s, desc_q, desc_k)  # k-steps 1 .. K_STEPS - 1
-            wg.wgmma_commit()
-            wg.wgmma_wait(0)
-            wg.fence_operands(s, S_REGS)
-
-            if ALIBI:
-                col_step, row_step, c0, crossing = alibi_split(row0, np.int32(BM), n0, np.int32(BN), seqlen_q,
-                                                               seqlen_k, slope_u, slope_log2)
-            if SOFTCAP:
-                # one MUFU op per score; tanh.approx.f32's relative error is at most 2**-11
-                # (PTX ISA), fp16's rounding, and P is rounded to 16 bits anyway
-                if ALIBI:
-                    col0 = col_step * float32(n0 - c0 + np.int32(2) * t)  # key n0 + 2t
-                for j in range(S_BLOCKS):
-                    for half in range(2):
-                        for e in range(2):
-                            x = ptx.tanh_approx(s[4 * j + 2 * half + e] * cap_in)
-                            if ALIBI:
-                                x += col0 + col_step * float32(j * 8 + e)
-                            s[4 * j + 2 * half + e] = x
-            if ALIBI:
-                if crossing:  # the exact term, -slope_u |c_i - j| in S units, per score
-                    # c_i - j = dist0 + 8 half - (8 jb + e) for this thread's first row and key
-                    dist0 = float32(my_row + seqlen_k - seqlen_q - n0 - np.int32(2) * t)
-                    for half in range(2):
-                        for jb in range(S_BLOCKS):
-                            for e in range(2):
-                                s[4 * jb + 2 * half + e] -= slope_u * abs(dist0 + float32(8 * half - 8 * jb - e))
-
-            # mask only tiles that cross seqlen_k, the causal diagonal or a window edge
-            needs_mask = n0 + BN > seqlen_k
-            if CAUSAL and not WINDOW:
-                needs_mask = needs_mask or (n0 + BN - 1 > row0 + seqlen_k - seqlen_q)
-            if WINDOW:
-                diagonal0 = row0 + seqlen_k - seqlen_q  # the CTA's first row's diagonal
-                needs_mask = needs_mask or (n0 + BN - 1 > diagonal0 + window_right)
-                needs_mask = needs_mask or (n0 < diagonal0 + np.int32(BM - 1) - window_left)
-            if needs_mask:
-                for half in range(2):
-                    # keys of this tile the row sees: columns [lowest, visible) (32-bit, once per row)
-                    visible = np.int32(seqlen_k - n0)
-                    if CAUSAL and not WINDOW:
-                        visible = min(visible, my_row + np.int32(8 * half) + seqlen_k - seqlen_q - n0 + np.int32(1))
-                    if WINDOW:
-                        i_diag = my_row + np.int32(8 * half) + seqlen_k - seqlen_q - n0
-                        visible = min(visible, i_diag + np.int32(1) + window_right)
-                        lowest = i_diag - window_left
-                    for j in range(S_BLOCKS):
-                        for e in range(2):
-                            col = np.int32(j * 8 + 2 * t + e)
-                            hide = col >= visible
-                            if WINDOW:
-                                hide = hide or col < lowest
-                            if hide:
-                                s[4 * j + 2 * half + e] = NEG_INF
-
-            # online softmax, exp2 domain (FlashAttention-2, Algorithm 1, lines 8-10)
-            for half in range(2):
-                row_max = float32(NEG_INF)
-                for j in range(S_BLOCKS):
-                    row_max = max(row_max, max(s[4 * j + 2 * half], s[4 * j + 2 * half + 1]))
-                row_max = max(row_max, ptx.shfl_xor(row_max, 1))
-                row_max = max(row_max, ptx.shfl_xor(row_max, 2))
-                if ALIBI:  # this tile's row part of ALiBi (exp2 units)
-                    row_add = row_step * row_g + row_step * float32(8 * half)
-                    m_new = max(m_i[half], row_max * s_log2 + row_add)
+        issue_q(q, smem, base, b, h, q_start, row0, seqlen_q, tid)
+        if OVERLAP:
+            # FlashAttention-3's intra-warpgroup pipelining: the softmax of key tile j runs
+            # while O += P V of tile j - 1 is on the tensor cores. K runs a tile ahead of V:
+            # copy group j holds K_j and V_(j-1), so iteration j reads K stage j % 2 and V
+            # stage (j - 1) % 2, and refills the stages iteration j - 1 finished with.
+            if n_tiles > 0:
+                issue_kv(k, smem, base + K_OFF, b, hk, k_start, n_first, seqlen_k, tid)
+            ptx.cp_async_commit()  # group 0: Q and K_0
+            for it in range(n_tiles):
+                stage = it % 2
+                n0 = n_first + np.int32(it * BN)
+                if it + 1 < n_tiles:
+                    issue_kv(k, smem, base + K_OFF + (1 - stage) * KV_WORDS, b, hk, k_start, n0 + np.int32(BN),
+                             seqlen_k, tid)
+                issue_kv(v, smem, base + V_OFF + stage * KV_WORDS, b, hk, k_start, n0, seqlen_k, tid)
+                ptx.cp_async_commit()  # group it + 1: K_(it+1), V_it
+                ptx.cp_async_wait_group(1)  # group it (K_it, V_(it-1)) has landed
+                wg.fence_proxy_async()  # cp.async writes are generic-proxy; wgmma reads via the async proxy
+                cuda.syncthreads()
+                issue_s(s, desc_q, wg.desc_add(desc_k0, stage * KV_BYTES), n0, row0, seqlen_q, seqlen_k, t,
+                        slope_u, slope_log2)
+                if it == 0:
+                    wg.wgmma_wait(0)
+                    wg.fence_operands(s, S_REGS)
+                    scores_to_p(s, m_i, l_i, alpha, n0, row0, my_row, seqlen_q, seqlen_k, t, window_left,
+                                window_right, cap_in, s_log2, slope_u, slope_log2, row_g)
                 else:
-                    m_new = max(m_i[half], row_max * s_log2)
-                m_use = m_new if m_new != NEG_INF else float32(0)
-                alpha = ptx.ex2(m_i[half] - m_use)
-                m_sub = m_use  # exponent offset of S * s_log2
-                if ALIBI:
-                    m_sub -= row_add
-                row_sum = float32(0)
-                for j in range(S_BLOCKS):
-                    for e in range(2):
-                        idx = 4 * j + 2 * half + e
-                        pv = ptx.ex2(s[idx] * s_log2 - m_sub)
-                        row_sum += pv
-                        s[idx] = pv
-                m_i[half] = m_new
-                l_i[half] = l_i[half] * alpha + row_sum  # partial over this thread's columns
-                for j in range(O_BLOCKS):
-                    o[4 * j + 2 * half] *= alpha
-                    o[4 * j + 2 * half + 1] *= alpha
-            for i in range(P_REGS):  # word 2j + half: row g + 8 half, columns 8j + 2t, +1
-                p[i] = pack(s[2 * i], s[2 * i + 1])
+                    issue_pv(o, p, wg.desc_add(desc_v0, (1 - stage) * KV_BYTES))
+                    wg.wgmma_wait(1)  # S has landed; P V of the last tile is still running
+                    wg.fence_operands(s, S_REGS)
+                    scores_to_p(s, m_i, l_i, alpha, n0, row0, my_row, seqlen_q, seqlen_k, t, window_left,
+                                window_right, cap_in, s_log2, slope_u, slope_log2, row_g)
+                    wg.wgmma_wait(0)
+                    wg.fence_operands(o, O_REGS)
+                    rescale_o(o, alpha)
+                pack_p(p, s)
+                cuda.syncthreads()  # everyone is done with both stages before they are refilled
+            ptx.cp_async_wait_group(0)
+            if n_tiles > 0:  # the last tile's O += P V
+                wg.fence_proxy_async()
+                cuda.syncthreads()
+                issue_pv(o, p, wg.desc_add(desc_v0, ((n_tiles - 1) % 2) * KV_BYTES))
+                wg.wgmma_wait(0)
+                wg.fence_operands(o, O_REGS)
+        else:
+            if n_tiles > 0:
+                issue_kv(k, smem, base + K_OFF, b, hk, k_start, n_first, seqlen_k, tid)
+                issue_kv(v, smem, base + V_OFF, b, hk, k_start, n_first, seqlen_k, tid)
+            ptx.cp_async_commit()
+            for it in range(n_tiles):
+                stage = it % 2
+                n0 = n_first + np.int32(it * BN)
+                if it + 1 < n_tiles:
+                    nxt = (1 - stage) * KV_WORDS
+                    issue_kv(k, smem, base + K_OFF + nxt, b, hk, k_start, n0 + np.int32(BN), seqlen_k, tid)
+                    issue_kv(v, smem, base + V_OFF + nxt, b, hk, k_start, n0 + np.int32(BN), seqlen_k, tid)
+                ptx.cp_async_commit()
+                ptx.cp_async_wait_group(1)  # this tile's group (and Q) has landed
+                wg.fence_proxy_async()  # cp.async writes are generic-proxy; wgmma reads via the async proxy
+                cuda.syncthreads()
+                issue_s(s, desc_q, wg.desc_add(desc_k0, stage * KV_BYTES), n0, row0, seqlen_q, seqlen_k, t,
+                        slope_u, slope_log2)
+                wg.wgmma_wait(0)
+                wg.fence_operands(s, S_REGS)
+                scores_to_p(s, m_i, l_i, alpha, n0, row0, my_row, seqlen_q, seqlen_k, t, window_left,
+                            window_right, cap_in, s_log2, slope_u, slope_log2, row_g)
+                rescale_o(o, alpha)
+                pack_p(p, s)
+                issue_pv(o, p, wg.desc_add(desc_v0, stage * KV_BYTES))
+                wg.wgmma_wait(0)
+                wg.fence_operands(o, O_REGS)
+                cuda.syncthreads()  # everyone is done with this stage before it is refilled
+            ptx.cp_async_wait_group(0)
 
-            # O += P V: k-step kk takes keys 16kk .. 16kk + 15 (blocks 2kk, 2kk + 1 of P;
-            # two groups of 8 rows, 2 SBO, further into V)
-            desc_v = wg.desc_add(desc_v0, stage * KV_BYTES)
-            wg.wgmma_fence()
-            for kk in range(PV_STEPS):
-                mma_o(o, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3],
-                      wg.desc_add(desc_v, kk * 2 * wg.SBO_BYTES), 1)
-            wg.wgmma_commit()
-            wg.wgmma_wait(0)
-            wg.fence_operands(o, O_REGS)
-            cuda.syncthreads()  # everyone is done with this stage before it is refilled
-
-        ptx.cp_async_wait_group(0)
         for half in range(2):
             l_sum = l_i[half]
             l_sum += ptx.shfl_xor(l_sum, 1)
