@@ -58,35 +58,10 @@ def timed(fn, warmup, repeats):
     return nbflash.device.median_gpu_ms(fn, warmup, repeats)
 
 
-_SPIN = r"""
-extern "C" __global__ void spin(long long cycles) {
-    long long start = clock64();
-    while (clock64() - start < cycles) { }
-}
-"""
-
-
 def gpu_timed(go, warmup=3, repeats=5, calls=10, spin_ms=30.0):
     """Milliseconds of GPU time per call of ``go`` (launches only, no synchronization
-    inside): a spin kernel holds the stream while ``calls`` calls queue behind it, so
-    the events around them time the kernels back to back, not the host. Median of
-    ``repeats``."""
-    kernel = cupy.RawKernel(_SPIN, "spin")
-    clock_khz = cupy.cuda.Device().attributes["ClockRate"]
-    cycles = cupy.int64(int(spin_ms * clock_khz))
-    for _ in range(warmup):
-        go()
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    times = []
-    for _ in range(repeats):
-        kernel((1,), (1,), (cycles,))
-        start.record()
-        for _ in range(calls):
-            go()
-        stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop) / calls)
-    return float(np.median(times))
+    inside), queued behind a spin kernel (nbflash.device.queued_gpu_ms)."""
+    return nbflash.device.queued_gpu_ms(go, warmup, repeats, calls, spin_ms)
 
 
 def prepared(q, kc, vc, lengths, out, block_table=None, num_splits=0):

@@ -16,7 +16,10 @@ heads, 16k tokens: softcap, ALiBi and a sliding window (1024, 0) against plain c
 attention at seqlen 16384 (on sm_90 all of them the wgmma kernel), and a (B, H, N, N)
 float16 bias and bool mask and dropout against plain attention at seqlen 4096 on the
 kernel that runs them (mma.sync: "full mma", NBFLASH_WGMMA=0); each row names its
-kernel; writes <gpu-name>-forward-variants.json.
+kernel; writes <gpu-name>-forward-variants.json. Its "ms" is GPU time per call with 10
+calls queued behind a spin kernel (nbflash.device.queued_gpu_ms): a call with a variant
+argument takes the unmemoized host path (~0.3 ms), which a sync per call would add to a
+0.3-0.7 ms window kernel; "call_ms" keeps the per-call event time (host included).
 --wgmma times the Hopper wgmma kernel (kernels/forward_wgmma.py, nbflash's default on
 sm_90) as "nbflash_wgmma" beside the mma.sync kernel ("nbflash", NBFLASH_WGMMA=0) in
 every row, checks one output against the other, and writes <gpu-name>-forward-wgmma.json.
@@ -284,10 +287,14 @@ def bench_variants(args):
             kwargs = {key: off_16_bytes(a) for key, a in kwargs.items()}
         out = cupy.empty_like(q)
         spec = nbflash.forward_spec(q, k, v, causal=causal, **kwargs)
-        ms = cupy_time(lambda: nbflash.attention(q, k, v, causal=causal, out=out, **kwargs), 3, args.repeats)
+        def call():
+            nbflash.attention(q, k, v, causal=causal, out=out, **kwargs)
+
+        ms = nbflash.device.queued_gpu_ms(call, 3, max(5, args.repeats // 2), 10)
+        call_ms = cupy_time(call, 1, args.repeats)
         pairs = visible_pairs(n, causal, kwargs.get("window"))
         row = {"gpu": gpu, "name": name, "dtype": "fp16", "batch": batch, "heads": HEADS, "seqlen": n,
-               "head_dim": d, "causal": causal, "spec": spec.key, "kernel": spec.kernel, "ms": ms,
+               "head_dim": d, "causal": causal, "spec": spec.key, "kernel": spec.kernel, "ms": ms, "call_ms": call_ms,
                "tflops": 4.0 * batch * HEADS * pairs * d / (ms * 1e-3) / 1e12, "baseline": base}
         if base is not None:
             row["ratio_time_to_baseline"] = ms / by_name[base]["ms"]
@@ -306,7 +313,7 @@ def bench_variants(args):
     with open(os.path.join(args.out, f"{tag}-{what}.json"), "w") as f:
         json.dump(rows, f, indent=1)
     nbflash.tuning.set_wgmma(default_wgmma)
-    print(f"{'variant':24} {'kernel':6} {'N':>6} {'ms':>9} {'TFLOP/s':>8} {'x base time':>11}  target")
+    print(f"{'variant':24} {'kernel':6} {'N':>6} {'ms':>9} {'call ms':>9} {'TFLOP/s':>8} {'x base time':>11}  target")
     for r in rows:
         ratio = r.get("ratio_time_to_baseline")
         target = ""
@@ -319,8 +326,10 @@ def bench_variants(args):
         elif "extra_ms_at_bandwidth" in r and r["extra_ms_at_bandwidth"]:
             target = f"+{r['ms'] - by_name[r['baseline']]['ms']:.2f} ms vs {r['extra_ms_at_bandwidth']:.2f} ms of bytes"
         cell = f"{ratio:11.2f}" if ratio is not None else f"{'-':>11}"
-        print(f"{r['name']:24} {r['kernel']:6} {r['seqlen']:>6} {r['ms']:9.3f} {r['tflops']:8.1f} {cell}  {target}")
-    print(f"# gpu: {gpu}; fp16 d{d} H{HEADS}, {TOKENS} tokens; TFLOP/s over visible pairs; spec keys in the JSON")
+        print(f"{r['name']:24} {r['kernel']:6} {r['seqlen']:>6} {r['ms']:9.3f} {r['call_ms']:9.3f} {r['tflops']:8.1f} "
+              f"{cell}  {target}")
+    print(f"# gpu: {gpu}; fp16 d{d} H{HEADS}, {TOKENS} tokens; ms: GPU time queued behind a spin kernel; call ms: "
+          f"events around one call (host included); TFLOP/s over visible pairs; spec keys in the JSON")
 
 
 def plot(rows, path):

@@ -67,6 +67,12 @@ combination the same registers in both (all 64 compiled once, Nov 2026), so bf16
 gated plain and with all three variants (the most registers) to keep the gate short."""
 
 
+LSE_FREE_WINDOW_VARIANTS = [Variant(window=True), Variant(window=True, softcap=True)]
+"""ptxas allocates a kernel without the lse store differently: with the softmax overlap
+(tuning.wgmma_overlap, head_dim 128) the window kernels spill 56-64 bytes without lse and
+none with it (Nov 2026), so those are gated both ways."""
+
+
 def forward_specs():
     """Every wgmma forward specialization tuning.WGMMA_TILES ships (with lse, as the
     backward's forward runs it; the lse store is the only difference): fp16 plain and
@@ -79,11 +85,15 @@ def forward_specs():
                 for variant in (v for v in variants if tuning.wgmma_variant(v, head_dim)):
                     yield ForwardSpec("wgmma", dtype, head_dim, head_dim, causal, True, bm, bn, threads, 2,
                                       variant=variant, softmax_overlap=tuning.wgmma_overlap(head_dim, variant))
+        if tuning.wgmma_overlap(head_dim):
+            for causal in (False, True):
+                for variant in LSE_FREE_WINDOW_VARIANTS:
+                    yield ForwardSpec("wgmma", "fp16", head_dim, head_dim, causal, False, bm, bn, threads, 2,
+                                      variant=variant, softmax_overlap=tuning.wgmma_overlap(head_dim, variant))
         if tuning.wgmma_varlen(head_dim):  # packed batches: causal, plain and with everything on
             for variant in (v for v in BF16_VARIANTS if tuning.wgmma_varlen(head_dim, v)):
                 yield ForwardSpec("wgmma", "fp16", head_dim, head_dim, True, True, bm, bn, threads, 2,
-                                  variant=variant, varlen=True,
-                                  softmax_overlap=tuning.wgmma_overlap(head_dim, variant))
+                                  variant=variant, varlen=True)
 
 
 def forward_kernels():

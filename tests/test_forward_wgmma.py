@@ -351,3 +351,15 @@ def test_wgmma_varlen_dispatch_follows_the_register_budget():
     assert not tuning.wgmma_varlen(128, Variant(softcap=True))
     assert not tuning.wgmma_varlen(192) and not tuning.wgmma_varlen(256)
     assert not tuning.wgmma_varlen(64, Variant(bias=True))
+
+
+def test_wgmma_varlen_keeps_the_serial_loop(wgmma_on):
+    """Packed batches run without the softmax overlap (ptxas serializes that kernel's
+    wgmma with it), also at head_dim 128 where dense attention has it on."""
+    from nbflash import api_varlen
+    from nbflash.api import _Problem
+
+    problem = _Problem(batch=1, seqlen_q=200, seqlen_k=200, heads_q=2, heads_kv=2, head_dim=128, head_dim_v=128,
+                       dtype=np.dtype(np.float16), squeeze=False, layout="bshd", on_device=True)
+    spec = api_varlen._varlen_spec(problem, True, False, None)
+    assert spec.kernel == "wgmma" and spec.varlen and not spec.softmax_overlap, spec.key

@@ -28,7 +28,8 @@ def reports():
     # window / softcap / ALiBi (the variants tuning.wgmma_variant sends to this kernel), bf16
     # plain and with all three (the worker's BF16_VARIANTS says why); each once
     forward = [r for r in rows if r["kind"] == "forward"]
-    assert len(forward) == sum(2 * (8 + 2 if d in tuning.WGMMA_VARIANT_HEAD_DIMS else 2)
+    # (and, where the softmax overlap runs, the window kernels without lse: the worker says why)
+    assert len(forward) == sum(2 * (8 + 2 if d in tuning.WGMMA_VARIANT_HEAD_DIMS else 2) + 4 * tuning.wgmma_overlap(d)
                                + sum(tuning.wgmma_varlen(d, v) for v in (None, EVERYTHING)) for d in tuning.WGMMA_TILES), rows
     assert {r["key"] for r in forward if "-varlen" in r["key"]} and all(
         "-causal" in r["key"] for r in forward if "-varlen" in r["key"]), rows
@@ -64,6 +65,12 @@ def test_every_kernel_uses_wgmma_and_is_not_serialized(reports):
 # causal window + ALiBi 8 / 12; the others, head_dim 64 and plain kernels none). The
 # allowance is for those kernels alone, and is the largest measured figure rounded up.
 VARIANT_D128_SPILL_BYTES = 48
+# The forward with the softmax overlap (tuning.wgmma_overlap, head_dim 128) and a window,
+# compiled without the lse store: 255 registers, 64 bytes stored / 76 loaded, 56 of stack
+# (session 10; with lse none). On the H100 the spill reads were ~26 requests a warp over
+# a whole CTA (Nsight Compute, window (1024, 0) at 16k), and the overlap still ran the
+# window 20% faster than the serial loop that does not spill.
+WINDOW_OVERLAP_SPILL_BYTES = 80
 
 
 def test_no_spills_and_no_local_memory(reports):
@@ -72,6 +79,8 @@ def test_no_spills_and_no_local_memory(reports):
     32-bit shared addressing, session 8)."""
     for r in reports:
         allowed = VARIANT_D128_SPILL_BYTES if r.get("variant") and r["head_dim"] == 128 else 0
+        if r["kind"] == "forward" and "-win" in r["variant"] and "ov" in r["key"].rsplit("-", 1)[-1]:
+            allowed = WINDOW_OVERLAP_SPILL_BYTES
         assert r["spill_stores"] <= allowed and r["spill_loads"] <= allowed, r
         assert r["stack"] <= allowed, r
 

@@ -113,7 +113,9 @@ def _validate_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, pr
 def _varlen_spec(problem, causal, return_lse, views, variant=variants.PLAIN) -> ForwardSpec:
     spec = api.choose_forward_spec(problem, causal, return_lse, views, variant,
                                    wgmma=tuning.wgmma_varlen(problem.head_dim, variant))
-    return dataclasses.replace(spec, varlen=True)
+    # the softmax overlap stays off for packed batches: ptxas serializes that kernel's wgmma
+    # (tuning.wgmma_overlap's comment)
+    return dataclasses.replace(spec, varlen=True, softmax_overlap=False)
 
 
 def _check_varlen_variants(problem, q_array, batch, causal, window, softcap, alibi_slopes):

@@ -130,3 +130,38 @@ def median_gpu_ms(fn, warmup: int = 3, repeats: int = 20, calls: int = 1) -> flo
         stop.synchronize()
         times.append(cupy.cuda.get_elapsed_time(start, stop) / calls)
     return float(np.median(times))
+
+
+_SPIN_SOURCE = r"""
+extern "C" __global__ void nbflash_spin(long long cycles) {
+    long long start = clock64();
+    while (clock64() - start < cycles) { }
+}
+"""
+
+
+def queued_gpu_ms(fn, warmup: int = 3, repeats: int = 5, calls: int = 10, spin_ms: float = 30.0) -> float:
+    """Median GPU milliseconds per call of ``fn``, with no host time in them: a spin
+    kernel holds CuPy's current stream for ``spin_ms`` while ``calls`` calls queue behind
+    it, so the CUDA events around them time the calls' kernels back to back. For calls
+    whose host work would otherwise enter median_gpu_ms (the variants' unmemoized path,
+    ~0.3 ms); ``fn`` must not synchronize, and its ``calls`` calls' host work must fit in
+    the spin."""
+    import cupy
+    import numpy as np
+
+    kernel = cupy.RawKernel(_SPIN_SOURCE, "nbflash_spin")
+    cycles = cupy.int64(int(spin_ms * cupy.cuda.Device().attributes["ClockRate"]))
+    for _ in range(warmup):
+        fn()
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    times = []
+    for _ in range(repeats):
+        kernel((1,), (1,), (cycles,))
+        start.record()
+        for _ in range(calls):
+            fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop) / calls)
+    return float(np.median(times))

@@ -455,14 +455,16 @@ def wgmma_tiles(head_dim: int, simulator: bool, arch: tuple):
 
 # FlashAttention-3's intra-warpgroup pipelining (forward_wgmma, spec.softmax_overlap):
 # the softmax of key tile j overlaps O += P V of tile j - 1, holding the next S tile beside
-# P and O. H100, same run, overlap off -> on (results/session10/): d128 fp16 N4096 plain
-# 386.3 -> 385.0 TFLOP/s full, 335.6 -> 332.8 causal (a wash); d128 16k causal + ALiBi
-# 1.22 -> 1.08x plain causal, + softcap 1.31 -> 1.27x, window (1024, 0) 0.848 -> 0.726 ms;
-# d64 plain lost (388.1 -> 355.5 full, 311.0 -> 295.3 causal: two CTAs an SM already
-# overlap one's softmax with the other's wgmma), so it runs at head_dim 128 only; d192 /
-# d256 sit at 250-254 registers without it; d128 with window and ALiBi together spills
-# with it (255 registers, 92-96 bytes; 248 and none without). NBFLASH_WGMMA_OVERLAP=0
-# turns it off (A/B runs).
+# P and O. H100, overlap off -> on (perf/results/session10/): d128 fp16 N4096 386.3 ->
+# 391.6 TFLOP/s full, 335.6 -> 347.2 causal (two runs); d128 16k, same run as off: causal
+# + ALiBi 1.22 -> 1.08x plain causal (call time), + softcap 1.31 -> 1.27x, window
+# (1024, 0) faster (0.848 -> 0.726 ms a call). d64 lost (388.1 -> 355.5 full, 311.0 ->
+# 295.3 causal: two CTAs an SM already overlap one's softmax with the other's wgmma), so
+# it runs at head_dim 128 only; d192 / d256 sit at 250-254 registers without it; d128
+# with window and ALiBi together spills 92-116 bytes with it (248 registers, none,
+# without); packed varlen batches keep the serial loop (ptxas serializes the wgmma of the
+# varlen kernel with the overlap: api_varlen turns it off). NBFLASH_WGMMA_OVERLAP=0 turns
+# it off (A/B runs).
 WGMMA_OVERLAP_HEAD_DIMS = (128,)
 _WGMMA_OVERLAP_VARIABLE = "NBFLASH_WGMMA_OVERLAP"
 

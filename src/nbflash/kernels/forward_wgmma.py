@@ -400,20 +400,17 @@ def build(spec: ForwardSpec):
                 cuda.syncthreads()
                 issue_s(s, desc_q, wg.desc_add(desc_k0, stage * KV_BYTES), n0, row0, seqlen_q, seqlen_k, t,
                         slope_u, slope_log2)
-                if it == 0:
-                    wg.wgmma_wait(0)
-                    wg.fence_operands(s, S_REGS)
-                    scores_to_p(s, m_i, l_i, alpha, n0, row0, my_row, seqlen_q, seqlen_k, t, window_left,
-                                window_right, cap_in, s_log2, slope_u, slope_log2, row_g)
-                else:
+                if it > 0:
                     issue_pv(o, p, wg.desc_add(desc_v0, (1 - stage) * KV_BYTES))
-                    wg.wgmma_wait(1)  # S has landed; P V of the last tile is still running
-                    wg.fence_operands(s, S_REGS)
-                    scores_to_p(s, m_i, l_i, alpha, n0, row0, my_row, seqlen_q, seqlen_k, t, window_left,
-                                window_right, cap_in, s_log2, slope_u, slope_log2, row_g)
-                    wg.wgmma_wait(0)
-                    wg.fence_operands(o, O_REGS)
-                    rescale_o(o, alpha)
+                else:  # an empty group in P V's place: the waits below count the same on every tile
+                    wg.wgmma_commit()
+                wg.wgmma_wait(1)  # S has landed; P V of the last tile may still run
+                wg.fence_operands(s, S_REGS)
+                scores_to_p(s, m_i, l_i, alpha, n0, row0, my_row, seqlen_q, seqlen_k, t, window_left,
+                            window_right, cap_in, s_log2, slope_u, slope_log2, row_g)
+                wg.wgmma_wait(0)
+                wg.fence_operands(o, O_REGS)
+                rescale_o(o, alpha)  # on the first tile O is 0 and alpha 0
                 pack_p(p, s)
                 cuda.syncthreads()  # everyone is done with both stages before they are refilled
             ptx.cp_async_wait_group(0)
