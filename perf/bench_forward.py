@@ -120,6 +120,8 @@ def main():
     ap.add_argument("--variants", action="store_true", help="the attention variants (issue 7) instead")
     ap.add_argument("--wgmma", action="store_true", help="the wgmma kernel beside the mma.sync one")
     ap.add_argument("--tag", default="", help="appended to the result file names (e.g. d256: <gpu>-forward-d256.json)")
+    ap.add_argument("--rows", default="", help="--variants: only the rows of these names, separated by ';' "
+                    "(with the baselines they name), e.g. 'causal+softcap;window(1024,0)'")
     args = ap.parse_args()
     if args.variants:
         return bench_variants(args)
@@ -269,6 +271,10 @@ def bench_variants(args):
         ("mask BHNN per-elem", big, False, {"mask": "mask", "unaligned": True}, "full mma"),
         ("dropout 0.1", big, False, {"dropout_p": 0.1, "seed": 1234}, "full mma"),
     ]
+    if args.rows:
+        wanted = set(args.rows.split(";"))
+        wanted |= {base for name, _, _, _, base in plan if name in wanted and base}
+        plan = [row for row in plan if row[0] in wanted]
     default_wgmma = nbflash.tuning.wgmma_enabled()
     rows, by_name = [], {}
     for name, n, causal, kwargs, base in plan:
@@ -321,7 +327,8 @@ def bench_variants(args):
             target = "<= 1.10x causal"
         elif r["name"].startswith("window"):
             target = (f"causal/window = {1 / ratio:.1f}x, full/window = "
-                      f"{by_name['full 16k']['ms'] / r['ms']:.1f}x (>= 8x; visible pairs: causal/window = "
+                      f"{by_name['full 16k']['ms'] / r['ms'] if 'full 16k' in by_name else float('nan'):.1f}x "
+                      f"(>= 8x; visible pairs: causal/window = "
                       f"{visible_pairs(16384, True) / visible_pairs(16384, False, (1024, 0)):.1f}x)")
         elif "extra_ms_at_bandwidth" in r and r["extra_ms_at_bandwidth"]:
             target = f"+{r['ms'] - by_name[r['baseline']]['ms']:.2f} ms vs {r['extra_ms_at_bandwidth']:.2f} ms of bytes"
