@@ -109,12 +109,13 @@ def describe() -> str:
     return f"{name} (sm_{cc[0]}{cc[1]})"
 
 
-def median_gpu_ms(fn, warmup: int = 3, repeats: int = 20, calls: int = 1) -> float:
+def median_gpu_ms(fn, warmup: int = 3, repeats: int = 20, calls: int = 1, before=None) -> float:
     """Median milliseconds of ``fn`` on CuPy's current stream, timed with CUDA events
     after ``warmup`` untimed calls (the self-check and perf/ share this). With
     ``calls`` > 1 each sample times that many calls issued back to back, divided by
     ``calls``: the host work of one call then overlaps the kernels of the one before,
-    as in a training step, instead of the GPU waiting for it after every sync."""
+    as in a training step, instead of the GPU waiting for it after every sync.
+    ``before`` (untimed) runs ahead of each sample's first event (queued_gpu_ms's spin)."""
     import cupy
     import numpy as np
 
@@ -123,6 +124,8 @@ def median_gpu_ms(fn, warmup: int = 3, repeats: int = 20, calls: int = 1) -> flo
     start, stop = cupy.cuda.Event(), cupy.cuda.Event()
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         start.record()
         for _ in range(calls):
             fn()
@@ -148,20 +151,7 @@ def queued_gpu_ms(fn, warmup: int = 3, repeats: int = 5, calls: int = 10, spin_m
     ~0.3 ms); ``fn`` must not synchronize, and its ``calls`` calls' host work must fit in
     the spin."""
     import cupy
-    import numpy as np
 
     kernel = cupy.RawKernel(_SPIN_SOURCE, "nbflash_spin")
     cycles = cupy.int64(int(spin_ms * cupy.cuda.Device().attributes["ClockRate"]))
-    for _ in range(warmup):
-        fn()
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    times = []
-    for _ in range(repeats):
-        kernel((1,), (1,), (cycles,))
-        start.record()
-        for _ in range(calls):
-            fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop) / calls)
-    return float(np.median(times))
+    return median_gpu_ms(fn, warmup, repeats, calls, before=lambda: kernel((1,), (1,), (cycles,)))
