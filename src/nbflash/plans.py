@@ -204,9 +204,11 @@ def _allocation_stream(stream, ptr):
     return launch.cupy_stream(ptr)
 
 
-def _prepare(problem, spec, views, out_view, lse, scale, dev):
-    """A _Prepared for this validated call (None where only Numba's launch can run it)."""
-    kernel, grid, args, shared = api.forward_launch_args(problem, spec, views, out_view, lse, scale)
+def _prepare(problem, spec, views, out_view, lse, scale, dev, var=None):
+    """A _Prepared for this validated call (None where only Numba's launch can run it);
+    ``var``: the call's variants.Variants (window and softcap values packed for good)."""
+    kernel, grid, args, shared = api.forward_launch_args(problem, spec, views, out_view, lse, scale,
+                                                         *(() if var is None else (var,)))
     launcher = launch.launcher_for(kernel, args, shared)
     if launcher is None:
         return None, (kernel, grid, args, shared)
@@ -229,9 +231,10 @@ def _prepare(problem, spec, views, out_view, lse, scale, dev):
 # ---------------------------------------------------------------------------
 
 
-def _memo_key(q, k, v, causal, scale, layout, return_lse, out):
+def _memo_key(q, k, v, causal, scale, layout, return_lse, out, variant=None):
     """Everything validation and dispatch depend on, or None when a call is not of the
-    memoizable kind (CuPy arrays, bool flags, a float / int / None scale, str layout)."""
+    memoizable kind (CuPy arrays, bool flags, a float / int / None scale, str layout);
+    ``variant``: scalar_variant_key's part for a call with window / softcap, else None."""
     nd = _ndarray()
     if nd is None or type(q) is not nd or type(k) is not nd or type(v) is not nd:
         return None
@@ -241,10 +244,25 @@ def _memo_key(q, k, v, causal, scale, layout, return_lse, out):
         return None
     if out is not None and type(out) is not nd:
         return None
-    return (layout, causal, scale, return_lse) + _call_key(q, k, v, out)
+    return (layout, causal, scale, return_lse, variant) + _call_key(q, k, v, out)
 
 
-def memoized_attention(q, k, v, causal, scale, layout, return_lse, out, stream):
+def scalar_variant_key(window, softcap):
+    """The memo key's part for a call whose only variants are a window and / or a
+    softcap given as plain Python values ((int, int), a float or int): (window,
+    softcap); None for a plain call or any other form (those are validated every time).
+    Such a call's kernel arguments are those values, so a repeat can replay its launch."""
+    if window is None and (softcap is None or softcap == 0):
+        return None
+    if window is not None and not (type(window) is tuple and len(window) == 2 and type(window[0]) is int
+                                   and type(window[1]) is int):
+        return None
+    if softcap is not None and type(softcap) is not float and type(softcap) is not int:
+        return None
+    return window, softcap
+
+
+def memoized_attention(q, k, v, causal, scale, layout, return_lse, out, stream, variant=None):
     """What nbflash.attention returns (out, or (out, lse) with return_lse) when this
     call repeats a remembered signature, else None (nothing launched).
 
@@ -267,7 +285,7 @@ def memoized_attention(q, k, v, causal, scale, layout, return_lse, out, stream):
     kp = km.ptr
     vp = vm.ptr
     if out is None:
-        entry = _memo.get((layout, causal, scale, return_lse, q.shape, q._c_contiguous or q.strides,
+        entry = _memo.get((layout, causal, scale, return_lse, variant, q.shape, q._c_contiguous or q.strides,
                            k.shape, k._c_contiguous or k.strides, v.shape, v._c_contiguous or v.strides,
                            q.dtype, k.dtype, v.dtype, qm.device_id, km.device_id, vm.device_id,
                            not ((qp | kp | vp) & 15)))
@@ -282,7 +300,7 @@ def memoized_attention(q, k, v, causal, scale, layout, return_lse, out, stream):
         if type(out) is not nd:
             return None
         om = out.data
-        entry = _memo.get((layout, causal, scale, return_lse, q.shape, q._c_contiguous or q.strides,
+        entry = _memo.get((layout, causal, scale, return_lse, variant, q.shape, q._c_contiguous or q.strides,
                            k.shape, k._c_contiguous or k.strides, v.shape, v._c_contiguous or v.strides,
                            q.dtype, k.dtype, v.dtype, qm.device_id, km.device_id, vm.device_id,
                            not ((qp | kp | vp) & 15),
@@ -309,19 +327,20 @@ def memoized_attention(q, k, v, causal, scale, layout, return_lse, out, stream):
         return None
 
 
-def remember(q, k, v, causal, scale, layout, return_lse, out, problem, views, result):
+def remember(q, k, v, causal, scale, layout, return_lse, out, problem, views, result, var=None, variant=None):
     """After a validated device call: keep its prepared launch for the next call with
-    the same signature."""
+    the same signature (``variant`` and ``var``: scalar_variant_key's part and the
+    validated variants of a window / softcap call)."""
     if problem.seqlen_q == 0 or problem.batch == 0 or problem.heads_q == 0:
         return
-    key = _memo_key(q, k, v, causal, scale, layout, return_lse, out)
+    key = _memo_key(q, k, v, causal, scale, layout, return_lse, out, variant)
     if key is None or key in _memo:
         return
     out_array, lse = result
-    spec = api.choose_forward_spec(problem, causal, return_lse, views)
+    spec = api.choose_forward_spec(problem, causal, return_lse, views, *(() if var is None else (var.variant,)))
     out_view = api._bshd(out_array, problem.layout, problem.squeeze)
     scale_value = api._check_scale(scale, problem.head_dim)
-    prepared, _ = _prepare(problem, spec, views, out_view, lse, scale_value, arrays.device_id(views[0]))
+    prepared, _ = _prepare(problem, spec, views, out_view, lse, scale_value, arrays.device_id(views[0]), var)
     if prepared is None:
         return
     prepared.memo_key = key
