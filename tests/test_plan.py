@@ -313,60 +313,75 @@ def test_memo_and_plan_fast_paths_build_the_keys_the_slow_paths_store_under(monk
     assert plans.memoized_attention(q, k, v, False, 0.5, "bshd", False, None, None) is None  # not remembered
 
 
-def test_memo_keys_window_and_softcap_calls_by_their_values(monkeypatch):
-    """A call whose only variants are a window and / or softcap is remembered under a key
-    holding those values (as given): it hits for the same values only, never for a
-    plain call or another window; other forms (a list, NumPy scalars, a bool) are not
-    memoized at all (validated every time)."""
+def test_memo_keys_light_variant_calls_by_their_values(monkeypatch):
+    """A call whose only variants are a window, softcap and / or ALiBi slopes is
+    remembered under a key holding those values as given (the slopes by address,
+    shape, strides, dtype and device): it hits for the same values and the same slopes
+    array only, never for a plain call or another window; other forms (a list, NumPy
+    scalars, a bool, host slopes) are not memoized at all (validated every time)."""
     plans = nbflash.plans
-    assert plans.scalar_variant_key(None, 0.0) is None and plans.scalar_variant_key(None, None) is None
-    assert plans.scalar_variant_key((8, 0), 0.0) == ((8, 0), 0.0)
-    assert plans.scalar_variant_key(None, 30.0) == (None, 30.0)
-    assert plans.scalar_variant_key((4, -1), 2) == ((4, -1), 2)
-    for refused in ([8, 0], (8,), (np.int64(8), 0), (8, True), (8.0, 0)):
-        assert plans.scalar_variant_key(refused, 0.0) is None, refused
-    assert plans.scalar_variant_key(None, np.float32(30.0)) is None
     make, nd, allocator = _device_arrays()
     monkeypatch.setattr(plans, "_ndarray_type", nd)
+    monkeypatch.setattr(plans, "_ndarray", lambda: nd)
+    key = plans.variant_key
+    assert key(None, 0.0, None) is None and key(None, None, None) is None
+    assert key((8, 0), 0.0, None) == ((8, 0), 0.0, None)
+    assert key(None, 30.0, None) == (None, 30.0, None)
+    assert key((4, -1), 2, None) == ((4, -1), 2, None)
+    for refused in ([8, 0], (8,), (np.int64(8), 0), (8, True), (8.0, 0)):
+        assert key(refused, 0.0, None) is None, refused
+    assert key(None, np.float32(30.0), None) is None
+    slopes = make((4,), np.float32, 0x900000)
+    other_slopes = make((4,), np.float32, 0x900100)
+    assert key(None, 0.0, slopes) == (None, 0.0, (slopes.data.ptr, (4,), (4,), np.dtype(np.float32), 0))
+    assert key(None, 0.0, np.ones(4, np.float32)) is None  # host slopes: the validated path
     monkeypatch.setattr(plans, "_get_current_stream", lambda: _Stream)
     monkeypatch.setattr(plans, "_memo", {})
     shape = (1, 16, 4, 8)
     q, k, v, out = (make(shape, np.float16, 0x100000 * (i + 1)) for i in range(4))
     extents = [plans._extent(a) for a in (q, k, v, out)]
-    window = plans.scalar_variant_key((8, 0), 30.0)
+    variant = key((8, 0), 30.0, slopes)
     with allocator:
         monkeypatch.setattr(plans, "_empty", plans._resolve_empty(nd))
         for o in (None, out):
             call = (True, None, "bshd", False, o)
             entry, launches = _recording_entry(shape, False, extents)
-            plans._memo[plans._memo_key(q, k, v, *call, window)] = entry
-            got = plans.memoized_attention(q, k, v, *call, None, window)
+            plans._memo[plans._memo_key(q, k, v, *call, variant)] = entry
+            got = plans.memoized_attention(q, k, v, *call, None, variant)
             assert len(launches) == 1 and launches[0][1:4] == (q.data.ptr, k.data.ptr, v.data.ptr)
             assert o is None or got is o
             assert plans.memoized_attention(q, k, v, *call, None) is None  # the plain call
-            for other in (((8, 0), 0.0), ((9, 0), 30.0), (None, 30.0)):
+            for other in (key((8, 0), 0.0, slopes), key((9, 0), 30.0, slopes), key(None, 30.0, slopes),
+                          key((8, 0), 30.0, other_slopes), key((8, 0), 30.0, None)):
                 assert plans.memoized_attention(q, k, v, *call, None, other) is None, other
             assert len(launches) == 1
 
 
 @pytest.mark.gpu
-def test_gpu_repeated_window_softcap_call_skips_validation(monkeypatch):
-    """The second attention call with the same window and softcap replays the first's
-    launch (variant validation made to fail must not be reached) and writes the same
-    bits; another window is validated again."""
+def test_gpu_repeated_window_softcap_alibi_call_skips_validation(monkeypatch):
+    """The second attention call with the same window, softcap and slopes array replays
+    the first's launch (variant validation must not be reached) and writes the same
+    bits; another window, or other slopes, are validated again (and read)."""
     import cupy
 
     rng, _ = new_rng()
     seqlen = int(rng.integers(100, 300))
     q, k, v = (cupy.asarray(random_array(rng, (2, seqlen, 4, 64), np.float16)) for _ in range(3))
-    first = nbflash.attention(q, k, v, causal=True, window=(40, 0), softcap=20.0)
+    slopes = cupy.asarray(rng.uniform(0.0, 0.5, 4).astype(np.float32))
+    first = nbflash.attention(q, k, v, causal=True, window=(40, 0), softcap=20.0, alibi_slopes=slopes)
     calls = []
     real = nbflash.variants.check_variants
     monkeypatch.setattr(nbflash.variants, "check_variants", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    again = nbflash.attention(q, k, v, causal=True, window=(40, 0), softcap=20.0)
+    again = nbflash.attention(q, k, v, causal=True, window=(40, 0), softcap=20.0, alibi_slopes=slopes)
     assert calls == [] and bool((again == first).all())
-    nbflash.attention(q, k, v, causal=True, window=(41, 0), softcap=20.0)
-    assert calls == [1]
+    slopes[...] = 0  # the packed pointer reads the caller's slopes at each launch
+    flat = nbflash.attention(q, k, v, causal=True, window=(40, 0), softcap=20.0, alibi_slopes=slopes)
+    assert calls == []
+    fresh = nbflash.attention(q, k, v, causal=True, window=(40, 0), softcap=20.0, alibi_slopes=slopes.copy())
+    assert calls == [1]  # other slopes array: validated
+    assert bool((flat == fresh).all()) and not bool((flat == first).all())
+    nbflash.attention(q, k, v, causal=True, window=(41, 0), softcap=20.0, alibi_slopes=slopes)
+    assert calls == [1, 1]
 
 
 def test_memo_and_plan_fast_paths_refuse_an_overlapping_out(monkeypatch):

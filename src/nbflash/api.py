@@ -320,9 +320,9 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=Fa
     arguments (window ... return_dropout_mask), skips straight to the prepared launch
     (see :func:`nbflash.plan` for the least work per call, and
     :meth:`nbflash.AttentionPlan.capture` for a CUDA graph on fixed buffers); so does a
-    call whose only variants are ``window`` (a tuple of two ints) and ``softcap`` (a
-    float or int) repeating the same values; calls with the other variants are
-    validated in full every time.
+    call whose only variants are ``window`` (a tuple of two ints), ``softcap`` (a float
+    or int) and ``alibi_slopes`` (a CuPy array) repeating the same values and the same
+    slopes array; calls with bias, mask or dropout are validated in full every time.
     """
     if (  # _plain inlined (a frame less on every call), then the memo's fast path
         window is None and alibi_slopes is None and bias is None and mask is None and seed is None
@@ -333,15 +333,15 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=Fa
         result = _plans.memoized_attention(q, k, v, causal, scale, layout, return_lse, out, stream)
         if result is not None:
             return result
-    scalar_variants = None  # window and / or softcap alone: remembered with their values
+    light_variants = None  # window, softcap and / or ALiBi alone: remembered with their values
     if (
-        alibi_slopes is None and bias is None and mask is None and seed is None and return_dropout_mask is False
+        bias is None and mask is None and seed is None and return_dropout_mask is False
         and not device.SIMULATOR and type(dropout_p) in _REALS and dropout_p == 0
     ):
-        scalar_variants = _plans.scalar_variant_key(window, softcap)
-        if scalar_variants is not None:
+        light_variants = _plans.variant_key(window, softcap, alibi_slopes)
+        if light_variants is not None:
             result = _plans.memoized_attention(q, k, v, causal, scale, layout, return_lse, out, stream,
-                                               scalar_variants)
+                                               light_variants)
             if result is not None:
                 return result
     plain = _plain(window, softcap, alibi_slopes, bias, mask, dropout_p, seed, return_dropout_mask)
@@ -361,11 +361,11 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=Fa
 
     if problem.on_device or device.SIMULATOR:
         result = _forward(problem, views, out_op, causal_ok, scale_ok, lse_ok, stream_ptr, var)
-        if problem.on_device and (plain or scalar_variants is not None):
+        if problem.on_device and (plain or light_variants is not None):
             # keyed by the arguments exactly as given: the next call's lookup sees those,
             # not their validated forms (scale=None is not 0.125)
             _plans.remember(q, k, v, causal, scale, layout, return_lse, out, problem, views, result,
-                            None if plain else var, scalar_variants)
+                            None if plain else var, light_variants)
     else:  # NumPy inputs with a GPU present: there and back
         result = _forward_via_gpu(problem, ops, out_op, causal_ok, scale_ok, lse_ok, stream_ptr, given)
     returned = (result[0], result[1]) if lse_ok else (result[0],)

@@ -234,7 +234,7 @@ def _prepare(problem, spec, views, out_view, lse, scale, dev, var=None):
 def _memo_key(q, k, v, causal, scale, layout, return_lse, out, variant=None):
     """Everything validation and dispatch depend on, or None when a call is not of the
     memoizable kind (CuPy arrays, bool flags, a float / int / None scale, str layout);
-    ``variant``: scalar_variant_key's part for a call with window / softcap, else None."""
+    ``variant``: variant_key's part for a call with window / softcap / ALiBi, else None."""
     nd = _ndarray()
     if nd is None or type(q) is not nd or type(k) is not nd or type(v) is not nd:
         return None
@@ -247,19 +247,28 @@ def _memo_key(q, k, v, causal, scale, layout, return_lse, out, variant=None):
     return (layout, causal, scale, return_lse, variant) + _call_key(q, k, v, out)
 
 
-def scalar_variant_key(window, softcap):
-    """The memo key's part for a call whose only variants are a window and / or a
-    softcap given as plain Python values ((int, int), a float or int): (window,
-    softcap); None for a plain call or any other form (those are validated every time).
-    Such a call's kernel arguments are those values, so a repeat can replay its launch."""
-    if window is None and (softcap is None or softcap == 0):
+def variant_key(window, softcap, alibi_slopes):
+    """The memo key's part for a call whose only variants are a window, a softcap and /
+    or ALiBi slopes given as a window tuple of two ints, a float or int softcap, and a
+    CuPy array: (window, softcap, and the slopes' pointer, shape, strides, dtype and
+    device); None for a plain call or any other form (those are validated every time).
+    The slopes' validation depends on those alone, and a hit requires an array at the
+    same address, so the launch packed at the first call reads the caller's slopes."""
+    if window is None and (softcap is None or softcap == 0) and alibi_slopes is None:
         return None
     if window is not None and not (type(window) is tuple and len(window) == 2 and type(window[0]) is int
                                    and type(window[1]) is int):
         return None
     if softcap is not None and type(softcap) is not float and type(softcap) is not int:
         return None
-    return window, softcap
+    slopes = None
+    if alibi_slopes is not None:
+        nd = _ndarray()
+        if nd is None or type(alibi_slopes) is not nd:
+            return None
+        memory = alibi_slopes.data
+        slopes = (memory.ptr, alibi_slopes.shape, alibi_slopes.strides, alibi_slopes.dtype, memory.device_id)
+    return window, softcap, slopes
 
 
 def memoized_attention(q, k, v, causal, scale, layout, return_lse, out, stream, variant=None):
@@ -329,8 +338,8 @@ def memoized_attention(q, k, v, causal, scale, layout, return_lse, out, stream, 
 
 def remember(q, k, v, causal, scale, layout, return_lse, out, problem, views, result, var=None, variant=None):
     """After a validated device call: keep its prepared launch for the next call with
-    the same signature (``variant`` and ``var``: scalar_variant_key's part and the
-    validated variants of a window / softcap call)."""
+    the same signature (``variant`` and ``var``: variant_key's part and the
+    validated variants of a window / softcap / ALiBi call)."""
     if problem.seqlen_q == 0 or problem.batch == 0 or problem.heads_q == 0:
         return
     key = _memo_key(q, k, v, causal, scale, layout, return_lse, out, variant)
