@@ -374,6 +374,8 @@ def test_gpu_repeated_window_softcap_alibi_call_skips_validation(monkeypatch):
     monkeypatch.setattr(nbflash.variants, "check_variants", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     again = nbflash.attention(q, k, v, causal=True, window=(40, 0), softcap=20.0, alibi_slopes=slopes)
     assert calls == [] and bool((again == first).all())
+    entries = [e for e in nbflash.plans._memo.values() if e.memo_key[4] is not None]
+    assert entries and all(a.ptr != slopes.data.ptr for e in entries for a in e.keep)  # slopes not pinned
     slopes[...] = 0  # the packed pointer reads the caller's slopes at each launch
     flat = nbflash.attention(q, k, v, causal=True, window=(40, 0), softcap=20.0, alibi_slopes=slopes)
     assert calls == []

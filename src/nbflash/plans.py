@@ -221,7 +221,13 @@ def _prepare(problem, spec, views, out_view, lse, scale, dev, var=None):
         return None, (kernel, grid, args, shared)
     extents = [_extent(a) for a in (*views, out_view)]
     with_lse = lse is not None
-    keep = tuple(a for a in args[4 + with_lse:] if type(a) is launch.DeviceArg)  # dummy lse, cu_seqlens
+    # the dummies behind packed pointers (lse, cu_seqlens, variants off) stay alive; the
+    # caller's ALiBi slopes do not: a hit passes an array at that address (variant_key),
+    # and pinning them would keep CuPy's pool from handing the same address to a caller
+    # who makes the slopes afresh each call
+    slopes = None if var is None else var.alibi
+    keep = tuple(a for a in args[4 + with_lse:]
+                 if type(a) is launch.DeviceArg and (slopes is None or a.owner is not slopes))
     prepared = _Prepared(go, problem, with_lse, keep, extents, kernel, sig, dev)
     return prepared, (kernel, grid, args, shared)
 

@@ -29,9 +29,11 @@ the tanh, and its row part joins each row's max and exponent offset once per til
 
 Per thread, in registers: the S accumulator (block_n / 2 floats), the O accumulator
 (head_dim / 2), P (block_n / 4 words), m_i and l_i of its 2 rows (16w' + g, + 8 of
-its warp w' in the warpgroup). No warp specialization, no intra-warpgroup overlap of
-softmax and wgmma yet (FlashAttention-3's next steps); a second warpgroup per CTA
-overlaps them across warpgroups.
+its warp w' in the warpgroup). With spec.softmax_overlap (head_dim 128, tuning.wgmma_overlap)
+FlashAttention-3's intra-warpgroup pipelining: tile j's softmax runs while P V of tile j - 1
+is on the tensor cores (the next S tile in registers beside P and O; K loaded a tile ahead
+of V). No warp specialization and no ping-pong between warpgroups yet (FlashAttention-3's
+other steps): both warpgroups meet at two barriers a tile.
 
 Shared memory (dynamic, aligned up to 1024 bytes at run time): Q (block_m x head_dim),
 then K (2 x block_n x head_dim), then V (the same), each in ptx_wgmma's tile layout.
