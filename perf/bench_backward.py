@@ -53,10 +53,14 @@ def repeats_for(one_call_ms, wanted):
     return int(max(5, min(wanted, TIME_PER_CASE_S * 1e3 / max(one_call_ms, 1e-3))))
 
 
-def nbflash_time(do, q, k, v, out, lse, causal, grads, repeats, deterministic=False, **variants):
+def nbflash_time(do, q, k, v, out, lse, causal, grads, repeats, deterministic=False, queued=False, **variants):
+    """Milliseconds per call, CALLS_PER_SAMPLE calls back to back; with ``queued``, GPU
+    time alone (the calls queued behind a spin kernel: nbflash.device.queued_gpu_ms)."""
     dq, dk, dv = grads
     fn = lambda: nbflash.attention_backward(  # noqa: E731
         do, q, k, v, out, lse, causal=causal, deterministic=deterministic, dq=dq, dk=dk, dv=dv, **variants)
+    if queued:
+        return nbflash.device.queued_gpu_ms(fn, 1, 5, CALLS_PER_SAMPLE)
     one = nbflash.device.median_gpu_ms(fn, 1, 1)  # also compiles
     return nbflash.device.median_gpu_ms(fn, 2, repeats_for(one * CALLS_PER_SAMPLE, repeats), CALLS_PER_SAMPLE)
 
@@ -137,9 +141,7 @@ def variants_main(args):
             forward = "plain"
         spec = nbflash.backward_spec(q, k, v, causal=causal, **variants)
         call_ms = nbflash_time(do, q, k, v, out, lse, causal, grads, args.repeats, **variants)
-        dq, dk, dv = grads
-        ms = nbflash.device.queued_gpu_ms(lambda: nbflash.attention_backward(  # noqa: E731
-            do, q, k, v, out, lse, causal=causal, dq=dq, dk=dk, dv=dv, **variants), 1, 5, CALLS_PER_SAMPLE)
+        ms = nbflash_time(do, q, k, v, out, lse, causal, grads, args.repeats, queued=True, **variants)
         rows.append({"gpu": gpu, "case": name, "dtype": "fp16", "batch": batch, "heads": HEADS, "seqlen": seqlen,
                      "head_dim": d, "causal": causal, "spec": spec.key, "ms": ms, "call_ms": call_ms,
                      "forward": forward})

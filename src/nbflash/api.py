@@ -364,8 +364,8 @@ def attention(q, k, v, *, causal=False, scale=None, layout="bshd", return_lse=Fa
         if problem.on_device and (plain or light_variants is not None):
             # keyed by the arguments exactly as given: the next call's lookup sees those,
             # not their validated forms (scale=None is not 0.125)
-            _plans.remember(q, k, v, causal, scale, layout, return_lse, out, problem, views, result,
-                            None if plain else var, light_variants)
+            _plans.remember(q, k, v, causal, scale, layout, return_lse, out, problem, views, result, var,
+                            light_variants)
     else:  # NumPy inputs with a GPU present: there and back
         result = _forward_via_gpu(problem, ops, out_op, causal_ok, scale_ok, lse_ok, stream_ptr, given)
     returned = (result[0], result[1]) if lse_ok else (result[0],)

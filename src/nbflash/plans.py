@@ -14,7 +14,7 @@ import threading
 
 import numpy as np
 
-from . import api, arrays, device, launch
+from . import api, arrays, device, launch, variants
 
 _MEMO_LIMIT = 1024
 _memo: dict[tuple, "_Prepared"] = {}
@@ -204,11 +204,10 @@ def _allocation_stream(stream, ptr):
     return launch.cupy_stream(ptr)
 
 
-def _prepare(problem, spec, views, out_view, lse, scale, dev, var=None):
+def _prepare(problem, spec, views, out_view, lse, scale, dev, var=variants.NO_VARIANTS):
     """A _Prepared for this validated call (None where only Numba's launch can run it);
-    ``var``: the call's variants.Variants (window and softcap values packed for good)."""
-    kernel, grid, args, shared = api.forward_launch_args(problem, spec, views, out_view, lse, scale,
-                                                         *(() if var is None else (var,)))
+    ``var``: the call's variants.VariantArgs (window and softcap values packed for good)."""
+    kernel, grid, args, shared = api.forward_launch_args(problem, spec, views, out_view, lse, scale, var)
     launcher = launch.launcher_for(kernel, args, shared)
     if launcher is None:
         return None, (kernel, grid, args, shared)
@@ -225,9 +224,8 @@ def _prepare(problem, spec, views, out_view, lse, scale, dev, var=None):
     # caller's ALiBi slopes do not: a hit passes an array at that address (variant_key),
     # and pinning them would keep CuPy's pool from handing the same address to a caller
     # who makes the slopes afresh each call
-    slopes = None if var is None else var.alibi
     keep = tuple(a for a in args[4 + with_lse:]
-                 if type(a) is launch.DeviceArg and (slopes is None or a.owner is not slopes))
+                 if type(a) is launch.DeviceArg and (var.alibi is None or a.owner is not var.alibi))
     prepared = _Prepared(go, problem, with_lse, keep, extents, kernel, sig, dev)
     return prepared, (kernel, grid, args, shared)
 
@@ -342,7 +340,8 @@ def memoized_attention(q, k, v, causal, scale, layout, return_lse, out, stream, 
         return None
 
 
-def remember(q, k, v, causal, scale, layout, return_lse, out, problem, views, result, var=None, variant=None):
+def remember(q, k, v, causal, scale, layout, return_lse, out, problem, views, result, var=variants.NO_VARIANTS,
+             variant=None):
     """After a validated device call: keep its prepared launch for the next call with
     the same signature (``variant`` and ``var``: variant_key's part and the
     validated variants of a window / softcap / ALiBi call)."""
@@ -352,7 +351,7 @@ def remember(q, k, v, causal, scale, layout, return_lse, out, problem, views, re
     if key is None or key in _memo:
         return
     out_array, lse = result
-    spec = api.choose_forward_spec(problem, causal, return_lse, views, *(() if var is None else (var.variant,)))
+    spec = api.choose_forward_spec(problem, causal, return_lse, views, var.variant)
     out_view = api._bshd(out_array, problem.layout, problem.squeeze)
     scale_value = api._check_scale(scale, problem.head_dim)
     prepared, _ = _prepare(problem, spec, views, out_view, lse, scale_value, arrays.device_id(views[0]), var)
