@@ -118,6 +118,14 @@ VARIANT_CASES = [  # (name, causal, variant arguments)
     ("alibi", True, {"alibi_slopes": "slopes"}),
     ("window (1024, 0)", False, {"window": (1024, 0)}),
 ]
+# (name, variant arguments) at seqlen 4096, not causal, as bench_forward's bias / mask rows:
+# bias and mask run the mma.sync backward, so their baseline is its plain row
+READ_CASES = [
+    ("plain mma N4096", {}),
+    ("bias fp16 BHNN", {"bias": "bias"}),
+    ("mask BHNN", {"mask": "mask"}),
+]
+BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s of HBM, for the bias / mask targets
 
 
 def variants_main(args):
@@ -150,15 +158,63 @@ def variants_main(args):
     plain = rows[0]["ms"]
     for r in rows:
         r["ratio_to_plain_causal"] = r["ms"] / plain
+    del q, k, v, do, grads
+    rows += read_rows(args, gpu, rng, dtype, d)
     os.makedirs(args.out, exist_ok=True)
     tag = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-")
     with open(os.path.join(args.out, f"{tag}-backward-variants.json"), "w") as f:
         json.dump(rows, f, indent=1)
     print(f"{'case':18} {'ms':>9} {'call ms':>9} {'x plain causal':>15}  spec")
     for r in rows:
-        print(f"{r['case']:18} {r['ms']:9.2f} {r['call_ms']:9.2f} {r['ratio_to_plain_causal']:15.3f}  {r['spec']}")
+        if "ratio_to_plain_causal" in r:
+            print(f"{r['case']:18} {r['ms']:9.2f} {r['call_ms']:9.2f} {r['ratio_to_plain_causal']:15.3f}  {r['spec']}")
     print(f"# gpu: {gpu}; backward of fp16 d{d} H{HEADS} {batch}x{seqlen} tokens; targets: softcap and alibi "
           f"<= 1.10x, window (1024, 0) <= 1/8 of plain causal")
+    print(f"{'case':18} {'ms':>9} {'call ms':>9} {'extra ms':>9} {'bytes ms':>9}  spec")
+    for r in rows:
+        if "extra_ms" in r:
+            print(f"{r['case']:18} {r['ms']:9.2f} {r['call_ms']:9.2f} {r['extra_ms']:9.2f} "
+                  f"{r.get('extra_ms_at_bandwidth') or float('nan'):9.2f}  {r['spec']}")
+    print("# bias / mask rows: fp16 d128 H16 4x4096, not causal; extra ms over the plain mma.sync backward against "
+          "the bias / mask bytes read once at HBM bandwidth (the target)")
+
+
+def read_rows(args, gpu, rng, dtype, d):
+    """READ_CASES: the bias / mask backward against the plain mma.sync backward (GPU ms,
+    queued), their extra time beside their bytes at memory bandwidth."""
+    n = 4096
+    batch = max(1, TOKENS // n)
+    shape = (batch, n, HEADS, d)
+    q, k, v, do = (rng.standard_normal(shape, dtype=cupy.float32).astype(dtype) for _ in range(4))
+    grads = [cupy.full(shape, cupy.nan, dtype=cupy.float32).astype(dtype) for _ in range(3)]
+    default_wgmma = nbflash.tuning.wgmma_enabled()
+    nbflash.tuning.set_wgmma(False)  # bias and mask run mma.sync; so does their baseline here
+    bw = next((b for key, b in BANDWIDTH.items() if key in gpu), None)
+    rows, base = [], None
+    try:
+        for name, variants in READ_CASES:
+            if variants.get("bias") == "bias":
+                variants = {"bias": rng.standard_normal((batch, HEADS, n, n), dtype=cupy.float32).astype(dtype)}
+            if variants.get("mask") == "mask":
+                variants = {"mask": rng.random((batch, HEADS, n, n), dtype=cupy.float32) < 0.9}
+            out, lse = nbflash.attention(q, k, v, return_lse=True, **variants)
+            spec = nbflash.backward_spec(q, k, v, **variants)
+            call_ms = nbflash_time(do, q, k, v, out, lse, False, grads, args.repeats, **variants)
+            ms = nbflash_time(do, q, k, v, out, lse, False, grads, args.repeats, queued=True, **variants)
+            row = {"gpu": gpu, "case": name, "dtype": "fp16", "batch": batch, "heads": HEADS, "seqlen": n,
+                   "head_dim": d, "causal": False, "spec": spec.key, "ms": ms, "call_ms": call_ms}
+            if base is None:
+                base = ms
+            else:
+                extra = sum(a.nbytes for a in variants.values())
+                row.update(extra_ms=ms - base, extra_bytes=extra,
+                           extra_ms_at_bandwidth=extra / bw * 1e3 if bw else None)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+            del out, lse, variants
+    finally:
+        nbflash.tuning.set_wgmma(default_wgmma)
+    return rows
 
 
 def main():

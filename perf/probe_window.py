@@ -7,7 +7,7 @@ on the whole GPU, a what stays when the window shrinks. Prints per row the CTAs'
 nbflash.device.queued_gpu_ms), call ms (events around one call: a window call's host path
 included) and GPU us per (CTA, key tile) for one SM.
 
-    python3 perf/probe_window.py [--profile W]
+    python3 perf/probe_window.py [--windows 128,1024] [--profile W]
 
 --profile W runs only that window a few times (a target for Nsight Compute)."""
 
@@ -47,6 +47,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--windows", default="128,256,512,1024,2048,4096",
+                    help="left widths W of the windows (W, 0), comma-separated (the fit needs two)")
     args = ap.parse_args()
     rng = cupy.random.default_rng()
     q, k, v = (rng.standard_normal((1, N, H, D), dtype=cupy.float32).astype(cupy.float16) for _ in range(3))
@@ -58,7 +60,7 @@ def main():
         return
     sms = cupy.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
     cases = [("full", {}, None), ("causal", {"causal": True}, None)]
-    cases += [(f"window({w},0)", {"window": (w, 0)}, (w, 0)) for w in (128, 256, 512, 1024, 2048, 4096)]
+    cases += [(f"window({w},0)", {"window": (w, 0)}, (w, 0)) for w in map(int, args.windows.split(","))]
     rows = []
     for name, kw, window in cases:
         spec = nbflash.forward_spec(q, k, v, **kw)
@@ -72,6 +74,8 @@ def main():
         print(f"{name:16} {tiles:13d} {ms:8.3f} {call_ms:8.3f} {ms * 1e3 * sms / tiles:15.2f}  {key}")
     for col, what in ((3, "GPU"), (4, "call")):
         w = [(r[2], r[col]) for r in rows if r[0].startswith("window")]
+        if len(w) < 2:
+            continue
         b, a = np.polyfit([t for t, _ in w], [m for _, m in w], 1)
         print(f"# windows, {what} ms = {a:.3f} + {b * 1e3:.4f} us x tiles (per SM: {b * 1e3 * sms:.2f} us a tile)")
     print(f"# gpu {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}, {sms} SMs")

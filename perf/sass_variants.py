@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 NVDISASM = os.environ.get("NVDISASM", "/work/tools/nvidia/cu13/bin/nvdisasm")
 VARIANTS = {"plain": {}, "cap": {"softcap": True}, "alibi": {"alibi": True},
-            "cap-alibi": {"softcap": True, "alibi": True}}
+            "cap-alibi": {"softcap": True, "alibi": True}, "mask": {"mask": True, "mask_staged": True}}
 ARCH = (9, 0, "a")
 
 

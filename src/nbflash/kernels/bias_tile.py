@@ -16,6 +16,8 @@ mask_staged); otherwise the kernels keep the per-element path.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import cuda
 from numba.cuda import float32, uint32
@@ -43,6 +45,7 @@ def _bank_cost(row_words: int, itemsize: int) -> int:
     return worst
 
 
+@functools.lru_cache(maxsize=None)
 def row_words(block_n: int, itemsize: int) -> int:
     """32-bit words per staged row: block_n keys, padded by whole 16-byte chunks until
     fragment-order reads are free of bank conflicts."""
@@ -135,14 +138,16 @@ def make_bias_reader(dtype: str, block_n: int):
 
 
 def make_mask_reader(block_n: int):
-    """A device function ``attends(smem, base, r, nb, t, e)``: the staged mask byte of
-    local row r, column nb * 8 + 2t + e is nonzero (the thread's two bytes share a word)."""
+    """A device function ``pair(smem, base, r, nb, t)``: the staged mask bytes of local
+    row r, columns nb * 8 + 2t and + 1, in bits 0-7 and 8-15 of the word it returns
+    (the thread's two bytes share a 32-bit word: one shared load and one shift per
+    pair, and ``word & 0xFF`` / ``word & 0xFF00`` tested against 0 are one instruction
+    each, a LOP3 with a predicate result)."""
     RW = row_words(block_n, 1)
 
     @cuda.jit(device=True, inline=True)
-    def attends(smem, base, r, nb, t, e):
+    def pair(smem, base, r, nb, t):
         word = smem[base + r * np.int32(RW) + nb * np.int32(2) + (t >> np.int32(1))]
-        shift = uint32(16) * uint32(t & np.int32(1)) + uint32(8) * uint32(e)
-        return (word >> shift) & uint32(0xFF) != uint32(0)
+        return word >> (uint32(16) * uint32(t & np.int32(1)))
 
-    return attends
+    return pair

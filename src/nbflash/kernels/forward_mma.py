@@ -385,8 +385,21 @@ def build(spec: ForwardSpec):
                 diagonal0 = row0 + seqlen_k - seqlen_q  # the first row's diagonal
                 needs_mask = needs_mask or (n0 + BN - 1 > diagonal0 + window_right)
                 needs_mask = needs_mask or (n0 < diagonal0 + np.int32(BM - 1) - window_left)
-            if MASK:
+            if MASK and not MASK_STAGED:  # read per element, beside the bounds
                 needs_mask = True
+            if MASK_STAGED and not needs_mask:
+                # a tile inside every bound: the staged mask bytes alone, two per shared
+                # load, each tested by one LOP3 and applied by one select (no branches)
+                for m in range(M_TILES):
+                    for half in range(2):
+                        for nb in range(N_BLOCKS):
+                            bits = staged_mask(smem, MASK_OFF + stage * MASK_STAGE, warp_row + m * 16 + g + 8 * half,
+                                               nb, t)
+                            idx = (m * N_BLOCKS + nb) * 4 + 2 * half
+                            if bits & uint32(0xFF) == uint32(0):
+                                s[idx] = NEG_INF
+                            if bits & uint32(0xFF00) == uint32(0):
+                                s[idx + 1] = NEG_INF
             if needs_mask:
                 for m in range(M_TILES):
                     for half in range(2):
@@ -401,14 +414,16 @@ def build(spec: ForwardSpec):
                         if MASK and not MASK_STAGED:
                             i_read = min(i, seqlen_q - np.int32(1))
                         for nb in range(N_BLOCKS):
+                            if MASK_STAGED:
+                                bits = staged_mask(smem, MASK_OFF + stage * MASK_STAGE, warp_row + m * 16 + g + 8 * half,
+                                                   nb, t)
                             for e in range(2):
                                 col = np.int32(nb * 8 + 2 * t + e)
                                 hide = col >= visible
                                 if WINDOW:
                                     hide = hide or col < lowest
                                 if MASK_STAGED:
-                                    hide = hide or not staged_mask(smem, MASK_OFF + stage * MASK_STAGE,
-                                                                   warp_row + m * 16 + g + 8 * half, nb, t, e)
+                                    hide = hide or bits & uint32(0xFF << (8 * e)) == uint32(0)
                                 elif MASK:
                                     if not hide:
                                         hide = mask[b, h, i_read, n0 + col] == 0
