@@ -139,7 +139,7 @@ def variants_main(args):
     grads = [cupy.full(shape, cupy.nan, dtype=cupy.float32).astype(dtype) for _ in range(3)]
     slopes = cupy.asarray(2.0 ** (-8.0 * (np.arange(HEADS) + 1) / HEADS), dtype=cupy.float32)
     rows = []
-    for name, causal, variants in VARIANT_CASES:
+    for name, causal, variants in [] if args.reads_only else VARIANT_CASES:
         variants = {key: (slopes if val == "slopes" else val) for key, val in variants.items()}
         try:  # the variant forward's out and lse (nbflash.attention with the variants)
             out, lse = nbflash.attention(q, k, v, causal=causal, return_lse=True, **variants)
@@ -155,14 +155,14 @@ def variants_main(args):
                      "forward": forward})
         print(json.dumps(rows[-1]), file=sys.stderr)
         del out, lse
-    plain = rows[0]["ms"]
     for r in rows:
-        r["ratio_to_plain_causal"] = r["ms"] / plain
+        r["ratio_to_plain_causal"] = r["ms"] / rows[0]["ms"]
     del q, k, v, do, grads
     rows += read_rows(args, gpu, rng, dtype, d)
     os.makedirs(args.out, exist_ok=True)
     tag = re.sub(r"[^A-Za-z0-9]+", "-", gpu).strip("-")
-    with open(os.path.join(args.out, f"{tag}-backward-variants.json"), "w") as f:
+    what = "backward-variants" + ("-reads" if args.reads_only else "")
+    with open(os.path.join(args.out, f"{tag}-{what}.json"), "w") as f:
         json.dump(rows, f, indent=1)
     print(f"{'case':18} {'ms':>9} {'call ms':>9} {'x plain causal':>15}  spec")
     for r in rows:
@@ -221,6 +221,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="seqlen 4096, fp16 only")
     ap.add_argument("--variants", action="store_true", help="the variants' cost at 16k tokens (issue 7)")
+    ap.add_argument("--reads-only", action="store_true", help="--variants: only the bias / mask rows")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--head-dims", default="64,128")

@@ -28,6 +28,9 @@ CASES = {
     "mma-d64-window": ("mma", "bf16", 64, True, Variant(window=True), False, ("dkdv", "dq")),
     "mma-d128-everything": ("mma", "fp16", 128, True, EVERYTHING, True, ("dkdv", "dq", "dkdvq")),
     "simt-fp32-d128-everything": ("simt", "fp32", 128, True, EVERYTHING, True, ("dkdv", "dq")),
+    # bias and mask tiles staged through shared memory (kernels/bias_tile.py)
+    "mma-d128-staged": ("mma", "fp16", 128, False, Variant(bias="fp16", bias_staged=True, mask=True, mask_staged=True),
+                        False, ("dkdv", "dq")),  # the parts a GPU runs (tuning.MMA_BWD_DQ_ATOMICS)
 }
 ARCH = "sm_90a"
 
@@ -47,7 +50,8 @@ def mma_case(dtype, head_dim, causal, variant, dbias, parts):
     for part in parts:
         spec = replace(plan, part=part)
         threads = spec.dq_threads if part == "dq" else spec.threads
-        ptx, _ = cuda.compile_ptx(backward_mma.build(spec).py_func, signature(part), cc=(9, 0, "a"))
+        bias = {"fp16": types.float16, "bf16": types.uint16}.get(variant.bias, types.float32)  # kernel views
+        ptx, _ = cuda.compile_ptx(backward_mma.build(spec).py_func, signature(part, bias), cc=(9, 0, "a"))
         report(spec.key, part, threads, ptx, backward_mma.shared_bytes(spec))
 
 

@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 
 import nbflash
-from helpers import assert_close, assert_lse_close, new_rng, random_array, to_device, to_host
-from nbflash import tuning, variants
+from helpers import (
+    assert_close, assert_grads_close, assert_lse_close, new_rng, poisoned, random_array, to_device, to_host,
+)
+from nbflash import reference, tuning, variants
 from nbflash.kernels import bias_tile, forward_mma
+from test_variants_backward import _wgmma_off, magnitudes
 
 FP16, BF16, FP32, FP64 = (np.dtype(x) for x in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64))
 MMA_HEAD_DIM = 32
@@ -113,6 +116,53 @@ def test_staged_mask_on_tiles_inside_every_bound(causal):
     assert np.array_equal(results[0][1], results[1][1]), f"staged lse != per-element (seed {seed})"
 
 
+@pytest.mark.parametrize("what", [FP16, BF16, FP32, "mask"], ids=["bias-fp16", "bias-bf16", "bias-fp32", "mask"])
+def test_backward_staged_tiles_match_the_per_element_path(what):
+    rng, seed = new_rng()
+    backward_staged_run(rng, seed, what)
+
+
+def backward_staged_run(rng, seed, what, head_dim=MMA_HEAD_DIM, large=False):
+    """The mma.sync backward stages bias / mask tiles like the forward (queries x keys,
+    read transposed in the dK/dV kernel) and applies them on its light path (S units,
+    as forward_mma): with causal or not, the fused dQ or its own kernel
+    (deterministic), GQA, broadcast axes and edges past both sequence ends, the staged
+    and the per-element path (another formula: not bit for bit) both match the oracle
+    within the dtype's tolerance."""
+    dtype = [FP16, BF16][int(rng.integers(2))]
+    batch, heads_kv, group = int(rng.integers(1, 3)), 1, int(rng.integers(1, 3))
+    heads = heads_kv * group
+    longest = 700 if large else 40
+    nq, nk = int(rng.integers(1, longest)), int(rng.integers(1, longest))
+    causal, deterministic = bool(rng.integers(2)), bool(rng.integers(2))
+    q, do = (random_array(rng, (batch, nq, heads, head_dim), dtype) for _ in range(2))
+    k, v = (random_array(rng, (batch, nk, heads_kv, head_dim), dtype) for _ in range(2))
+    dims = BROADCASTS[int(rng.integers(len(BROADCASTS)))]
+    values_shape = tuple(n if keep else 1 for n, keep in zip((batch, heads, nq, nk), dims))
+    if what == "mask":
+        values = rng.random(values_shape) < 0.75
+        values[..., int(rng.integers(values_shape[2])), :] = False  # a row that sees nothing
+    else:
+        values = (2 * rng.standard_normal(values_shape)).astype(what)
+    name = "mask" if what == "mask" else "bias"
+    scale = 1 / np.sqrt(head_dim)
+    out, lse = reference.attention(q, k, v, causal=causal, scale=scale, return_lse=True, **{name: values})
+    refs = reference.attention_backward(do, q, k, v, causal=causal, scale=scale, **{name: values})
+    sizes = magnitudes(do, q, k, v, causal, scale, {name: values})
+    with _wgmma_off(True):
+        for offset in (0, 1):
+            dev = laid_out(values, offset)[1]
+            qd, kd, vd = (to_device(a) for a in (q, k, v))
+            spec = nbflash.backward_spec(qd, kd, vd, causal=causal, deterministic=deterministic, **{name: dev})
+            assert spec.module == "backward_mma", spec.key
+            assert getattr(spec.variant, f"{name}_staged") == (offset == 0), spec.key
+            grads = [poisoned(x.shape, dtype) for x in (q, k, v)]
+            got = nbflash.attention_backward(
+                *(to_device(x) for x in (do, q, k, v, out.astype(dtype), lse.astype(np.float32))), causal=causal,
+                scale=scale, deterministic=deterministic, dq=grads[0], dk=grads[1], dv=grads[2], **{name: dev})
+            assert_grads_close(got[:3], refs[:3], dtype, f"{seed}, {spec.key}", sizes[:3])
+
+
 def test_staged_bias_and_mask_with_every_variant():
     """Both tiles staged in one kernel beside window, softcap, ALiBi and dropout."""
     rng, seed = new_rng()
@@ -169,16 +219,19 @@ def test_layouts_cp_async_cannot_copy_are_read_per_element():
 
 
 def test_kernels_that_do_not_stage_get_the_per_element_spec():
-    """The portable forward and every backward read bias / mask per element: their
-    specs carry no staged flag (one compiled kernel per key)."""
+    """The portable forward and backward read bias / mask per element: their specs carry
+    no staged flag (one compiled kernel per key); the tensor-core backward stages them
+    as the forward does."""
     assert not choice(bias=np.zeros((2, 2, 5, 16), FP32), dtype=FP32).bias_staged
     assert not choice(bias=np.zeros((2, 2, 5, 16), FP16), head_dim=MMA_HEAD_DIM + 1).bias_staged
     rng, _ = new_rng()
-    q, k = (to_device(random_array(rng, (1, 5, 1, MMA_HEAD_DIM), FP16)) for _ in range(2))
     bias, mask = to_device(np.zeros((5, 16), FP16)[:, :5]), to_device(np.ones((5, 16), bool)[:, :5])
-    assert nbflash.forward_spec(q, k, k, bias=bias, mask=mask).variant.bias_staged  # aligned rows
-    spec = nbflash.backward_spec(q, k, k, bias=bias, mask=mask)
-    assert spec.variant.bias and not (spec.variant.bias_staged or spec.variant.mask_staged), spec.key
+    for dtype, staged in ((FP16, True), (FP32, False)):
+        q, k = (to_device(random_array(rng, (1, 5, 1, MMA_HEAD_DIM), dtype)) for _ in range(2))
+        assert nbflash.forward_spec(q, k, k, bias=bias, mask=mask).variant.bias_staged == staged  # aligned rows
+        spec = nbflash.backward_spec(q, k, k, bias=bias, mask=mask)
+        assert spec.module == ("backward_mma" if staged else "backward_simt"), spec.key
+        assert spec.variant.bias and spec.variant.bias_staged == spec.variant.mask_staged == staged, spec.key
 
 
 def test_staging_is_dropped_where_shared_memory_is_short():
@@ -238,3 +291,11 @@ def test_staged_rows_are_padded_free_of_bank_conflicts(block_n, itemsize):
 def test_staged_tiles_at_gpu_sizes(what, head_dim):
     rng, seed = new_rng()
     staged_run(rng, seed, [FP16, BF16][int(rng.integers(2))], what, head_dim, large=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("what", [FP16, BF16, FP32, "mask"], ids=["bias-fp16", "bias-bf16", "bias-fp32", "mask"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_backward_staged_tiles_at_gpu_sizes(what, head_dim):
+    rng, seed = new_rng()
+    backward_staged_run(rng, seed, what, head_dim, large=True)

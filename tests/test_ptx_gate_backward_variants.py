@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import gate_jobs
 
-BATCHES = [["mma-d128-causal-cap-alibi", "simt-fp32-d128-everything"], ["mma-d128-everything", "mma-d64-window"]]
-KERNELS = 2 + 2 + 3 + 2
+BATCHES = [["mma-d128-causal-cap-alibi", "simt-fp32-d128-everything"], ["mma-d128-everything", "mma-d64-window"],
+           ["mma-d128-staged"]]
+KERNELS = 2 + 2 + 3 + 2 + 2
 
 
 gate_jobs.register_module(__file__, "backward_variants",

@@ -8,6 +8,7 @@ checked. Kernels see (batch, seqlen, heads, head_dim) views.
 
 from __future__ import annotations
 
+from dataclasses import replace
 
 import numpy as np
 
@@ -34,7 +35,6 @@ def choose_backward_spec(problem: _Problem, causal: bool, deterministic: bool, v
     compiled into the spec (spec.Variant; dbias: the kernels also write dS).
     """
     dtype = arrays.short_name(problem.dtype)
-    variant = variants.unstaged(variant)  # the backward kernels read bias / mask per element
     if (
         dtype in ("fp16", "bf16")
         and problem.head_dim == problem.head_dim_v
@@ -46,8 +46,24 @@ def choose_backward_spec(problem: _Problem, causal: bool, deterministic: bool, v
         wgmma = wgmma and not (variant and deterministic)  # the wgmma variants are in the fused kernel only
         spec = backward_mma.choose_spec(dtype, problem.head_dim, causal, device.SIMULATOR, variant, dbias, wgmma)
         if spec is not None:
-            return spec
+            return _fit_staging(spec)
     return _simt_spec(problem, causal, variant, dbias)
+
+
+def _fit_staging(spec):
+    """A tensor-core backward ``spec`` whose staged bias / mask tiles (mma.sync family:
+    kernels/backward_mma.py stages them like the forward) fit the GPU's shared memory in
+    each of its parts; staging is dropped, the bias first, until they do. The wgmma
+    family reads no bias or mask."""
+    if spec.wgmma:
+        return replace(spec, variant=variants.unstaged(spec.variant))
+    limit = device.max_shared_bytes()
+    for drop in ({}, {"bias_staged": False}, {"bias_staged": False, "mask_staged": False}):
+        fitted = replace(spec, variant=replace(spec.variant, **drop))
+        parts = [replace(fitted, part=part) for part in ("dkdv", "dkdvq", "dq")]
+        if all(launch.shared_bytes(part) <= limit for part in parts):
+            return fitted
+    return fitted
 
 
 def _simt_spec(problem: _Problem, causal: bool, variant: Variant = PLAIN, dbias: bool = False) -> BackwardSpec:

@@ -62,7 +62,7 @@ from numba import cuda
 from numba.cuda import float32, int32, uint32
 
 from ..spec import PLAIN, BackwardMmaSpec
-from . import ptx
+from . import bias_tile, ptx
 from .philox import keep_pair
 from .score_mods import (
     alibi_split, alibi_term, bias_reader, soft_cap, tile_crosses_band, window_key_range, window_query_range,
@@ -88,16 +88,37 @@ def _ds_row_words(spec):
     return spec.block_m // 2 + PAD_WORDS
 
 
-def shared_bytes(spec: BackwardMmaSpec) -> int:
+def _base_words(spec: BackwardMmaSpec) -> int:
+    """Shared-memory words of a part's K, V, Q, dO (and lse, delta, dS^T) stages: where
+    the staged bias and mask tiles start."""
     rw = _row_words(spec)
     if spec.part in ("dkdv", "dkdvq"):
         words = rw * (2 * spec.block_n + 4 * spec.block_m) + 4 * spec.block_m
         if spec.part == "dkdvq":
             words += spec.block_n * _ds_row_words(spec)
-        return 4 * words
+        return words
     if spec.part == "dq":
-        return 4 * rw * (2 * spec.dq_block_m + 4 * spec.dq_block_n)
+        return rw * (2 * spec.dq_block_m + 4 * spec.dq_block_n)
     return 0
+
+
+def _staged_words(spec: BackwardMmaSpec):
+    """Words of the part's double-buffered staged bias and mask tiles (0 when read per
+    element): tiles of its queries x keys, queries as rows (kernels/bias_tile.py)."""
+    if spec.part not in ("dkdv", "dkdvq", "dq"):
+        return 0, 0
+    rows, keys = (spec.dq_block_m, spec.dq_block_n) if spec.part == "dq" else (spec.block_m, spec.block_n)
+    var = spec.variant
+    bias = mask = 0
+    if var.bias and var.bias_staged:
+        bias = bias_tile.stage_words(rows, keys, bias_tile.ITEMSIZE[var.bias], 2)
+    if var.mask and var.mask_staged:
+        mask = bias_tile.stage_words(rows, keys, 1, 2)
+    return bias, mask
+
+
+def shared_bytes(spec: BackwardMmaSpec) -> int:
+    return 4 * (_base_words(spec) + sum(_staged_words(spec)))
 
 
 def choose_spec(dtype: str, head_dim: int, causal: bool, simulator: bool, variant=None, dbias: bool = False,
@@ -203,18 +224,20 @@ def _device_helpers(spec, threads):
 
 
 def _light(spec):
-    """(LIGHT, ALIBI_INIT): the spec's variants are only window, softcap and ALiBi (no
-    per-score reads, writes or Philox words), which the kernels take as the forward
-    does (forward_mma's "S units"): S holds q.k plus ALiBi's key part (the S mma's
+    """(LIGHT, ALIBI_INIT): the spec's variants are only window, softcap, ALiBi and bias /
+    mask tiles staged in shared memory (no per-score global reads, writes or Philox
+    words), which the kernels take as the forward does (forward_mma's "S units"): S
+    holds q.k plus ALiBi's key part (the S mma's
     initial C on key tiles left or right of every query's diagonal) or, with softcap,
     th = tanh(scale q.k / softcap) plus that key part, and P = exp2(S s_log2 -
     (lse log2(e) - row_add)) with s_log2 = scale log2(e) or softcap log2(e) and
     row_add ALiBi's query part (0 on tiles crossing the diagonals, which take the exact
     term per score). Softcap's dS factor d(softcap th)/d(scale s) = 1 - th^2 comes from
     the recomputed th (scale is applied to dK and dQ at the end) and is folded into
-    dP - delta before ALiBi or the mask touch S; a hidden score is S = -inf, P = 0."""
+    dP - delta before ALiBi, the bias (x log2(e) / s_log2 in S units) or the mask touch S;
+    a hidden score is S = -inf, P = 0."""
     var = spec.variant
-    heavy = bool(var.bias) or var.mask or var.dropout or spec.dbias
+    heavy = (bool(var.bias) and not var.bias_staged) or (var.mask and not var.mask_staged) or var.dropout or spec.dbias
     light = bool(var) and not heavy
     return light, light and var.alibi and not var.softcap
 
@@ -227,14 +250,21 @@ def _variant_element(spec, with_dbias):
     WINDOW, SOFTCAP, ALIBI = spec.variant.window, spec.variant.softcap, spec.variant.alibi
     BIAS, MASK, DROPOUT = bool(spec.variant.bias), spec.variant.mask, spec.variant.dropout
     DBIAS = with_dbias and spec.dbias
+    BIAS_STAGED, MASK_STAGED = BIAS and spec.variant.bias_staged, MASK and spec.variant.mask_staged
     read_bias = bias_reader(spec.variant.bias or "fp32")
+    keys = spec.dq_block_n if spec.part == "dq" else spec.block_n
+    staged_bias = bias_tile.make_element_reader(spec.variant.bias if BIAS_STAGED else "fp32", keys)
+    staged_mask = bias_tile.make_mask_element_reader(keys)
 
     @cuda.jit(device=True, inline=True)
     def element(s, dp, b, h, i, j, seqlen_q, seqlen_k, check_band, scale, lse_log2, delta_i, keep,
-                window_left, window_right, softcap, alibi, bias, mask, keep_scale, dbias):
+                window_left, window_right, softcap, alibi, bias, mask, keep_scale, dbias, smem, bias_base,
+                mask_base, i_local, j_local):
         """keep: dropout keeps (i, j) (ignored without dropout); check_band: the tile
         crosses the causal diagonal or the window's edges (else every element of the
-        tile is inside them). lse_log2 is +inf for rows without keys: P = 0 there."""
+        tile is inside them). lse_log2 is +inf for rows without keys: P = 0 there.
+        Staged bias / mask tiles are read at (i_local, j_local) of the stages at words
+        bias_base / mask_base of smem (zero past seqlen_q / seqlen_k)."""
         inside = i < seqlen_q and j < seqlen_k
         seen = inside
         if check_band:
@@ -242,7 +272,10 @@ def _variant_element(spec, with_dbias):
                 seen = seen and window_visible(i, j, seqlen_q, seqlen_k, window_left, window_right)
             elif CAUSAL:
                 seen = seen and j <= i + seqlen_k - seqlen_q
-        if MASK:
+        if MASK_STAGED:
+            if seen:
+                seen = staged_mask(smem, mask_base, i_local, j_local)
+        elif MASK:
             if seen:
                 seen = mask[b, h, i, j] != 0
         t = s * scale
@@ -251,7 +284,9 @@ def _variant_element(spec, with_dbias):
             t, slope = soft_cap(t, softcap)
         if ALIBI:
             t += alibi_term(alibi[b, h], i, j, seqlen_q, seqlen_k)
-        if BIAS:
+        if BIAS_STAGED:
+            t += staged_bias(smem, bias_base, i_local, j_local)
+        elif BIAS:
             if inside:
                 t += read_bias(bias, b, h, i, j)
         p = float32(0)
@@ -311,9 +346,21 @@ def _build_dkdv(spec):
     PLAIN_Q_BLOCKS = 0 if VARIANT else Q_BLOCKS  # the plain P/dS loop (variants have their own)
     SOFTCAP, ALIBI = spec.variant.softcap, spec.variant.alibi
     LIGHT, ALIBI_INIT = _light(spec)
-    HEAVY = VARIANT and not LIGHT  # per-score element() with bias, mask, dropout or dbias
+    HEAVY = VARIANT and not LIGHT  # per-score element(): bias / mask read per element, dropout or dbias
     issue_rows, a_fragments, bt_fragments, b_fragments, lse_log2, delta_of = _device_helpers(spec, T)
     element = _variant_element(spec, True)
+    # staged bias / mask tiles (kernels/bias_tile.py): BM queries x BN keys, after the other stages
+    BIAS_STAGED = bool(spec.variant.bias) and spec.variant.bias_staged
+    MASK_STAGED = spec.variant.mask and spec.variant.mask_staged
+    BIAS_WORDS, MASK_WORDS = _staged_words(spec)
+    BIAS_OFF = _base_words(spec)
+    MASK_OFF = BIAS_OFF + BIAS_WORDS
+    BIAS_STAGE, MASK_STAGE = BIAS_WORDS // 2, MASK_WORDS // 2  # words per stage
+    issue_bias = bias_tile.make_issue_tile(BM, BN, bias_tile.ITEMSIZE[spec.variant.bias if BIAS_STAGED else "fp16"], T)
+    issue_mask = bias_tile.make_issue_tile(BM, BN, 1, T)
+    # the light path reads the tiles transposed: S^T's rows are keys, columns queries
+    bias_at = bias_tile.make_element_reader(spec.variant.bias if BIAS_STAGED else "fp32", BN)
+    attends_at = bias_tile.make_mask_element_reader(BN)
 
     def backward_dkdv(q, k, v, do, lse, delta, dk, dv, dq_acc, scale, group,
                       window_left, window_right, softcap, alibi, bias, mask,
@@ -368,6 +415,10 @@ def _build_dkdv(spec):
             m0 = m_first * BM
             issue_rows(q, smem, Q_OFF, BM, b, h, q_start, m0, seqlen_q, tid)
             issue_rows(do, smem, DO_OFF, BM, b, h, q_start, m0, seqlen_q, tid)
+            if BIAS_STAGED:
+                issue_bias(bias, smem, BIAS_OFF, b, h, m0, seqlen_q, n0, seqlen_k, tid)
+            if MASK_STAGED:
+                issue_mask(mask, smem, MASK_OFF, b, h, m0, seqlen_q, n0, seqlen_k, tid)
             if tid < BM:
                 smem[LSE_OFF + tid] = ptx.f32_as_u32(lse_log2(lse, b, h, q_start, m0 + tid, seqlen_q))
                 smem[DELTA_OFF + tid] = ptx.f32_as_u32(delta_of(delta, b, h, q_start, m0 + tid, seqlen_q))
@@ -414,6 +465,10 @@ def _build_dkdv(spec):
                 m1 = (m_first + it + 1 - gh1 * n_m) * BM
                 issue_rows(q, smem, Q_OFF + (1 - stage) * BM * RW, BM, b, h1, q_start, m1, seqlen_q, tid)
                 issue_rows(do, smem, DO_OFF + (1 - stage) * BM * RW, BM, b, h1, q_start, m1, seqlen_q, tid)
+                if BIAS_STAGED:
+                    issue_bias(bias, smem, BIAS_OFF + (1 - stage) * BIAS_STAGE, b, h1, m1, seqlen_q, n0, seqlen_k, tid)
+                if MASK_STAGED:
+                    issue_mask(mask, smem, MASK_OFF + (1 - stage) * MASK_STAGE, b, h1, m1, seqlen_q, n0, seqlen_k, tid)
                 if tid < BM:  # loads in flight during this tile's math, stored at its end
                     next_lse = lse_log2(lse, b, h1, q_start, m1 + tid, seqlen_q)
                     next_delta = delta_of(delta, b, h1, q_start, m1 + tid, seqlen_q)
@@ -495,6 +550,16 @@ def _build_dkdv(spec):
                                     for half in range(2):
                                         s[(m * Q_BLOCKS + nb) * 4 + 2 * half + e] -= slope_u * abs(
                                             dist0 + float32(nb * 8 + e - m * 16 - 8 * half))
+                if BIAS_STAGED:  # zero past seqlen_q / seqlen_k (hidden below)
+                    bias_u = float32(LOG2E) * inv_s_log2
+                    for nb in range(Q_BLOCKS):
+                        for e in range(2):
+                            col = nb * 8 + 2 * t + e
+                            for m in range(N_TILES):
+                                for half in range(2):
+                                    s[(m * Q_BLOCKS + nb) * 4 + 2 * half + e] += bias_at(
+                                        smem, BIAS_OFF + stage * BIAS_STAGE, col, warp_key + m * 16 + g + 8 * half
+                                    ) * bias_u
                 # hide keys past seqlen_k and outside the band (causal is folded into
                 # window_right); queries past seqlen_q have lse_log2 = +inf, so P = 0
                 if n0 + BN > seqlen_k or tile_crosses_band(n0, BN, m0 + seqlen_k - seqlen_q, BM, window_left,
@@ -506,6 +571,15 @@ def _build_dkdv(spec):
                                 i = m0 + nb * 8 + 2 * t + (r % 2)
                                 if not window_visible(i, key, seqlen_q, seqlen_k, window_left, window_right):
                                     s[(m * Q_BLOCKS + nb) * 4 + r] = NEG_INF
+                if MASK_STAGED:
+                    for nb in range(Q_BLOCKS):
+                        for e in range(2):
+                            col = nb * 8 + 2 * t + e
+                            for m in range(N_TILES):
+                                for half in range(2):
+                                    if not attends_at(smem, MASK_OFF + stage * MASK_STAGE, col,
+                                                      warp_key + m * 16 + g + 8 * half):
+                                        s[(m * Q_BLOCKS + nb) * 4 + 2 * half + e] = NEG_INF
                 for nb in range(Q_BLOCKS):
                     for e in range(2):
                         col = nb * 8 + 2 * t + e
@@ -547,7 +621,8 @@ def _build_dkdv(spec):
                                 s[j], dp[j] = element(
                                     s[j], dp[j], seq, h, i, key, seqlen_q, seqlen_k, check_band, scale, row_lse,
                                     row_delta, keep, window_left, window_right, softcap, alibi, bias, mask,
-                                    keep_scale, dbias)
+                                    keep_scale, dbias, smem, BIAS_OFF + stage * BIAS_STAGE,
+                                    MASK_OFF + stage * MASK_STAGE, col, warp_key + m * 16 + g + 8 * half)
             # mask only tiles that cross seqlen_k or the causal diagonal
             needs_mask = n0 + BN > seqlen_k
             if CAUSAL:
@@ -690,9 +765,20 @@ def _build_dq(spec):
     PLAIN_M_TILES = 0 if VARIANT else M_TILES  # the plain P/dS loop (variants have their own)
     SOFTCAP, ALIBI = spec.variant.softcap, spec.variant.alibi
     LIGHT, ALIBI_INIT = _light(spec)
-    HEAVY = VARIANT and not LIGHT  # per-score element() with bias, mask or dropout
+    HEAVY = VARIANT and not LIGHT  # per-score element(): bias / mask read per element, or dropout
     issue_rows, a_fragments, bt_fragments, b_fragments, lse_log2, delta_of = _device_helpers(spec, T)
     element = _variant_element(spec, False)
+    # staged bias / mask tiles (kernels/bias_tile.py): BM queries x BN keys, after the other stages
+    BIAS_STAGED = bool(spec.variant.bias) and spec.variant.bias_staged
+    MASK_STAGED = spec.variant.mask and spec.variant.mask_staged
+    BIAS_WORDS, MASK_WORDS = _staged_words(spec)
+    BIAS_OFF = _base_words(spec)
+    MASK_OFF = BIAS_OFF + BIAS_WORDS
+    BIAS_STAGE, MASK_STAGE = BIAS_WORDS // 2, MASK_WORDS // 2  # words per stage
+    issue_bias = bias_tile.make_issue_tile(BM, BN, bias_tile.ITEMSIZE[spec.variant.bias if BIAS_STAGED else "fp16"], T)
+    issue_mask = bias_tile.make_issue_tile(BM, BN, 1, T)
+    bias_frag = bias_tile.make_bias_reader(spec.variant.bias if BIAS_STAGED else "fp32", BN)
+    mask_pair = bias_tile.make_mask_reader(BN)
 
     def backward_dq(q, k, v, do, lse, delta, dq, scale, group,
                     window_left, window_right, softcap, alibi, bias, mask,
@@ -757,6 +843,10 @@ def _build_dq(spec):
         if n_tiles > 0:
             issue_rows(k, smem, K_OFF, BN, b, hk, k_start, tile0 * BN, seqlen_k, tid)
             issue_rows(v, smem, V_OFF, BN, b, hk, k_start, tile0 * BN, seqlen_k, tid)
+            if BIAS_STAGED:
+                issue_bias(bias, smem, BIAS_OFF, b, h, row0, seqlen_q, tile0 * BN, seqlen_k, tid)
+            if MASK_STAGED:
+                issue_mask(mask, smem, MASK_OFF, b, h, row0, seqlen_q, tile0 * BN, seqlen_k, tid)
         ptx.cp_async_commit()
 
         row_lse = cuda.local.array(ROWS, float32)
@@ -799,6 +889,12 @@ def _build_dq(spec):
                 nxt = (1 - stage) * BN * RW
                 issue_rows(k, smem, K_OFF + nxt, BN, b, hk, k_start, n0 + BN, seqlen_k, tid)
                 issue_rows(v, smem, V_OFF + nxt, BN, b, hk, k_start, n0 + BN, seqlen_k, tid)
+                if BIAS_STAGED:
+                    issue_bias(bias, smem, BIAS_OFF + (1 - stage) * BIAS_STAGE, b, h, row0, seqlen_q, n0 + BN, seqlen_k,
+                               tid)
+                if MASK_STAGED:
+                    issue_mask(mask, smem, MASK_OFF + (1 - stage) * MASK_STAGE, b, h, row0, seqlen_q, n0 + BN, seqlen_k,
+                               tid)
             ptx.cp_async_commit()
             ptx.cp_async_wait_group(1)
             cuda.syncthreads()
@@ -873,6 +969,15 @@ def _build_dq(spec):
                                     for e in range(2):
                                         s[(m * N_BLOCKS + nb) * 4 + 2 * half + e] -= slope_u * abs(
                                             dist0 + float32(m * 16 + 8 * half - nb * 8 - e))
+                if BIAS_STAGED:  # zero past seqlen_q / seqlen_k (hidden below)
+                    bias_u = float32(LOG2E) / s_log2
+                    for m in range(M_TILES):
+                        for half in range(2):
+                            for nb in range(N_BLOCKS):
+                                for e in range(2):
+                                    s[(m * N_BLOCKS + nb) * 4 + 2 * half + e] += bias_frag(
+                                        smem, BIAS_OFF + stage * BIAS_STAGE, warp_row + m * 16 + g + 8 * half, nb, t, e
+                                    ) * bias_u
                 # hide keys past seqlen_k and outside the band (causal is folded into
                 # window_right); rows past seqlen_q have lse_log2 = +inf, so P = 0
                 if n0 + BN > seqlen_k or tile_crosses_band(n0, BN, row0 + seqlen_k - seqlen_q, BM, window_left,
@@ -884,6 +989,17 @@ def _build_dq(spec):
                                 i = row0 + warp_row + m * 16 + g + 8 * (r // 2)
                                 if not window_visible(i, key, seqlen_q, seqlen_k, window_left, window_right):
                                     s[(m * N_BLOCKS + nb) * 4 + r] = NEG_INF
+                if MASK_STAGED:  # the forward's pair reads: one shared load per two keys
+                    for m in range(M_TILES):
+                        for half in range(2):
+                            for nb in range(N_BLOCKS):
+                                bits = mask_pair(smem, MASK_OFF + stage * MASK_STAGE, warp_row + m * 16 + g + 8 * half,
+                                                 nb, t)
+                                idx = (m * N_BLOCKS + nb) * 4 + 2 * half
+                                if bits & uint32(0xFF) == uint32(0):
+                                    s[idx] = NEG_INF
+                                if bits & uint32(0xFF00) == uint32(0):
+                                    s[idx + 1] = NEG_INF
                 for m in range(M_TILES):
                     for half in range(2):
                         row = 2 * m + half
@@ -916,14 +1032,17 @@ def _build_dq(spec):
                             if DROPOUT:
                                 keep0, keep1 = keep_pair(seed_lo, seed_hi, seq * heads_q + h, i, key, keep_threshold)
                             j = (m * N_BLOCKS + nb) * 4 + 2 * half
+                            i_local = warp_row + m * 16 + g + 8 * half
                             _, dp[j] = element(
                                 s[j], dp[j], seq, h, i, key, seqlen_q, seqlen_k, check_band, scale, row_lse[row],
                                 row_delta[row], keep0, window_left, window_right, softcap, alibi, bias, mask,
-                                keep_scale, dq)
+                                keep_scale, dq, smem, BIAS_OFF + stage * BIAS_STAGE, MASK_OFF + stage * MASK_STAGE,
+                                i_local, nb * 8 + 2 * t)
                             _, dp[j + 1] = element(
                                 s[j + 1], dp[j + 1], seq, h, i, key + 1, seqlen_q, seqlen_k, check_band, scale,
                                 row_lse[row], row_delta[row], keep1, window_left, window_right, softcap, alibi,
-                                bias, mask, keep_scale, dq)
+                                bias, mask, keep_scale, dq, smem, BIAS_OFF + stage * BIAS_STAGE,
+                                MASK_OFF + stage * MASK_STAGE, i_local, nb * 8 + 2 * t + 1)
             needs_mask = n0 + BN > seqlen_k
             if CAUSAL:
                 needs_mask = needs_mask or (n0 + BN - 1 > row0 + seqlen_k - seqlen_q)

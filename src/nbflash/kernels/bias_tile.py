@@ -151,3 +151,41 @@ def make_mask_reader(block_n: int):
         return word >> (uint32(16) * uint32(t & np.int32(1)))
 
     return pair
+
+
+def make_element_reader(dtype: str, block_n: int):
+    """A device function ``read_at(smem, base, r, c)``: the staged bias (stage at word
+    ``base``) of local row r, column c as float32, for any c (the backward's dK/dV
+    kernel reads the tile transposed: its fragment columns are queries, rows keys)."""
+    itemsize = ITEMSIZE[dtype]
+    RW = row_words(block_n, itemsize)
+
+    if dtype == "fp32":
+        @cuda.jit(device=True, inline=True)
+        def read_at(smem, base, r, c):
+            return ptx.u32_as_f32(smem[base + r * np.int32(RW) + c])
+    elif dtype == "bf16":
+        @cuda.jit(device=True, inline=True)
+        def read_at(smem, base, r, c):
+            word = smem[base + r * np.int32(RW) + (c >> np.int32(1))]
+            # bfloat16 is the upper half of a float32: c's half moved there
+            return ptx.u32_as_f32((word >> (uint32(16) * uint32(c & np.int32(1)))) << uint32(16))
+    else:
+        @cuda.jit(device=True, inline=True)
+        def read_at(smem, base, r, c):
+            lo, hi = ptx.f16x2_to_f32(smem[base + r * np.int32(RW) + (c >> np.int32(1))])
+            return float32(hi) if c & np.int32(1) else float32(lo)
+    return read_at
+
+
+def make_mask_element_reader(block_n: int):
+    """A device function ``attends_at(smem, base, r, c)``: the staged mask byte of local
+    row r, column c is nonzero, for any c."""
+    RW = row_words(block_n, 1)
+
+    @cuda.jit(device=True, inline=True)
+    def attends_at(smem, base, r, c):
+        word = smem[base + r * np.int32(RW) + (c >> np.int32(2))]
+        return (word >> (uint32(8) * uint32(c & np.int32(3)))) & uint32(0xFF) != uint32(0)
+
+    return attends_at
