@@ -17,7 +17,7 @@ from helpers import (
 )
 from nbflash import reference, tuning, variants
 from nbflash.kernels import bias_tile, forward_mma
-from test_variants_backward import _wgmma_off, magnitudes
+from test_variants_backward import _wgmma_off, check_dbias, magnitudes
 
 FP16, BF16, FP32, FP64 = (np.dtype(x) for x in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64))
 MMA_HEAD_DIM = 32
@@ -39,6 +39,19 @@ def laid_out(a, offset):
     return buffer[window], to_device(buffer)[window]
 
 
+def random_values(rng, what, full, broadcasts=BROADCASTS):
+    """("bias", values) of dtype ``what`` or ("mask", bool values) for the (batch, heads,
+    seqlen_q, seqlen_k) problem ``full``, with random broadcast axes (one of
+    ``broadcasts``); a mask hides every key of one row."""
+    dims = broadcasts[int(rng.integers(len(broadcasts)))]
+    shape = tuple(n if keep else 1 for n, keep in zip(full, dims))
+    if what == "mask":
+        values = rng.random(shape) < 0.75
+        values[..., int(rng.integers(shape[2])), :] = False  # a row that sees nothing
+        return "mask", values
+    return "bias", (2 * rng.standard_normal(shape)).astype(what)
+
+
 def staged_run(rng, seed, dtype, what, head_dim=MMA_HEAD_DIM, large=False):
     """One problem run through the staged and the per-element path: outputs and lse
     equal bit for bit, and close to the oracle."""
@@ -47,15 +60,7 @@ def staged_run(rng, seed, dtype, what, head_dim=MMA_HEAD_DIM, large=False):
     nq, nk = int(rng.integers(2, longest)), int(rng.integers(1, longest))
     q = random_array(rng, (batch, nq, heads, head_dim), dtype)
     k, v = (random_array(rng, (batch, nk, heads, head_dim), dtype) for _ in range(2))
-    dims = BROADCASTS[int(rng.integers(len(BROADCASTS)))]
-    full = (batch, heads, nq, nk)
-    values_shape = tuple(n if keep else 1 for n, keep in zip(full, dims))
-    if what == "mask":
-        values = rng.random(values_shape) < 0.75
-        values[..., int(rng.integers(values_shape[2])), :] = False  # a row that sees nothing
-    else:
-        values = (2 * rng.standard_normal(values_shape)).astype(what)
-    name = "mask" if what == "mask" else "bias"
+    name, values = random_values(rng, what, (batch, heads, nq, nk))
     causal = bool(rng.integers(2))
     ref, ref_lse = nbflash.reference.attention(q, k, v, causal=causal, return_lse=True, **{name: values})
     results = []
@@ -122,7 +127,7 @@ def test_backward_staged_tiles_match_the_per_element_path(what):
     backward_staged_run(rng, seed, what)
 
 
-def backward_staged_run(rng, seed, what, head_dim=MMA_HEAD_DIM, large=False):
+def backward_staged_run(rng, seed, what, head_dim=MMA_HEAD_DIM, large=False, dbias=False):
     """The mma.sync backward stages bias / mask tiles like the forward (queries x keys,
     read transposed in the dK/dV kernel) and applies them on its light path (S units,
     as forward_mma): with causal or not, the fused dQ or its own kernel
@@ -137,17 +142,12 @@ def backward_staged_run(rng, seed, what, head_dim=MMA_HEAD_DIM, large=False):
     causal, deterministic = bool(rng.integers(2)), bool(rng.integers(2))
     q, do = (random_array(rng, (batch, nq, heads, head_dim), dtype) for _ in range(2))
     k, v = (random_array(rng, (batch, nk, heads_kv, head_dim), dtype) for _ in range(2))
-    dims = BROADCASTS[int(rng.integers(len(BROADCASTS)))]
-    values_shape = tuple(n if keep else 1 for n, keep in zip((batch, heads, nq, nk), dims))
-    if what == "mask":
-        values = rng.random(values_shape) < 0.75
-        values[..., int(rng.integers(values_shape[2])), :] = False  # a row that sees nothing
-    else:
-        values = (2 * rng.standard_normal(values_shape)).astype(what)
-    name = "mask" if what == "mask" else "bias"
+    # dbias needs the query and key axes whole
+    broadcasts = [d for d in BROADCASTS if d[2] and d[3]] if dbias else BROADCASTS
+    name, values = random_values(rng, what, (batch, heads, nq, nk), broadcasts)
     scale = 1 / np.sqrt(head_dim)
     out, lse = reference.attention(q, k, v, causal=causal, scale=scale, return_lse=True, **{name: values})
-    refs = reference.attention_backward(do, q, k, v, causal=causal, scale=scale, **{name: values})
+    refs = reference.attention_backward(do, q, k, v, causal=causal, scale=scale, return_dbias=dbias, **{name: values})
     sizes = magnitudes(do, q, k, v, causal, scale, {name: values})
     with _wgmma_off(True):
         for offset in (0, 1):
@@ -159,8 +159,18 @@ def backward_staged_run(rng, seed, what, head_dim=MMA_HEAD_DIM, large=False):
             grads = [poisoned(x.shape, dtype) for x in (q, k, v)]
             got = nbflash.attention_backward(
                 *(to_device(x) for x in (do, q, k, v, out.astype(dtype), lse.astype(np.float32))), causal=causal,
-                scale=scale, deterministic=deterministic, dq=grads[0], dk=grads[1], dv=grads[2], **{name: dev})
+                scale=scale, deterministic=deterministic, dq=grads[0], dk=grads[1], dv=grads[2], return_dbias=dbias,
+                **{name: dev})
             assert_grads_close(got[:3], refs[:3], dtype, f"{seed}, {spec.key}", sizes[:3])
+            if dbias:
+                check_dbias(got[3], refs[3], values, sizes[3], dtype, f"{seed}, {spec.key}")
+
+
+def test_backward_staged_bias_with_dbias():
+    """return_dbias keeps the per-element step (it writes dS), which reads the staged
+    tile when there is one."""
+    rng, seed = new_rng()
+    backward_staged_run(rng, seed, [FP16, BF16, FP32][int(rng.integers(3))], dbias=True)
 
 
 def test_staged_bias_and_mask_with_every_variant():

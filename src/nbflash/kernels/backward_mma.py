@@ -117,6 +117,22 @@ def _staged_words(spec: BackwardMmaSpec):
     return bias, mask
 
 
+def _staging(spec: BackwardMmaSpec, rows: int, keys: int, threads: int):
+    """A part's staged bias / mask tiles (kernels/bias_tile.py; rows queries x keys, two
+    stages each, after the part's other stages): (BIAS_STAGED, MASK_STAGED, BIAS_OFF,
+    MASK_OFF, BIAS_STAGE, MASK_STAGE, issue_bias, issue_mask), offsets and stage sizes
+    in words."""
+    var = spec.variant
+    bias_staged = bool(var.bias) and var.bias_staged
+    mask_staged = var.mask and var.mask_staged
+    bias_words, mask_words = _staged_words(spec)
+    bias_off = _base_words(spec)
+    issue_bias = bias_tile.make_issue_tile(rows, keys, bias_tile.ITEMSIZE[var.bias if bias_staged else "fp16"], threads)
+    issue_mask = bias_tile.make_issue_tile(rows, keys, 1, threads)
+    return (bias_staged, mask_staged, bias_off, bias_off + bias_words, bias_words // 2, mask_words // 2,
+            issue_bias, issue_mask)
+
+
 def shared_bytes(spec: BackwardMmaSpec) -> int:
     return 4 * (_base_words(spec) + sum(_staged_words(spec)))
 
@@ -349,15 +365,8 @@ def _build_dkdv(spec):
     HEAVY = VARIANT and not LIGHT  # per-score element(): bias / mask read per element, dropout or dbias
     issue_rows, a_fragments, bt_fragments, b_fragments, lse_log2, delta_of = _device_helpers(spec, T)
     element = _variant_element(spec, True)
-    # staged bias / mask tiles (kernels/bias_tile.py): BM queries x BN keys, after the other stages
-    BIAS_STAGED = bool(spec.variant.bias) and spec.variant.bias_staged
-    MASK_STAGED = spec.variant.mask and spec.variant.mask_staged
-    BIAS_WORDS, MASK_WORDS = _staged_words(spec)
-    BIAS_OFF = _base_words(spec)
-    MASK_OFF = BIAS_OFF + BIAS_WORDS
-    BIAS_STAGE, MASK_STAGE = BIAS_WORDS // 2, MASK_WORDS // 2  # words per stage
-    issue_bias = bias_tile.make_issue_tile(BM, BN, bias_tile.ITEMSIZE[spec.variant.bias if BIAS_STAGED else "fp16"], T)
-    issue_mask = bias_tile.make_issue_tile(BM, BN, 1, T)
+    (BIAS_STAGED, MASK_STAGED, BIAS_OFF, MASK_OFF, BIAS_STAGE, MASK_STAGE,
+     issue_bias, issue_mask) = _staging(spec, BM, BN, T)
     # the light path reads the tiles transposed: S^T's rows are keys, columns queries
     bias_at = bias_tile.make_element_reader(spec.variant.bias if BIAS_STAGED else "fp32", BN)
     attends_at = bias_tile.make_mask_element_reader(BN)
@@ -768,17 +777,10 @@ def _build_dq(spec):
     HEAVY = VARIANT and not LIGHT  # per-score element(): bias / mask read per element, or dropout
     issue_rows, a_fragments, bt_fragments, b_fragments, lse_log2, delta_of = _device_helpers(spec, T)
     element = _variant_element(spec, False)
-    # staged bias / mask tiles (kernels/bias_tile.py): BM queries x BN keys, after the other stages
-    BIAS_STAGED = bool(spec.variant.bias) and spec.variant.bias_staged
-    MASK_STAGED = spec.variant.mask and spec.variant.mask_staged
-    BIAS_WORDS, MASK_WORDS = _staged_words(spec)
-    BIAS_OFF = _base_words(spec)
-    MASK_OFF = BIAS_OFF + BIAS_WORDS
-    BIAS_STAGE, MASK_STAGE = BIAS_WORDS // 2, MASK_WORDS // 2  # words per stage
-    issue_bias = bias_tile.make_issue_tile(BM, BN, bias_tile.ITEMSIZE[spec.variant.bias if BIAS_STAGED else "fp16"], T)
-    issue_mask = bias_tile.make_issue_tile(BM, BN, 1, T)
+    (BIAS_STAGED, MASK_STAGED, BIAS_OFF, MASK_OFF, BIAS_STAGE, MASK_STAGE,
+     issue_bias, issue_mask) = _staging(spec, BM, BN, T)
     bias_frag = bias_tile.make_bias_reader(spec.variant.bias if BIAS_STAGED else "fp32", BN)
-    mask_pair = bias_tile.make_mask_reader(BN)
+    apply_mask = bias_tile.make_mask_apply(BN, M_TILES)
 
     def backward_dq(q, k, v, do, lse, delta, dq, scale, group,
                     window_left, window_right, softcap, alibi, bias, mask,
@@ -989,17 +991,8 @@ def _build_dq(spec):
                                 i = row0 + warp_row + m * 16 + g + 8 * (r // 2)
                                 if not window_visible(i, key, seqlen_q, seqlen_k, window_left, window_right):
                                     s[(m * N_BLOCKS + nb) * 4 + r] = NEG_INF
-                if MASK_STAGED:  # the forward's pair reads: one shared load per two keys
-                    for m in range(M_TILES):
-                        for half in range(2):
-                            for nb in range(N_BLOCKS):
-                                bits = mask_pair(smem, MASK_OFF + stage * MASK_STAGE, warp_row + m * 16 + g + 8 * half,
-                                                 nb, t)
-                                idx = (m * N_BLOCKS + nb) * 4 + 2 * half
-                                if bits & uint32(0xFF) == uint32(0):
-                                    s[idx] = NEG_INF
-                                if bits & uint32(0xFF00) == uint32(0):
-                                    s[idx + 1] = NEG_INF
+                if MASK_STAGED:  # the forward's pair reads (S has the forward's layout here)
+                    apply_mask(s, smem, MASK_OFF + stage * MASK_STAGE, warp_row, g, t)
                 for m in range(M_TILES):
                     for half in range(2):
                         row = 2 * m + half

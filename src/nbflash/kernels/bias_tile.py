@@ -19,6 +19,7 @@ mask_staged); otherwise the kernels keep the per-element path.
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 from numba import cuda
@@ -153,6 +154,31 @@ def make_mask_reader(block_n: int):
         return word >> (uint32(16) * uint32(t & np.int32(1)))
 
     return pair
+
+
+def make_mask_apply(block_n: int, m_tiles: int):
+    """A device function ``apply(s, smem, base, warp_row, g, t)``: S = -inf in an mma C
+    fragment ``s`` (m_tiles 16-row slices of block_n / 8 key blocks, forward_mma's
+    register order; the warp's rows start at local row warp_row) wherever the staged
+    mask byte is 0: one pair read per two keys, one LOP3 and one select a score, no
+    branches."""
+    pair = make_mask_reader(block_n)
+    N_BLOCKS = block_n // 8
+    NEG_INF = -math.inf
+
+    @cuda.jit(device=True, inline=True)
+    def apply(s, smem, base, warp_row, g, t):
+        for m in range(m_tiles):
+            for half in range(2):
+                for nb in range(N_BLOCKS):
+                    bits = pair(smem, base, warp_row + m * 16 + g + 8 * half, nb, t)
+                    idx = (m * N_BLOCKS + nb) * 4 + 2 * half
+                    if bits & uint32(0xFF) == uint32(0):
+                        s[idx] = NEG_INF
+                    if bits & uint32(0xFF00) == uint32(0):
+                        s[idx + 1] = NEG_INF
+
+    return apply
 
 
 def make_element_reader(dtype: str, block_n: int):

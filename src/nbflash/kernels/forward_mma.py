@@ -137,6 +137,7 @@ def build(spec: ForwardSpec):
     staged_bias = bias_tile.make_bias_reader(staged_dtype, BN)
     issue_mask = bias_tile.make_issue_tile(BM, BN, 1, T)
     staged_mask = bias_tile.make_mask_reader(BN)
+    apply_mask = bias_tile.make_mask_apply(BN, M_TILES)
     SPAN_WORDS = 6 if WINDOW else 5
 
     issue_rows = make_issue_rows(D, ROW_WORDS, T)
@@ -387,19 +388,8 @@ def build(spec: ForwardSpec):
                 needs_mask = needs_mask or (n0 < diagonal0 + np.int32(BM - 1) - window_left)
             if MASK and not MASK_STAGED:  # read per element, beside the bounds
                 needs_mask = True
-            if MASK_STAGED and not needs_mask:
-                # a tile inside every bound: the staged mask bytes alone, two per shared
-                # load, each tested by one LOP3 and applied by one select (no branches)
-                for m in range(M_TILES):
-                    for half in range(2):
-                        for nb in range(N_BLOCKS):
-                            bits = staged_mask(smem, MASK_OFF + stage * MASK_STAGE, warp_row + m * 16 + g + 8 * half,
-                                               nb, t)
-                            idx = (m * N_BLOCKS + nb) * 4 + 2 * half
-                            if bits & uint32(0xFF) == uint32(0):
-                                s[idx] = NEG_INF
-                            if bits & uint32(0xFF00) == uint32(0):
-                                s[idx + 1] = NEG_INF
+            if MASK_STAGED and not needs_mask:  # a tile inside every bound: the mask bytes alone
+                apply_mask(s, smem, MASK_OFF + stage * MASK_STAGE, warp_row, g, t)
             if needs_mask:
                 for m in range(M_TILES):
                     for half in range(2):
@@ -415,8 +405,8 @@ def build(spec: ForwardSpec):
                             i_read = min(i, seqlen_q - np.int32(1))
                         for nb in range(N_BLOCKS):
                             if MASK_STAGED:
-                                bits = staged_mask(smem, MASK_OFF + stage * MASK_STAGE, warp_row + m * 16 + g + 8 * half,
-                                                   nb, t)
+                                bits = staged_mask(smem, MASK_OFF + stage * MASK_STAGE,
+                                                   warp_row + m * 16 + g + 8 * half, nb, t)
                             for e in range(2):
                                 col = np.int32(nb * 8 + 2 * t + e)
                                 hide = col >= visible
