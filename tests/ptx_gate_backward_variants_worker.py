@@ -31,6 +31,11 @@ CASES = {
     # bias and mask tiles staged through shared memory (kernels/bias_tile.py)
     "mma-d128-staged": ("mma", "fp16", 128, False, Variant(bias="fp16", bias_staged=True, mask=True, mask_staged=True),
                         False, ("dkdv", "dq")),  # the parts a GPU runs (tuning.MMA_BWD_DQ_ATOMICS)
+    "mma-d128-staged-light": ("mma", "bf16", 128, True, Variant(window=True, softcap=True, alibi=True, bias="fp32",
+                                                                bias_staged=True, mask=True, mask_staged=True),
+                              False, ("dkdv", "dq")),
+    "mma-d64-staged-light": ("mma", "fp16", 64, False, Variant(softcap=True, alibi=True, bias="fp16", bias_staged=True,
+                                                               mask=True, mask_staged=True), False, ("dkdv", "dq")),
 }
 ARCH = "sm_90a"
 

@@ -7,6 +7,8 @@ sequence ends. The host's choice of path is checked on many layouts without a la
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from helpers import (
     assert_close, assert_grads_close, assert_lse_close, new_rng, poisoned, random_array, to_device, to_host,
 )
 from nbflash import reference, tuning, variants
-from nbflash.kernels import bias_tile, forward_mma
+from nbflash.kernels import backward_mma, bias_tile, forward_mma
 from test_variants_backward import _wgmma_off, check_dbias, magnitudes
 
 FP16, BF16, FP32, FP64 = (np.dtype(x) for x in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64))
@@ -127,7 +129,7 @@ def test_backward_staged_tiles_match_the_per_element_path(what):
     backward_staged_run(rng, seed, what)
 
 
-def backward_staged_run(rng, seed, what, head_dim=MMA_HEAD_DIM, large=False, dbias=False):
+def backward_staged_run(rng, seed, what, head_dim=MMA_HEAD_DIM, large=False, dbias=False, light=False):
     """The mma.sync backward stages bias / mask tiles like the forward (queries x keys,
     read transposed in the dK/dV kernel) and applies them on its light path (S units,
     as forward_mma): with causal or not, the fused dQ or its own kernel
@@ -146,24 +148,55 @@ def backward_staged_run(rng, seed, what, head_dim=MMA_HEAD_DIM, large=False, dbi
     broadcasts = [d for d in BROADCASTS if d[2] and d[3]] if dbias else BROADCASTS
     name, values = random_values(rng, what, (batch, heads, nq, nk), broadcasts)
     scale = 1 / np.sqrt(head_dim)
-    out, lse = reference.attention(q, k, v, causal=causal, scale=scale, return_lse=True, **{name: values})
-    refs = reference.attention_backward(do, q, k, v, causal=causal, scale=scale, return_dbias=dbias, **{name: values})
-    sizes = magnitudes(do, q, k, v, causal, scale, {name: values})
+    extra = {}
+    if light:  # beside the other light variants: softcap's s_log2, ALiBi's S units, window edges
+        extra = dict(softcap=2.0, alibi_slopes=rng.uniform(0, 0.5, heads).astype(np.float32),
+                     window=(int(rng.integers(0, nk + 1)), int(rng.integers(-1, 6))))
+    host = dict(extra, **{name: values})
+    out, lse = reference.attention(q, k, v, causal=causal, scale=scale, return_lse=True, **host)
+    refs = reference.attention_backward(do, q, k, v, causal=causal, scale=scale, return_dbias=dbias, **host)
+    sizes = magnitudes(do, q, k, v, causal, scale, host)
+    extra = {key: (to_device(x) if isinstance(x, np.ndarray) else x) for key, x in extra.items()}
     with _wgmma_off(True):
         for offset in (0, 1):
             dev = laid_out(values, offset)[1]
             qd, kd, vd = (to_device(a) for a in (q, k, v))
-            spec = nbflash.backward_spec(qd, kd, vd, causal=causal, deterministic=deterministic, **{name: dev})
+            spec = nbflash.backward_spec(qd, kd, vd, causal=causal, deterministic=deterministic, **extra,
+                                         **{name: dev})
             assert spec.module == "backward_mma", spec.key
             assert getattr(spec.variant, f"{name}_staged") == (offset == 0), spec.key
             grads = [poisoned(x.shape, dtype) for x in (q, k, v)]
             got = nbflash.attention_backward(
                 *(to_device(x) for x in (do, q, k, v, out.astype(dtype), lse.astype(np.float32))), causal=causal,
                 scale=scale, deterministic=deterministic, dq=grads[0], dk=grads[1], dv=grads[2], return_dbias=dbias,
-                **{name: dev})
+                **extra, **{name: dev})
             assert_grads_close(got[:3], refs[:3], dtype, f"{seed}, {spec.key}", sizes[:3])
             if dbias:
                 check_dbias(got[3], refs[3], values, sizes[3], dtype, f"{seed}, {spec.key}")
+
+
+@pytest.mark.parametrize("what", [FP32, "mask"], ids=["bias-fp32", "mask"])
+def test_backward_staged_tiles_beside_softcap_alibi_and_window(what):
+    rng, seed = new_rng()
+    backward_staged_run(rng, seed, what, light=True)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_staging_is_dropped_where_shared_memory_is_short(monkeypatch, deterministic):
+    """_fit_staging keeps each launched part within the GPU's shared memory: the bias
+    tile goes first, then the mask's."""
+    rng, _ = new_rng()
+    q = to_device(random_array(rng, (1, 8, 1, MMA_HEAD_DIM), FP16))
+    bias, mask = to_device(np.zeros((8, 16), FP32)[:, :8]), to_device(np.ones((8, 16), bool)[:, :8])
+    with _wgmma_off(True):
+        full = nbflash.backward_spec(q, q, q, bias=bias, mask=mask, deterministic=deterministic)
+        assert full.variant.bias_staged and full.variant.mask_staged, full.key
+        parts = ("dkdv", "dq") + (("dkdvq",) if full.dq_atomics else ())
+        need = max(backward_mma.shared_bytes(replace(full, part=p)) for p in parts)
+        for limit, bias_staged, mask_staged in ((need, True, True), (need - 1, False, True), (0, False, False)):
+            monkeypatch.setattr(nbflash.device, "max_shared_bytes", lambda limit=limit: limit)
+            variant = nbflash.backward_spec(q, q, q, bias=bias, mask=mask, deterministic=deterministic).variant
+            assert (variant.bias_staged, variant.mask_staged) == (bias_staged, mask_staged), limit
 
 
 def test_backward_staged_bias_with_dbias():

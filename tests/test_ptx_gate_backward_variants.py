@@ -10,8 +10,8 @@ from __future__ import annotations
 import gate_jobs
 
 BATCHES = [["mma-d128-causal-cap-alibi", "simt-fp32-d128-everything"], ["mma-d128-everything", "mma-d64-window"],
-           ["mma-d128-staged"]]
-KERNELS = 2 + 2 + 3 + 2 + 2
+           ["mma-d128-staged", "mma-d128-staged-light", "mma-d64-staged-light"]]
+KERNELS = 2 + 2 + 3 + 2 + 2 + 2 + 2
 
 
 gate_jobs.register_module(__file__, "backward_variants",

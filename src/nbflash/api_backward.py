@@ -53,14 +53,15 @@ def choose_backward_spec(problem: _Problem, causal: bool, deterministic: bool, v
 def _fit_staging(spec):
     """A tensor-core backward ``spec`` whose staged bias / mask tiles (mma.sync family:
     kernels/backward_mma.py stages them like the forward) fit the GPU's shared memory in
-    each of its parts; staging is dropped, the bias first, until they do. The wgmma
-    family reads no bias or mask."""
+    each of the parts it may launch; staging is dropped, the bias first, until they do.
+    The wgmma family reads no bias or mask."""
     if spec.wgmma:
         return replace(spec, variant=variants.unstaged(spec.variant))
     limit = device.max_shared_bytes()
+    launched = ("dkdv", "dq") + (("dkdvq",) if spec.dq_atomics else ())  # dq: deterministic=True
     for drop in ({}, {"bias_staged": False}, {"bias_staged": False, "mask_staged": False}):
         fitted = replace(spec, variant=replace(spec.variant, **drop))
-        parts = [replace(fitted, part=part) for part in ("dkdv", "dkdvq", "dq")]
+        parts = [replace(fitted, part=part) for part in launched]
         if all(launch.shared_bytes(part) <= limit for part in parts):
             return fitted
     return fitted

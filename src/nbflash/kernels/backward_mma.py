@@ -125,6 +125,7 @@ def _staging(spec: BackwardMmaSpec, rows: int, keys: int, threads: int):
     var = spec.variant
     bias_staged = bool(var.bias) and var.bias_staged
     mask_staged = var.mask and var.mask_staged
+    assert not ((bias_staged or mask_staged) and spec.varlen)  # the tiles are indexed by batch entry
     bias_words, mask_words = _staged_words(spec)
     bias_off = _base_words(spec)
     issue_bias = bias_tile.make_issue_tile(rows, keys, bias_tile.ITEMSIZE[var.bias if bias_staged else "fp16"], threads)
