@@ -244,15 +244,15 @@ def _light(spec):
     """(LIGHT, ALIBI_INIT): the spec's variants are only window, softcap, ALiBi and bias /
     mask tiles staged in shared memory (no per-score global reads, writes or Philox
     words), which the kernels take as the forward does (forward_mma's "S units"): S
-    holds q.k plus ALiBi's key part (the S mma's
-    initial C on key tiles left or right of every query's diagonal) or, with softcap,
-    th = tanh(scale q.k / softcap) plus that key part, and P = exp2(S s_log2 -
-    (lse log2(e) - row_add)) with s_log2 = scale log2(e) or softcap log2(e) and
-    row_add ALiBi's query part (0 on tiles crossing the diagonals, which take the exact
-    term per score). Softcap's dS factor d(softcap th)/d(scale s) = 1 - th^2 comes from
-    the recomputed th (scale is applied to dK and dQ at the end) and is folded into
-    dP - delta before ALiBi, the bias (x log2(e) / s_log2 in S units) or the mask touch S;
-    a hidden score is S = -inf, P = 0."""
+    holds q.k plus ALiBi's key part (the S mma's initial C on key tiles left or right
+    of every query's diagonal) or, with softcap, th = tanh(scale q.k / softcap) plus
+    that key part, and P = exp2(S s_log2 - (lse log2(e) - row_add)) with s_log2 =
+    scale log2(e) or softcap log2(e) and row_add ALiBi's query part (0 on tiles
+    crossing the diagonals, which take the exact term per score). Softcap's dS factor
+    d(softcap th)/d(scale s) = 1 - th^2 comes from the recomputed th (scale is applied
+    to dK and dQ at the end) and is folded into dP - delta before ALiBi, the bias
+    (x log2(e) / s_log2 in S units) or the mask touch S; a hidden score is S = -inf,
+    P = 0."""
     var = spec.variant
     heavy = (bool(var.bias) and not var.bias_staged) or (var.mask and not var.mask_staged) or var.dropout or spec.dbias
     light = bool(var) and not heavy
