@@ -23,6 +23,12 @@ CONCURRENCY = 2
 NICE = 10  # the simulator tests keep their core; the gates take what is left
 TIMEOUT_S = 1200
 
+# The environment the workers run in, taken at import (collection, before any test runs):
+# the workers run in threads beside the simulator tests, and a test that monkeypatches
+# os.environ (NBFLASH_WGMMA_OVERLAP=0, NBFLASH_WGMMA=0) for its own duration must not
+# change what a worker started meanwhile compiles (a wgmma gate run once lost its four
+# overlap-only window kernels that way and failed its count)
+_ENVIRONMENT = dict(os.environ)
 _commands: dict[str, list[list[str]]] = {}  # gate name -> worker command lines
 _jobs: dict[tuple, "_Job"] = {}
 _pending: "queue.Queue[_Job]" = queue.Queue()
@@ -37,7 +43,7 @@ class _Job:
         self.result = None  # subprocess.CompletedProcess
 
     def run(self, nice):
-        env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+        env = dict(_ENVIRONMENT, NUMBA_ENABLE_CUDASIM="0")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, env.get("PYTHONPATH", "")]))
         worker = os.path.join(HERE, self.argv[0])
         try:
