@@ -42,7 +42,7 @@ import cupy  # noqa: E402
 import ml_dtypes  # noqa: E402
 
 import nbflash  # noqa: E402
-from bench_forward import HEADS, TOKENS, plot  # noqa: E402
+from bench_forward import BANDWIDTH, HEADS, TOKENS, plot  # noqa: E402
 
 TIME_PER_CASE_S = 3.0  # cap on timed work per (config, implementation)
 CALLS_PER_SAMPLE = 4
@@ -125,7 +125,6 @@ READ_CASES = [
     ("bias fp16 BHNN", {"bias": "bias"}),
     ("mask BHNN", {"mask": "mask"}),
 ]
-BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s of HBM, for the bias / mask targets
 
 
 def variants_main(args):
