@@ -57,14 +57,9 @@ def _fit_staging(spec):
     The wgmma family reads no bias or mask."""
     if spec.wgmma:
         return replace(spec, variant=variants.unstaged(spec.variant))
-    limit = device.max_shared_bytes()
     launched = ("dkdv", "dq") + (("dkdvq",) if spec.dq_atomics else ())  # dq: deterministic=True
-    for drop in ({}, {"bias_staged": False}, {"bias_staged": False, "mask_staged": False}):
-        fitted = replace(spec, variant=replace(spec.variant, **drop))
-        parts = [replace(fitted, part=part) for part in launched]
-        if all(launch.shared_bytes(part) <= limit for part in parts):
-            return fitted
-    return fitted
+    return variants.fit_staging(spec, device.max_shared_bytes(),
+                                parts=lambda fitted: [replace(fitted, part=part) for part in launched])
 
 
 def _simt_spec(problem: _Problem, causal: bool, variant: Variant = PLAIN, dbias: bool = False) -> BackwardSpec:

@@ -218,14 +218,15 @@ def unstaged(variant: Variant) -> Variant:
     return replace(variant, bias_staged=False, mask_staged=False)
 
 
-def fit_staging(spec, limit: int):
-    """A tensor-core forward ``spec`` whose staged bias / mask tiles fit ``limit``
-    bytes of shared memory per block: staging is dropped (the bias first, its tile is
-    the larger) until they do."""
+def fit_staging(spec, limit: int, parts=None):
+    """A tensor-core ``spec`` whose staged bias / mask tiles fit ``limit`` bytes of
+    shared memory per block: staging is dropped (the bias first, its tile is the
+    larger) until they do. ``parts(spec)``: the specs whose kernels launch (a
+    backward's parts; default the spec itself), each of which must fit."""
     from . import launch
 
     for drop in ({}, {"bias_staged": False}, {"bias_staged": False, "mask_staged": False}):
         fitted = replace(spec, variant=replace(spec.variant, **drop))
-        if launch.shared_bytes(fitted) <= limit:
+        if all(launch.shared_bytes(part) <= limit for part in (parts(fitted) if parts else (fitted,))):
             return fitted
     return fitted
