@@ -407,6 +407,25 @@ def main():
     empty = gpu.empty.kernel.ptr
     optional("floor: empty kernel, no params",
              lambda: lambda: launchKernel(empty, 1, 1, 1, 32, 1, 1, 0, stream_ptr, 0, 0))
+    if fast is not None:  # the same empty kernel with a parameter block of 64 bytes and of the forward's size
+        import ctypes
+
+        kept = []
+
+        def empty_with_block(nbytes):
+            words = nbytes // 8
+            module = cupy.RawModule(code="struct Block { unsigned long long w[%d]; };\n"
+                                         'extern "C" __global__ void nbflash_bench_block(Block b) {}' % words)
+            handle = module.get_function("nbflash_bench_block").kernel.ptr
+            buffer = (ctypes.c_uint64 * words)()
+            extra = (ctypes.c_uint64 * 6)()
+            extra[:] = [1, ctypes.addressof(buffer), 2, ctypes.addressof(extra) + 5 * 8, 0, nbytes]
+            kept.append((module, buffer, extra))  # alive while timed
+            address = ctypes.addressof(extra)
+            return lambda: launchKernel(handle, 1, 1, 1, 32, 1, 1, 0, stream_ptr, 0, address)
+
+        for nbytes in (64, fast.layout.size // 8 * 8):
+            optional(f"floor: empty kernel, {nbytes}-byte params", lambda nbytes=nbytes: empty_with_block(nbytes))
     row("part: get_current_stream", lambda: cupy.cuda.get_current_stream().ptr)
     row("part: cupy.ndarray (alloc)", lambda: cupy.ndarray(SHAPE, cupy.float16))
     row("part: memo key", lambda: plan_module._memo_key(q, k, v, False, None, "bshd", False, None))
