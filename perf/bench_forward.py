@@ -228,6 +228,23 @@ def visible_pairs(n, causal, window=None):
     return float(np.maximum(hi - lo + 1, 0).sum())
 
 
+def visited_tiles(n, block_m, block_n, causal, window=None):
+    """Key tiles (block_m x block_n score blocks) a seqlen-n square problem visits: per
+    query tile, from the first to the last key tile some row of it sees (the kernels'
+    skipping, window_key_range); the tile-count bound on causal / window."""
+    tiles = 0
+    for row0 in range(0, n, block_m):
+        last_row = min(n, row0 + block_m) - 1
+        first, end = 0, (last_row + 1 if causal else n)
+        if window is not None:
+            left, right = window
+            first = max(0, row0 - left) if left >= 0 else 0
+            end = min(end, last_row + right + 1) if right >= 0 else end
+        if end > first:
+            tiles += (end + block_n - 1) // block_n - first // block_n
+    return tiles
+
+
 def off_16_bytes(a):
     """``a``'s values in a buffer one element past a 16-byte boundary (contiguous)."""
     buf = cupy.empty(a.size + 1, a.dtype)
@@ -300,7 +317,8 @@ def bench_variants(args):
         call_ms = cupy_time(call, 1, args.repeats)
         pairs = visible_pairs(n, causal, kwargs.get("window"))
         row = {"gpu": gpu, "name": name, "dtype": "fp16", "batch": batch, "heads": HEADS, "seqlen": n,
-               "head_dim": d, "causal": causal, "spec": spec.key, "kernel": spec.kernel, "ms": ms, "call_ms": call_ms,
+               "head_dim": d, "causal": causal, "spec": spec.key, "kernel": spec.kernel, "block_m": spec.block_m,
+               "block_n": spec.block_n, "ms": ms, "call_ms": call_ms,
                "tflops": 4.0 * batch * HEADS * pairs * d / (ms * 1e-3) / 1e12, "baseline": base}
         if base is not None:
             row["ratio_time_to_baseline"] = ms / by_name[base]["ms"]
@@ -326,10 +344,13 @@ def bench_variants(args):
         if r["name"].startswith("causal+"):
             target = "<= 1.10x causal"
         elif r["name"].startswith("window"):
+            bm, bn = r["block_m"], r["block_n"]
             target = (f"causal/window = {1 / ratio:.1f}x, full/window = "
                       f"{by_name['full 16k']['ms'] / r['ms'] if 'full 16k' in by_name else float('nan'):.1f}x "
                       f"(>= 8x; visible pairs: causal/window = "
-                      f"{visible_pairs(16384, True) / visible_pairs(16384, False, (1024, 0)):.1f}x)")
+                      f"{visible_pairs(16384, True) / visible_pairs(16384, False, (1024, 0)):.1f}x, "
+                      f"m{bm}n{bn} tiles visited: "
+                      f"{visited_tiles(16384, bm, bn, True) / visited_tiles(16384, bm, bn, False, (1024, 0)):.1f}x)")
         elif "extra_ms_at_bandwidth" in r and r["extra_ms_at_bandwidth"]:
             target = f"+{r['ms'] - by_name[r['baseline']]['ms']:.2f} ms vs {r['extra_ms_at_bandwidth']:.2f} ms of bytes"
         cell = f"{ratio:11.2f}" if ratio is not None else f"{'-':>11}"
