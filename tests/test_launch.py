@@ -567,6 +567,18 @@ def test_warm_disk_cache_loads_without_compiling(tmp_path):
     assert float(warm[0]) < 1.0, warm
 
 
+def _build_fake_libcuda(folder):
+    """perf/stub_host_path.py's no-op libcuda.so.1, built into ``folder``."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "perf"))
+    try:
+        import stub_host_path
+    finally:
+        sys.path.pop(0)
+    (folder / "fake.c").write_text(stub_host_path.FAKE_LIBCUDA)
+    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(folder / "libcuda.so.1"), str(folder / "fake.c"),
+                    "-ldl"], check=True)
+
+
 def test_both_driver_kinds_reach_libcuda_with_the_arguments_given(tmp_path):
     # CuPy's Cython launchKernel and the ctypes fallback, against a no-op libcuda.so.1
     # built here (the C compiler is part of the dev and CI images; a GPU box may lack one)
@@ -578,17 +590,67 @@ def test_both_driver_kinds_reach_libcuda_with_the_arguments_given(tmp_path):
     import subprocess
     import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "perf"))
-    try:
-        import stub_host_path
-    finally:
-        sys.path.pop(0)
-    (tmp_path / "fake.c").write_text(stub_host_path.FAKE_LIBCUDA)
-    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(tmp_path / "libcuda.so.1"), str(tmp_path / "fake.c"),
-                    "-ldl"], check=True)
+    _build_fake_libcuda(tmp_path)
     here = os.path.dirname(__file__)
     env = dict(os.environ, LD_LIBRARY_PATH=str(tmp_path), NUMBA_ENABLE_CUDASIM="1",
                PYTHONPATH=os.path.join(here, "..", "src"))
     done = subprocess.run([sys.executable, os.path.join(here, "launch_driver_worker.py")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def _build_fake_libcuda_and_fastlaunch(tmp_path):
+    """(folder holding a no-op libcuda.so.1, path of a fresh build of _fastlaunch.c)."""
+    import sysconfig
+
+    _build_fake_libcuda(tmp_path)
+    source = os.path.join(os.path.dirname(__file__), "..", "src", "nbflash", "_fastlaunch.c")
+    built = tmp_path / ("_fastlaunch" + sysconfig.get_config_var("EXT_SUFFIX"))
+    subprocess.run(["cc", "-O2", "-Wall", "-Werror", "-Wno-cast-function-type", "-shared", "-fPIC",
+                    "-I" + sysconfig.get_paths()["include"], "-o", str(built), source], check=True)
+    return tmp_path, built
+
+
+def test_the_c_prepared_launch_hands_the_driver_what_the_python_launch_would(tmp_path):
+    # tests/fastlaunch_worker.py against a no-op libcuda.so.1: the block, configuration,
+    # stream, retries and refusals of nbflash._fastlaunch.PreparedLaunch
+    import shutil
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler to build the extension and the stand-in libcuda")
+    folder, built = _build_fake_libcuda_and_fastlaunch(tmp_path)
+    here = os.path.dirname(__file__)
+    env = dict(os.environ, LD_LIBRARY_PATH=str(folder), NUMBA_ENABLE_CUDASIM="1", NBFLASH_FASTLAUNCH_SO=str(built),
+               PYTHONPATH=os.path.join(here, "..", "src"))
+    env.pop("NBFLASH_LAUNCH_DRIVER", None)
+    done = subprocess.run([sys.executable, os.path.join(here, "fastlaunch_worker.py")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_without_libcuda_the_c_launch_stays_off_and_says_why_when_asked_for(monkeypatch):
+    # CI has the extension built (a compiler is there) but no libcuda: the default is
+    # CuPy's binding, and asking for "c" is a clear error
+    import importlib.util
+
+    if os.environ.get("CI") and not os.path.exists(os.path.join(os.path.dirname(nbflash.__file__), "..", "..",
+                                                                "setup.py")):
+        assert importlib.util.find_spec("nbflash._fastlaunch") is not None, "pip did not build nbflash._fastlaunch"
+    try:
+        from nbflash import _fastlaunch
+    except ImportError:
+        pytest.skip("nbflash._fastlaunch is not built in this install")
+    if _fastlaunch.driver_available():
+        pytest.skip("libcuda.so.1 opens here")
+    monkeypatch.setattr(launch, "_fast_launch", None)
+    assert launch.fast_launch() is None
+    monkeypatch.delenv("NBFLASH_LAUNCH_DRIVER", raising=False)
+    assert launch._Driver().kind in ("cupy", "ctypes") and launch._Driver().prepared is None
+    with pytest.raises(ValueError, match="NBFLASH_LAUNCH_DRIVER=c"):
+        launch._Driver("c")
+    with pytest.raises(ValueError, match="expected 'c', 'cupy' or 'ctypes'"):
+        launch._Driver("fortran")
+    go = _fastlaunch.PreparedLaunch(1, (1, 1, 1), (32, 1, 1), 0, bytes(16), (1,), print)
+    with pytest.raises(OSError, match="libcuda"):
+        go(0, 0x1000)
+    assert go.block(0x1000) == bytes(8) + (0x1000).to_bytes(8, "little")

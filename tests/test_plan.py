@@ -273,7 +273,28 @@ def _recording_entry(problem_shape, with_lse, extents):
     return entry, launches
 
 
-def test_memo_and_plan_fast_paths_build_the_keys_the_slow_paths_store_under(monkeypatch):
+def _c_hot_path():
+    """nbflash._fastlaunch.run, or None where the extension was not built (pip builds it
+    where a C compiler is present: CI checks it is there, tests/test_launch.py)."""
+    try:
+        from nbflash import _fastlaunch
+    except ImportError:
+        return None
+    return _fastlaunch.run
+
+
+@pytest.fixture(params=["c", "python"])
+def hot_path(request, monkeypatch):
+    """The remembered-call hot path under test: the C one (nbflash._fastlaunch.run) or
+    the Python one (plans._hot_run None)."""
+    run = _c_hot_path() if request.param == "c" else None
+    if request.param == "c" and run is None:
+        pytest.skip("nbflash._fastlaunch is not built in this install")
+    monkeypatch.setattr(nbflash.plans, "_hot_run", run)
+    return request.param
+
+
+def test_memo_and_plan_fast_paths_build_the_keys_the_slow_paths_store_under(monkeypatch, hot_path):
     # The fast paths build their keys inline (they run on every call); a key that
     # differs from _memo_key's / _call_key's by one element would mean they never hit.
     plans = nbflash.plans
@@ -386,7 +407,7 @@ def test_gpu_repeated_window_softcap_alibi_call_skips_validation(monkeypatch):
     assert calls == [1, 1]
 
 
-def test_memo_and_plan_fast_paths_refuse_an_overlapping_out(monkeypatch):
+def test_memo_and_plan_fast_paths_refuse_an_overlapping_out(monkeypatch, hot_path):
     plans = nbflash.plans
     make, nd, allocator = _device_arrays()
     monkeypatch.setattr(plans, "_ndarray_type", nd)
@@ -409,6 +430,55 @@ def test_memo_and_plan_fast_paths_refuse_an_overlapping_out(monkeypatch):
             run(make(shape, np.float16, v.data.ptr + shape[1] * 64 * 2 * 4))  # just past v: no overlap
             assert len(launches) == 1
             launches.clear()
+
+
+def test_c_hot_path_keys_like_call_key_and_launches_only_on_a_hit(monkeypatch):
+    """nbflash._fastlaunch.run: the key of plans._call_key after the prefix (strided and
+    contiguous arrays, with and without out), nothing launched or allocated on a miss or
+    for another array type, go's LaunchError raised as is."""
+    run = _c_hot_path()
+    if run is None:
+        pytest.skip("nbflash._fastlaunch is not built in this install")
+    from nbflash import _fastlaunch, launch
+
+    plans = nbflash.plans
+    make, nd, allocator = _device_arrays()
+    if nd is _FakeDeviceArray:
+        pytest.skip("no CuPy arrays to key")
+    shape = (1, 16, 4, 8)
+    q, k, v, out = (make(shape, np.float16, 0x100000 * (i + 1)) for i in range(4))
+    strided = make(shape, np.float16, 0x500000, strides=(4096, 256, 64, 2))
+    unaligned = make(shape, np.float16, 0x600008)
+    prefix = ("bshd", True, 0.5, False, None)
+    for qq in (q, strided, unaligned):
+        for o in (None, out):
+            assert _fastlaunch.key(prefix, qq, k, v, o) == prefix + plans._call_key(qq, k, v, o)
+            assert _fastlaunch.key((), qq, k, v, o) == plans._call_key(qq, k, v, o)
+    allocated = []
+
+    def empty(shape_, dtype):
+        allocated.append(shape_)
+        return make(shape_, dtype, 0x900000)
+
+    extents = [plans._extent(a) for a in (q, k, v, out)]
+    entry, launches = _recording_entry(shape, False, extents)
+    table = {prefix + plans._call_key(strided, k, v, None): entry, prefix + plans._call_key(q, k, v, out): entry}
+    assert run(table, prefix, q, k, v, None, nd, empty, lambda: _Stream) is None  # a miss: q's layout differs
+    assert run(table, prefix, strided, k, v, None, np.ndarray, empty, lambda: _Stream) is None  # not nd
+    assert run(table, ("bhsd",) + prefix[1:], q, k, v, out, nd, empty, lambda: _Stream) is None
+    assert launches == [] and allocated == []
+    got = run(table, prefix, strided, k, v, None, nd, empty, lambda: _Stream)
+    assert allocated == [shape] and got.data.ptr == 0x900000
+    assert launches == [(_Stream.ptr, strided.data.ptr, k.data.ptr, v.data.ptr, 0x900000)]
+    assert run(table, prefix, q, k, v, out, nd, empty, lambda: _Stream) is out
+    assert launches[-1] == (_Stream.ptr, q.data.ptr, k.data.ptr, v.data.ptr, out.data.ptr) and len(allocated) == 1
+
+    def failing(*ptrs):
+        raise launch.LaunchError("CUresult 1")
+
+    entry.go = failing
+    with pytest.raises(launch.LaunchError, match="CUresult 1"):
+        run(table, prefix, q, k, v, out, nd, empty, lambda: _Stream)
 
 
 def test_fast_output_allocation_makes_what_cupy_ndarray_makes():

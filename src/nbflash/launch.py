@@ -359,6 +359,38 @@ def extra_address(extra) -> int:
 # The CUDA driver, called directly
 # ---------------------------------------------------------------------------
 
+_fast_launch = None
+
+
+def fast_launch():
+    """The C extension nbflash._fastlaunch where it was built (pip builds it where a C
+    compiler is present; it is optional) and libcuda.so.1 opens, else None."""
+    global _fast_launch
+    if _fast_launch is None:
+        try:
+            from . import _fastlaunch
+        except ImportError:
+            _fast_launch = False
+        else:
+            _fast_launch = _fastlaunch if _fastlaunch.driver_available() else False
+    return _fast_launch or None
+
+
+def fast_run():
+    """nbflash._fastlaunch.run (the remembered-call hot path in C; it launches through
+    the entries' own go, so it needs no libcuda) where the extension was built and
+    $NBFLASH_HOT_PATH is not "python", else None."""
+    import os
+
+    if os.environ.get("NBFLASH_HOT_PATH", "c") == "python":
+        return None
+    try:
+        from . import _fastlaunch
+    except ImportError:
+        return None
+    return _fastlaunch.run
+
+
 _CUDA_ERROR_INVALID_CONTEXT = 201
 
 
@@ -375,24 +407,37 @@ class _Driver:
     ``raw`` and ``error`` let generated launch code call it bare and read the code from
     the exception. ``kind`` "ctypes": libcuda's symbol through ctypes, without argtypes,
     pointer arguments as cached ctypes.c_void_p (the fallback without CuPy).
-    $NBFLASH_LAUNCH_DRIVER ("cupy" or "ctypes") picks one; default: cupy where it imports."""
+    ``kind`` "c" (the default where nbflash._fastlaunch was built and libcuda opens):
+    launches through CuPy's binding as "cupy" (or ctypes without CuPy), and the prepared
+    launches of :meth:`Bound.fixed` (plans, memoized calls) are the C extension's
+    ``PreparedLaunch`` (``prepared``): the pointer writes and the driver call without
+    the interpreter (perf/bench_overhead.py). $NBFLASH_LAUNCH_DRIVER ("c", "cupy" or
+    "ctypes") picks one."""
 
     def __init__(self, kind=None):
         import os
 
-        kind = kind or os.environ.get("NBFLASH_LAUNCH_DRIVER") or "cupy"
+        kind = kind or os.environ.get("NBFLASH_LAUNCH_DRIVER") or ("c" if fast_launch() is not None else "cupy")
         self.raw = self.error = None
-        if kind == "cupy":
+        self.prepared = None  # the C PreparedLaunch type, for kind "c"
+        if kind == "c":
+            module = fast_launch()
+            if module is None:
+                raise ValueError("NBFLASH_LAUNCH_DRIVER=c: nbflash._fastlaunch is not built or libcuda.so.1 "
+                                 "does not open; reinstall nbflash with a C compiler, or pick 'cupy'")
+            self.prepared = module.PreparedLaunch
+        elif kind not in ("cupy", "ctypes"):
+            raise ValueError(f"NBFLASH_LAUNCH_DRIVER: expected 'c', 'cupy' or 'ctypes'; got {kind!r}")
+        self.launch_kernel = None
+        if kind in ("cupy", "c"):
             try:
                 from cupy_backends.cuda.api.driver import CUDADriverError, launchKernel
             except Exception:  # no CuPy: ctypes
-                kind = "ctypes"
+                kind = "ctypes" if kind == "cupy" else kind
             else:
                 self.raw, self.error = launchKernel, CUDADriverError
                 self.launch_kernel = self._cupy_launch
-        if kind != "cupy":
-            if kind != "ctypes":
-                raise ValueError(f"NBFLASH_LAUNCH_DRIVER: expected 'cupy' or 'ctypes'; got {kind!r}")
+        if self.launch_kernel is None:
             import ctypes
 
             fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
@@ -572,7 +617,9 @@ class Bound:
         and calls the driver; raises LaunchError (nothing launched). ``go`` takes the
         first ``varying`` array arguments' pointers (default: every array argument's, in
         order); the others keep the pointers packed at :meth:`Launcher.bind` (arrays the
-        caller keeps alive, e.g. dummies). Opts in to ``shared`` bytes of shared memory now."""
+        caller keeps alive, e.g. dummies). Opts in to ``shared`` bytes of shared memory now.
+        With driver kind "c", ``go`` is a nbflash._fastlaunch.PreparedLaunch taking the
+        same arguments: it copies the block per call (no lock) and calls the driver in C."""
         grid, block = _as_dims(grid), _as_dims(block)
         shared = int(shared)
         self.launcher.allow_shared(shared)
@@ -582,6 +629,16 @@ class Bound:
         params = "".join(f", {p}" for p in names)
         config = f"{grid[0]}, {grid[1]}, {grid[2]}, {block[0]}, {block[1]}, {block[2]}, {shared}"
         driver = self.launcher._driver
+        fixed_ptrs = tuple(self._slots[slot] for slot in self._data_slots[len(slots):])
+        prepared = getattr(driver, "prepared", None)
+        if prepared is not None:  # the C extension: a copy of the block, pointers written, one driver call
+            launcher = self.launcher
+
+            def on_failure(rc, stream, ptrs):
+                launcher._failed(rc, False)  # raises LaunchError unless a context retry may help
+                self(grid, block, shared, stream, ptrs + fixed_ptrs, True)
+
+            return prepared(self._handle, grid, block, shared, launcher.layout.block(self._buffer), slots, on_failure)
         if getattr(driver, "raw", None) is not None:  # raises on failure: nothing to test on success
             call = (
                 f"        try:\n"
@@ -606,9 +663,8 @@ class Bound:
                 f"            return\n"
             )
             namespace = {"driver": self._launch}
-        all_ptrs = "".join(f"{p}, " for p in names)
-        if varying is not None:  # a retry writes every pointer: the fixed ones as packed now
-            all_ptrs += "".join(f"{self._slots[slot]}, " for slot in self._data_slots[varying:])
+        # a retry writes every pointer: the fixed ones as packed now
+        all_ptrs = "".join(f"{p}, " for p in names) + "".join(f"{p}, " for p in fixed_ptrs)
         # acquire / release in try-finally: half the cost of a with block (0.07 against
         # 0.15 us, perf/stub_host_path.py), the same release on every way out
         source = (
