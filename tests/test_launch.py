@@ -654,3 +654,21 @@ def test_without_libcuda_the_c_launch_stays_off_and_says_why_when_asked_for(monk
     with pytest.raises(OSError, match="libcuda"):
         go(0, 0x1000)
     assert go.block(0x1000) == bytes(8) + (0x1000).to_bytes(8, "little")
+
+
+def test_the_self_check_says_which_host_path_remembered_calls_take(monkeypatch):
+    import types
+
+    assert "simulator" in launch.describe_host_path() or not nbflash.SIMULATOR
+    monkeypatch.setattr(launch.device, "SIMULATOR", False)
+    monkeypatch.setattr(launch, "_driver", types.SimpleNamespace(prepared=object(), kind="c"))
+    try:
+        from nbflash import _fastlaunch  # noqa: F401
+    except ImportError:
+        assert "not built" in launch.describe_host_path()
+        return
+    monkeypatch.setattr(nbflash.plans, "_hot_run", _fastlaunch.run)
+    assert launch.describe_host_path().startswith("C key and lookup, C PreparedLaunch")
+    monkeypatch.setattr(nbflash.plans, "_hot_run", None)
+    monkeypatch.setattr(launch, "_driver", types.SimpleNamespace(prepared=None, kind="cupy"))
+    assert launch.describe_host_path().startswith("Python key and lookup, cupy launchKernel")

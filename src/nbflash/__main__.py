@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 import nbflash
-from nbflash import arrays, device
+from nbflash import arrays, device, launch
 
 TOLERANCE = {"fp16": 3e-3, "bf16": 1e-2, "fp32": 2e-5, "fp64": 1e-12}
 
@@ -49,6 +49,7 @@ def main() -> int:
     print(f"device : {device.describe()}")
     print(f"shape  : q/k/v {shape} (bshd), {np.dtype(dtype).name}, causal={causal}")
     print(f"kernel : {spec.key}")
+    print(f"launch : {launch.describe_host_path()}")
     print(f"error  : max abs {float(err.max()):.3e}, relative {rel:.3e} (limit {tol:.0e})")
     print(f"time   : {timing}")
     print("check  : " + ("PASS" if ok else "FAIL"))

@@ -391,6 +391,23 @@ def fast_run():
     return _fastlaunch.run
 
 
+def describe_host_path() -> str:
+    """One line on how remembered calls (the memo, plans) reach the driver here, for
+    ``python -m nbflash``."""
+    from . import plans
+
+    if device.SIMULATOR:
+        return "Numba's CUDA simulator (no driver launches)"
+    hot = "C" if plans._hot_run is not None else "Python"
+    try:
+        from . import _fastlaunch  # noqa: F401
+    except ImportError:
+        return "Python (nbflash._fastlaunch was not built: no C compiler at install)"
+    driver = _get_driver()
+    launch_kind = "C PreparedLaunch" if driver.prepared is not None else f"{driver.kind} launchKernel"
+    return f"{hot} key and lookup, {launch_kind} (NBFLASH_HOT_PATH, NBFLASH_LAUNCH_DRIVER)"
+
+
 _CUDA_ERROR_INVALID_CONTEXT = 201
 
 
