@@ -116,21 +116,27 @@ assert last_block() == expected(layout, [launch.DeviceArg(0xA000, a.shape, a.str
 
 # malformed calls are refused before the driver
 before = lib.fake_calls()
-for bad in ((0, 0xA000), (0, 0xA000, 0xB000, 0xC000), (0, 0xA000, "x"), (0, -1, 0xB000), (None, 1, 2)):
+for bad in ((0, 0xA000), (0, 0xA000, 0xB000, 0xC000), (0, 0xA000, "x"), (0, -1, 0xB000), (None, 1, 2),
+            (0, 2**64, 0xB000)):
     try:
         go(*bad)
-    except TypeError:
+    except (TypeError, OverflowError):
         pass
     else:
         raise AssertionError(f"{bad} was launched")
 assert lib.fake_calls() == before
-for kwargs in ({"grid": (1, 1)}, {"grid": (0, 1, 1)}, {"slots": (10**6,)}, {"on_failure": 3}):
+# what has __index__ passes as the Python launch's memoryview store takes it
+go(np.uint64(0x51), np.uint64(0xA000), np.int64(0xB000))
+assert lib.fake_last(8) == 0x51 and go.block(np.uint64(0xA000), 0xB000) == go.block(0xA000, 0xB000)
+for kwargs in ({"grid": (1, 1)}, {"grid": (0, 1, 1)}, {"slots": (10**6,)}, {"on_failure": 3},
+               {"slots": (sys.maxsize,)}, {"slots": (2**61 - 1,)}, {"slots": (8,)}, {"slots": (-1,)},
+               {"shared": -1}, {"shared": 2**32 + 5}, {"function": -1}, {"function": 2**64}):
     config = dict(function=1, grid=(1, 1, 1), block=(32, 1, 1), shared=0, block_bytes=bytes(64), slots=(0,),
                   on_failure=print)
     config.update(kwargs)
     try:
         module.PreparedLaunch(**config)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     else:
         raise AssertionError(f"PreparedLaunch accepted {kwargs}")

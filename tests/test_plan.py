@@ -481,6 +481,50 @@ def test_c_hot_path_keys_like_call_key_and_launches_only_on_a_hit(monkeypatch):
         run(table, prefix, q, k, v, out, nd, empty, lambda: _Stream)
 
 
+def test_a_failed_prepared_launch_is_not_retried_and_leaves_the_fast_paths(monkeypatch, hot_path):
+    """go raising LaunchError (nothing launched): the memo forgets the entry and the call
+    returns None (attention validates it), the plan drops its entries and validates the
+    call; neither launches the failing entry again."""
+    from nbflash import launch
+
+    plans = nbflash.plans
+    make, nd, allocator = _device_arrays()
+    monkeypatch.setattr(plans, "_ndarray_type", nd)
+    monkeypatch.setattr(plans, "_get_current_stream", lambda: _Stream)
+    monkeypatch.setattr(plans, "_memo", {})
+    monkeypatch.setattr(launch, "_launchers", {})
+    monkeypatch.setattr(launch, "_warned", set())
+    shape = (1, 16, 4, 8)
+    q, k, v, out = (make(shape, np.float16, 0x100000 * (i + 1)) for i in range(4))
+    extents = [plans._extent(a) for a in (q, k, v, out)]
+    tries = []
+
+    def failing(*ptrs):
+        tries.append(ptrs)
+        raise launch.LaunchError("CUresult 700")
+
+    checked = []
+    plan = plans.AttentionPlan.__new__(plans.AttentionPlan)
+    plan.return_lse = False
+    monkeypatch.setattr(plan, "_run_checked", lambda *a: checked.append(a) or "validated", raising=False)
+    with allocator:
+        monkeypatch.setattr(plans, "_empty", plans._resolve_empty(nd))
+        for o in (None, out):
+            entry, _ = _recording_entry(shape, False, extents)
+            entry.go, entry.kernel, entry.sig = failing, failing, ()
+            key = plans._memo_key(q, k, v, False, None, "bshd", False, o)
+            entry.memo_key = key
+            plans._memo[key] = entry
+            tries.clear()
+            assert plans.memoized_attention(q, k, v, False, None, "bshd", False, o, None) is None
+            assert len(tries) == 1 and key not in plans._memo
+            plan._entries = {plans._call_key(q, k, v, o): entry}
+            tries.clear()
+            assert plan(q, k, v, out=o) == "validated"
+            assert len(tries) == 1 and plan._entries == {} and len(checked) == 1
+            checked.clear()
+
+
 def test_fast_output_allocation_makes_what_cupy_ndarray_makes():
     """The hot paths allocate outputs through CuPy's Cython constructor directly
     (plans._resolve_empty): with this CuPy it must be taken (not the fallback), and

@@ -84,10 +84,18 @@ static int prepared_clear(PreparedLaunch *self) {
 }
 
 static int read_u64(PyObject *value, uint64_t *out, const char *what, Py_ssize_t i) {
-    unsigned long long v = PyLong_AsUnsignedLongLong(value);
+    /* an int, or what has __index__ (numpy integers), as the Python launch takes */
+    PyObject *number = PyLong_CheckExact(value) ? (Py_INCREF(value), value) : PyNumber_Index(value);
+    if (number == NULL) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s %zd: expected an int; got %R", what, i, value);
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(number);
+    Py_DECREF(number);
     if (v == (unsigned long long)-1 && PyErr_Occurred()) {
         PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s %zd: expected an int in [0, 2**64); got %R", what, i, value);
+        PyErr_Format(PyExc_OverflowError, "%s %zd: expected an int in [0, 2**64); got %R", what, i, value);
         return -1;
     }
     *out = (uint64_t)v;
@@ -145,6 +153,8 @@ static PyObject *prepared_vectorcall(PyObject *callable, PyObject *const *args, 
         PyMem_Free(words);
     if (rc == 0)
         Py_RETURN_NONE;
+    if (self->on_failure == NULL)
+        return PyErr_Format(PyExc_RuntimeError, "PreparedLaunch: cuLaunchKernel failed with CUresult %d", rc);
     PyObject *ptrs = PyTuple_New(self->nslots);
     if (ptrs == NULL)
         return NULL;
@@ -176,16 +186,21 @@ static int read_dims(PyObject *dims, unsigned out[3], const char *name) {
 
 /* PreparedLaunch(function, grid, block, shared, block_bytes, slots, on_failure) */
 static PyObject *prepared_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    unsigned long long function;
-    PyObject *grid, *block, *slots, *on_failure;
-    unsigned long shared;
+    PyObject *function_arg, *grid, *block, *shared_arg, *slots, *on_failure;
     Py_buffer bytes;
     static char *names[] = {"function", "grid", "block", "shared", "block_bytes", "slots", "on_failure", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KOOky*OO:PreparedLaunch", names, &function, &grid, &block,
-                                     &shared, &bytes, &slots, &on_failure))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOOOy*OO:PreparedLaunch", names, &function_arg, &grid, &block,
+                                     &shared_arg, &bytes, &slots, &on_failure))
         return NULL;
     PreparedLaunch *self = NULL;
     PyObject *seq = NULL;
+    uint64_t function, shared;
+    if (read_u64(function_arg, &function, "function", 0) < 0 || read_u64(shared_arg, &shared, "shared", 0) < 0)
+        goto fail;
+    if (shared > 0xFFFFFFFFull) {
+        PyErr_Format(PyExc_OverflowError, "PreparedLaunch: shared must be below 2**32; got %R", shared_arg);
+        goto fail;
+    }
     if (bytes.len > MAX_BLOCK_BYTES) {
         PyErr_Format(PyExc_ValueError, "PreparedLaunch: a %zd-byte parameter block is over %d bytes", bytes.len,
                      MAX_BLOCK_BYTES);
@@ -224,7 +239,7 @@ static PyObject *prepared_new(PyTypeObject *type, PyObject *args, PyObject *kwds
         Py_ssize_t slot = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(seq, i));
         if (slot == -1 && PyErr_Occurred())
             goto fail;
-        if (slot < 0 || (size_t)(slot + 1) * 8 > self->size) {
+        if (slot < 0 || (size_t)slot >= self->size / 8) {
             PyErr_Format(PyExc_ValueError, "PreparedLaunch: slot %zd lies outside the %zu-byte block", slot,
                          self->size);
             goto fail;
@@ -272,6 +287,8 @@ static PyObject *prepared_repeat(PreparedLaunch *self, PyObject *const *args, Py
         if (r == NULL)
             return NULL;
         Py_DECREF(r);
+        if ((i & 1023) == 1023 && PyErr_CheckSignals() < 0)
+            return NULL;
     }
     Py_RETURN_NONE;
 }
@@ -348,9 +365,9 @@ static int array_key(PyObject *array, ArrayKey *a) {
     if (memory == NULL)
         return -1;
     a->ptr = PyObject_GetAttr(memory, s_ptr);
-    a->device = PyObject_GetAttr(memory, s_device_id);
+    a->device = a->ptr ? PyObject_GetAttr(memory, s_device_id) : NULL;
     Py_DECREF(memory);
-    if (a->ptr == NULL || a->device == NULL)
+    if (a->device == NULL)
         return -1;
     a->address = PyLong_AsUnsignedLongLongMask(a->ptr);
     if (PyErr_Occurred())
@@ -447,10 +464,12 @@ static PyObject *hot_run(PyObject *module, PyObject *const *args, Py_ssize_t nar
             long long bounds[6];
             for (int i = 0; i < 6; i++) {
                 bounds[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(ov, i));
+                if (bounds[i] == -1 && PyErr_Occurred()) {
+                    Py_DECREF(ov);
+                    goto done;
+                }
             }
             Py_DECREF(ov);
-            if (PyErr_Occurred())
-                goto done;
             for (int i = 0; i < 3; i++) {
                 long long d = (long long)(a[i].address - a[3].address);
                 if (bounds[2 * i] <= d && d <= bounds[2 * i + 1]) {
@@ -468,7 +487,8 @@ static PyObject *hot_run(PyObject *module, PyObject *const *args, Py_ssize_t nar
         }
         Py_INCREF(out);
     } else {
-        PyObject *shape = PyObject_GetAttr(entry, s_out_shape), *dtype = PyObject_GetAttr(entry, s_dtype);
+        PyObject *shape = PyObject_GetAttr(entry, s_out_shape);
+        PyObject *dtype = shape ? PyObject_GetAttr(entry, s_dtype) : NULL;
         if (shape != NULL && dtype != NULL)
             out = PyObject_CallFunctionObjArgs(args[7], shape, dtype, NULL);
         else

@@ -298,8 +298,11 @@ def memoized_attention(q, k, v, causal, scale, layout, return_lse, out, stream, 
         try:
             got = _hot_run(_memo, (layout, causal, scale, return_lse, variant), q, k, v, out, nd, _empty,
                            _get_current_stream)
-        except launch.LaunchError:  # the code below meets it again and disables the entry
-            got = None
+        except launch.LaunchError as error:  # nothing launched: the validated path from now on
+            entry = _memo.get(_memo_key(q, k, v, causal, scale, layout, return_lse, out, variant))
+            if entry is not None:
+                entry.disable(error)
+            return None
         if got is not None:
             return got
     qm = q.data
@@ -516,8 +519,12 @@ class AttentionPlan:
         if nd and _hot_run is not None and stream is None and not self.return_lse:
             try:
                 got = _hot_run(self._entries, (), q, k, v, out, nd, _empty, _get_current_stream)
-            except launch.LaunchError:  # the code below meets it again, and drops the entries
-                got = None
+            except launch.LaunchError as error:  # nothing launched: drop the entries, validate this call
+                entry = self._entries.get(_call_key(q, k, v, out))
+                if entry is not None:
+                    entry.disable(error)
+                self._entries.clear()
+                return self._run_checked(q, k, v, out, stream)
             if got is not None:
                 return got
         if nd and type(q) is nd and type(k) is nd and type(v) is nd:
