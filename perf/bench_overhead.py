@@ -428,16 +428,10 @@ def main():
             optional(f"floor: empty kernel, {nbytes}-byte params", lambda nbytes=nbytes: empty_with_block(nbytes))
     fast_c = launch.fast_launch()
     if fast_c is not None:  # the same empty kernel through the C extension: one call, and a loop in C
-        def c_empty():
-            go = fast_c.PreparedLaunch(empty, (1, 1, 1), (32, 1, 1), 0, b"", (), print)
-            return lambda: go(stream_ptr)
-
-        def c_loop():
-            go = fast_c.PreparedLaunch(empty, (1, 1, 1), (32, 1, 1), 0, b"", (), print)
-            return lambda: go.repeat(CHUNK, stream_ptr)  # a row's figure is per CHUNK launches
-
-        optional("floor: empty kernel, C PreparedLaunch", c_empty)
-        optional(f"floor: empty kernel, C loop (x{CHUNK}: divide)", c_loop)
+        c_go = fast_c.PreparedLaunch(empty, (1, 1, 1), (32, 1, 1), 0, b"", (), print)
+        optional("floor: empty kernel, C PreparedLaunch", lambda: lambda: c_go(stream_ptr))
+        # a row's figure is per CHUNK launches
+        optional(f"floor: empty kernel, C loop (x{CHUNK}: divide)", lambda: lambda: c_go.repeat(CHUNK, stream_ptr))
     row("part: get_current_stream", lambda: cupy.cuda.get_current_stream().ptr)
     row("part: cupy.ndarray (alloc)", lambda: cupy.ndarray(SHAPE, cupy.float16))
     row("part: memo key", lambda: plan_module._memo_key(q, k, v, False, None, "bshd", False, None))

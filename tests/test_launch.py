@@ -642,7 +642,6 @@ def test_without_libcuda_the_c_launch_stays_off_and_says_why_when_asked_for(monk
         pytest.skip("nbflash._fastlaunch is not built in this install")
     if _fastlaunch.driver_available():
         pytest.skip("libcuda.so.1 opens here")
-    monkeypatch.setattr(launch, "_fast_launch", None)
     assert launch.fast_launch() is None
     monkeypatch.delenv("NBFLASH_LAUNCH_DRIVER", raising=False)
     assert launch._Driver().kind in ("cupy", "ctypes") and launch._Driver().prepared is None

@@ -359,21 +359,28 @@ def extra_address(extra) -> int:
 # The CUDA driver, called directly
 # ---------------------------------------------------------------------------
 
-_fast_launch = None
+_extension = None
 
 
-def fast_launch():
-    """The C extension nbflash._fastlaunch where it was built (pip builds it where a C
-    compiler is present; it is optional) and libcuda.so.1 opens, else None."""
-    global _fast_launch
-    if _fast_launch is None:
+def _fastlaunch_module():
+    """nbflash._fastlaunch where pip built it (it is optional: a C compiler at install),
+    else None; imported once."""
+    global _extension
+    if _extension is None:
         try:
             from . import _fastlaunch
         except ImportError:
-            _fast_launch = False
+            _extension = False
         else:
-            _fast_launch = _fastlaunch if _fastlaunch.driver_available() else False
-    return _fast_launch or None
+            _extension = _fastlaunch
+    return _extension or None
+
+
+def fast_launch():
+    """The C extension nbflash._fastlaunch where it was built and libcuda.so.1 opens,
+    else None."""
+    module = _fastlaunch_module()
+    return module if module is not None and module.driver_available() else None
 
 
 def fast_run():
@@ -382,13 +389,10 @@ def fast_run():
     $NBFLASH_HOT_PATH is not "python", else None."""
     import os
 
-    if os.environ.get("NBFLASH_HOT_PATH", "c") == "python":
+    module = _fastlaunch_module()
+    if module is None or os.environ.get("NBFLASH_HOT_PATH", "c") == "python":
         return None
-    try:
-        from . import _fastlaunch
-    except ImportError:
-        return None
-    return _fastlaunch.run
+    return module.run
 
 
 def describe_host_path() -> str:
@@ -399,9 +403,7 @@ def describe_host_path() -> str:
     if device.SIMULATOR:
         return "Numba's CUDA simulator (no driver launches)"
     hot = "C" if plans._hot_run is not None else "Python"
-    try:
-        from . import _fastlaunch  # noqa: F401
-    except ImportError:
+    if _fastlaunch_module() is None:
         return "Python (nbflash._fastlaunch was not built: no C compiler at install)"
     driver = _get_driver()
     launch_kind = "C PreparedLaunch" if driver.prepared is not None else f"{driver.kind} launchKernel"
