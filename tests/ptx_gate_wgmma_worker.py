@@ -80,20 +80,23 @@ def forward_specs():
     tuning.wgmma_variant sends them (head_dim 64 and 128; plain only at 192 and 256);
     and the varlen kernel, causal fp16, with BF16_VARIANTS where tuning.wgmma_varlen allows them."""
     for head_dim, (bm, bn, threads) in sorted(tuning.WGMMA_TILES.items()):
+        stages = tuning.wgmma_stages(head_dim, bm, bn)
         for dtype, variants in (("fp16", LIGHT_VARIANTS), ("bf16", BF16_VARIANTS)):
             for causal in (False, True):
                 for variant in (v for v in variants if tuning.wgmma_variant(v, head_dim)):
-                    yield ForwardSpec("wgmma", dtype, head_dim, head_dim, causal, True, bm, bn, threads, 2,
-                                      variant=variant, softmax_overlap=tuning.wgmma_overlap(head_dim, variant))
+                    yield ForwardSpec("wgmma", dtype, head_dim, head_dim, causal, True, bm, bn, threads, stages,
+                                      variant=variant, softmax_overlap=tuning.wgmma_overlap(head_dim, variant),
+                                      exp2_fma=tuning.wgmma_exp2_fma(variant))
         if tuning.wgmma_overlap(head_dim):
             for causal in (False, True):
                 for variant in LSE_FREE_WINDOW_VARIANTS:
-                    yield ForwardSpec("wgmma", "fp16", head_dim, head_dim, causal, False, bm, bn, threads, 2,
-                                      variant=variant, softmax_overlap=tuning.wgmma_overlap(head_dim, variant))
+                    yield ForwardSpec("wgmma", "fp16", head_dim, head_dim, causal, False, bm, bn, threads, stages,
+                                      variant=variant, softmax_overlap=tuning.wgmma_overlap(head_dim, variant),
+                                      exp2_fma=tuning.wgmma_exp2_fma(variant))
         if tuning.wgmma_varlen(head_dim):  # packed batches: causal, plain and with everything on
             for variant in (v for v in BF16_VARIANTS if tuning.wgmma_varlen(head_dim, v)):
-                yield ForwardSpec("wgmma", "fp16", head_dim, head_dim, True, True, bm, bn, threads, 2,
-                                  variant=variant, varlen=True)
+                yield ForwardSpec("wgmma", "fp16", head_dim, head_dim, True, True, bm, bn, threads, stages,
+                                  variant=variant, varlen=True, exp2_fma=tuning.wgmma_exp2_fma(variant))
 
 
 def forward_kernels():

@@ -10,10 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from numba import cuda
+
 import nbflash
 from helpers import DTYPES, VarlenShape, check_forward_kernel, check_varlen_forward, draw_shape, draw_varlen, new_rng
 from helpers import assert_close, random_array, to_device, to_host
-from nbflash import plans, tuning
+from nbflash import launch, plans, tuning
+from nbflash.kernels import ptx
 
 HALF_DTYPES = DTYPES[:2]
 SOFTCAPS = (0.75, 2.0, 5.0)  # exact in float32: the kernel receives softcap as float32
@@ -99,7 +102,10 @@ def test_wgmma_runs_by_default_on_sm90_for_dense_attention_and_light_variants(mo
     shape = sim_shape(rng, 5, 7)
     q, k, v = (to_device(random_array(rng, s, HALF_DTYPES[0])) for s in shape.qkv_shapes("bshd"))
     monkeypatch.delenv("NBFLASH_WGMMA", raising=False)
-    assert nbflash.forward_spec(q, k, v).kernel == "mma"  # the simulator: off unless asked
+    plans.forget()
+    # off unless asked on the simulator; on by default on an sm_90 GPU
+    hopper = not nbflash.device.SIMULATOR and nbflash.device.compute_capability()[:2] == (9, 0)
+    assert nbflash.forward_spec(q, k, v).kernel == ("wgmma" if hopper else "mma")
     assert tuning.wgmma_tiles(64, False, (9, 0)) == tuning.WGMMA_TILES[64]  # a GPU: on by default
     assert tuning.wgmma_tiles(256, False, (9, 0)) == tuning.WGMMA_TILES[256]
     assert tuning.wgmma_tiles(192, False, (9, 0)) is None  # mma.sync measured faster there
@@ -236,17 +242,22 @@ def test_wgmma_kernel_seqlen_one_and_long_keys(head_dim, wgmma_on):
         check(rng, seed, shape, HALF_DTYPES[0], bool(rng.integers(2)))
 
 
+@pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("overlap", ["on", "off"])
-def test_wgmma_softmax_overlap_on_and_off(overlap, wgmma_on, monkeypatch):
+def test_wgmma_softmax_overlap_on_and_off(overlap, stages, wgmma_on, monkeypatch):
     """Both loops of the kernel: the pipelined one (K a tile ahead of V, the softmax of
     tile j beside P V of tile j - 1, the last P V after the loop) that head_dim 128
     ships, and the serial one that the other head_dims and NBFLASH_WGMMA_OVERLAP=0 run;
-    head_dim 128, one to four key tiles, a random subset of the light variants, causal or not."""
+    each with two K/V stages (a second barrier a tile) and three (none; head_dim 128's
+    default); head_dim 128, one to six key tiles (three stages: four or more, so the ring
+    wraps), a random subset of the light variants, causal or not."""
     if overlap == "off":
         monkeypatch.setenv("NBFLASH_WGMMA_OVERLAP", "0")
+    monkeypatch.setenv("NBFLASH_WGMMA_STAGES", str(stages))
     rng, seed = new_rng()
-    shape = sim_shape(rng, int(rng.integers(1, 130)), int(rng.integers(1, 250)), group=int(rng.integers(1, 3)),
-                      head_dim=128)
+    block_n = tuning.WGMMA_TILES_SIMULATOR[1]
+    seqlen_k = int(rng.integers(3 * block_n + 1, 6 * block_n + 1)) if stages == 3 else int(rng.integers(1, 250))
+    shape = sim_shape(rng, int(rng.integers(1, 130)), seqlen_k, group=int(rng.integers(1, 3)), head_dim=128)
     variants = dict(window=window_of(rng, shape.seqlen_k, 80), softcap=pick(rng, SOFTCAPS),
                     alibi_slopes=slopes_of(rng, shape))
     chosen = list(rng.permutation(list(variants))[: int(rng.integers(0, len(variants) + 1))])
@@ -255,6 +266,27 @@ def test_wgmma_softmax_overlap_on_and_off(overlap, wgmma_on, monkeypatch):
     spec = check(rng, seed, shape, pick(rng, HALF_DTYPES), bool(rng.integers(2)),
                  **{name: variants[name] for name in chosen})
     assert spec.kernel == "wgmma" and spec.softmax_overlap == (overlap == "on"), spec.key
+    assert spec.stages == stages, spec.key
+
+
+def test_wgmma_stages_fit_shared_memory(monkeypatch):
+    """Three K/V stages at head_dim 128 (its Q and three stages fill 225 KB of the 227),
+    two where three do not fit (192, 256) and at 64; NBFLASH_WGMMA_STAGES overrides
+    where the buffers fit; the count the spec carries sizes the kernel's shared memory."""
+    from nbflash.kernels import forward_wgmma
+    from nbflash.spec import ForwardSpec
+
+    monkeypatch.delenv("NBFLASH_WGMMA_STAGES", raising=False)
+    assert [tuning.wgmma_stages(d, *tuning.WGMMA_TILES[d][:2]) for d in (64, 128, 192, 256)] == [2, 3, 2, 2]
+    monkeypatch.setenv("NBFLASH_WGMMA_STAGES", "2")
+    assert tuning.wgmma_stages(128, 128, 128) == 2
+    monkeypatch.setenv("NBFLASH_WGMMA_STAGES", "3")
+    assert tuning.wgmma_stages(64, 128, 64) == 3 and tuning.wgmma_stages(256, 128, 80) == 2
+    for d, (bm, bn, threads) in tuning.WGMMA_TILES.items():
+        stages = tuning.wgmma_stages(d, bm, bn)
+        spec = ForwardSpec("wgmma", "fp16", d, d, True, True, bm, bn, threads, stages)
+        assert forward_wgmma.shared_bytes(spec) <= tuning.WGMMA_MAX_SHARED_BYTES, spec.key
+        assert forward_wgmma.shared_bytes(spec) == 2 * d * (bm + 2 * stages * bn) + 1024, spec.key
 
 
 def test_wgmma_softmax_overlap_follows_the_register_budget(monkeypatch):
@@ -269,6 +301,60 @@ def test_wgmma_softmax_overlap_follows_the_register_budget(monkeypatch):
     assert not tuning.wgmma_overlap(192) and not tuning.wgmma_overlap(256)
     monkeypatch.setenv("NBFLASH_WGMMA_OVERLAP", "0")
     assert not tuning.wgmma_overlap(128)
+
+
+def _apply_ex2_fma(x, out):
+    i = cuda.grid(1)
+    if i < x.shape[0]:
+        out[i] = ptx.ex2_fma(x[i])
+
+
+def test_ex2_fma_matches_exp2_within_its_bound():
+    """kernels.ptx.ex2_fma (the exp2 polynomial on the FMA pipe) on random exponents over
+    [-125, 0], the integers there (its rounding splits x exactly) and x = 0: relative
+    error at most 2**-18 (the fit's 2.7e-6); under -125 a non-negative number under
+    2**-125, and exactly 0 from -127.5 down, -inf included (a row's masked scores)."""
+    rng, seed = new_rng()
+    x = np.concatenate([rng.uniform(-125, 0, 2000), -rng.integers(0, 126, 200), [0.0, -0.0, -0.5, 0.5 - 1e-7],
+                        [-125.5, -126.0, -127.0], [-127.5, -200.0, -1e30, -np.inf]]).astype(np.float32)
+    args = [to_device(x), to_device(np.full_like(x, np.nan))]
+    launch.launch(cuda.jit(_apply_ex2_fma), (x.size + 127) // 128, 128, [launch.numba_view(a) for a in args], 0)
+    got = to_host(args[1]).astype(np.float64)
+    normal = x >= -125
+    rel = np.abs(got[normal] / np.exp2(x[normal].astype(np.float64)) - 1)
+    assert rel.max() <= 2.0**-18, (seed, float(rel.max()), x[normal][np.argmax(rel)])
+    assert np.all((got[~normal] >= 0) & (got[~normal] < 2.0**-125)), (seed, got[~normal])
+    assert np.all(got[x <= -127.5] == 0), got[x <= -127.5]
+
+
+@pytest.mark.parametrize("count", [1, 4])
+def test_wgmma_exp2_on_the_fma_pipe(count, wgmma_on, monkeypatch):
+    """NBFLASH_EXP2_FMA=count: count of every four 8-key blocks of a softcap kernel take
+    exp2 by ptx.ex2_fma (4: all of them, 1: a mix within each row), either loop (head_dim
+    64 serial, 128 overlapped), with or without ALiBi, against the oracle."""
+    monkeypatch.setenv("NBFLASH_EXP2_FMA", str(count))
+    rng, seed = new_rng()
+    head_dim = pick(rng, (64, 128))
+    shape = sim_shape(rng, int(rng.integers(1, 130)), int(rng.integers(1, 250)), head_dim=head_dim)
+    variants = dict(softcap=pick(rng, SOFTCAPS))
+    if rng.integers(2):
+        variants["alibi_slopes"] = slopes_of(rng, shape)
+    spec = check(rng, seed, shape, pick(rng, HALF_DTYPES), bool(rng.integers(2)), **variants)
+    assert spec.kernel == "wgmma" and spec.exp2_fma == count, spec.key
+
+
+def test_wgmma_exp2_fma_goes_to_softcap(monkeypatch):
+    """Softcap (a tanh beside every exp2 on the MUFU) takes tuning.EXP2_FMA_SOFTCAP of
+    every four blocks' exp2 onto the FMA pipe; plain and the other variants none, whatever
+    NBFLASH_EXP2_FMA says."""
+    from nbflash.spec import Variant
+
+    monkeypatch.delenv("NBFLASH_EXP2_FMA", raising=False)
+    assert tuning.wgmma_exp2_fma(Variant(softcap=True)) == tuning.EXP2_FMA_SOFTCAP
+    assert tuning.wgmma_exp2_fma(Variant(softcap=True, alibi=True, window=True)) == tuning.EXP2_FMA_SOFTCAP
+    assert tuning.wgmma_exp2_fma() == 0 and tuning.wgmma_exp2_fma(Variant(alibi=True, window=True)) == 0
+    monkeypatch.setenv("NBFLASH_EXP2_FMA", "3")  # A/B runs: softcap's count only
+    assert tuning.wgmma_exp2_fma(Variant(softcap=True)) == 3 and tuning.wgmma_exp2_fma(Variant(alibi=True)) == 0
 
 
 def test_wgmma_two_warpgroups_with_every_light_variant(wgmma_on, monkeypatch):

@@ -77,6 +77,9 @@ class ForwardSpec:
     softmax_overlap: wgmma only: each key tile's softmax runs while the previous tile's
         O += P V is on the tensor cores (FlashAttention-3's intra-warpgroup pipelining;
         costs a second S tile of registers, so tuning.wgmma_overlap picks it per head_dim).
+    exp2_fma: wgmma only: of every four 8-key blocks of a tile's scores, this many take
+        their exp2 on the FMA pipe (kernels.ptx.ex2_fma) instead of the MUFU, which
+        softcap's tanh loads as much again (tuning.wgmma_exp2_fma).
     """
 
     kernel: str
@@ -93,6 +96,7 @@ class ForwardSpec:
     varlen: bool = False
     variant: Variant = PLAIN
     softmax_overlap: bool = False
+    exp2_fma: int = 0
 
     @property
     def module(self) -> str:
@@ -105,6 +109,7 @@ class ForwardSpec:
         flags += ("-varlen" if self.varlen else "") + self.variant.key
         stages = f"s{self.stages}" + ("qr" if self.q_in_registers else "") if self.kernel != "simt" else ""
         stages += "ov" if self.softmax_overlap else ""
+        stages += f"e{self.exp2_fma}" if self.exp2_fma else ""
         return (
             f"fwd_{self.kernel}-{self.dtype}-d{self.head_dim}-dv{self.head_dim_v}{flags}"
             f"-m{self.block_m}n{self.block_n}t{self.threads}{stages}"

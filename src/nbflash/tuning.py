@@ -477,6 +477,51 @@ def wgmma_overlap(head_dim: int, variant=None) -> bool:
     return not (head_dim == 128 and variant is not None and variant.window and variant.alibi)
 
 
+# FlashAttention-4's exp2 emulation in the wgmma forward (spec.ForwardSpec.exp2_fma): of
+# every four 8-key blocks of scores, this many take exp2 as a polynomial on the FMA pipe
+# (kernels.ptx.ex2_fma) instead of the MUFU. Softcap puts a tanh.approx on the MUFU for
+# every score beside the exp2, so it alone takes the emulation. Session 12 (two K/V stages,
+# H100, d128 fp16 causal 16k H16): softcap 1.167 -> 1.154x plain causal at n = 1, worse at
+# 2 and 3 (the emulation's issue slots cost as much as the MUFU time it frees). Off until
+# it is measured over the three-stage loop (tuning.wgmma_stages), which took softcap to
+# 1.108x by itself. NBFLASH_EXP2_FMA=n sets softcap's n (A/B runs; 0-4).
+EXP2_FMA_SOFTCAP = 0
+_EXP2_FMA_VARIABLE = "NBFLASH_EXP2_FMA"
+
+
+def wgmma_exp2_fma(variant=None) -> int:
+    """How many of every four 8-key blocks take exp2 on the FMA pipe in the wgmma forward
+    with this spec.Variant (spec.ForwardSpec.exp2_fma): softcap's count, else none."""
+    if variant is None or not variant.softcap:
+        return 0
+    override = os.environ.get(_EXP2_FMA_VARIABLE, "")
+    return int(override) if override in ("0", "1", "2", "3", "4") else EXP2_FMA_SOFTCAP
+
+
+# K/V buffers of the wgmma forward. With two, every tile ends in a CTA-wide barrier (the
+# stages it read are refilled by the next tile); with three the refilled stages are the
+# ones read two tiles back, which the next tile's first barrier already covers, so that
+# barrier goes. Session 12's timing-only build without it (racy) measured d128 fp16 16k
+# full 4.99 -> 4.69 ms, causal 2.49 -> 2.39, causal + softcap 2.91 -> 2.67 (softcap / causal
+# 1.168 -> 1.120). Shared memory: d128 m128n128 Q 32 KB + 3 x 64 KB of K and V = 225 KB of
+# the 227 KB; d192 / d256 do not fit three. NBFLASH_WGMMA_STAGES=2 or 3 overrides (A/B runs;
+# a count whose buffers do not fit falls back to 2).
+WGMMA_STAGES = {128: 3}
+_WGMMA_STAGES_VARIABLE = "NBFLASH_WGMMA_STAGES"
+WGMMA_MAX_SHARED_BYTES = 232448  # sm_90's opt-in dynamic shared memory a block
+
+
+def wgmma_stages(head_dim: int, block_m: int, block_n: int) -> int:
+    """K/V buffers (2 or 3) the wgmma forward uses at head_dim with these tiles."""
+    stages = WGMMA_STAGES.get(head_dim, 2)
+    override = os.environ.get(_WGMMA_STAGES_VARIABLE, "")
+    if override in ("2", "3"):
+        stages = int(override)
+    # Q, then K and V stages of 16-bit tiles, and the 1024-byte alignment slack
+    fits = 2 * head_dim * (block_m + 2 * stages * block_n) + 1024 <= WGMMA_MAX_SHARED_BYTES
+    return stages if fits else 2
+
+
 WGMMA_VARIANT_HEAD_DIMS = (64, 128)  # d192/d256 sit at 250-255 registers plain: no room
 
 

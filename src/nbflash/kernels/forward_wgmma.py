@@ -33,10 +33,15 @@ its warp w' in the warpgroup). With spec.softmax_overlap (head_dim 128, tuning.w
 FlashAttention-3's intra-warpgroup pipelining: tile j's softmax runs while P V of tile j - 1
 is on the tensor cores (the next S tile in registers beside P and O; K loaded a tile ahead
 of V). No warp specialization and no ping-pong between warpgroups yet (FlashAttention-3's
-other steps): both warpgroups meet at two barriers a tile.
+other steps): both warpgroups meet at a barrier a tile once the tile's copies have landed,
+and with two K/V stages at a second one before the stages they read are refilled (three
+stages, tuning.wgmma_stages, refill the ones read two tiles back, which needs no second
+barrier).
 
 Shared memory (dynamic, aligned up to 1024 bytes at run time): Q (block_m x head_dim),
-then K (2 x block_n x head_dim), then V (the same), each in ptx_wgmma's tile layout.
+then K (stages x block_n x head_dim), then V (the same), each in ptx_wgmma's tile layout.
+Softcap kernels may take exp2 for some of each tile's scores on the FMA pipe
+(spec.exp2_fma, kernels.ptx.ex2_fma), as the tanh already loads the MUFU once a score.
 """
 
 from __future__ import annotations
@@ -57,13 +62,13 @@ from .varlen import sequence_span
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 HEAD_DIMS = (64, 128, 192, 256)  # whole 64-column panels
-STAGES = 2
+STAGES = (2, 3)  # K/V buffers a spec may ask for (tuning.wgmma_stages)
 K_MAJOR_LBO = 16  # unused by the hardware for swizzled K-major operands ("assumed 1")
 
 
 def shared_bytes(spec: ForwardSpec) -> int:
     D = spec.head_dim
-    return wg.tile_bytes(spec.block_m, D) + 2 * STAGES * wg.tile_bytes(spec.block_n, D) + wg.TILE_ALIGN
+    return wg.tile_bytes(spec.block_m, D) + 2 * spec.stages * wg.tile_bytes(spec.block_n, D) + wg.TILE_ALIGN
 
 
 def make_issue_tile(head_dim: int, rows: int, threads: int):
@@ -145,11 +150,19 @@ def build(spec: ForwardSpec):
     turns them on. Requires 16-byte aligned rows of q, k and v (checked by the caller)."""
     assert spec.kernel == "wgmma" and spec.dtype in ("fp16", "bf16")
     assert spec.head_dim == spec.head_dim_v and spec.head_dim in HEAD_DIMS
-    assert spec.stages == STAGES
+    assert spec.stages in STAGES
+    STAGE_COUNT = spec.stages
+    # With two stages a tile refills the buffers the tile before it read, so every thread
+    # must be done with them first: a second CTA-wide barrier a tile. With three, the
+    # buffers refilled at tile j were last read at tile j - 2, which every thread finished
+    # (its wgmma waited for) before it passed tile j - 1's first barrier: no second barrier.
+    STAGE_FREE_BARRIER = STAGE_COUNT == 2
     VAR = spec.variant
     assert tuning.wgmma_variant(VAR, spec.head_dim), VAR
     VARLEN = spec.varlen
     OVERLAP = spec.softmax_overlap
+    EXP2_FMA = spec.exp2_fma
+    assert 0 <= EXP2_FMA <= 4, spec.key
     assert not VARLEN or tuning.wgmma_varlen(spec.head_dim, VAR), spec.key
     D = spec.head_dim
     BM, BN, T = spec.block_m, spec.block_n, spec.threads
@@ -161,7 +174,7 @@ def build(spec: ForwardSpec):
     KV_BYTES = wg.tile_bytes(BN, D)
     KV_WORDS = KV_BYTES // 4
     K_OFF = Q_WORDS
-    V_OFF = Q_WORDS + STAGES * KV_WORDS
+    V_OFF = Q_WORDS + STAGE_COUNT * KV_WORDS
     Q_PANEL, KV_PANEL = wg.panel_bytes(BM), wg.panel_bytes(BN)
     WG_ROWS_WORDS = 64 * wg.SWIZZLE_BYTES // 4  # a warpgroup's 64 Q rows in a panel
     S_REGS, O_REGS, P_REGS = BN // 2, D // 2, BN // 4
@@ -291,7 +304,10 @@ def build(spec: ForwardSpec):
             for j in range(S_BLOCKS):
                 for e in range(2):
                     idx = 4 * j + 2 * half + e
-                    pv = ptx.ex2(s[idx] * s_log2 - m_sub)
+                    if j % 4 < EXP2_FMA:  # off the MUFU, which softcap's tanh also needs
+                        pv = ptx.ex2_fma(s[idx] * s_log2 - m_sub)
+                    else:
+                        pv = ptx.ex2(s[idx] * s_log2 - m_sub)
                     row_sum += pv
                     s[idx] = pv
             m_i[half] = m_new
@@ -384,16 +400,19 @@ def build(spec: ForwardSpec):
         if OVERLAP:
             # FlashAttention-3's intra-warpgroup pipelining: the softmax of key tile j runs
             # while O += P V of tile j - 1 is on the tensor cores. K runs a tile ahead of V:
-            # copy group j holds K_j and V_(j-1), so iteration j reads K stage j % 2 and V
-            # stage (j - 1) % 2, and refills the stages iteration j - 1 finished with.
+            # copy group j holds K_j and V_(j-1), so iteration j reads K stage j % stages and
+            # V stage (j - 1) % stages, and refills K stage (j + 1) % stages and V stage j %
+            # stages: with two stages the ones iteration j - 1 read, with three iteration j - 2's.
             if n_tiles > 0:
                 issue_kv(k, smem, base + K_OFF, b, hk, k_start, n_first, seqlen_k, tid)
             ptx.cp_async_commit()  # group 0: Q and K_0
             for it in range(n_tiles):
-                stage = it % 2
+                stage = it % STAGE_COUNT
+                after = (it + 1) % STAGE_COUNT
+                before = (it + STAGE_COUNT - 1) % STAGE_COUNT
                 n0 = n_first + np.int32(it * BN)
                 if it + 1 < n_tiles:
-                    issue_kv(k, smem, base + K_OFF + (1 - stage) * KV_WORDS, b, hk, k_start, n0 + np.int32(BN),
+                    issue_kv(k, smem, base + K_OFF + after * KV_WORDS, b, hk, k_start, n0 + np.int32(BN),
                              seqlen_k, tid)
                 issue_kv(v, smem, base + V_OFF + stage * KV_WORDS, b, hk, k_start, n0, seqlen_k, tid)
                 ptx.cp_async_commit()  # group it + 1: K_(it+1), V_it
@@ -403,7 +422,7 @@ def build(spec: ForwardSpec):
                 issue_s(s, desc_q, wg.desc_add(desc_k0, stage * KV_BYTES), n0, row0, seqlen_q, seqlen_k, t,
                         slope_u, slope_log2)
                 if it > 0:
-                    issue_pv(o, p, wg.desc_add(desc_v0, (1 - stage) * KV_BYTES))
+                    issue_pv(o, p, wg.desc_add(desc_v0, before * KV_BYTES))
                 else:  # an empty group in P V's place: the waits below count the same on every tile
                     wg.wgmma_commit()
                 wg.wgmma_wait(1)  # S has landed; P V of the last tile may still run
@@ -414,12 +433,13 @@ def build(spec: ForwardSpec):
                 wg.fence_operands(o, O_REGS)
                 rescale_o(o, alpha)  # on the first tile O is 0 and alpha 0
                 pack_p(p, s)
-                cuda.syncthreads()  # everyone is done with both stages before they are refilled
+                if STAGE_FREE_BARRIER:
+                    cuda.syncthreads()  # everyone is done with both stages before they are refilled
             ptx.cp_async_wait_group(0)
             if n_tiles > 0:  # the last tile's O += P V
                 wg.fence_proxy_async()
                 cuda.syncthreads()
-                issue_pv(o, p, wg.desc_add(desc_v0, ((n_tiles - 1) % 2) * KV_BYTES))
+                issue_pv(o, p, wg.desc_add(desc_v0, ((n_tiles - 1) % STAGE_COUNT) * KV_BYTES))
                 wg.wgmma_wait(0)
                 wg.fence_operands(o, O_REGS)
         else:
@@ -428,10 +448,10 @@ def build(spec: ForwardSpec):
                 issue_kv(v, smem, base + V_OFF, b, hk, k_start, n_first, seqlen_k, tid)
             ptx.cp_async_commit()
             for it in range(n_tiles):
-                stage = it % 2
+                stage = it % STAGE_COUNT
                 n0 = n_first + np.int32(it * BN)
                 if it + 1 < n_tiles:
-                    nxt = (1 - stage) * KV_WORDS
+                    nxt = ((it + 1) % STAGE_COUNT) * KV_WORDS
                     issue_kv(k, smem, base + K_OFF + nxt, b, hk, k_start, n0 + np.int32(BN), seqlen_k, tid)
                     issue_kv(v, smem, base + V_OFF + nxt, b, hk, k_start, n0 + np.int32(BN), seqlen_k, tid)
                 ptx.cp_async_commit()
@@ -449,7 +469,8 @@ def build(spec: ForwardSpec):
                 issue_pv(o, p, wg.desc_add(desc_v0, stage * KV_BYTES))
                 wg.wgmma_wait(0)
                 wg.fence_operands(o, O_REGS)
-                cuda.syncthreads()  # everyone is done with this stage before it is refilled
+                if STAGE_FREE_BARRIER:
+                    cuda.syncthreads()  # everyone is done with this stage before it is refilled
             ptx.cp_async_wait_group(0)
 
         for half in range(2):

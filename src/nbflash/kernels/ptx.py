@@ -28,6 +28,22 @@ from .. import device
 SIMULATED = device.SIMULATOR
 """True when these intrinsics are the simulator twins."""
 
+# ex2_fma: 2**f for f in [-0.5, 0.5] as c0 + c1 f + ... + c4 f^4 (float32 values of a
+# near-minimax fit of the relative error: at most 2.7e-6, under the 2e-5 that the lse's
+# float32 accumulation is held to), the clamp under which 2**x is 0 exactly (the exponent
+# of the scale 2**round(x) is then 0), and the addend whose float32 sum with x holds
+# round(x) in its low mantissa bits (1.5 * 2**23).
+EX2_FMA_POLY = (0.9999992847442627, 0.6931217908859253, 0.240247443318367, 0.05591785907745361,
+                0.009570101276040077)
+EX2_FMA_FLOOR = -127.0
+_ROUND_MAGIC = 12582912.0
+
+
+def _f32_hex(value: float) -> str:
+    """A float32 constant as PTX writes it bit for bit (0fXXXXXXXX)."""
+    return "0f%08X" % int(np.array(value, np.float32).view(np.uint32))
+
+
 if SIMULATED:
     import threading
 
@@ -196,6 +212,19 @@ if SIMULATED:
     def ex2(x):
         """2**x in float32."""
         return np.float32(np.exp2(np.float32(x)))
+
+    def ex2_fma(x):
+        """2**x in float32 by ex2_fma's steps on the GPU (the same polynomial, rounding
+        and exponent arithmetic, so the simulator sees its error too)."""
+        x = max(np.float32(x), np.float32(EX2_FMA_FLOOR))
+        t = np.float32(x + np.float32(_ROUND_MAGIC))
+        f = np.float32(x - np.float32(t - np.float32(_ROUND_MAGIC)))
+        p = np.float32(EX2_FMA_POLY[-1])
+        for c in EX2_FMA_POLY[-2::-1]:
+            p = np.float32(np.float64(p) * np.float64(f) + np.float64(c))  # one rounding, as fma
+        bits = ((int(np.array(t, np.float32).view(np.uint32)) << 23) + 0x3F800000) & 0xFFFFFFFF
+        scale = np.array(bits, np.uint32).view(np.float32)[()]  # 2**round(x), 0 at the floor
+        return np.float32(p * scale)
 
     def shfl_xor(value, lane_mask):
         """The value of lane (this lane ^ lane_mask), all 32 lanes taking part."""
@@ -507,6 +536,34 @@ else:
         return intrinsic(typer)
 
     ex2 = _unary_f32("ex2.approx.ftz.f32", "ex2", "ex2.approx.ftz.f32: 2**x (PTX ISA 9.7.3.21).")
+
+    @intrinsic
+    def ex2_fma(typingctx, x):
+        """2**x in float32 on the FMA and integer pipes instead of the MUFU
+        (FlashAttention-4's exp2 emulation): n = round(x) by adding 1.5 * 2**23, 2**(x - n)
+        by EX2_FMA_POLY (four fma), times 2**n built in the exponent field (one shift-add).
+        x is clamped to EX2_FMA_FLOOR first, where 2**n is 0, so -inf gives 0; relative
+        error 2.7e-6 down to 2**-126 (below that a denormal or 0)."""
+
+        def codegen(context, builder, sig, args):
+            val = context.cast(builder, args[0], sig.args[0], types.float32)
+            c = [_f32_hex(v) for v in EX2_FMA_POLY]
+            text = (
+                "{ .reg .f32 x, t, f, p, s; .reg .b32 e;"
+                f" max.f32 x, $1, {_f32_hex(EX2_FMA_FLOOR)};"
+                f" add.rn.f32 t, x, {_f32_hex(_ROUND_MAGIC)};"
+                f" sub.rn.f32 f, t, {_f32_hex(_ROUND_MAGIC)};"
+                " sub.rn.f32 f, x, f;"
+                f" fma.rn.f32 p, f, {c[4]}, {c[3]};"
+                f" fma.rn.f32 p, p, f, {c[2]};"
+                f" fma.rn.f32 p, p, f, {c[1]};"
+                f" fma.rn.f32 p, p, f, {c[0]};"
+                " mov.b32 e, t; shl.b32 e, e, 23; add.s32 e, e, 0x3F800000; mov.b32 s, e;"
+                " mul.rn.f32 $0, p, s; }"
+            )
+            return _asm(builder, text, "=f,f", _f32, [val], False)
+
+        return types.float32(x), codegen
 
     @intrinsic
     def red_add_f32(typingctx, address, value):
