@@ -86,17 +86,17 @@ def forward_specs():
                 for variant in (v for v in variants if tuning.wgmma_variant(v, head_dim)):
                     yield ForwardSpec("wgmma", dtype, head_dim, head_dim, causal, True, bm, bn, threads, stages,
                                       variant=variant, softmax_overlap=tuning.wgmma_overlap(head_dim, variant),
-                                      exp2_fma=tuning.wgmma_exp2_fma(variant))
+                                      exp2_fma=tuning.wgmma_exp2_fma(head_dim, variant))
         if tuning.wgmma_overlap(head_dim):
             for causal in (False, True):
                 for variant in LSE_FREE_WINDOW_VARIANTS:
                     yield ForwardSpec("wgmma", "fp16", head_dim, head_dim, causal, False, bm, bn, threads, stages,
                                       variant=variant, softmax_overlap=tuning.wgmma_overlap(head_dim, variant),
-                                      exp2_fma=tuning.wgmma_exp2_fma(variant))
+                                      exp2_fma=tuning.wgmma_exp2_fma(head_dim, variant))
         if tuning.wgmma_varlen(head_dim):  # packed batches: causal, plain and with everything on
             for variant in (v for v in BF16_VARIANTS if tuning.wgmma_varlen(head_dim, v)):
                 yield ForwardSpec("wgmma", "fp16", head_dim, head_dim, True, True, bm, bn, threads, stages,
-                                  variant=variant, varlen=True, exp2_fma=tuning.wgmma_exp2_fma(variant))
+                                  variant=variant, varlen=True, exp2_fma=tuning.wgmma_exp2_fma(head_dim, variant))
 
 
 def forward_kernels():

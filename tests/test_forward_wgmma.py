@@ -345,16 +345,18 @@ def test_wgmma_exp2_on_the_fma_pipe(count, wgmma_on, monkeypatch):
 
 def test_wgmma_exp2_fma_goes_to_softcap(monkeypatch):
     """Softcap (a tanh beside every exp2 on the MUFU) takes tuning.EXP2_FMA_SOFTCAP of
-    every four blocks' exp2 onto the FMA pipe; plain and the other variants none, whatever
-    NBFLASH_EXP2_FMA says."""
+    every four blocks' exp2 onto the FMA pipe where it was measured faster (head_dim 128),
+    none at 64; plain and the other variants none, whatever NBFLASH_EXP2_FMA says."""
     from nbflash.spec import Variant
 
     monkeypatch.delenv("NBFLASH_EXP2_FMA", raising=False)
-    assert tuning.wgmma_exp2_fma(Variant(softcap=True)) == tuning.EXP2_FMA_SOFTCAP
-    assert tuning.wgmma_exp2_fma(Variant(softcap=True, alibi=True, window=True)) == tuning.EXP2_FMA_SOFTCAP
-    assert tuning.wgmma_exp2_fma() == 0 and tuning.wgmma_exp2_fma(Variant(alibi=True, window=True)) == 0
+    assert tuning.wgmma_exp2_fma(128, Variant(softcap=True)) == tuning.EXP2_FMA_SOFTCAP[128] > 0
+    assert tuning.wgmma_exp2_fma(128, Variant(softcap=True, alibi=True, window=True)) == tuning.EXP2_FMA_SOFTCAP[128]
+    assert tuning.wgmma_exp2_fma(64, Variant(softcap=True)) == 0
+    assert tuning.wgmma_exp2_fma(128) == 0 and tuning.wgmma_exp2_fma(128, Variant(alibi=True, window=True)) == 0
     monkeypatch.setenv("NBFLASH_EXP2_FMA", "3")  # A/B runs: softcap's count only
-    assert tuning.wgmma_exp2_fma(Variant(softcap=True)) == 3 and tuning.wgmma_exp2_fma(Variant(alibi=True)) == 0
+    assert tuning.wgmma_exp2_fma(64, Variant(softcap=True)) == 3
+    assert tuning.wgmma_exp2_fma(128, Variant(alibi=True)) == 0
 
 
 def test_wgmma_two_warpgroups_with_every_light_variant(wgmma_on, monkeypatch):

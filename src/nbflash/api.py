@@ -197,7 +197,7 @@ def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool, views=N
                                block_m, block_n, threads, tuning.wgmma_stages(problem.head_dim, block_m, block_n),
                                variant=variant,
                                softmax_overlap=tuning.wgmma_overlap(problem.head_dim, variant),
-                               exp2_fma=tuning.wgmma_exp2_fma(variant))
+                               exp2_fma=tuning.wgmma_exp2_fma(problem.head_dim, variant))
         block_m, block_n, threads, stages, q_in_registers = tiles
         spec = ForwardSpec("mma", dtype, problem.head_dim, problem.head_dim, causal, with_lse,
                            block_m, block_n, threads, stages, q_in_registers, variant=variant)

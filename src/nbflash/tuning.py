@@ -482,20 +482,26 @@ def wgmma_overlap(head_dim: int, variant=None) -> bool:
 # (kernels.ptx.ex2_fma) instead of the MUFU. Softcap puts a tanh.approx on the MUFU for
 # every score beside the exp2, so it alone takes the emulation. Session 12 (two K/V stages,
 # H100, d128 fp16 causal 16k H16): softcap 1.167 -> 1.154x plain causal at n = 1, worse at
-# 2 and 3 (the emulation's issue slots cost as much as the MUFU time it frees). Off until
-# it is measured over the three-stage loop (tuning.wgmma_stages), which took softcap to
-# 1.108x by itself. NBFLASH_EXP2_FMA=n sets softcap's n (A/B runs; 0-4).
-EXP2_FMA_SOFTCAP = 0
+# 2 and 3 (the emulation's issue slots cost as much as the MUFU time it frees). Over the
+# three-stage loop (tuning.wgmma_stages), same H100, one process each (perf/results/
+# session14/exp2/): softcap 2.731 / 2.703 / 2.808 ms at n = 0 / 1 / 2 against plain causal
+# 2.477 (1.103 / 1.091 / 1.133x); softcap + ALiBi 1.145 / 1.140 / 1.167x. Accuracy: the
+# fit's 2.7e-6 relative error, below the lse's 2e-5 (session 12's GPU check: the same fp16
+# error as n = 0). Head_dim 64 stays at 0: session 12 measured its softcap 1.445 -> 1.512x
+# at n = 2 and n = 1 has not run there. NBFLASH_EXP2_FMA=n sets softcap's n at every
+# head_dim (A/B runs; 0-4).
+EXP2_FMA_SOFTCAP = {128: 1}
 _EXP2_FMA_VARIABLE = "NBFLASH_EXP2_FMA"
 
 
-def wgmma_exp2_fma(variant=None) -> int:
+def wgmma_exp2_fma(head_dim: int, variant=None) -> int:
     """How many of every four 8-key blocks take exp2 on the FMA pipe in the wgmma forward
-    with this spec.Variant (spec.ForwardSpec.exp2_fma): softcap's count, else none."""
+    at head_dim with this spec.Variant (spec.ForwardSpec.exp2_fma): softcap's count,
+    else none."""
     if variant is None or not variant.softcap:
         return 0
     override = os.environ.get(_EXP2_FMA_VARIABLE, "")
-    return int(override) if override in ("0", "1", "2", "3", "4") else EXP2_FMA_SOFTCAP
+    return int(override) if override in ("0", "1", "2", "3", "4") else EXP2_FMA_SOFTCAP.get(head_dim, 0)
 
 
 # K/V buffers of the wgmma forward. With two, every tile ends in a CTA-wide barrier (the
