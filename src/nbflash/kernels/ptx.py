@@ -215,8 +215,11 @@ if SIMULATED:
 
     def ex2_fma(x):
         """2**x in float32 by ex2_fma's steps on the GPU (the same polynomial, rounding
-        and exponent arithmetic, so the simulator sees its error too)."""
-        x = max(np.float32(x), np.float32(EX2_FMA_FLOOR))
+        and exponent arithmetic, so the simulator sees its error too; a NaN stays NaN)."""
+        x = np.float32(x)
+        if np.isnan(x):
+            return x
+        x = max(x, np.float32(EX2_FMA_FLOOR))
         t = np.float32(x + np.float32(_ROUND_MAGIC))
         f = np.float32(x - np.float32(t - np.float32(_ROUND_MAGIC)))
         p = np.float32(EX2_FMA_POLY[-1])
@@ -542,15 +545,16 @@ else:
         """2**x in float32 on the FMA and integer pipes instead of the MUFU
         (FlashAttention-4's exp2 emulation): n = round(x) by adding 1.5 * 2**23, 2**(x - n)
         by EX2_FMA_POLY (four fma), times 2**n built in the exponent field (one shift-add).
-        x is clamped to EX2_FMA_FLOOR first, where 2**n is 0, so -inf gives 0; relative
-        error 2.7e-6 down to 2**-126 (below that a denormal or 0)."""
+        x is clamped to EX2_FMA_FLOOR first, where 2**n is 0, so -inf gives 0 (max.NaN:
+        a NaN stays NaN, as MUFU.EX2's does); relative error 2.7e-6 down to 2**-126 (below
+        that a denormal or 0)."""
 
         def codegen(context, builder, sig, args):
             val = context.cast(builder, args[0], sig.args[0], types.float32)
             c = [_f32_hex(v) for v in EX2_FMA_POLY]
             text = (
                 "{ .reg .f32 x, t, f, p, s; .reg .b32 e;"
-                f" max.f32 x, $1, {_f32_hex(EX2_FMA_FLOOR)};"
+                f" max.NaN.f32 x, $1, {_f32_hex(EX2_FMA_FLOOR)};"
                 f" add.rn.f32 t, x, {_f32_hex(_ROUND_MAGIC)};"
                 f" sub.rn.f32 f, t, {_f32_hex(_ROUND_MAGIC)};"
                 " sub.rn.f32 f, x, f;"
