@@ -118,10 +118,12 @@ VARIANT_CASES = [  # (name, causal, variant arguments)
     ("alibi", True, {"alibi_slopes": "slopes"}),
     ("window (1024, 0)", False, {"window": (1024, 0)}),
 ]
-# (name, variant arguments) at seqlen 4096, not causal, as bench_forward's bias / mask rows:
-# bias and mask run the mma.sync backward, so their baseline is its plain row
+# (name, variant arguments) at seqlen 4096, not causal, as bench_forward's bias / mask rows,
+# for each backward family (on sm_90 the wgmma backward stages a 16-bit bias or a mask; a
+# bias with a mask at head_dim 128 does not fit it and runs mma.sync): each family's rows
+# against its own plain row
 READ_CASES = [
-    ("plain mma N4096", {}),
+    ("plain N4096", {}),
     ("bias fp16 BHNN", {"bias": "bias"}),
     ("mask BHNN", {"mask": "mask"}),
 ]
@@ -169,13 +171,13 @@ def variants_main(args):
             print(f"{r['case']:18} {r['ms']:9.2f} {r['call_ms']:9.2f} {r['ratio_to_plain_causal']:15.3f}  {r['spec']}")
     print(f"# gpu: {gpu}; backward of fp16 d{d} H{HEADS} {batch}x{seqlen} tokens; targets: softcap and alibi "
           f"<= 1.10x, window (1024, 0) <= 1/8 of plain causal")
-    print(f"{'case':18} {'ms':>9} {'call ms':>9} {'extra ms':>9} {'bytes ms':>9}  spec")
+    print(f"{'case':26} {'ms':>9} {'call ms':>9} {'extra ms':>9} {'bytes ms':>9}  spec")
     for r in rows:
-        if "extra_ms" in r:
-            print(f"{r['case']:18} {r['ms']:9.2f} {r['call_ms']:9.2f} {r['extra_ms']:9.2f} "
+        if "ratio_to_plain_causal" not in r:
+            print(f"{r['case']:26} {r['ms']:9.2f} {r['call_ms']:9.2f} {r.get('extra_ms', 0.0):9.2f} "
                   f"{r.get('extra_ms_at_bandwidth') or float('nan'):9.2f}  {r['spec']}")
-    print("# bias / mask rows: fp16 d128 H16 4x4096, not causal; extra ms over the plain mma.sync backward against "
-          "the bias / mask bytes read once at HBM bandwidth (the target)")
+    print("# bias / mask rows: fp16 d128 H16 4x4096, not causal; extra ms over the same family's plain backward "
+          "against the bias / mask bytes read once at HBM bandwidth (the target)")
 
 
 def read_rows(args, gpu, rng, dtype, d):
@@ -187,30 +189,32 @@ def read_rows(args, gpu, rng, dtype, d):
     q, k, v, do = (rng.standard_normal(shape, dtype=cupy.float32).astype(dtype) for _ in range(4))
     grads = [cupy.full(shape, cupy.nan, dtype=cupy.float32).astype(dtype) for _ in range(3)]
     default_wgmma = nbflash.tuning.wgmma_enabled()
-    nbflash.tuning.set_wgmma(False)  # bias and mask run mma.sync; so does their baseline here
     bw = next((b for key, b in BANDWIDTH.items() if key in gpu), None)
-    rows, base = [], None
+    rows = []
     try:
-        for name, variants in READ_CASES:
-            if variants.get("bias") == "bias":
-                variants = {"bias": rng.standard_normal((batch, HEADS, n, n), dtype=cupy.float32).astype(dtype)}
-            if variants.get("mask") == "mask":
-                variants = {"mask": rng.random((batch, HEADS, n, n), dtype=cupy.float32) < 0.9}
-            out, lse = nbflash.attention(q, k, v, return_lse=True, **variants)
-            spec = nbflash.backward_spec(q, k, v, **variants)
-            call_ms = nbflash_time(do, q, k, v, out, lse, False, grads, args.repeats, **variants)
-            ms = nbflash_time(do, q, k, v, out, lse, False, grads, args.repeats, queued=True, **variants)
-            row = {"gpu": gpu, "case": name, "dtype": "fp16", "batch": batch, "heads": HEADS, "seqlen": n,
-                   "head_dim": d, "causal": False, "spec": spec.key, "ms": ms, "call_ms": call_ms}
-            if base is None:
-                base = ms
-            else:
-                extra = sum(a.nbytes for a in variants.values())
-                row.update(extra_ms=ms - base, extra_bytes=extra,
-                           extra_ms_at_bandwidth=extra / bw * 1e3 if bw else None)
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr)
-            del out, lse, variants
+        for family in (["wgmma"] if default_wgmma else []) + ["mma"]:
+            nbflash.tuning.set_wgmma(family == "wgmma")
+            base = None
+            for name, variants in READ_CASES:
+                if variants.get("bias") == "bias":
+                    variants = {"bias": rng.standard_normal((batch, HEADS, n, n), dtype=cupy.float32).astype(dtype)}
+                if variants.get("mask") == "mask":
+                    variants = {"mask": rng.random((batch, HEADS, n, n), dtype=cupy.float32) < 0.9}
+                out, lse = nbflash.attention(q, k, v, return_lse=True, **variants)
+                spec = nbflash.backward_spec(q, k, v, **variants)
+                call_ms = nbflash_time(do, q, k, v, out, lse, False, grads, args.repeats, **variants)
+                ms = nbflash_time(do, q, k, v, out, lse, False, grads, args.repeats, queued=True, **variants)
+                row = {"gpu": gpu, "case": f"{name} ({family})", "dtype": "fp16", "batch": batch, "heads": HEADS,
+                       "seqlen": n, "head_dim": d, "causal": False, "spec": spec.key, "ms": ms, "call_ms": call_ms}
+                if base is None:
+                    base = ms
+                else:
+                    extra = sum(a.nbytes for a in variants.values())
+                    row.update(extra_ms=ms - base, extra_bytes=extra,
+                               extra_ms_at_bandwidth=extra / bw * 1e3 if bw else None)
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr)
+                del out, lse, variants
     finally:
         nbflash.tuning.set_wgmma(default_wgmma)
     return rows

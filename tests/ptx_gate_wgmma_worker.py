@@ -132,6 +132,25 @@ def backward_specs():
                 for causal in (False, True):
                     yield BackwardMmaSpec("fp16", head_dim, causal, bm, bn, threads, False, qbm, qbn, qthreads, False,
                                           True, wgmma=True, variant=light, part="dkdvq")
+        for scores in SCORE_VARIANTS:  # staged bias / mask, where their stages fit
+            spec = BackwardMmaSpec("fp16", head_dim, False, bm, bn, threads, False, qbm, qbn, qthreads, False,
+                                   True, wgmma=True, variant=scores, part="dkdvq")
+            if (fused and tuning.wgmma_bwd_variant(scores, head_dim)
+                    and backward_wgmma.shared_bytes(spec) <= tuning.WGMMA_MAX_SHARED_BYTES):
+                for causal in (False, True):
+                    yield BackwardMmaSpec(**{**spec.__dict__, "causal": causal})
+
+
+# The fused backward's staged bias / mask (tuning.wgmma_bwd_variant): each alone, both,
+# and beside the light variants it takes them with.
+SCORE_VARIANTS = (
+    Variant(bias="fp16", bias_staged=True),
+    Variant(bias="bf16", bias_staged=True),
+    Variant(mask=True, mask_staged=True),
+    Variant(bias="fp16", bias_staged=True, mask=True, mask_staged=True),
+    Variant(window=True, alibi=True, bias="fp16", bias_staged=True),
+    Variant(window=True, softcap=True, mask=True, mask_staged=True),
+)
 
 
 def backward_kernels():

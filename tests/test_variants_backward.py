@@ -118,9 +118,10 @@ def run(rng, seed, *, family, large=False, **options):
 
 
 def _run(rng, seed, *, family, large=False, causal=False, group=None, deterministic=None, bias=None,
-         return_dbias=False, dtype=None, seqlens=None, lse_dtype=None, edit=None, **flags):
+         return_dbias=False, dtype=None, head_dim=None, seqlens=None, lse_dtype=None, edit=None, **flags):
     dtype_dim = pick_dtype_dim(rng, family, large)
-    dtype, head_dim = (dtype, dtype_dim[1]) if dtype is not None else dtype_dim
+    dtype = dtype_dim[0] if dtype is None else dtype
+    head_dim = dtype_dim[1] if head_dim is None else head_dim
     group = group if group is not None else int(rng.choice([1, 2]))
     heads_kv = int(rng.integers(1, 3)) if large else 1
     heads_q = heads_kv * group
@@ -210,6 +211,85 @@ def test_light_variants_on_the_wgmma_family(monkeypatch, variant, large):
         _ship_fused_dq_on_the_simulator(monkeypatch)
     flags = {name: True for name in variant.split("-")}
     run(rng, seed, family="wgmma", large=large, causal=bool(rng.integers(2)), deterministic=False, **flags)
+
+
+@pytest.mark.parametrize("large", TIERS)
+@pytest.mark.parametrize("variant", ["bias", "mask", "bias-mask", "bias-window-alibi", "mask-window-softcap"])
+def test_staged_bias_and_mask_on_the_wgmma_family(monkeypatch, variant, large):
+    """The fused wgmma kernel's bias (fp16 or bf16, broadcast shapes among them, read
+    transposed with ldmatrix.trans from a swizzled stage) and mask (a padded stage),
+    alone, together and beside the light variants, causal or not, GQA 1 or 2; key
+    lengths a multiple of 16 so that both can be staged (rows on 16 bytes). A bias and
+    a mask together do not fit beside the head_dim 128 kernel's stages: that case must
+    take the mma.sync family."""
+    rng, seed = new_rng()
+    monkeypatch.setenv("NBFLASH_WGMMA", "1")
+    if SIMULATOR:
+        _ship_fused_dq_on_the_simulator(monkeypatch)
+    flags = {name: True for name in variant.split("-") if name != "bias"}
+    seqlen_q, seqlen_k = sizes(rng, large)
+    seqlens = (seqlen_q, 16 * int(rng.integers(1, seqlen_k // 16 + 2)))
+    bias_dtype = HALF[int(rng.integers(2))]
+    shapes = [lambda s: s, lambda s: s[1:], lambda s: (s[0], 1) + s[2:], lambda s: s[2:]]
+    shape = shapes[int(rng.integers(len(shapes)))] if "bias" in variant else None
+
+    def half_bias(kw):
+        if "bias" in kw:
+            kw["bias"] = kw["bias"].astype(bias_dtype)
+
+    # a bias and a mask together fit beside the head_dim 64 kernel's stages only
+    head_dim = 64 if large and variant == "bias-mask" else None
+    run(rng, seed, family="wgmma", large=large, causal=bool(rng.integers(2)), deterministic=False,
+        seqlens=seqlens, bias=shape, edit=half_bias, head_dim=head_dim, **flags)
+
+
+def test_wgmma_bias_and_mask_over_several_tiles(monkeypatch):
+    """Several 64-row query tiles and 64-key CTAs, GQA 2: every iteration refills the
+    one bias / mask stage for the next (query head, query tile) while the tile's other
+    work runs; a bias and a mask together, causal or not."""
+    rng, seed = new_rng()
+    monkeypatch.setenv("NBFLASH_WGMMA", "1")
+    if SIMULATOR:
+        _ship_fused_dq_on_the_simulator(monkeypatch)
+    seqlens = (int(rng.integers(130, 200)), 16 * int(rng.integers(5, 12)))
+    bias_dtype = HALF[int(rng.integers(2))]
+
+    def half_bias(kw):
+        kw["bias"] = kw["bias"].astype(bias_dtype)
+
+    run(rng, seed, family="wgmma", causal=bool(rng.integers(2)), deterministic=False, group=2, seqlens=seqlens,
+        bias=lambda s: s, edit=half_bias, mask=True)
+
+
+def test_wgmma_bias_and_mask_dispatch(monkeypatch):
+    """Which backward runs a bias or mask on sm_90 (shipped tiles): the wgmma family for
+    a staged 16-bit bias or a staged mask, the mma.sync family for a float32 bias, rows
+    off 16 bytes (unstaged), softcap with a bias, and a bias with a mask at head_dim 128
+    (their stages do not fit beside the fused kernel's 215 KB)."""
+    monkeypatch.setenv("NBFLASH_WGMMA", "1")
+    monkeypatch.setattr(tuning, "wgmma_bwd_tiles", lambda head_dim, simulator, arch: tuning.WGMMA_BWD_TILES[head_dim])
+    monkeypatch.setattr(tuning, "wgmma_bwd_dq_atomics", lambda head_dim, simulator: True)
+
+    def module(head_dim, seqlen_k=64, bias=None, mask=False, **kw):
+        q = to_device(np.ones((1, 32, 2, head_dim), np.float16))
+        k = to_device(np.ones((1, seqlen_k, 2, head_dim), np.float16))
+        if bias is not None:
+            kw["bias"] = to_device(np.ones((32, seqlen_k), bias))
+        if mask:
+            kw["mask"] = to_device(np.ones((32, seqlen_k), bool))
+        return nbflash.backward_spec(q, k, k, **kw).module
+
+    for head_dim in (64, 128):
+        assert module(head_dim, bias=np.float16) == "backward_wgmma"
+        assert module(head_dim, bias=DTYPES[1]) == "backward_wgmma"
+        assert module(head_dim, mask=True) == "backward_wgmma"
+        assert module(head_dim, mask=True, softcap=2.0) == "backward_wgmma"
+        assert module(head_dim, bias=np.float32) == "backward_mma"
+        assert module(head_dim, seqlen_k=60, bias=np.float16) == "backward_mma"
+        assert module(head_dim, bias=np.float16, softcap=2.0) == "backward_mma"
+        assert module(head_dim, bias=np.float16, deterministic=True) == "backward_mma"
+    assert module(64, bias=np.float16, mask=True) == "backward_wgmma"
+    assert module(128, bias=np.float16, mask=True) == "backward_mma"
 
 
 def test_wgmma_window_skips_query_tiles_and_leaves_band_interiors_unmasked(monkeypatch):

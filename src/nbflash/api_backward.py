@@ -45,18 +45,29 @@ def choose_backward_spec(problem: _Problem, causal: bool, deterministic: bool, v
 
         wgmma = wgmma and not (variant and deterministic)  # the wgmma variants are in the fused kernel only
         spec = backward_mma.choose_spec(dtype, problem.head_dim, causal, device.SIMULATOR, variant, dbias, wgmma)
+        if spec is not None and spec.wgmma and not _wgmma_stages_fit(spec):
+            spec = backward_mma.choose_spec(dtype, problem.head_dim, causal, device.SIMULATOR, variant, dbias, False)
         if spec is not None:
             return _fit_staging(spec)
     return _simt_spec(problem, causal, variant, dbias)
+
+
+def _wgmma_stages_fit(spec) -> bool:
+    """Whether a wgmma backward spec's fused kernel, with its bias and mask stages, fits
+    the GPU's shared memory (a bias and a mask together do not at head_dim 128)."""
+    if not (spec.variant.bias or spec.variant.mask):
+        return True
+    return launch.shared_bytes(replace(spec, part="dkdvq")) <= device.max_shared_bytes()
 
 
 def _fit_staging(spec):
     """A tensor-core backward ``spec`` whose staged bias / mask tiles (mma.sync family:
     kernels/backward_mma.py stages them like the forward) fit the GPU's shared memory in
     each of the parts it may launch; staging is dropped, the bias first, until they do.
-    The wgmma family reads no bias or mask."""
+    The wgmma family takes a bias or mask only staged (tuning.wgmma_bwd_variant,
+    _wgmma_stages_fit)."""
     if spec.wgmma:
-        return replace(spec, variant=variants.unstaged(spec.variant))
+        return spec
     launched = ("dkdv", "dq") + (("dkdvq",) if spec.dq_atomics else ())  # dq: deterministic=True
     return variants.fit_staging(spec, device.max_shared_bytes(),
                                 parts=lambda fitted: [replace(fitted, part=part) for part in launched])

@@ -79,7 +79,7 @@ from numba.cuda import float32, uint32
 
 from .. import tuning
 from ..spec import BackwardMmaSpec
-from . import ptx
+from . import bias_tile, ptx
 from . import ptx_wgmma as wg
 from .forward_wgmma import K_MAJOR_LBO, make_issue_tile
 from .score_mods import tile_crosses_band, window_query_range
@@ -105,7 +105,21 @@ def _dkdv_layout(spec):
     staging_off = ds_off + ds_words
     lse_off = staging_off + (STAGES * spec.block_m * spec.head_dim if fused else 0)
     delta_off = lse_off + STAGES * spec.block_m
-    return k_off, v_off, q_off, do_off, ds_off, staging_off, lse_off, delta_off, delta_off + STAGES * spec.block_m
+    bias_off = -(-(delta_off + STAGES * spec.block_m) // 32) * 32  # 128-byte aligned: the swizzle's banks
+    bias_words, mask_words = _staged_words(spec)
+    mask_off = bias_off + bias_words
+    return (k_off, v_off, q_off, do_off, ds_off, staging_off, lse_off, delta_off, bias_off, mask_off,
+            mask_off + mask_words)
+
+
+def _staged_words(spec):
+    """Words of the bias and mask stages (0 for a variant without them): one tile of
+    block_m queries x block_n keys each, refilled once a tile (_build_dkdv); the bias
+    swizzled for ldmatrix.trans, the mask padded (bias_tile)."""
+    var = spec.variant
+    bias = spec.block_m * spec.block_n * bias_tile.ITEMSIZE[var.bias] // 4 if var.bias else 0
+    mask = spec.block_m * bias_tile.transposed_mask_row_words(spec.block_n) if var.mask else 0
+    return bias, mask
 
 
 def _dq_deferred(spec):
@@ -222,7 +236,7 @@ def _build_dkdv(spec):
     mma_acc = wg.wgmma_rs(spec.dtype, D, True)  # dV += P^T dO, dK += dS^T Q
     pack = ptx.pack_f16x2 if spec.dtype == "fp16" else ptx.pack_bf16x2
     store = _make_store(D, pack)
-    K_OFF, V_OFF, Q_OFF, DO_OFF, DS_OFF, STAGING_OFF, LSE_OFF, DELTA_OFF, _ = _dkdv_layout(spec)
+    K_OFF, V_OFF, Q_OFF, DO_OFF, DS_OFF, STAGING_OFF, LSE_OFF, DELTA_OFF, BIAS_OFF, MASK_OFF, _ = _dkdv_layout(spec)
     # 8-byte lse / delta pairs (ld.shared.v2); dS^T tiles 1024-byte aligned (the XOR swizzle)
     assert LSE_OFF % 2 == 0 and DELTA_OFF % 2 == 0 and BM % 2 == 0, (LSE_OFF, DELTA_OFF)
     assert spec.part != "dkdvq" or (DS_OFF % (wg.TILE_ALIGN // 4) == 0 and wg.tile_bytes(BN, BM) % wg.TILE_ALIGN == 0)
@@ -252,6 +266,16 @@ def _build_dkdv(spec):
     CAUSAL = spec.causal
     WINDOW, ALIBI, SOFTCAP = spec.variant.window, spec.variant.alibi, spec.variant.softcap
     assert not (SOFTCAP and ALIBI)  # tuning.wgmma_bwd_variant
+    # bias / mask: one stage each, tile (query tile, key block) refilled once a tile
+    BIAS, MASK = bool(spec.variant.bias), spec.variant.mask
+    STAGED = BIAS or MASK
+    assert (not STAGED or WITH_DQ) and not (SOFTCAP and BIAS), spec.key  # tuning.wgmma_bwd_variant
+    assert (not BIAS or spec.variant.bias_staged) and (not MASK or spec.variant.mask_staged), spec.key
+    issue_bias = bias_tile.make_issue_tile(BM, BN, 2, T, swizzle=True)
+    issue_mask = bias_tile.make_issue_tile(BM, BN, 1, T, rw=bias_tile.transposed_mask_row_words(BN))
+    bias_lane_offset, BIAS_ROW_BYTES, bias_f32 = bias_tile.make_transposed_bias_reader(
+        spec.variant.bias if BIAS else "fp16", BN)
+    mask_lane_offset, MASK_ROW_BYTES = bias_tile.make_transposed_mask_reader(BN)
     issue_kv = make_issue_tile(D, BN, T)
     issue_q = make_issue_tile(D, BM, T)
 
@@ -265,6 +289,23 @@ def _build_dkdv(spec):
         if m1 >= m_end:
             return h + uint32(1), m_begin
         return h, m1
+
+    @cuda.jit(device=True, inline=True)
+    def issue_scores(bias, mask, smem, base, b, h, m0, seqlen_q, n0, seqlen_k, tid):
+        """cp.async the bias and mask tiles of query tile m0 of head h into their stages."""
+        if BIAS:
+            issue_bias(bias, smem, base + BIAS_OFF, b, h, m0, seqlen_q, n0, seqlen_k, tid)
+        if MASK:
+            issue_mask(mask, smem, base + MASK_OFF, b, h, m0, seqlen_q, n0, seqlen_k, tid)
+
+    @cuda.jit(device=True, inline=True)
+    def issue_next_scores(bias, mask, smem, base, b, h, m0, m_begin, m_end, it, total, seqlen_q, n0, seqlen_k, tid):
+        """The next iteration's bias and mask tiles (when there is one), one committed
+        group; called after a barrier that every reader of this tile's has passed."""
+        if it + 1 < total:
+            h1, m1 = next_tile(h, m0, m_begin, m_end)
+            issue_scores(bias, mask, smem, base, b, h1, m1, seqlen_q, n0, seqlen_k, tid)
+        ptx.cp_async_commit()
 
     @cuda.jit(device=True, inline=True)
     def reduce_tile(dq_acc, b, h, m0, smem, staging):
@@ -338,6 +379,10 @@ def _build_dkdv(spec):
                 ptx.st_shared_u32(at_base + uint32(4 * (DELTA_OFF + tid)),
                                   ptx.f32_as_u32(_delta_of(delta, b, h0, m_begin + tid, seqlen_q)))
         ptx.cp_async_commit()
+        if STAGED:  # a group of its own, waited for only once S^T is in (see the loop)
+            if total > 0:
+                issue_scores(bias, mask, smem, base, b, h0, m_begin, seqlen_q, n0, seqlen_k, tid)
+            ptx.cp_async_commit()
 
         desc_k = wg.smem_desc(ptx.shared_address(smem, (base + K_OFF + wgi * WG_ROWS_WORDS,)), K_MAJOR_LBO)
         desc_v = wg.smem_desc(ptx.shared_address(smem, (base + V_OFF + wgi * WG_ROWS_WORDS,)), K_MAJOR_LBO)
@@ -380,7 +425,10 @@ def _build_dkdv(spec):
                     next_lse = _lse_log2(lse, b, h1, m1 + tid, seqlen_q)
                     next_delta = _delta_of(delta, b, h1, m1 + tid, seqlen_q)
             ptx.cp_async_commit()
-            ptx.cp_async_wait_group(1)  # this tile's group (and K, V) has landed
+            if STAGED:  # groups in flight: this tile's Q / dO, its bias / mask, the next Q / dO
+                ptx.cp_async_wait_group(2)
+            else:
+                ptx.cp_async_wait_group(1)  # this tile's group (and K, V) has landed
             wg.fence_proxy_async()
             cuda.syncthreads()
 
@@ -406,25 +454,45 @@ def _build_dkdv(spec):
             else:
                 wg.wgmma_wait(1)  # S^T is in; dP^T may still run
             wg.fence_operands(s, S_REGS)
+            if STAGED:  # this tile's bias / mask (issued an iteration ago) has landed for all
+                ptx.cp_async_wait_group(1)
+                cuda.syncthreads()
 
             # P^T: rows are keys (my_key, my_key + 8), columns queries m0 + 8j + 2t + e
             lse_at = at_base + uint32(4 * (LSE_OFF + stage * BM + 2 * t))
             if ALIBI:  # query column c, key row r: distance |m0 + c + shift - r| (exact in float32 below 2^24)
                 slope_log2 = alibi[uint32(b), h] * float32(LOG2E)
                 distance0 = float32(m0 + np.int32(2 * t) + shift - my_key)
-            for j in range(S_BLOCKS):
-                pair = ptx.ld_shared_v2_u32(lse_at + uint32(32 * j))  # columns 8j + 2t, + 1
-                for e in range(2):
-                    row_lse = ptx.u32_as_f32(pair[e])
-                    for half in range(2):
-                        idx = 4 * j + 2 * half + e
-                        if ALIBI:
-                            distance = abs(distance0 + float32(8 * j + e - 8 * half))
-                            s[idx] = ptx.ex2(s[idx] * scale_log2 - row_lse - slope_log2 * distance)
-                        elif SOFTCAP:
-                            s[idx] = ptx.ex2(ptx.tanh_approx(s[idx] * cap_in) * s_log2 - row_lse)
-                        else:
-                            s[idx] = ptx.ex2(s[idx] * scale_log2 - row_lse)
+            key_local = my_key - n0  # and + 8: the thread's columns of the bias / mask tiles
+            if BIAS:
+                bias_at = at_base + uint32(4 * BIAS_OFF) + bias_lane_offset(np.int32(lane), (key_local - g) >> np.int32(3))
+            if MASK:
+                mask_at = at_base + uint32(4 * MASK_OFF) + mask_lane_offset(np.int32(t), key_local)
+                mask_shift = uint32(8 * (key_local & np.int32(3)))
+            for jj in range(S_BLOCKS // 2):
+                if BIAS:  # queries 16jj .. 16jj + 15 of the thread's two keys (ldmatrix.trans)
+                    bias_words = ptx.ldmatrix_x4_trans(bias_at + uint32(16 * jj * BIAS_ROW_BYTES))
+                for jm in range(2):
+                    j = 2 * jj + jm
+                    pair = ptx.ld_shared_v2_u32(lse_at + uint32(32 * j))  # columns 8j + 2t, + 1
+                    for e in range(2):
+                        row_lse = ptx.u32_as_f32(pair[e])
+                        for half in range(2):
+                            idx = 4 * j + 2 * half + e
+                            if ALIBI:
+                                distance = abs(distance0 + float32(8 * j + e - 8 * half))
+                                x = s[idx] * scale_log2 - row_lse - slope_log2 * distance
+                            elif SOFTCAP:
+                                x = ptx.tanh_approx(s[idx] * cap_in) * s_log2 - row_lse
+                            else:
+                                x = s[idx] * scale_log2 - row_lse
+                            if BIAS:  # query column 8j + 2t + e, key row key_local + 8 half
+                                x += bias_f32(bias_words[2 * jm + half], e) * float32(LOG2E)
+                            s[idx] = ptx.ex2(x)
+                            if MASK:  # query 8j + 2t + e, key key_local + 8 half
+                                word = ptx.ld_shared_u32(mask_at + uint32((8 * j + e) * MASK_ROW_BYTES + 8 * half))
+                                if (word >> mask_shift) & uint32(0xFF) == uint32(0):
+                                    s[idx] = float32(0)
             if WINDOW:
                 # query column c sees key row r when r - m0 - shift - window_right <= c
                 # <= r - m0 - shift + window_left; only tiles crossing a band edge have
@@ -465,6 +533,10 @@ def _build_dkdv(spec):
                 mma_acc(dv_acc, p[4 * kk], p[4 * kk + 1], p[4 * kk + 2], p[4 * kk + 3],
                         wg.desc_add(desc_dot0, q_bytes + kk * 2 * wg.SBO_BYTES), 1)
             wg.wgmma_commit()
+            if STAGED and DEFER:  # every thread has read this tile's bias / mask
+                cuda.syncthreads()
+                issue_next_scores(bias, mask, smem, base, b, h, m0, m_begin, m_end, it, total, seqlen_q, n0, seqlen_k,
+                                  tid)
             if DEFER:
                 wg.wgmma_wait(2)  # dP^T is in; dQ and dV may still run
             else:
@@ -527,6 +599,9 @@ def _build_dkdv(spec):
                     prev_h = h
                 else:
                     cuda.syncthreads()  # every warpgroup's keys are in
+                    if STAGED:  # (and every thread has read this tile's bias / mask)
+                        issue_next_scores(bias, mask, smem, base, b, h, m0, m_begin, m_end, it, total, seqlen_q, n0,
+                                          seqlen_k, tid)
                     for c in range(DQ_CHUNKS):
                         issue_dq(dq, desc_ds, desc_kt, 0, wgi * NQ + c * DQ_COLS)
                         wg.wgmma_wait(0)

@@ -62,18 +62,30 @@ def stage_words(block_m: int, block_n: int, itemsize: int, stages: int) -> int:
     return stages * block_m * row_words(block_n, itemsize)
 
 
-def make_issue_tile(block_m: int, block_n: int, itemsize: int, threads: int):
+@cuda.jit(device=True, inline=True)
+def swizzled_chunk(r, c):
+    """Where 16-byte chunk c of row r sits in its row of a swizzled stage (make_issue_tile)."""
+    return c ^ (r & np.int32(7))
+
+
+def make_issue_tile(block_m: int, block_n: int, itemsize: int, threads: int, rw: int = 0, swizzle: bool = False):
     """A device function ``issue_tile(src, smem, base, b, h, row0, seqlen_q, n0, seqlen_k, tid)``
     that cp.asyncs src[b, h, row0:row0 + block_m, n0:n0 + block_n] (src a 4-d view with
     a contiguous key axis and 16-byte aligned rows) into the stage at word ``base``.
     Rows at or past seqlen_q and keys at or past seqlen_k are zero-filled (cp.async
-    src-size), and a source address stays inside the array even when nothing is read."""
+    src-size), and a source address stays inside the array even when nothing is read.
+
+    Rows are ``rw`` words apart (default row_words: padded for fragment-order reads);
+    with ``swizzle`` they are unpadded and 16-byte chunk c of row r sits at chunk
+    swizzled_chunk(r, c), the layout the wgmma backward reads with
+    ldmatrix.trans, 8 rows at a time, free of bank conflicts and without padding."""
     KEYS = 16 // itemsize  # keys per 16-byte chunk
     CHUNKS = block_n // KEYS  # chunks per row
-    RW = row_words(block_n, itemsize)
+    RW = rw or (CHUNKS * 4 if swizzle else row_words(block_n, itemsize))
     BM, T = block_m, threads
     TOTAL = BM * CHUNKS
-    assert CHUNKS * KEYS == block_n
+    assert CHUNKS * KEYS == block_n and RW % 4 == 0 and RW >= CHUNKS * 4
+    assert not swizzle or (CHUNKS % 8 == 0 and RW == CHUNKS * 4), "a swizzled row is a multiple of 128 bytes"
 
     @cuda.jit(device=True, inline=True)
     def issue_chunk(src, smem, base, r, c, b, h, row0, seqlen_q, n0, seqlen_k):
@@ -85,8 +97,9 @@ def make_issue_tile(block_m: int, block_n: int, itemsize: int, threads: int):
         if keys == 0:
             j = np.int32(0)
         i = min(i, seqlen_q - np.int32(1))
+        chunk = swizzled_chunk(r, c) if swizzle else c
         ptx.cp_async_16(
-            ptx.shared_address(smem, (base + r * np.int32(RW) + c * np.int32(4),)),
+            ptx.shared_address(smem, (base + r * np.int32(RW) + chunk * np.int32(4),)),
             ptx.global_address(src, (b, h, i, j)),
             keys * np.int32(itemsize),
         )
@@ -217,3 +230,64 @@ def make_mask_element_reader(block_n: int):
         return (word >> (uint32(8) * uint32(c & np.int32(3)))) & uint32(0xFF) != uint32(0)
 
     return attends_at
+
+
+def make_transposed_bias_reader(dtype: str, block_n: int):
+    """The wgmma backward's reader of a swizzled 16-bit bias stage (make_issue_tile with
+    swizzle; rows queries, columns keys), whose S^T accumulator has keys as rows and
+    queries as columns. Returns (lane_offset, ROW_BYTES, to_f32):
+
+    ``lane_offset(lane, chunk)``: the byte offset in the stage of the row this lane
+    addresses in one ldmatrix.x4.trans of the 8 x 8 blocks (queries 8m .. 8m + 7, keys
+    8 (chunk + h) .. + 7) for m, h = lane // 16, lane // 8 % 2. The blocks of queries
+    row0 + 8m (row0 a multiple of 8) are at offset + row0 ROW_BYTES: the swizzle depends
+    on the query's row % 8 only, so the offset is computed once. Register 2m + h of the
+    load holds, for lane 4g + t, queries 8m + 2t and + 1 (low and high halves) of key
+    8 (chunk + h) + g: the accumulator's pair of columns of that row.
+    ``to_f32(word, e)``: half e of such a word as float32."""
+    assert dtype in ("fp16", "bf16") and block_n * 2 % 128 == 0
+    RW = block_n // 2
+
+    @cuda.jit(device=True, inline=True)
+    def lane_offset(lane, chunk):
+        row = (lane >> np.int32(4)) * np.int32(8) + (lane & np.int32(7))
+        c = chunk + ((lane >> np.int32(3)) & np.int32(1))
+        return uint32(4 * (row * np.int32(RW) + swizzled_chunk(row, c) * np.int32(4)))
+
+    if dtype == "bf16":
+        @cuda.jit(device=True, inline=True)
+        def to_f32(word, e):
+            if e == 0:  # bfloat16 is the upper half of a float32
+                return ptx.u32_as_f32(uint32(word) << uint32(16))
+            return ptx.u32_as_f32(uint32(word) & uint32(0xFFFF0000))
+    else:
+        @cuda.jit(device=True, inline=True)
+        def to_f32(word, e):
+            lo, hi = ptx.f16x2_to_f32(word)
+            if e == 0:
+                return float32(lo)
+            return float32(hi)
+    return lane_offset, 4 * RW, to_f32
+
+
+def transposed_mask_row_words(block_n: int) -> int:
+    """Words per row of the wgmma backward's mask stage: block_n bytes and one 16-byte
+    pad, so that a warp's reads (rows 2t + e, 8 consecutive keys: make_transposed_mask_reader)
+    fall in distinct banks."""
+    return block_n // 4 + 4
+
+
+def make_transposed_mask_reader(block_n: int):
+    """The wgmma backward's reader of its mask stage (rows queries, columns keys,
+    transposed_mask_row_words apart). Returns (lane_offset, ROW_BYTES): ``lane_offset(t,
+    key)`` is the byte offset of the word holding (query 2t, key); query 2t + r, key + 8h
+    is at + r ROW_BYTES + 8h (h: the other half of the thread's accumulator rows), and the
+    byte sits at bit 8 (key % 4) of its word, the same for all of them (one shared load,
+    a shift and a test a score)."""
+    RW = transposed_mask_row_words(block_n)
+
+    @cuda.jit(device=True, inline=True)
+    def lane_offset(t, key):
+        return uint32(4 * (np.int32(2) * t * np.int32(RW) + (key >> np.int32(2))))
+
+    return lane_offset, 4 * RW

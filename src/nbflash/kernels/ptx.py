@@ -103,6 +103,11 @@ if SIMULATED:
     def global_address(array, index):
         return _Address(array, index)
 
+    def ld_shared_u32(address):
+        """The 32-bit word at a 4-byte-aligned shared address."""
+        assert address.index[-1] * address.array.dtype.itemsize % 4 == 0, address.index
+        return int(address.array[address.index])
+
     def ld_shared_v2_u32(address):
         """The two 32-bit words at an 8-byte-aligned shared address."""
         assert address.index[-1] * address.array.dtype.itemsize % 8 == 0, address.index
@@ -361,6 +366,18 @@ else:
         return types.uint64(array, index), codegen
 
     @intrinsic
+    def ld_shared_u32(typingctx, address):
+        """ld.shared.u32 at a 4-byte-aligned 32-bit shared address (as ld_shared_v2_u32)."""
+        if not isinstance(address, types.Integer):
+            return None
+
+        def codegen(context, builder, sig, args):
+            addr = context.cast(builder, args[0], sig.args[0], types.uint32)
+            return _asm(builder, "ld.shared.u32 $0, [$1];", "=r,r", _i32, [addr])
+
+        return types.uint32(address), codegen
+
+    @intrinsic
     def ld_shared_v2_u32(typingctx, address):
         """ld.shared.v2.u32 at an 8-byte-aligned 32-bit shared address (a shared_address
         plus a byte offset, any integer type: truncated to 32 bits): two words. Shared
@@ -461,14 +478,18 @@ else:
         suffix = ".trans" if trans else ""
 
         def typer(typingctx, address):
-            def codegen(context, builder, sig, args):
+            if not isinstance(address, types.Integer):
+                return None
+
+            def codegen(context, builder, sig, args):  # (any integer: truncated to 32 bits)
                 ret = ir.LiteralStructType([_i32] * 4)
+                addr = context.cast(builder, args[0], sig.args[0], types.uint32)
                 res = _asm(builder,
                            f"ldmatrix.sync.aligned.m8n8.x4{suffix}.shared.b16 {{$0, $1, $2, $3}}, [$4];",
-                           "=r,=r,=r,=r,r", ret, [args[0]])
+                           "=r,=r,=r,=r,r", ret, [addr])
                 return _tuple(context, builder, sig, res, 4)
 
-            return types.UniTuple(types.uint32, 4)(types.uint32), codegen
+            return types.UniTuple(types.uint32, 4)(address), codegen
 
         typer.__name__ = "ldmatrix_x4" + ("_trans" if trans else "")
         return typer
