@@ -66,6 +66,10 @@ def test_every_kernel_uses_wgmma_and_is_not_serialized(reports):
 # causal window + ALiBi 8 / 12; the others, head_dim 64 and plain kernels none). The
 # allowance is for those kernels alone, and is the largest measured figure rounded up.
 VARIANT_D128_SPILL_BYTES = 48
+# With a staged bias or mask (session 15, bytes stored / loaded): causal bias 52 / 52,
+# causal mask 44 / 44, window + ALiBi + bias 36 / 36, window + softcap + mask 16 / 16; not
+# causal, bias or mask alone, none (the bias / mask benchmark rows); head_dim 64 none.
+SCORES_D128_SPILL_BYTES = 56
 # The forward with the softmax overlap (tuning.wgmma_overlap, head_dim 128) and a window,
 # compiled without the lse store: 255 registers, 64 bytes stored / 76 loaded, 56 of stack
 # (session 10; with lse none). On the H100 the spill reads were ~26 requests a warp over
@@ -80,6 +84,8 @@ def test_no_spills_and_no_local_memory(reports):
     32-bit shared addressing, session 8)."""
     for r in reports:
         allowed = VARIANT_D128_SPILL_BYTES if r.get("variant") and r["head_dim"] == 128 else 0
+        if allowed and ("-bias" in r["variant"] or "-mask" in r["variant"]):
+            allowed = SCORES_D128_SPILL_BYTES
         if (r["kind"] == "forward" and "-win" in r["variant"] and "-lse" not in r["key"]
                 and "ov" in r["key"].rsplit("-", 1)[-1]):
             allowed = WINDOW_OVERLAP_SPILL_BYTES

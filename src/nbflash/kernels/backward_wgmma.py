@@ -1,7 +1,8 @@
 """The Hopper backward kernels (sm_90a): FlashAttention-2's backward on warpgroup MMA,
 fp16 and bf16, head_dim 64 and 128, dense; the fused dK/dV/dQ kernel also takes a
-sliding window, softcap and ALiBi (tuning.wgmma_bwd_variant; the other variants, and
-these under deterministic=True, keep backward_mma).
+sliding window, softcap, ALiBi, a staged 16-bit bias and a staged mask
+(tuning.wgmma_bwd_variant; the other variants, and these under deterministic=True,
+keep backward_mma).
 
 The math is backward_mma's (P recomputed from the forward's lse, delta = rowsum(dO O)
 from the portable preprocess kernel):
@@ -63,6 +64,19 @@ q.k / softcap), as the forward does, and multiplies dS by tanh's derivative 1 - 
 th recovered from P itself, (lg2(P) + lse log2(e)) / (softcap log2(e)) (one MUFU
 operation and no registers held from P to dS; where P = 0, dS is 0 anyway).
 
+Bias and mask ("dkdvq" only): one shared stage each holds the tile of the current
+(query head, query tile) x the CTA's keys, rows queries (kernels/bias_tile.py). The
+16-bit bias is swizzled (16-byte chunk c of row r at c ^ (r % 8)) and read with
+ldmatrix.x4.trans, which hands each thread the two query columns of one key row that
+the S^T accumulator holds (4 loads for a thread's 32 scores); it is added in P's
+exponent, bias log2(e), and, a constant per score, leaves dS as it is. The mask's rows
+are padded by 16 bytes and read one word a score (P = 0 where its byte is 0). The next
+tile's bias / mask is issued in a cp.async group of its own after a barrier that
+follows this tile's reads (the dQ barrier; at head_dim 64, one after dV's wgmma is
+issued) and waited for only once the next S^T is in, so that it loads under dK, dQ and
+S^T; one stage each is what fits beside the head_dim 128 kernel's 210 KB (a bias and a
+mask together do not: api_backward sends those to backward_mma).
+
 Launch contract: backward_mma.launch_backward's for the "dkdv", "dkdvq" and "dq" parts (same
 arguments, grids and shared_bytes through launch.shared_bytes), so the API runs either
 family through one launcher; window_left, window_right and alibi are read where
@@ -93,7 +107,7 @@ ZERO = np.int32(0)  # make_issue_tile's row offset: dense tensors start at row 0
 def _dkdv_layout(spec):
     """Word offsets of the dK/dV kernel's shared buffers: K, V, Q stages, dO stages,
     with "dkdvq" the dS^T tile (16-bit swizzled tiles, each 1024-byte aligned), then lse
-    and delta stages."""
+    and delta stages, the bias and mask stages (_staged_words) and the end."""
     kv = wg.tile_bytes(spec.block_n, spec.head_dim) // 4
     qt = wg.tile_bytes(spec.block_m, spec.head_dim) // 4
     k_off, v_off = 0, kv

@@ -1,6 +1,9 @@
 """Bias and mask tiles staged through shared memory for the tensor-core kernels (the
 mma.sync forward; the mma.sync backward's dK/dV and dQ kernels, which read the dK/dV
-tile transposed through make_element_reader / make_mask_element_reader).
+tile transposed through make_element_reader / make_mask_element_reader; the wgmma
+backward's fused kernel, which reads its tiles transposed through
+make_transposed_bias_reader (ldmatrix.trans on a swizzled stage) and
+make_transposed_mask_reader).
 
 Read element by element in fragment order, a (block_m x block_n) bias or mask tile
 costs each thread 2-byte (or 1-byte) global loads 8 rows apart, several times the
