@@ -156,7 +156,7 @@ def build(spec: ForwardSpec):
     # must be done with them first: a second CTA-wide barrier a tile. With three, the
     # buffers refilled at tile j were last read at tile j - 2, which every thread finished
     # (its wgmma waited for) before it passed tile j - 1's first barrier: no second barrier.
-    STAGE_FREE_BARRIER = STAGE_COUNT == 2
+    REFILL_BARRIER = STAGE_COUNT == 2
     VAR = spec.variant
     assert tuning.wgmma_variant(VAR, spec.head_dim), VAR
     VARLEN = spec.varlen
@@ -433,7 +433,7 @@ def build(spec: ForwardSpec):
                 wg.fence_operands(o, O_REGS)
                 rescale_o(o, alpha)  # on the first tile O is 0 and alpha 0
                 pack_p(p, s)
-                if STAGE_FREE_BARRIER:
+                if REFILL_BARRIER:
                     cuda.syncthreads()  # everyone is done with both stages before they are refilled
             ptx.cp_async_wait_group(0)
             if n_tiles > 0:  # the last tile's O += P V
@@ -469,7 +469,7 @@ def build(spec: ForwardSpec):
                 issue_pv(o, p, wg.desc_add(desc_v0, stage * KV_BYTES))
                 wg.wgmma_wait(0)
                 wg.fence_operands(o, O_REGS)
-                if STAGE_FREE_BARRIER:
+                if REFILL_BARRIER:
                     cuda.syncthreads()  # everyone is done with this stage before it is refilled
             ptx.cp_async_wait_group(0)
 
