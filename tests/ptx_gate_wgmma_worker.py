@@ -116,7 +116,7 @@ def backward_specs():
     tuning.WGMMA_BWD_DQ_ATOMICS sends the default path): fp16 full and causal, bf16
     causal (registers as fp16's, as BF16_VARIANTS says); and the fused kernel with the
     variants tuning.wgmma_bwd_variant sends it (window, ALiBi, softcap and the pairs it
-    takes), fp16 full and causal."""
+    takes), fp16 full and causal, and with the staged bias / mask (SCORE_VARIANTS)."""
     for head_dim, ((bm, bn, threads), (qbm, qbn, qthreads)) in sorted(tuning.WGMMA_BWD_TILES.items()):
         fused = bm == 64 and tuning.WGMMA_BWD_DQ_ATOMICS.get(head_dim, False)
         for dtype, causals in (("fp16", (False, True)), ("bf16", (True,))):
@@ -132,24 +132,25 @@ def backward_specs():
                 for causal in (False, True):
                     yield BackwardMmaSpec("fp16", head_dim, causal, bm, bn, threads, False, qbm, qbn, qthreads, False,
                                           True, wgmma=True, variant=light, part="dkdvq")
-        for scores in SCORE_VARIANTS:  # staged bias / mask, where their stages fit
+        for scores, causals in SCORE_VARIANTS:  # staged bias / mask, where their stages fit
             spec = BackwardMmaSpec("fp16", head_dim, False, bm, bn, threads, False, qbm, qbn, qthreads, False,
                                    True, wgmma=True, variant=scores, part="dkdvq")
             if (fused and tuning.wgmma_bwd_variant(scores, head_dim)
                     and backward_wgmma.shared_bytes(spec) <= tuning.WGMMA_MAX_SHARED_BYTES):
-                for causal in (False, True):
+                for causal in causals:
                     yield BackwardMmaSpec(**{**spec.__dict__, "causal": causal})
 
 
 # The fused backward's staged bias / mask (tuning.wgmma_bwd_variant): each alone, both,
-# and beside the light variants it takes them with.
+# and beside the light variants it takes them with; (variant, causal values). A bf16
+# bias differs from fp16 by its two-instruction conversion only (same registers,
+# session 15): not compiled here.
 SCORE_VARIANTS = (
-    Variant(bias="fp16", bias_staged=True),
-    Variant(bias="bf16", bias_staged=True),
-    Variant(mask=True, mask_staged=True),
-    Variant(bias="fp16", bias_staged=True, mask=True, mask_staged=True),
-    Variant(window=True, alibi=True, bias="fp16", bias_staged=True),
-    Variant(window=True, softcap=True, mask=True, mask_staged=True),
+    (Variant(bias="fp16", bias_staged=True), (False, True)),
+    (Variant(mask=True, mask_staged=True), (False, True)),
+    (Variant(bias="fp16", bias_staged=True, mask=True, mask_staged=True), (True,)),
+    (Variant(window=True, alibi=True, bias="fp16", bias_staged=True), (True,)),
+    (Variant(window=True, softcap=True, mask=True, mask_staged=True), (True,)),
 )
 
 

@@ -43,10 +43,17 @@ def reports():
     # backward_specs says why), and the fused one with window and ALiBi where it takes them
     backward = [r for r in rows if r["kind"] == "backward"]
     fused = {d for d in tuning.WGMMA_BWD_TILES if tuning.WGMMA_BWD_DQ_ATOMICS.get(d, False)}
-    assert len(backward) == sum(3 * (2 + (d in fused)) + 10 * (d in fused and d in tuning.WGMMA_VARIANT_HEAD_DIMS)
+    # ... and with the staged bias / mask: bias and mask alone full and causal, causal
+    # bias + mask (head_dim 64 only: at 128 their stages do not fit), window + ALiBi + bias
+    # and window + softcap + mask
+    staged = {64: 7, 128: 6}
+    assert len(backward) == sum(3 * (2 + (d in fused)) + (10 + staged[d]) * (d in fused and d in tuning.WGMMA_VARIANT_HEAD_DIMS)
                                 for d in tuning.WGMMA_BWD_TILES), rows
     assert {r["head_dim"] for r in backward if "-win-alibi" in r["key"]} == fused & set(tuning.WGMMA_VARIANT_HEAD_DIMS)
-    assert {r["variant"] for r in backward if r["variant"]} == {"-win", "-alibi", "-cap", "-win-alibi", "-win-cap"}
+    assert {r["variant"] for r in backward if r["variant"]} == {
+        "-win", "-alibi", "-cap", "-win-alibi", "-win-cap", "-bias_fp16_smem", "-mask_smem",
+        "-bias_fp16_smem-mask_smem", "-win-alibi-bias_fp16_smem", "-win-cap-mask_smem"}
+    assert {r["head_dim"] for r in backward if r["variant"] == "-bias_fp16_smem-mask_smem"} == {64}
     assert {r["head_dim"] for r in backward if r["part"] == "dkdvq"} == {
         d for d, fused in tuning.WGMMA_BWD_DQ_ATOMICS.items() if fused}, rows
     assert len({r["key"] for r in backward}) == len(backward), rows

@@ -224,6 +224,7 @@ def test_staged_bias_and_mask_on_the_wgmma_family(monkeypatch, variant, large):
     take the mma.sync family."""
     rng, seed = new_rng()
     monkeypatch.setenv("NBFLASH_WGMMA", "1")
+    monkeypatch.setenv("NBFLASH_WGMMA_BWD_SCORES", "1")
     if SIMULATOR:
         _ship_fused_dq_on_the_simulator(monkeypatch)
     flags = {name: True for name in variant.split("-") if name != "bias"}
@@ -249,6 +250,7 @@ def test_wgmma_bias_and_mask_over_several_tiles(monkeypatch):
     work runs; a bias and a mask together, causal or not."""
     rng, seed = new_rng()
     monkeypatch.setenv("NBFLASH_WGMMA", "1")
+    monkeypatch.setenv("NBFLASH_WGMMA_BWD_SCORES", "1")
     if SIMULATOR:
         _ship_fused_dq_on_the_simulator(monkeypatch)
     seqlens = (int(rng.integers(130, 200)), 16 * int(rng.integers(5, 12)))
@@ -267,6 +269,7 @@ def test_wgmma_bias_and_mask_dispatch(monkeypatch):
     off 16 bytes (unstaged), softcap with a bias, and a bias with a mask at head_dim 128
     (their stages do not fit beside the fused kernel's 215 KB)."""
     monkeypatch.setenv("NBFLASH_WGMMA", "1")
+    monkeypatch.setenv("NBFLASH_WGMMA_BWD_SCORES", "1")
     monkeypatch.setattr(tuning, "wgmma_bwd_tiles", lambda head_dim, simulator, arch: tuning.WGMMA_BWD_TILES[head_dim])
     monkeypatch.setattr(tuning, "wgmma_bwd_dq_atomics", lambda head_dim, simulator: True)
 
@@ -290,6 +293,9 @@ def test_wgmma_bias_and_mask_dispatch(monkeypatch):
         assert module(head_dim, bias=np.float16, deterministic=True) == "backward_mma"
     assert module(64, bias=np.float16, mask=True) == "backward_wgmma"
     assert module(128, bias=np.float16, mask=True) == "backward_mma"
+    monkeypatch.setenv("NBFLASH_WGMMA_BWD_SCORES", "0")
+    assert module(64, bias=np.float16) == module(64, mask=True) == "backward_mma"
+    assert module(64, window=(3, 0)) == "backward_wgmma"
 
 
 def test_wgmma_window_skips_query_tiles_and_leaves_band_interiors_unmasked(monkeypatch):

@@ -540,20 +540,33 @@ def wgmma_variant(variant, head_dim: int = 64) -> bool:
     return head_dim in WGMMA_VARIANT_HEAD_DIMS and not (variant.bias or variant.mask or variant.dropout)
 
 
+# Whether the fused wgmma backward takes a staged bias / mask (kernels/backward_wgmma.py);
+# NBFLASH_WGMMA_BWD_SCORES=0/1 overrides it (perf/ comparisons, tests).
+WGMMA_BWD_SCORES = True
+_WGMMA_BWD_SCORES_OVERRIDE = "NBFLASH_WGMMA_BWD_SCORES"
+
+
+def wgmma_bwd_scores() -> bool:
+    override = os.environ.get(_WGMMA_BWD_SCORES_OVERRIDE)
+    return WGMMA_BWD_SCORES if override is None else override == "1"
+
+
 def wgmma_bwd_variant(variant, head_dim: int = 64) -> bool:
     """The wgmma backward's fused dK/dV/dQ kernel compiles this spec.Variant in at
     head_dim: plain, and at head_dim 64 and 128 window, softcap, ALiBi, a 16-bit bias and
     a mask, both staged (spec.Variant.bias_staged / mask_staged), in any combination but
     softcap with ALiBi or a bias (its tanh' would have to undo their terms too). Those
-    pairs, a float32 or unstaged bias, an unstaged mask and dropout run the mma.sync
-    backward, as do the variants under deterministic=True, and so do a bias and a mask
-    together where their stages do not fit beside the kernel's (head_dim 128:
-    api_backward.choose_backward_spec checks)."""
+    pairs, a float32 or unstaged bias, an unstaged mask, a bias or mask while
+    wgmma_bwd_scores() is off, and dropout run the mma.sync backward, as do the
+    variants under deterministic=True, and so do a bias and a mask together where their
+    stages do not fit beside the kernel's (head_dim 128: api_backward.choose_backward_spec
+    checks)."""
     if not variant:
         return True
     light = not (variant.dropout or (variant.softcap and (variant.alibi or variant.bias)))
     scores = ((not variant.bias or (variant.bias in ("fp16", "bf16") and variant.bias_staged))
-              and (not variant.mask or variant.mask_staged))
+              and (not variant.mask or variant.mask_staged)
+              and (not (variant.bias or variant.mask) or wgmma_bwd_scores()))
     return head_dim in WGMMA_VARIANT_HEAD_DIMS and light and scores
 
 
