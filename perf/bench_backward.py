@@ -192,7 +192,7 @@ def read_rows(args, gpu, rng, dtype, d):
     bw = next((b for key, b in BANDWIDTH.items() if key in gpu), None)
     rows = []
     try:
-        for family in (["wgmma"] if default_wgmma else []) + ["mma"]:
+        for family in [f for f in (["wgmma"] if default_wgmma else []) + ["mma"] if f in args.read_families.split(",")]:
             nbflash.tuning.set_wgmma(family == "wgmma")
             base = None
             for name, variants in READ_CASES:
@@ -225,6 +225,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="seqlen 4096, fp16 only")
     ap.add_argument("--variants", action="store_true", help="the variants' cost at 16k tokens (issue 7)")
     ap.add_argument("--reads-only", action="store_true", help="--variants: only the bias / mask rows")
+    ap.add_argument("--read-families", default="wgmma,mma", help="--variants: the bias / mask rows' backward families")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--head-dims", default="64,128")
