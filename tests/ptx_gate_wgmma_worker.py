@@ -132,10 +132,10 @@ def backward_specs():
                 for causal in (False, True):
                     yield BackwardMmaSpec("fp16", head_dim, causal, bm, bn, threads, False, qbm, qbn, qthreads, False,
                                           True, wgmma=True, variant=light, part="dkdvq")
-        for scores, causals in SCORE_VARIANTS:  # staged bias / mask, where their stages fit
+        for staged, causals in SCORE_VARIANTS:  # staged bias / mask, where their stages fit
             spec = BackwardMmaSpec("fp16", head_dim, False, bm, bn, threads, False, qbm, qbn, qthreads, False,
-                                   True, wgmma=True, variant=scores, part="dkdvq")
-            if (fused and tuning.wgmma_bwd_variant(scores, head_dim)
+                                   True, wgmma=True, variant=staged, part="dkdvq")
+            if (fused and tuning.wgmma_bwd_variant(staged, head_dim, scores=True)  # (compiled while switched off)
                     and backward_wgmma.shared_bytes(spec) <= tuning.WGMMA_MAX_SHARED_BYTES):
                 for causal in causals:
                     yield BackwardMmaSpec(**{**spec.__dict__, "causal": causal})

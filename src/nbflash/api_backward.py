@@ -26,7 +26,8 @@ def choose_backward_spec(problem: _Problem, causal: bool, deterministic: bool, v
     head_dim equal for q and v, 16-byte aligned rows in every array in ``views`` and
     an sm_80+ GPU (on sm_90, plain attention at head_dim 64/128 takes the wgmma
     kernels of kernels/backward_wgmma.py unless ``wgmma`` is False, and so do window,
-    softcap and ALiBi without ``deterministic``: tuning.wgmma_bwd_variant); the portable
+    softcap, ALiBi and, switched on, a staged 16-bit bias or mask without
+    ``deterministic``: tuning.wgmma_bwd_variant, _wgmma_stages_fit); the portable
     kernels (any dtype and head_dim) otherwise.
 
     Every family honours ``deterministic``: the tensor-core families then compute dQ in

@@ -554,7 +554,7 @@ def wgmma_bwd_scores() -> bool:
     return WGMMA_BWD_SCORES if override is None else override == "1"
 
 
-def wgmma_bwd_variant(variant, head_dim: int = 64) -> bool:
+def wgmma_bwd_variant(variant, head_dim: int = 64, scores=None) -> bool:
     """The wgmma backward's fused dK/dV/dQ kernel compiles this spec.Variant in at
     head_dim: plain, and at head_dim 64 and 128 window, softcap, ALiBi, a 16-bit bias and
     a mask, both staged (spec.Variant.bias_staged / mask_staged), in any combination but
@@ -563,13 +563,15 @@ def wgmma_bwd_variant(variant, head_dim: int = 64) -> bool:
     wgmma_bwd_scores() is off, and dropout run the mma.sync backward, as do the
     variants under deterministic=True, and so do a bias and a mask together where their
     stages do not fit beside the kernel's (head_dim 128: api_backward.choose_backward_spec
-    checks)."""
+    checks). ``scores``: whether the bias / mask kernels count as on (default
+    wgmma_bwd_scores(); the kernel builder and the compile gate pass True)."""
     if not variant:
         return True
+    scores_on = wgmma_bwd_scores() if scores is None else scores
     light = not (variant.dropout or (variant.softcap and (variant.alibi or variant.bias)))
     scores = ((not variant.bias or (variant.bias in ("fp16", "bf16") and variant.bias_staged))
               and (not variant.mask or variant.mask_staged)
-              and (not (variant.bias or variant.mask) or wgmma_bwd_scores()))
+              and (not (variant.bias or variant.mask) or scores_on))
     return head_dim in WGMMA_VARIANT_HEAD_DIMS and light and scores
 
 

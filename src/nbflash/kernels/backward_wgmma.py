@@ -192,7 +192,7 @@ def build(spec: BackwardMmaSpec):
     assert spec.wgmma and spec.dtype in ("fp16", "bf16") and spec.head_dim in HEAD_DIMS
     assert not spec.varlen and not spec.dbias
     assert not spec.variant or (spec.part in ("dkdvq", "dq_convert")
-                                and tuning.wgmma_bwd_variant(spec.variant, spec.head_dim)), spec.key
+                                and tuning.wgmma_bwd_variant(spec.variant, spec.head_dim, scores=True)), spec.key
     if spec.part in ("dkdv", "dkdvq"):
         return _build_dkdv(spec)
     if spec.part == "dq":
