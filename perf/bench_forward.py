@@ -15,7 +15,8 @@ Writes <out>/<gpu-name>-forward.json and a PNG plot, and prints a table last.
 heads, 16k tokens: softcap, ALiBi and a sliding window (1024, 0) against plain causal
 attention at seqlen 16384 (on sm_90 all of them the wgmma kernel), and a (B, H, N, N)
 float16 bias and bool mask and dropout against plain attention at seqlen 4096 on the
-kernel that runs them (mma.sync: "full mma", NBFLASH_WGMMA=0); each row names its
+kernel family that runs them ("full" for wgmma, "full mma" for mma.sync, NBFLASH_WGMMA=0;
+the "mma" rows force mma.sync); each row names its
 kernel; writes <gpu-name>-forward-variants.json. Its "ms" is GPU time per call with 10
 calls queued behind a spin kernel (nbflash.device.queued_gpu_ms): a call with a variant
 argument takes the unmemoized host path (~0.3 ms), which a sync per call would add to a
@@ -279,10 +280,14 @@ def bench_variants(args):
         ("causal+softcap+alibi", 16384, True, {"softcap": 30.0, "alibi_slopes": cupy.asarray(slopes)}, "causal"),
         ("window(1024,0)", 16384, False, {"window": (1024, 0)}, "causal"),
         ("full", big, False, {}, None),
-        # bias, mask and dropout run the mma.sync kernel even on sm_90: their baseline is its plain row
+        # a row's baseline is the plain row of the kernel family that runs it: a staged 16-bit
+        # bias / mask runs the wgmma kernel on sm_90 where tuning.wgmma_fwd_scores() is on
+        # (baseline "full"), else mma.sync ("full mma"), as do the per-element reads and dropout
         ("full mma", big, False, {"wgmma": False}, None),
         ("bias fp16 BHNN", big, False, {"bias": "bias"}, "full mma"),
         ("mask BHNN", big, False, {"mask": "mask"}, "full mma"),
+        ("bias fp16 BHNN mma", big, False, {"bias": "bias", "wgmma": False}, "full mma"),
+        ("mask BHNN mma", big, False, {"mask": "mask", "wgmma": False}, "full mma"),
         # the same bytes one element off 16 bytes: read per element, not staged (kernels/bias_tile.py)
         ("bias fp16 BHNN per-elem", big, False, {"bias": "bias", "unaligned": True}, "full mma"),
         ("mask BHNN per-elem", big, False, {"mask": "mask", "unaligned": True}, "full mma"),
@@ -310,6 +315,8 @@ def bench_variants(args):
             kwargs = {key: off_16_bytes(a) for key, a in kwargs.items()}
         out = cupy.empty_like(q)
         spec = nbflash.forward_spec(q, k, v, causal=causal, **kwargs)
+        if base == "full mma" and spec.kernel == "wgmma":
+            base = "full"
         def call():
             nbflash.attention(q, k, v, causal=causal, out=out, **kwargs)
 

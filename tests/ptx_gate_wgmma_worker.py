@@ -77,7 +77,8 @@ def forward_specs():
     """Every wgmma forward specialization tuning.WGMMA_TILES ships (with lse, as the
     backward's forward runs it; the lse store is the only difference): fp16 plain and
     with each combination of LIGHT_VARIANTS, bf16 with BF16_VARIANTS, where
-    tuning.wgmma_variant sends them (head_dim 64 and 128; plain only at 192 and 256);
+    tuning.wgmma_variant sends them (head_dim 64 and 128; plain only at 192 and 256),
+    fp16 with FORWARD_SCORE_VARIANTS where their stages fit;
     and the varlen kernel, causal fp16, with BF16_VARIANTS where tuning.wgmma_varlen allows them."""
     for head_dim, (bm, bn, threads) in sorted(tuning.WGMMA_TILES.items()):
         stages = tuning.wgmma_stages(head_dim, bm, bn)
@@ -93,19 +94,42 @@ def forward_specs():
                     yield ForwardSpec("wgmma", "fp16", head_dim, head_dim, causal, False, bm, bn, threads, stages,
                                       variant=variant, softmax_overlap=tuning.wgmma_overlap(head_dim, variant),
                                       exp2_fma=tuning.wgmma_exp2_fma(head_dim, variant))
+        for variant, causals in FORWARD_SCORE_VARIANTS:  # staged bias / mask, where their stages fit
+            if not tuning.wgmma_variant(variant, head_dim, scores=True):
+                continue
+            for stages_wanted in (stages, 2):  # as api.choose_forward_spec: fewer K/V stages if need be
+                spec = ForwardSpec("wgmma", "fp16", head_dim, head_dim, False, True, bm, bn, threads, stages_wanted,
+                                   variant=variant, softmax_overlap=tuning.wgmma_overlap(head_dim, variant),
+                                   exp2_fma=tuning.wgmma_exp2_fma(head_dim, variant))
+                if forward_wgmma.shared_bytes(spec) <= tuning.WGMMA_MAX_SHARED_BYTES:
+                    for causal in causals:
+                        yield ForwardSpec(**{**spec.__dict__, "causal": causal})
+                    break
         if tuning.wgmma_varlen(head_dim):  # packed batches: causal, plain and with everything on
             for variant in (v for v in BF16_VARIANTS if tuning.wgmma_varlen(head_dim, v)):
                 yield ForwardSpec("wgmma", "fp16", head_dim, head_dim, True, True, bm, bn, threads, stages,
                                   variant=variant, varlen=True, exp2_fma=tuning.wgmma_exp2_fma(head_dim, variant))
 
 
+# The forward's staged bias / mask (tuning.wgmma_variant): each alone, both, and beside
+# all three light variants; (variant, causal values). A bf16 bias compiles to fp16's
+# registers (session 16): not compiled here.
+FORWARD_SCORE_VARIANTS = (
+    (Variant(bias="fp16", bias_staged=True), (False, True)),
+    (Variant(mask=True, mask_staged=True), (False, True)),
+    (Variant(bias="fp16", bias_staged=True, mask=True, mask_staged=True), (True,)),
+    (Variant(window=True, softcap=True, alibi=True, bias="fp16", bias_staged=True), (True,)),
+    (Variant(window=True, softcap=True, alibi=True, mask=True, mask_staged=True), (True,)),
+)
+
+
 def forward_kernels():
     u16 = types.Array(types.uint16, 4, "A")
     seqlens = types.Array(types.int32, 1, "A")
     sig = (u16, u16, u16, u16, types.Array(types.float32, 3, "A"), types.float32, types.int64, seqlens, seqlens)
-    sig += variant_types()
     for spec in forward_specs():
-        report(spec.key, forward_wgmma.build(spec), sig, threads=spec.threads, head_dim=spec.head_dim,
+        bias = {"fp16": types.float16, "bf16": types.uint16}.get(spec.variant.bias, types.float32)  # kernel views
+        report(spec.key, forward_wgmma.build(spec), sig + variant_types(bias), threads=spec.threads, head_dim=spec.head_dim,
                block_n=spec.block_n, shared_bytes=forward_wgmma.shared_bytes(spec), kind="forward",
                variant=spec.variant.key)
 

@@ -26,6 +26,17 @@ MMA_HEAD_DIM = 32
 BROADCASTS = [(1, 1, 1, 1), (0, 1, 1, 1), (1, 0, 1, 1), (0, 1, 0, 1), (0, 0, 0, 1)]  # 1: the axis is kept
 
 
+@pytest.fixture(autouse=True)
+def mma_not_wgmma(monkeypatch):
+    """On sm_90 a staged 16-bit bias / mask at head_dim 64 and 128 runs the wgmma kernels
+    (tests/test_forward_wgmma.py, tests/test_variants_backward.py): these tests keep
+    comparing the mma.sync kernels' staged and per-element paths there."""
+    monkeypatch.setenv("NBFLASH_WGMMA", "0")
+    nbflash.plans.forget()
+    yield
+    nbflash.plans.forget()
+
+
 def laid_out(a, offset):
     """(host view, device view) of ``a``'s values, each a window of a buffer whose rows
     are padded to 64 bytes and whose start is 64-byte aligned: with offset 0 the window

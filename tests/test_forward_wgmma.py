@@ -14,7 +14,7 @@ from numba import cuda
 
 import nbflash
 from helpers import DTYPES, VarlenShape, check_forward_kernel, check_varlen_forward, draw_shape, draw_varlen, new_rng
-from helpers import assert_close, random_array, to_device, to_host
+from helpers import assert_close, assert_lse_close, poisoned, random_array, to_device, to_host
 from nbflash import launch, plans, tuning
 from nbflash.kernels import ptx
 
@@ -484,3 +484,146 @@ def test_wgmma_varlen_keeps_the_serial_loop(wgmma_on):
                        dtype=np.dtype(np.float16), squeeze=False, layout="bshd", on_device=True)
     spec = api_varlen._varlen_spec(problem, True, False, None)
     assert spec.kernel == "wgmma" and spec.varlen and not spec.softmax_overlap, spec.key
+
+
+# --- a staged bias and a staged mask (tuning.wgmma_fwd_scores) -------------------------
+
+
+@pytest.fixture
+def scores_on(wgmma_on, monkeypatch):
+    """The wgmma forward's staged bias / mask switched on (NBFLASH_WGMMA_FWD_SCORES=1)."""
+    monkeypatch.setenv("NBFLASH_WGMMA_FWD_SCORES", "1")
+    plans.forget()
+    yield
+    plans.forget()
+
+
+SCORE_CASES = {
+    "bias-fp16": dict(bias=np.float16),
+    "bias-bf16": dict(bias=HALF_DTYPES[1]),
+    "mask": dict(mask=True),
+    "bias+mask": dict(bias=np.float16, mask=True),
+    "bias+window+alibi+softcap": dict(bias=HALF_DTYPES[1], window=True, alibi=True, softcap=True),
+    "mask+window+softcap": dict(mask=True, window=True, softcap=True),
+}
+
+
+def scores_run(rng, seed, case, *, seqlen_q, seqlen_k, group=1, head_dim=64, batch=1, heads_kv=1, causal=None):
+    """One problem with the staged bias / mask of SCORE_CASES[case] (random broadcast
+    axes, rows padded to 64 bytes so cp.async can copy them whatever seqlen_k; a mask
+    row that sees nothing), beside the light variants it names, on the wgmma kernel:
+    out (into a poisoned buffer) and lse against the float64 oracle. Returns the spec."""
+    from test_bias_tile import laid_out, random_values
+
+    what = SCORE_CASES[case]
+    dtype = pick(rng, HALF_DTYPES)
+    q = random_array(rng, (batch, seqlen_q, heads_kv * group, head_dim), dtype)
+    k, v = (random_array(rng, (batch, seqlen_k, heads_kv, head_dim), dtype) for _ in range(2))
+    full = (batch, heads_kv * group, seqlen_q, seqlen_k)
+    host, dev = {}, {}
+    if "bias" in what:
+        _, values = random_values(rng, what["bias"], full)
+        host["bias"], dev["bias"] = laid_out(values, 0)
+    if "mask" in what:
+        _, values = random_values(rng, "mask", full)
+        host["mask"], dev["mask"] = laid_out(values, 0)
+    if what.get("window"):
+        host["window"] = dev["window"] = window_of(rng, seqlen_k, 80)
+    if what.get("softcap"):
+        host["softcap"] = dev["softcap"] = pick(rng, SOFTCAPS)
+    if what.get("alibi"):
+        slopes = rng.uniform(0.0, 0.5, (heads_kv * group,)).astype(np.float32)
+        host["alibi_slopes"], dev["alibi_slopes"] = slopes, to_device(slopes)
+    causal = bool(rng.integers(2)) if causal is None else causal
+    qd, kd, vd = (to_device(a) for a in (q, k, v))
+    spec = nbflash.forward_spec(qd, kd, vd, causal=causal, return_lse=True, **dev)
+    assert spec.kernel == "wgmma", spec.key
+    assert spec.variant.bias_staged == ("bias" in what) and spec.variant.mask_staged == ("mask" in what), spec.key
+    ref, ref_lse = nbflash.reference.attention(q, k, v, causal=causal, return_lse=True, **host)
+    out = poisoned(ref.shape, dtype)
+    got, lse = nbflash.attention(qd, kd, vd, causal=causal, return_lse=True, out=out, **dev)
+    assert_close(got, ref, dtype, seed=seed)
+    assert_lse_close(lse, ref_lse, seed=seed)
+    return spec
+
+
+@pytest.mark.parametrize("case", sorted(SCORE_CASES))
+def test_wgmma_staged_bias_and_mask(case, scores_on):
+    """Two to three 64-row and 64-key tiles (the stages alternate and are refilled; the
+    last ones end inside a 16-byte chunk); GQA 2 for half the draws."""
+    rng, seed = new_rng()
+    group = int(rng.integers(1, 3))
+    scores_run(rng, seed, case, seqlen_q=int(rng.integers(65, 150)), seqlen_k=int(rng.integers(65, 190)),
+               group=group)
+
+
+def test_wgmma_staged_bias_and_mask_two_warpgroups_overlap_and_three_stages(scores_on, monkeypatch):
+    """The shipped CTA shape (two warpgroups: the second's rows start 64 rows into the
+    stage) with the softmax overlap and three stages (tile j's bias / mask rides in K_j's
+    copy group, which the overlap issues a tile ahead of V), several key tiles."""
+    monkeypatch.setattr(tuning, "WGMMA_TILES_SIMULATOR", (128, 64, 256))
+    monkeypatch.setattr(tuning, "WGMMA_OVERLAP_HEAD_DIMS", (64,))
+    monkeypatch.setenv("NBFLASH_WGMMA_STAGES", "3")
+    rng, seed = new_rng()
+    spec = scores_run(rng, seed, pick(rng, sorted(SCORE_CASES)), seqlen_q=int(rng.integers(100, 200)),
+                      seqlen_k=int(rng.integers(200, 300)))
+    assert spec.block_m == 128 and spec.softmax_overlap and spec.stages == 3, spec.key
+
+
+def test_wgmma_staged_bias_and_mask_dispatch(monkeypatch):
+    """Which forward runs which bias / mask: the wgmma kernel takes staged 16-bit bias and
+    staged masks while the switch is on; a float32 bias, a layout cp.async cannot copy,
+    dropout and the switch off keep the mma kernel."""
+    from test_bias_tile import laid_out
+
+    monkeypatch.setenv("NBFLASH_WGMMA", "1")
+    rng, _ = new_rng()
+    q, k, v = (to_device(random_array(rng, s, HALF_DTYPES[0])) for s in ((1, 20, 2, 64), (1, 30, 2, 64), (1, 30, 2, 64)))
+    bias16 = laid_out(rng.standard_normal((1, 2, 20, 30)).astype(np.float16), 0)[1]
+    bias32 = laid_out(rng.standard_normal((1, 2, 20, 30)).astype(np.float32), 0)[1]
+    unaligned = laid_out(rng.standard_normal((1, 2, 20, 30)).astype(np.float16), 1)[1]
+    mask = laid_out(rng.random((1, 2, 20, 30)) < 0.5, 0)[1]
+    cases = [(dict(bias=bias16), "wgmma"), (dict(mask=mask), "wgmma"), (dict(bias=bias16, mask=mask), "wgmma"),
+             (dict(bias=bias16, softcap=5.0, window=(4, 0)), "wgmma"), (dict(bias=bias32), "mma"),
+             (dict(bias=unaligned), "mma"), (dict(mask=mask, dropout_p=0.1, seed=3), "mma")]
+    for switch in ("1", "0"):
+        monkeypatch.setenv("NBFLASH_WGMMA_FWD_SCORES", switch)
+        plans.forget()
+        for kwargs, kernel in cases:
+            spec = nbflash.forward_spec(q, k, v, **kwargs)
+            assert spec.kernel == (kernel if switch == "1" else "mma"), (switch, spec.key)
+    plans.forget()
+
+
+def test_wgmma_bias_and_mask_stages_fit_shared_memory(monkeypatch):
+    """At the shipped head_dim 128 tiles a bias stage beside each of three K/V stages
+    does not fit: two do (the chosen spec fits the 227 KB); a bias and a mask together do
+    not fit beside even two, and run the mma kernel."""
+    from nbflash import api, spec as spec_module
+    from nbflash.kernels import forward_wgmma
+
+    monkeypatch.setenv("NBFLASH_WGMMA_FWD_SCORES", "1")
+    monkeypatch.setattr(nbflash.device, "SIMULATOR", False)
+    monkeypatch.setattr(nbflash.device, "compute_capability", lambda: (9, 0))
+    monkeypatch.setattr(nbflash.device, "max_shared_bytes", lambda: tuning.WGMMA_MAX_SHARED_BYTES)
+    problem = api._Problem(batch=1, seqlen_q=2048, seqlen_k=2048, heads_q=1, heads_kv=1, head_dim=128,
+                           head_dim_v=128, dtype=np.dtype(np.float16), squeeze=False, layout="bshd", on_device=True)
+    for variant, kernel, stages in ((spec_module.Variant(bias="fp16", bias_staged=True), "wgmma", 2),
+                                    (spec_module.Variant(mask=True, mask_staged=True), "wgmma", 2),
+                                    (spec_module.Variant(bias="bf16", bias_staged=True, mask=True, mask_staged=True),
+                                     "mma", None)):
+        chosen = api.choose_forward_spec(problem, False, True, variant=variant)
+        assert chosen.kernel == kernel, chosen.key
+        if kernel == "wgmma":
+            assert chosen.stages == stages and forward_wgmma.shared_bytes(chosen) <= tuning.WGMMA_MAX_SHARED_BYTES
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", tuning.WGMMA_VARIANT_HEAD_DIMS)
+@pytest.mark.parametrize("case", ["bias-fp16", "mask", "bias+window+alibi+softcap", "mask+window+softcap"])
+def test_wgmma_staged_bias_and_mask_at_gpu_sizes(case, head_dim, scores_on):
+    """The shipped tiles (two warpgroups, many key tiles, 128 x 128 stages at head_dim
+    128) with GQA and a batch, causal or not."""
+    rng, seed = new_rng()
+    scores_run(rng, seed, case, seqlen_q=int(rng.integers(300, 900)), seqlen_k=int(rng.integers(300, 1200)),
+               group=2, head_dim=head_dim, batch=2, heads_kv=2)

@@ -1,5 +1,6 @@
 """The no-GPU gate on the Hopper wgmma kernels: the probe's kernels (and the wgmma
-forward specializations the tuning ships, plain and with window / softcap / ALiBi, and
+forward specializations the tuning ships, plain, with window / softcap / ALiBi and with a
+staged bias / mask, and
 both kernels of every wgmma backward plan it ships)
 compile for sm_90a with wgmma.mma_async in their PTX, ptxas does not serialize the wgmma
 chain, no spills, no stack frame, and registers and shared memory their CTA can launch
@@ -29,13 +30,20 @@ def reports():
     # plain and with all three (the worker's BF16_VARIANTS says why); each once
     forward = [r for r in rows if r["kind"] == "forward"]
     # (and, where the softmax overlap runs, the window kernels without lse: the worker says why)
+    # (and the staged bias / mask: bias and mask alone full and causal, causal bias + mask
+    # (head_dim 64 only: at 128 their stages do not fit), all three light variants + bias
+    # and + mask, causal)
+    scores = {64: 7, 128: 6}
     assert len(forward) == sum(2 * (8 + 2 if d in tuning.WGMMA_VARIANT_HEAD_DIMS else 2)
-                               + 4 * tuning.wgmma_overlap(d)
+                               + 4 * tuning.wgmma_overlap(d) + scores.get(d, 0) * (d in tuning.WGMMA_VARIANT_HEAD_DIMS)
                                + sum(tuning.wgmma_varlen(d, v) for v in (None, EVERYTHING)) for d in tuning.WGMMA_TILES), rows
     assert {r["key"] for r in forward if "-varlen" in r["key"]} and all(
         "-causal" in r["key"] for r in forward if "-varlen" in r["key"]), rows
     assert {r["variant"] for r in forward if "-fp16-" in r["key"]} == {
-        "", "-win", "-cap", "-alibi", "-win-cap", "-win-alibi", "-cap-alibi", "-win-cap-alibi"}, rows
+        "", "-win", "-cap", "-alibi", "-win-cap", "-win-alibi", "-cap-alibi", "-win-cap-alibi",
+        "-bias_fp16_smem", "-mask_smem", "-bias_fp16_smem-mask_smem", "-win-cap-alibi-bias_fp16_smem",
+        "-win-cap-alibi-mask_smem"}, rows
+    assert {r["head_dim"] for r in forward if r["variant"] == "-bias_fp16_smem-mask_smem"} == {64}
     assert {r["variant"] for r in forward if "-bf16-" in r["key"]} == {"", "-win-cap-alibi"}, rows
     assert len({r["key"] for r in forward}) == len(forward), rows
     # every kernel (dkdv, dq, and the fused dkdvq where the tuning ships it) of every

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -175,8 +175,8 @@ def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool, views=N
     ...; see spec.Variant) is compiled in and may pick smaller tensor-core tiles.
     On sm_90 (tuning.wgmma_tiles; NBFLASH_WGMMA=0 turns it off), attention at head_dim 64,
     128, 192 and 256 runs the Hopper wgmma kernel instead: plain, or at head_dim 64 and 128
-    also with window / softcap / ALiBi (tuning.wgmma_variant; bias, mask and dropout stay
-    on mma); ``wgmma=False`` keeps the mma kernel (varlen callers pass
+    also with window / softcap / ALiBi and a staged 16-bit bias / mask where their stages
+    fit (tuning.wgmma_variant; others and dropout stay on mma); ``wgmma=False`` keeps the mma kernel (varlen callers pass
     tuning.wgmma_varlen's answer)."""
     dtype = arrays.short_name(problem.dtype)
     tiles = tuning.mma_tiles(problem.head_dim, device.SIMULATOR, device.compute_capability(), causal)
@@ -193,11 +193,18 @@ def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool, views=N
         hopper = tuning.wgmma_tiles(problem.head_dim, device.SIMULATOR, device.compute_capability())
         if wgmma and hopper is not None and tuning.wgmma_variant(variant, problem.head_dim):
             block_m, block_n, threads = hopper
-            return ForwardSpec("wgmma", dtype, problem.head_dim, problem.head_dim, causal, with_lse,
+            spec = ForwardSpec("wgmma", dtype, problem.head_dim, problem.head_dim, causal, with_lse,
                                block_m, block_n, threads, tuning.wgmma_stages(problem.head_dim, block_m, block_n),
                                variant=variant,
                                softmax_overlap=tuning.wgmma_overlap(problem.head_dim, variant),
                                exp2_fma=tuning.wgmma_exp2_fma(problem.head_dim, variant))
+            if not (variant.bias or variant.mask):
+                return spec
+            # a bias / mask stage beside each K/V stage: three may not fit, two may not either
+            for stages in (spec.stages, 2):
+                fitted = replace(spec, stages=stages)
+                if launch.shared_bytes(fitted) <= device.max_shared_bytes():
+                    return fitted
         block_m, block_n, threads, stages, q_in_registers = tiles
         spec = ForwardSpec("mma", dtype, problem.head_dim, problem.head_dim, causal, with_lse,
                            block_m, block_n, threads, stages, q_in_registers, variant=variant)

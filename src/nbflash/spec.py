@@ -190,6 +190,8 @@ class BackwardMmaSpec:
         keys per warpgroup of the dK/dV kernel and dq_block_m 64 query rows per
         warpgroup of the dQ kernel; with dq_atomics, "dkdvq" fuses dQ (bulk float32
         reductions into a tile-contiguous accumulator, block_m 64).
+    exp2_fma: of every four 8-query blocks of P, how many the fused wgmma kernel's softcap
+        path takes exp2 of on the FMA pipe (kernels.ptx.ex2_fma; tuning.wgmma_bwd_exp2_fma).
     """
 
     dtype: str
@@ -209,6 +211,7 @@ class BackwardMmaSpec:
     dbias: bool = False
     varlen: bool = False
     wgmma: bool = False
+    exp2_fma: int = 0
 
     @property
     def module(self) -> str:
@@ -224,7 +227,7 @@ class BackwardMmaSpec:
             f"{name}-{self.dtype}-d{self.head_dim}{flags}"
             f"-m{self.block_m}n{self.block_n}t{self.threads}" + ("kvr" if self.kv_in_registers else "")
             + f"-dq_m{self.dq_block_m}n{self.dq_block_n}t{self.dq_threads}" + ("qr" if self.dq_in_registers else "")
-            + ("-dqatomic" if self.dq_atomics else "")
+            + ("-dqatomic" if self.dq_atomics else "") + (f"-e{self.exp2_fma}" if self.exp2_fma else "")
         )
 
     def __str__(self) -> str:

@@ -504,6 +504,23 @@ def wgmma_exp2_fma(head_dim: int, variant=None) -> int:
     return int(override) if override in ("0", "1", "2", "3", "4") else EXP2_FMA_SOFTCAP.get(head_dim, 0)
 
 
+# The same emulation in the fused wgmma backward's softcap path (spec.BackwardMmaSpec.
+# exp2_fma), where each score loads the MUFU three times (tanh for P, exp2, and lg2 to
+# recover tanh from P for its derivative). Not measured yet: 0 by default;
+# NBFLASH_EXP2_FMA_BWD=n sets it (A/B runs; 0-4).
+EXP2_FMA_BWD_SOFTCAP: dict = {}
+_EXP2_FMA_BWD_VARIABLE = "NBFLASH_EXP2_FMA_BWD"
+
+
+def wgmma_bwd_exp2_fma(head_dim: int, variant=None) -> int:
+    """How many of every four 8-query blocks of P take exp2 on the FMA pipe in the fused
+    wgmma backward at head_dim with this spec.Variant: softcap's count, else none."""
+    if variant is None or not variant.softcap:
+        return 0
+    override = os.environ.get(_EXP2_FMA_BWD_VARIABLE, "")
+    return int(override) if override in ("0", "1", "2", "3", "4") else EXP2_FMA_BWD_SOFTCAP.get(head_dim, 0)
+
+
 # K/V buffers of the wgmma forward. With two, every tile ends in a CTA-wide barrier (the
 # stages it read are refilled by the next tile); with three the refilled stages are the
 # ones read two tiles back, which the next tile's first barrier already covers, so that
@@ -531,21 +548,43 @@ def wgmma_stages(head_dim: int, block_m: int, block_n: int) -> int:
 WGMMA_VARIANT_HEAD_DIMS = (64, 128)  # d192/d256 sit at 250-255 registers plain: no room
 
 
-def wgmma_variant(variant, head_dim: int = 64) -> bool:
+# Whether the wgmma forward takes a staged 16-bit bias and a staged mask (kernels/
+# forward_wgmma.py); NBFLASH_WGMMA_FWD_SCORES=0/1 overrides it (perf/ comparisons, tests).
+# H100, fp16 d128 B4 H16 N4096, not causal, same run (perf/results/session16/): plain wgmma
+# 1.297 ms, + a BHNN fp16 bias 1.646 (+0.35 ms, its bytes 0.64 ms at bandwidth), + a BHNN
+# mask 1.719 (+0.42 ms, bytes 0.32), where the mma.sync kernel took 2.418 / 2.343.
+WGMMA_FWD_SCORES = True
+_WGMMA_FWD_SCORES_OVERRIDE = "NBFLASH_WGMMA_FWD_SCORES"
+
+
+def wgmma_fwd_scores() -> bool:
+    override = os.environ.get(_WGMMA_FWD_SCORES_OVERRIDE)
+    return WGMMA_FWD_SCORES if override is None else override == "1"
+
+
+def wgmma_variant(variant, head_dim: int = 64, scores=None) -> bool:
     """The wgmma forward compiles this spec.Variant in at head_dim: plain anywhere, the
-    light variants (window, softcap, ALiBi, in any combination) at head_dim 64 and 128;
-    bias, mask and dropout run the mma kernel."""
+    light variants (window, softcap, ALiBi, in any combination) at head_dim 64 and 128,
+    and there also a staged 16-bit bias and a staged mask (spec.Variant.bias_staged /
+    mask_staged) while wgmma_fwd_scores() is on (``scores``: whether they count as on,
+    default wgmma_fwd_scores(); the compile gate passes True). A float32 or unstaged
+    bias, an unstaged mask and dropout run the mma kernel, as do a bias and a mask whose
+    stages do not fit beside the kernel's (api.choose_forward_spec checks)."""
     if not variant:
         return True
-    return head_dim in WGMMA_VARIANT_HEAD_DIMS and not (variant.bias or variant.mask or variant.dropout)
+    scores_on = wgmma_fwd_scores() if scores is None else scores
+    scores = ((not variant.bias or (variant.bias in ("fp16", "bf16") and variant.bias_staged))
+              and (not variant.mask or variant.mask_staged)
+              and (not (variant.bias or variant.mask) or scores_on))
+    return head_dim in WGMMA_VARIANT_HEAD_DIMS and not variant.dropout and scores
 
 
 # Whether the fused wgmma backward takes a staged bias / mask (kernels/backward_wgmma.py);
-# NBFLASH_WGMMA_BWD_SCORES=0/1 overrides it (perf/ comparisons, tests). Off: the kernels
-# pass the simulator's tests and compile for sm_90a (the ptxas gate), but no GPU has run
-# them yet (session 15 got no device machine); perf/results/session15/run_reads.sh is the
-# check and measurement that would turn them on (perf/NOTES.md, session 15).
-WGMMA_BWD_SCORES = False
+# NBFLASH_WGMMA_BWD_SCORES=0/1 overrides it (perf/ comparisons, tests). H100, fp16 d128 B4
+# H16 N4096, not causal, same run (perf/results/session16/): plain 4.12 ms, + a BHNN fp16
+# bias 4.55 (+0.44 ms, bytes 0.64), + a BHNN mask 4.44 (+0.32, bytes 0.32), where the
+# mma.sync backward had added 3.05 / 1.74 ms to its 7.50 (session 11).
+WGMMA_BWD_SCORES = True
 _WGMMA_BWD_SCORES_OVERRIDE = "NBFLASH_WGMMA_BWD_SCORES"
 
 

@@ -157,7 +157,8 @@ def choose_spec(dtype: str, head_dim: int, causal: bool, simulator: bool, varian
             atomics = bm == 64 and tuning.wgmma_bwd_dq_atomics(head_dim, simulator)
             if atomics or not variant:
                 return BackwardMmaSpec(dtype, head_dim, causal, bm, bn, threads, False, qbm, qbn, qthreads, False,
-                                       atomics, wgmma=True, variant=variant or PLAIN)
+                                       atomics, wgmma=True, variant=variant or PLAIN,
+                                       exp2_fma=tuning.wgmma_bwd_exp2_fma(head_dim, variant) if atomics else 0)
 
     if variant:
         tiles = tuning.mma_bwd_variant_tiles(head_dim, simulator)

@@ -279,6 +279,8 @@ def _build_dkdv(spec):
     K_STEPS, M_STEPS, S_BLOCKS = D // 16, BM // 16, BM // 8
     CAUSAL = spec.causal
     WINDOW, ALIBI, SOFTCAP = spec.variant.window, spec.variant.alibi, spec.variant.softcap
+    EXP2_FMA = spec.exp2_fma
+    assert 0 <= EXP2_FMA <= 4 and (SOFTCAP or not EXP2_FMA), spec.key
     assert not (SOFTCAP and ALIBI)  # tuning.wgmma_bwd_variant
     # bias / mask: one stage each, tile (query tile, key block) refilled once a tile
     BIAS, MASK = bool(spec.variant.bias), spec.variant.mask
@@ -502,7 +504,10 @@ def _build_dkdv(spec):
                                 x = s[idx] * scale_log2 - row_lse
                             if BIAS:  # query column 8j + 2t + e, key row key_local + 8 half
                                 x += bias_f32(bias_words[2 * jm + half], e) * float32(LOG2E)
-                            s[idx] = ptx.ex2(x)
+                            if j % 4 < EXP2_FMA:  # off the MUFU, which softcap's tanh and lg2 also load
+                                s[idx] = ptx.ex2_fma(x)
+                            else:
+                                s[idx] = ptx.ex2(x)
                             if MASK:  # query 8j + 2t + e, key key_local + 8 half
                                 word = ptx.ld_shared_u32(mask_at + uint32((8 * j + e) * MASK_ROW_BYTES + 8 * half))
                                 if (word >> mask_shift) & uint32(0xFF) == uint32(0):

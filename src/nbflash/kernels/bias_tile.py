@@ -3,7 +3,9 @@ mma.sync forward; the mma.sync backward's dK/dV and dQ kernels, which read the d
 tile transposed through make_element_reader / make_mask_element_reader; the wgmma
 backward's fused kernel, which reads its tiles transposed through
 make_transposed_bias_reader (ldmatrix.trans on a swizzled stage) and
-make_transposed_mask_reader).
+make_transposed_mask_reader; the wgmma forward, which reads a swizzled bias stage in
+accumulator order through make_fragment_bias_reader (ldmatrix) and a padded mask stage
+through make_fragment_mask_reader).
 
 Read element by element in fragment order, a (block_m x block_n) bias or mask tile
 costs each thread 2-byte (or 1-byte) global loads 8 rows apart, several times the
@@ -127,6 +129,26 @@ def make_issue_tile(block_m: int, block_n: int, itemsize: int, threads: int, rw:
     return issue_tile
 
 
+def make_half_to_f32(dtype: str):
+    """A device function ``to_f32(word, e)``: half e (0: bits 0-15, 1: bits 16-31) of a
+    32-bit word of two 16-bit values (dtype fp16 or bf16) as float32."""
+    assert dtype in ("fp16", "bf16")
+    if dtype == "bf16":
+        @cuda.jit(device=True, inline=True)
+        def to_f32(word, e):
+            if e == 0:  # bfloat16 is the upper half of a float32
+                return ptx.u32_as_f32(uint32(word) << uint32(16))
+            return ptx.u32_as_f32(uint32(word) & uint32(0xFFFF0000))
+    else:
+        @cuda.jit(device=True, inline=True)
+        def to_f32(word, e):
+            lo, hi = ptx.f16x2_to_f32(word)
+            if e == 0:
+                return float32(lo)
+            return float32(hi)
+    return to_f32
+
+
 def make_bias_reader(dtype: str, block_n: int):
     """A device function ``read(smem, base, r, nb, t, e)``: the staged bias (stage at
     word ``base``) of local row r, column nb * 8 + 2t + e (an mma C fragment's column)
@@ -139,20 +161,12 @@ def make_bias_reader(dtype: str, block_n: int):
         @cuda.jit(device=True, inline=True)
         def read(smem, base, r, nb, t, e):
             return ptx.u32_as_f32(smem[base + r * np.int32(RW) + nb * np.int32(8) + t * np.int32(2) + e])
-    elif dtype == "bf16":
-        @cuda.jit(device=True, inline=True)
-        def read(smem, base, r, nb, t, e):
-            word = smem[base + r * np.int32(RW) + nb * np.int32(4) + t]
-            if e == 0:  # bfloat16 is the upper half of a float32
-                return ptx.u32_as_f32(word << uint32(16))
-            return ptx.u32_as_f32(word & uint32(0xFFFF0000))
     else:
+        to_f32 = make_half_to_f32(dtype)
+
         @cuda.jit(device=True, inline=True)
         def read(smem, base, r, nb, t, e):
-            lo, hi = ptx.f16x2_to_f32(smem[base + r * np.int32(RW) + nb * np.int32(4) + t])
-            if e == 0:
-                return float32(lo)
-            return float32(hi)
+            return to_f32(smem[base + r * np.int32(RW) + nb * np.int32(4) + t], e)
     return read
 
 
@@ -257,20 +271,49 @@ def make_transposed_bias_reader(dtype: str, block_n: int):
         c = chunk + ((lane >> np.int32(3)) & np.int32(1))
         return uint32(4 * (row * np.int32(RW) + swizzled_chunk(row, c) * np.int32(4)))
 
-    if dtype == "bf16":
-        @cuda.jit(device=True, inline=True)
-        def to_f32(word, e):
-            if e == 0:  # bfloat16 is the upper half of a float32
-                return ptx.u32_as_f32(uint32(word) << uint32(16))
-            return ptx.u32_as_f32(uint32(word) & uint32(0xFFFF0000))
-    else:
-        @cuda.jit(device=True, inline=True)
-        def to_f32(word, e):
-            lo, hi = ptx.f16x2_to_f32(word)
-            if e == 0:
-                return float32(lo)
-            return float32(hi)
-    return lane_offset, 4 * RW, to_f32
+    return lane_offset, 4 * RW, make_half_to_f32(dtype)
+
+
+def make_fragment_bias_reader(dtype: str, block_n: int):
+    """The wgmma forward's reader of a swizzled 16-bit bias stage (make_issue_tile with
+    swizzle; rows queries, columns keys: the S accumulator's orientation). Returns
+    (lane_offset, ROW_BYTES, to_f32):
+
+    ``lane_offset(lane, pair)``: the byte offset, from the first of the warp's 16 rows
+    (a multiple of 8 rows into the stage), of the row this lane addresses in one
+    ldmatrix.x4 of the warp's rows x keys 16 pair .. 16 pair + 15: matrix m = lane // 8
+    is rows 8 (m % 2) .. + 7, keys 16 pair + 8 (m // 2) .. + 7. Register i of the load
+    holds, for lane 4g + t, keys 16 pair + 8 (i // 2) + 2t and + 1 (low and high halves)
+    of row g + 8 (i % 2): the accumulator's pair of columns of that row, its words
+    4 (2 pair + i // 2) + 2 (i % 2) + e. The swizzle depends on the row % 8 (lane % 8)
+    only; a load's chunk costs one XOR.
+    ``to_f32(word, e)``: half e of such a word as float32."""
+    assert dtype in ("fp16", "bf16") and block_n * 2 % 128 == 0
+    RW = block_n // 2
+
+    @cuda.jit(device=True, inline=True)
+    def lane_offset(lane, pair):
+        row = (lane & np.int32(7)) + ((lane >> np.int32(3)) & np.int32(1)) * np.int32(8)
+        c = pair * np.int32(2) + (lane >> np.int32(4))
+        return uint32(4 * (row * np.int32(RW) + swizzled_chunk(row, c) * np.int32(4)))
+
+    return lane_offset, 4 * RW, make_half_to_f32(dtype)
+
+
+def make_fragment_mask_reader(block_n: int):
+    """The wgmma forward's reader of a mask stage (make_issue_tile's padded rows: rows
+    queries, columns keys, row_words(block_n, 1) apart). Returns (lane_offset, ROW_BYTES):
+    ``lane_offset(lane)`` is the byte offset, from the first of the warp's 16 rows, of
+    the word holding lane 4g + t's keys 2t and 2t + 1 of row g (bits 16 (t % 2) + 8e);
+    keys 8j + 2t + e of row g + 8 half are at + 8j + 8 half ROW_BYTES, the same bits
+    (one shared load a key pair at a constant offset, one test a score)."""
+    RW = row_words(block_n, 1)
+
+    @cuda.jit(device=True, inline=True)
+    def lane_offset(lane):
+        return uint32(4 * ((lane >> np.int32(2)) * np.int32(RW) + ((lane & np.int32(3)) >> np.int32(1))))
+
+    return lane_offset, 4 * RW
 
 
 def transposed_mask_row_words(block_n: int) -> int:

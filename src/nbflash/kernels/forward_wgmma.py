@@ -1,8 +1,9 @@
 """The Hopper forward kernel (sm_90a): FlashAttention-2's algorithm on warpgroup MMA,
 fp16 and bf16, head_dim 64, 128, 192 and 256, with the light variants (sliding window,
-softcap, ALiBi) and packed varlen batches at head_dim 64 and 128 (varlen with variants at
-64: tuning.wgmma_varlen; bias, mask and dropout keep forward_mma). nbflash.attention's
-kernel on sm_90 for those (tuning.wgmma_tiles; NBFLASH_WGMMA=0 turns it off).
+softcap, ALiBi), a staged 16-bit bias and a staged mask, and packed varlen batches at
+head_dim 64 and 128 (varlen with variants at 64: tuning.wgmma_varlen; a float32 or
+unstaged bias or mask and dropout keep forward_mma). nbflash.attention's kernel on sm_90
+for those (tuning.wgmma_tiles; NBFLASH_WGMMA=0 turns it off).
 
 Work partition: a CTA owns block_m = 64 x warpgroups query rows of one (batch, query
 head); warpgroup w owns rows 64w .. 64w + 63 (the M of every wgmma it issues). The Q
@@ -38,8 +39,18 @@ and with two K/V stages at a second one before the stages they read are refilled
 stages, tuning.wgmma_stages, refill the ones read two tiles back, which needs no second
 barrier).
 
+Bias and mask (spec.variant.bias / mask, staged: kernels/bias_tile.py): each K/V stage
+has a bias tile and a mask tile of block_m queries x block_n keys beside it, copied in
+the K tile's cp.async group, so the refill argument above covers them. The bias stage is
+unpadded and XOR-swizzled (16-byte chunk c of row r at c ^ (r % 8)) and read with
+ldmatrix.x4, which hands each lane its accumulator's key pairs (one load per 16 keys of
+the warp's 16 rows); it is added in S units (bias log2(e) / s_log2) after softcap and before
+the row max. The mask's rows are padded; a thread loads one 32-bit word a key pair at a
+constant offset from one address and tests a byte a score (S = -inf where it is 0).
+
 Shared memory (dynamic, aligned up to 1024 bytes at run time): Q (block_m x head_dim),
-then K (stages x block_n x head_dim), then V (the same), each in ptx_wgmma's tile layout.
+then K (stages x block_n x head_dim), then V (the same), each in ptx_wgmma's tile layout,
+then the bias and mask stages (score_stage_words).
 Softcap kernels may take exp2 for some of each tile's scores on the FMA pipe
 (spec.exp2_fma, kernels.ptx.ex2_fma), as the tanh already loads the MUFU once a score.
 """
@@ -54,7 +65,7 @@ from numba.cuda import float32, uint32
 
 from .. import tuning
 from ..spec import ForwardSpec
-from . import ptx
+from . import bias_tile, ptx
 from . import ptx_wgmma as wg
 from .score_mods import alibi_split, window_key_range
 from .varlen import sequence_span
@@ -66,9 +77,20 @@ STAGES = (2, 3)  # K/V buffers a spec may ask for (tuning.wgmma_stages)
 K_MAJOR_LBO = 16  # unused by the hardware for swizzled K-major operands ("assumed 1")
 
 
+def score_stage_words(spec: ForwardSpec) -> tuple:
+    """Words of one stage of the staged bias tile (block_m queries x block_n keys of
+    16-bit values, swizzled, unpadded: make_fragment_bias_reader) and of the mask tile
+    (bytes, rows padded as the mma.sync forward's); 0 for a variant without them."""
+    var = spec.variant
+    bias = spec.block_m * spec.block_n * 2 // 4 if var.bias else 0
+    mask = spec.block_m * bias_tile.row_words(spec.block_n, 1) if var.mask else 0
+    return bias, mask
+
+
 def shared_bytes(spec: ForwardSpec) -> int:
     D = spec.head_dim
-    return wg.tile_bytes(spec.block_m, D) + 2 * spec.stages * wg.tile_bytes(spec.block_n, D) + wg.TILE_ALIGN
+    scores = 4 * spec.stages * sum(score_stage_words(spec))
+    return wg.tile_bytes(spec.block_m, D) + 2 * spec.stages * wg.tile_bytes(spec.block_n, D) + scores + wg.TILE_ALIGN
 
 
 def make_issue_tile(head_dim: int, rows: int, threads: int):
@@ -158,7 +180,7 @@ def build(spec: ForwardSpec):
     # (its wgmma waited for) before it passed tile j - 1's first barrier: no second barrier.
     REFILL_BARRIER = STAGE_COUNT == 2
     VAR = spec.variant
-    assert tuning.wgmma_variant(VAR, spec.head_dim), VAR
+    assert tuning.wgmma_variant(VAR, spec.head_dim, scores=True), VAR
     VARLEN = spec.varlen
     OVERLAP = spec.softmax_overlap
     EXP2_FMA = spec.exp2_fma
@@ -189,9 +211,37 @@ def build(spec: ForwardSpec):
     # softcap log2(e). ALiBi's key part is the S chain's initial accumulator without
     # softcap (the cap applies to scale q.k only, so under softcap it comes after the tanh).
     ALIBI_INIT = ALIBI and not SOFTCAP
+    # a staged 16-bit bias and a staged mask (bias_tile): one tile of BM queries x BN keys
+    # per K/V stage, after V, in the K tile's copy group; the bias is added in S units
+    # (bias log2(e) / s_log2) after softcap, the mask sets S = -inf
+    BIAS, MASK = bool(VAR.bias), VAR.mask
+    assert not BIAS or (VAR.bias in ("fp16", "bf16") and VAR.bias_staged), spec.key
+    assert not MASK or VAR.mask_staged, spec.key
+    assert not ((BIAS or MASK) and VARLEN) and not VAR.dropout, spec.key
+    BIAS_STAGE, MASK_STAGE = score_stage_words(spec)
+    BIAS_OFF = V_OFF + STAGE_COUNT * KV_WORDS
+    MASK_OFF = BIAS_OFF + STAGE_COUNT * BIAS_STAGE
+    # (built either way, the kernel closes over them; without a bias for a 64-key stand-in:
+    # a swizzled row is whole 128 bytes, which d192's 112 keys are not)
+    issue_bias = bias_tile.make_issue_tile(BM, BN if BIAS else 64, 2, T, swizzle=True)
+    bias_lane_offset, BIAS_ROW_BYTES, bias_f32 = bias_tile.make_fragment_bias_reader(VAR.bias or "fp16",
+                                                                                     BN if BIAS else 64)
+    assert not BIAS or BN * 2 % 128 == 0, spec.key
+    issue_mask = bias_tile.make_issue_tile(BM, BN, 1, T)
+    mask_lane_offset, MASK_ROW_BYTES = bias_tile.make_fragment_mask_reader(BN)
+    MASK_ROW_WORDS = MASK_ROW_BYTES // 4
     issue_q = make_issue_tile(D, BM, T)
     s_chain = make_chain(mma_s, 1, K_STEPS - 1, Q_PANEL, KV_PANEL)
     issue_kv = make_issue_tile(D, BN, T)
+
+    @cuda.jit(device=True, inline=True)
+    def issue_scores(bias, mask, smem, base, stage, b, h, row0, seqlen_q, n0, seqlen_k, tid):
+        """cp.async the bias and mask tiles of key tile n0 into their stage (in the
+        caller's copy group)."""
+        if BIAS:
+            issue_bias(bias, smem, base + BIAS_OFF + stage * BIAS_STAGE, b, h, row0, seqlen_q, n0, seqlen_k, tid)
+        if MASK:
+            issue_mask(mask, smem, base + MASK_OFF + stage * MASK_STAGE, b, h, row0, seqlen_q, n0, seqlen_k, tid)
 
     @cuda.jit(device=True, inline=True)
     def issue_s(s, desc_q, desc_k, n0, row0, seqlen_q, seqlen_k, t, slope_u, slope_log2):
@@ -228,11 +278,13 @@ def build(spec: ForwardSpec):
 
     @cuda.jit(device=True, inline=True)
     def scores_to_p(s, m_i, l_i, alpha, n0, row0, my_row, seqlen_q, seqlen_k, t, window_left, window_right,
-                    cap_in, s_log2, slope_u, slope_log2, row_g):
+                    cap_in, s_log2, slope_u, slope_log2, row_g, bias_at, mask_at, lane, bias_u):
         """The variants' score modifications, the masks and the online softmax
         (FlashAttention-2, Algorithm 1, lines 8-10, exp2 domain) on the S fragment of
         the key tile at n0: s becomes P (float32, unnormalized), m_i and l_i move to
-        this tile, and alpha[half] = exp2(m_old - m_new) is the factor O still owes."""
+        this tile, and alpha[half] = exp2(m_old - m_new) is the factor O still owes.
+        The staged bias and mask are read at shared addresses bias_at and mask_at (the
+        warp's first row of the tile's stage)."""
         if ALIBI:
             col_step, row_step, c0, crossing = alibi_split(row0, np.int32(BM), n0, np.int32(BN), seqlen_q,
                                                            seqlen_k, slope_u, slope_log2)
@@ -248,6 +300,13 @@ def build(spec: ForwardSpec):
                         if ALIBI:
                             x += col0 + col_step * float32(j * 8 + e)
                         s[4 * j + 2 * half + e] = x
+        if BIAS:  # in S units; zero-filled past seqlen_q / seqlen_k (masked below)
+            for pair in range(BN // 16):  # keys 16 pair .. + 15: accumulator blocks 2 pair, + 1
+                words = ptx.ldmatrix_x4(bias_at + bias_lane_offset(lane, np.int32(pair)))
+                for i in range(4):
+                    for e in range(2):
+                        idx = 4 * (2 * pair + i // 2) + 2 * (i % 2) + e
+                        s[idx] += bias_f32(words[i], e) * bias_u
         if ALIBI:
             if crossing:  # the exact term, -slope_u |c_i - j| in S units, per score
                 # c_i - j = dist0 + 8 half - (8 jb + e) for this thread's first row and key
@@ -265,6 +324,16 @@ def build(spec: ForwardSpec):
             diagonal0 = row0 + seqlen_k - seqlen_q  # the CTA's first row's diagonal
             needs_mask = needs_mask or (n0 + BN - 1 > diagonal0 + window_right)
             needs_mask = needs_mask or (n0 < diagonal0 + np.int32(BM - 1) - window_left)
+        if MASK:  # the byte of key 8j + 2t + e of a row is at bit 16 (t % 2) + 8e of its word
+            mask_at = mask_at + mask_lane_offset(lane)
+            keep = uint32(0xFF) << (uint32(16) * uint32(t & np.int32(1)))
+        if MASK and not needs_mask:  # a tile inside every bound: the mask bytes alone
+            for half in range(2):
+                for j in range(S_BLOCKS):
+                    word = ptx.ld_shared_u32(mask_at + uint32(8 * MASK_ROW_BYTES * half + 8 * j))
+                    for e in range(2):
+                        if word & (keep << uint32(8 * e)) == uint32(0):
+                            s[4 * j + 2 * half + e] = NEG_INF
         if needs_mask:
             for half in range(2):
                 # keys of this tile the row sees: columns [lowest, visible) (32-bit, once per row)
@@ -276,11 +345,15 @@ def build(spec: ForwardSpec):
                     visible = min(visible, i_diag + np.int32(1) + window_right)
                     lowest = i_diag - window_left
                 for j in range(S_BLOCKS):
+                    if MASK:
+                        word = ptx.ld_shared_u32(mask_at + uint32(8 * MASK_ROW_BYTES * half + 8 * j))
                     for e in range(2):
                         col = np.int32(j * 8 + 2 * t + e)
                         hide = col >= visible
                         if WINDOW:
                             hide = hide or col < lowest
+                        if MASK:
+                            hide = hide or word & (keep << uint32(8 * e)) == uint32(0)
                         if hide:
                             s[4 * j + 2 * half + e] = NEG_INF
 
@@ -352,7 +425,8 @@ def build(spec: ForwardSpec):
             seqlen_q = np.int32(q.shape[1])
             seqlen_k = np.int32(k.shape[1])
         # rows of this thread: my_row + 8 half (the accumulator layout, ptx_wgmma)
-        my_row = np.int32(row0 + wgi * 64 + (tid // 32) % 4 * 16 + g)
+        warp_row = np.int32(wgi * 64 + (tid // 32) % 4 * 16)  # the warp's first row in the tile
+        my_row = np.int32(row0 + warp_row + g)
         s_log2 = float32(scale * LOG2E)  # what turns an S value into exp2 units in the softmax
         cap_in = float32(0)
         if SOFTCAP:  # S holds th = tanh(scale q.k / softcap); the capped score is th * s_log2 in exp2 units
@@ -365,6 +439,7 @@ def build(spec: ForwardSpec):
             slope_log2 = float32(alibi[cuda.blockIdx.z, h] * LOG2E)  # (batch or sequence, head)
             slope_u = slope_log2 / s_log2  # the slope in S units: slope / scale, or slope / softcap
             row_g = float32(my_row - row0)  # this thread's first row, relative to the CTA's
+        bias_u = float32(LOG2E) / s_log2  # a bias value in S units
 
         smem = cuda.shared.array(0, uint32)
         base = wg.shared_align_words(smem)
@@ -405,7 +480,8 @@ def build(spec: ForwardSpec):
             # stages: with two stages the ones iteration j - 1 read, with three iteration j - 2's.
             if n_tiles > 0:
                 issue_kv(k, smem, base + K_OFF, b, hk, k_start, n_first, seqlen_k, tid)
-            ptx.cp_async_commit()  # group 0: Q and K_0
+                issue_scores(bias, mask, smem, base, 0, b, h, row0, seqlen_q, n_first, seqlen_k, tid)
+            ptx.cp_async_commit()  # group 0: Q and K_0 (and tile 0's bias / mask)
             for it in range(n_tiles):
                 stage = it % STAGE_COUNT
                 after = (it + 1) % STAGE_COUNT
@@ -414,8 +490,10 @@ def build(spec: ForwardSpec):
                 if it + 1 < n_tiles:
                     issue_kv(k, smem, base + K_OFF + after * KV_WORDS, b, hk, k_start, n0 + np.int32(BN),
                              seqlen_k, tid)
+                    issue_scores(bias, mask, smem, base, after, b, h, row0, seqlen_q, n0 + np.int32(BN), seqlen_k,
+                                 tid)
                 issue_kv(v, smem, base + V_OFF + stage * KV_WORDS, b, hk, k_start, n0, seqlen_k, tid)
-                ptx.cp_async_commit()  # group it + 1: K_(it+1), V_it
+                ptx.cp_async_commit()  # group it + 1: K_(it+1) (and its bias / mask), V_it
                 ptx.cp_async_wait_group(1)  # group it (K_it, V_(it-1)) has landed
                 wg.fence_proxy_async()  # cp.async writes are generic-proxy; wgmma reads via the async proxy
                 cuda.syncthreads()
@@ -427,8 +505,11 @@ def build(spec: ForwardSpec):
                     wg.wgmma_commit()
                 wg.wgmma_wait(1)  # S has landed; P V of the last tile may still run
                 wg.fence_operands(s, S_REGS)
+                bias_at = ptx.shared_address(smem, (base + BIAS_OFF + stage * BIAS_STAGE + warp_row * (BN // 2),))
+                mask_at = ptx.shared_address(smem, (base + MASK_OFF + stage * MASK_STAGE + warp_row * MASK_ROW_WORDS,))
                 scores_to_p(s, m_i, l_i, alpha, n0, row0, my_row, seqlen_q, seqlen_k, t, window_left,
-                            window_right, cap_in, s_log2, slope_u, slope_log2, row_g)
+                            window_right, cap_in, s_log2, slope_u, slope_log2, row_g, bias_at, mask_at,
+                            np.int32(lane), bias_u)
                 wg.wgmma_wait(0)
                 wg.fence_operands(o, O_REGS)
                 rescale_o(o, alpha)  # on the first tile O is 0 and alpha 0
@@ -446,6 +527,7 @@ def build(spec: ForwardSpec):
             if n_tiles > 0:
                 issue_kv(k, smem, base + K_OFF, b, hk, k_start, n_first, seqlen_k, tid)
                 issue_kv(v, smem, base + V_OFF, b, hk, k_start, n_first, seqlen_k, tid)
+                issue_scores(bias, mask, smem, base, 0, b, h, row0, seqlen_q, n_first, seqlen_k, tid)
             ptx.cp_async_commit()
             for it in range(n_tiles):
                 stage = it % STAGE_COUNT
@@ -454,6 +536,8 @@ def build(spec: ForwardSpec):
                     nxt = ((it + 1) % STAGE_COUNT) * KV_WORDS
                     issue_kv(k, smem, base + K_OFF + nxt, b, hk, k_start, n0 + np.int32(BN), seqlen_k, tid)
                     issue_kv(v, smem, base + V_OFF + nxt, b, hk, k_start, n0 + np.int32(BN), seqlen_k, tid)
+                    issue_scores(bias, mask, smem, base, (it + 1) % STAGE_COUNT, b, h, row0, seqlen_q,
+                                 n0 + np.int32(BN), seqlen_k, tid)
                 ptx.cp_async_commit()
                 ptx.cp_async_wait_group(1)  # this tile's group (and Q) has landed
                 wg.fence_proxy_async()  # cp.async writes are generic-proxy; wgmma reads via the async proxy
@@ -462,8 +546,11 @@ def build(spec: ForwardSpec):
                         slope_u, slope_log2)
                 wg.wgmma_wait(0)
                 wg.fence_operands(s, S_REGS)
+                bias_at = ptx.shared_address(smem, (base + BIAS_OFF + stage * BIAS_STAGE + warp_row * (BN // 2),))
+                mask_at = ptx.shared_address(smem, (base + MASK_OFF + stage * MASK_STAGE + warp_row * MASK_ROW_WORDS,))
                 scores_to_p(s, m_i, l_i, alpha, n0, row0, my_row, seqlen_q, seqlen_k, t, window_left,
-                            window_right, cap_in, s_log2, slope_u, slope_log2, row_g)
+                            window_right, cap_in, s_log2, slope_u, slope_log2, row_g, bias_at, mask_at,
+                            np.int32(lane), bias_u)
                 rescale_o(o, alpha)
                 pack_p(p, s)
                 issue_pv(o, p, wg.desc_add(desc_v0, stage * KV_BYTES))
