@@ -155,10 +155,12 @@ def backward_specs():
             if fused and tuning.wgmma_bwd_variant(light, head_dim):
                 for causal in (False, True):
                     yield BackwardMmaSpec("fp16", head_dim, causal, bm, bn, threads, False, qbm, qbn, qthreads, False,
-                                          True, wgmma=True, variant=light, part="dkdvq")
+                                          True, wgmma=True, variant=light, part="dkdvq",
+                                          exp2_fma=tuning.wgmma_bwd_exp2_fma(head_dim, light))
         for staged, causals in SCORE_VARIANTS:  # staged bias / mask, where their stages fit
             spec = BackwardMmaSpec("fp16", head_dim, False, bm, bn, threads, False, qbm, qbn, qthreads, False,
-                                   True, wgmma=True, variant=staged, part="dkdvq")
+                                   True, wgmma=True, variant=staged, part="dkdvq",
+                                   exp2_fma=tuning.wgmma_bwd_exp2_fma(head_dim, staged))
             if (fused and tuning.wgmma_bwd_variant(staged, head_dim, scores=True)  # (compiled while switched off)
                     and backward_wgmma.shared_bytes(spec) <= tuning.WGMMA_MAX_SHARED_BYTES):
                 for causal in causals:

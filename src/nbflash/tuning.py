@@ -506,9 +506,11 @@ def wgmma_exp2_fma(head_dim: int, variant=None) -> int:
 
 # The same emulation in the fused wgmma backward's softcap path (spec.BackwardMmaSpec.
 # exp2_fma), where each score loads the MUFU three times (tanh for P, exp2, and lg2 to
-# recover tanh from P for its derivative). Not measured yet: 0 by default;
+# recover tanh from P for its derivative). H100, d128 fp16 causal 16k H16, one process
+# per n (perf/results/session16/b): softcap 30 8.33 / 8.14 / 8.20 ms at n = 0 / 1 / 2
+# against plain causal 7.44-7.46 (1.117 / 1.094 / 1.101x). Head_dim 64 not measured (0).
 # NBFLASH_EXP2_FMA_BWD=n sets it (A/B runs; 0-4).
-EXP2_FMA_BWD_SOFTCAP: dict = {}
+EXP2_FMA_BWD_SOFTCAP = {128: 1}
 _EXP2_FMA_BWD_VARIABLE = "NBFLASH_EXP2_FMA_BWD"
 
 
