@@ -201,7 +201,7 @@ def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool, views=N
             if not (variant.bias or variant.mask):
                 return spec
             # a bias / mask stage beside each K/V stage: three may not fit, two may not either
-            for stages in (spec.stages, 2):
+            for stages in sorted({spec.stages, 2}, reverse=True):
                 fitted = replace(spec, stages=stages)
                 if launch.shared_bytes(fitted) <= device.max_shared_bytes():
                     return fitted

@@ -552,9 +552,9 @@ WGMMA_VARIANT_HEAD_DIMS = (64, 128)  # d192/d256 sit at 250-255 registers plain:
 
 # Whether the wgmma forward takes a staged 16-bit bias and a staged mask (kernels/
 # forward_wgmma.py); NBFLASH_WGMMA_FWD_SCORES=0/1 overrides it (perf/ comparisons, tests).
-# H100, fp16 d128 B4 H16 N4096, not causal, same run (perf/results/session16/): plain wgmma
-# 1.297 ms, + a BHNN fp16 bias 1.646 (+0.35 ms, its bytes 0.64 ms at bandwidth), + a BHNN
-# mask 1.719 (+0.42 ms, bytes 0.32), where the mma.sync kernel took 2.418 / 2.343.
+# H100, fp16 d128 B4 H16 N4096, not causal, same run (perf/results/session16/c): plain wgmma
+# 1.287 ms, + a BHNN fp16 bias 1.632 (+0.35 ms, its bytes 0.64 ms at bandwidth), + a BHNN
+# mask 1.554 (+0.27 ms, bytes 0.32), where the mma.sync kernel took 2.417 / 2.344.
 WGMMA_FWD_SCORES = True
 _WGMMA_FWD_SCORES_OVERRIDE = "NBFLASH_WGMMA_FWD_SCORES"
 
@@ -562,6 +562,14 @@ _WGMMA_FWD_SCORES_OVERRIDE = "NBFLASH_WGMMA_FWD_SCORES"
 def wgmma_fwd_scores() -> bool:
     override = os.environ.get(_WGMMA_FWD_SCORES_OVERRIDE)
     return WGMMA_FWD_SCORES if override is None else override == "1"
+
+
+def _wgmma_takes_scores(variant, scores_on: bool) -> bool:
+    """What both wgmma kernels ask of a variant's bias and mask: none, or (while
+    ``scores_on``) a staged 16-bit bias and a staged mask."""
+    return ((not variant.bias or (variant.bias in ("fp16", "bf16") and variant.bias_staged))
+            and (not variant.mask or variant.mask_staged)
+            and (not (variant.bias or variant.mask) or scores_on))
 
 
 def wgmma_variant(variant, head_dim: int = 64, scores=None) -> bool:
@@ -575,10 +583,7 @@ def wgmma_variant(variant, head_dim: int = 64, scores=None) -> bool:
     if not variant:
         return True
     scores_on = wgmma_fwd_scores() if scores is None else scores
-    scores = ((not variant.bias or (variant.bias in ("fp16", "bf16") and variant.bias_staged))
-              and (not variant.mask or variant.mask_staged)
-              and (not (variant.bias or variant.mask) or scores_on))
-    return head_dim in WGMMA_VARIANT_HEAD_DIMS and not variant.dropout and scores
+    return head_dim in WGMMA_VARIANT_HEAD_DIMS and not variant.dropout and _wgmma_takes_scores(variant, scores_on)
 
 
 # Whether the fused wgmma backward takes a staged bias / mask (kernels/backward_wgmma.py);
@@ -610,9 +615,7 @@ def wgmma_bwd_variant(variant, head_dim: int = 64, scores=None) -> bool:
         return True
     scores_on = wgmma_bwd_scores() if scores is None else scores
     light = not (variant.dropout or (variant.softcap and (variant.alibi or variant.bias)))
-    scores = ((not variant.bias or (variant.bias in ("fp16", "bf16") and variant.bias_staged))
-              and (not variant.mask or variant.mask_staged)
-              and (not (variant.bias or variant.mask) or scores_on))
+    scores = _wgmma_takes_scores(variant, scores_on)
     return head_dim in WGMMA_VARIANT_HEAD_DIMS and light and scores
 
 

@@ -86,6 +86,7 @@ spec.variant says so, the other variant and the cu_seqlens arguments never.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import cuda
@@ -104,7 +105,23 @@ STAGES = 2
 ZERO = np.int32(0)  # make_issue_tile's row offset: dense tensors start at row 0
 
 
-def _dkdv_layout(spec):
+class DkdvLayout(NamedTuple):
+    """Word offsets of the dK/dV kernel's shared buffers, in their order (_dkdv_layout)."""
+
+    k: int
+    v: int
+    q: int  # Q stages
+    do: int  # dO stages
+    ds: int  # "dkdvq": the dS^T tile (two with _dq_deferred)
+    staging: int  # "dkdvq": dQ's float32 staging before its bulk reduce
+    lse: int  # lse stages
+    delta: int  # delta stages
+    bias: int  # the bias stage (_staged_words), 128-byte aligned
+    mask: int  # the mask stage
+    end: int
+
+
+def _dkdv_layout(spec) -> DkdvLayout:
     """Word offsets of the dK/dV kernel's shared buffers: K, V, Q stages, dO stages,
     with "dkdvq" the dS^T tile (16-bit swizzled tiles, each 1024-byte aligned), then lse
     and delta stages, the bias and mask stages (_staged_words) and the end."""
@@ -122,8 +139,8 @@ def _dkdv_layout(spec):
     bias_off = -(-(delta_off + STAGES * spec.block_m) // 32) * 32  # 128-byte aligned: the swizzle's banks
     bias_words, mask_words = _staged_words(spec)
     mask_off = bias_off + bias_words
-    return (k_off, v_off, q_off, do_off, ds_off, staging_off, lse_off, delta_off, bias_off, mask_off,
-            mask_off + mask_words)
+    return DkdvLayout(k_off, v_off, q_off, do_off, ds_off, staging_off, lse_off, delta_off, bias_off, mask_off,
+                      mask_off + mask_words)
 
 
 def _staged_words(spec):
@@ -182,7 +199,7 @@ def _dq_layout(spec):
 
 
 def shared_bytes(spec: BackwardMmaSpec) -> int:
-    words = _dkdv_layout(spec)[-1] if spec.part in ("dkdv", "dkdvq") else _dq_layout(spec)[-1]
+    words = _dkdv_layout(spec).end if spec.part in ("dkdv", "dkdvq") else _dq_layout(spec)[-1]
     return 4 * words + wg.TILE_ALIGN
 
 
@@ -250,7 +267,9 @@ def _build_dkdv(spec):
     mma_acc = wg.wgmma_rs(spec.dtype, D, True)  # dV += P^T dO, dK += dS^T Q
     pack = ptx.pack_f16x2 if spec.dtype == "fp16" else ptx.pack_bf16x2
     store = _make_store(D, pack)
-    K_OFF, V_OFF, Q_OFF, DO_OFF, DS_OFF, STAGING_OFF, LSE_OFF, DELTA_OFF, BIAS_OFF, MASK_OFF, _ = _dkdv_layout(spec)
+    layout = _dkdv_layout(spec)
+    K_OFF, V_OFF, Q_OFF, DO_OFF, DS_OFF = layout.k, layout.v, layout.q, layout.do, layout.ds
+    STAGING_OFF, LSE_OFF, DELTA_OFF, BIAS_OFF, MASK_OFF = layout.staging, layout.lse, layout.delta, layout.bias, layout.mask
     # 8-byte lse / delta pairs (ld.shared.v2); dS^T tiles 1024-byte aligned (the XOR swizzle)
     assert LSE_OFF % 2 == 0 and DELTA_OFF % 2 == 0 and BM % 2 == 0, (LSE_OFF, DELTA_OFF)
     assert spec.part != "dkdvq" or (DS_OFF % (wg.TILE_ALIGN // 4) == 0 and wg.tile_bytes(BN, BM) % wg.TILE_ALIGN == 0)

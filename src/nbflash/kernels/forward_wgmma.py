@@ -224,8 +224,7 @@ def build(spec: ForwardSpec):
     # (built either way, the kernel closes over them; without a bias for a 64-key stand-in:
     # a swizzled row is whole 128 bytes, which d192's 112 keys are not)
     issue_bias = bias_tile.make_issue_tile(BM, BN if BIAS else 64, 2, T, swizzle=True)
-    bias_lane_offset, BIAS_ROW_BYTES, bias_f32 = bias_tile.make_fragment_bias_reader(VAR.bias or "fp16",
-                                                                                     BN if BIAS else 64)
+    bias_lane_offset, _, bias_f32 = bias_tile.make_fragment_bias_reader(VAR.bias or "fp16", BN if BIAS else 64)
     assert not BIAS or BN * 2 % 128 == 0, spec.key
     issue_mask = bias_tile.make_issue_tile(BM, BN, 1, T)
     mask_lane_offset, MASK_ROW_BYTES = bias_tile.make_fragment_mask_reader(BN)
