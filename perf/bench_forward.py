@@ -119,6 +119,7 @@ def main():
     ap.add_argument("--head-dims", default="64,128")
     ap.add_argument("--dtypes", default="fp16,bf16")
     ap.add_argument("--variants", action="store_true", help="the attention variants (issue 7) instead")
+    ap.add_argument("--variant-head-dim", type=int, default=128, help="--variants: the head_dim (128 by default)")
     ap.add_argument("--wgmma", action="store_true", help="the wgmma kernel beside the mma.sync one")
     ap.add_argument("--tag", default="", help="appended to the result file names (e.g. d256: <gpu>-forward-d256.json)")
     ap.add_argument("--rows", default="", help="--variants: only the rows of these names, separated by ';' "
@@ -257,7 +258,7 @@ def off_16_bytes(a):
 def bench_variants(args):
     """Rows (name, seqlen, causal, variant kwargs, baseline row name); the table
     prints TFLOP/s over the visible pairs and the time ratio to the baseline."""
-    d, dtype = 128, np.float16
+    d, dtype = args.variant_head_dim, np.float16
     gpu = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     rng = cupy.random.default_rng()
     slopes = (2.0 ** (-8.0 * (np.arange(HEADS) + 1) / HEADS)).astype(np.float32)  # ALiBi's geometric slopes
@@ -281,7 +282,7 @@ def bench_variants(args):
         ("window(1024,0)", 16384, False, {"window": (1024, 0)}, "causal"),
         ("full", big, False, {}, None),
         # a row's baseline is the plain row of the kernel family that runs it: a staged 16-bit
-        # bias / mask runs the wgmma kernel on sm_90 where tuning.wgmma_fwd_scores() is on
+        # bias / mask runs the wgmma kernel on sm_90 where tuning.wgmma_fwd_scores(head_dim) is on
         # (baseline "full"), else mma.sync ("full mma"), as do the per-element reads and dropout
         ("full mma", big, False, {"wgmma": False}, None),
         ("bias fp16 BHNN", big, False, {"bias": "bias"}, "full mma"),

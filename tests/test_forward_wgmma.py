@@ -572,8 +572,8 @@ def test_wgmma_staged_bias_and_mask_two_warpgroups_overlap_and_three_stages(scor
 
 def test_wgmma_staged_bias_and_mask_dispatch(monkeypatch):
     """Which forward runs which bias / mask: the wgmma kernel takes staged 16-bit bias and
-    staged masks while the switch is on; a float32 bias, a layout cp.async cannot copy,
-    dropout and the switch off keep the mma kernel."""
+    staged masks while the switch is on (by default at head_dim 128 only); a float32
+    bias, a layout cp.async cannot copy, dropout and the switch off keep the mma kernel."""
     from test_bias_tile import laid_out
 
     monkeypatch.setenv("NBFLASH_WGMMA", "1")
@@ -586,12 +586,17 @@ def test_wgmma_staged_bias_and_mask_dispatch(monkeypatch):
     cases = [(dict(bias=bias16), "wgmma"), (dict(mask=mask), "wgmma"), (dict(bias=bias16, mask=mask), "wgmma"),
              (dict(bias=bias16, softcap=5.0, window=(4, 0)), "wgmma"), (dict(bias=bias32), "mma"),
              (dict(bias=unaligned), "mma"), (dict(mask=mask, dropout_p=0.1, seed=3), "mma")]
-    for switch in ("1", "0"):
-        monkeypatch.setenv("NBFLASH_WGMMA_FWD_SCORES", switch)
+    for switch in ("1", "0", None):  # unset: head_dim 128 only (tuning.WGMMA_FWD_SCORES_HEAD_DIMS)
+        if switch is None:
+            monkeypatch.delenv("NBFLASH_WGMMA_FWD_SCORES")
+        else:
+            monkeypatch.setenv("NBFLASH_WGMMA_FWD_SCORES", switch)
         plans.forget()
         for kwargs, kernel in cases:
             spec = nbflash.forward_spec(q, k, v, **kwargs)
             assert spec.kernel == (kernel if switch == "1" else "mma"), (switch, spec.key)
+    assert tuning.wgmma_variant(nbflash.spec.Variant(bias="fp16", bias_staged=True), 128)
+    assert not tuning.wgmma_variant(nbflash.spec.Variant(mask=True, mask_staged=True), 64)
     plans.forget()
 
 

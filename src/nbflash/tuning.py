@@ -555,13 +555,20 @@ WGMMA_VARIANT_HEAD_DIMS = (64, 128)  # d192/d256 sit at 250-255 registers plain:
 # H100, fp16 d128 B4 H16 N4096, not causal, same run (perf/results/session16/c): plain wgmma
 # 1.287 ms, + a BHNN fp16 bias 1.632 (+0.35 ms, its bytes 0.64 ms at bandwidth), + a BHNN
 # mask 1.554 (+0.27 ms, bytes 0.32), where the mma.sync kernel took 2.417 / 2.344.
+# At head_dim 64 the bias kernels take 133-168 registers (ptxas, sm_90a), above the 128 at
+# which two 256-thread CTAs share an SM as plain d64's (114) do; no GPU has timed them
+# against the mma.sync kernel, so by default they run at head_dim 128 only (=1 turns them
+# on at 64 as well).
 WGMMA_FWD_SCORES = True
+WGMMA_FWD_SCORES_HEAD_DIMS = (128,)
 _WGMMA_FWD_SCORES_OVERRIDE = "NBFLASH_WGMMA_FWD_SCORES"
 
 
-def wgmma_fwd_scores() -> bool:
+def wgmma_fwd_scores(head_dim: int) -> bool:
     override = os.environ.get(_WGMMA_FWD_SCORES_OVERRIDE)
-    return WGMMA_FWD_SCORES if override is None else override == "1"
+    if override is not None:
+        return override == "1"
+    return WGMMA_FWD_SCORES and head_dim in WGMMA_FWD_SCORES_HEAD_DIMS
 
 
 def _wgmma_takes_scores(variant, scores_on: bool) -> bool:
@@ -576,13 +583,13 @@ def wgmma_variant(variant, head_dim: int = 64, scores=None) -> bool:
     """The wgmma forward compiles this spec.Variant in at head_dim: plain anywhere, the
     light variants (window, softcap, ALiBi, in any combination) at head_dim 64 and 128,
     and there also a staged 16-bit bias and a staged mask (spec.Variant.bias_staged /
-    mask_staged) while wgmma_fwd_scores() is on (``scores``: whether they count as on,
-    default wgmma_fwd_scores(); the compile gate passes True). A float32 or unstaged
-    bias, an unstaged mask and dropout run the mma kernel, as do a bias and a mask whose
-    stages do not fit beside the kernel's (api.choose_forward_spec checks)."""
+    mask_staged) where wgmma_fwd_scores(head_dim) is on (``scores``: whether they count
+    as on, default wgmma_fwd_scores(head_dim); the compile gate passes True). A float32
+    or unstaged bias, an unstaged mask and dropout run the mma kernel, as do a bias and a
+    mask whose stages do not fit beside the kernel's (api.choose_forward_spec checks)."""
     if not variant:
         return True
-    scores_on = wgmma_fwd_scores() if scores is None else scores
+    scores_on = wgmma_fwd_scores(head_dim) if scores is None else scores
     return head_dim in WGMMA_VARIANT_HEAD_DIMS and not variant.dropout and _wgmma_takes_scores(variant, scores_on)
 
 
