@@ -18,7 +18,8 @@ EVERYTHING = Variant(window=True, softcap=True, alibi=True)
 SM90_REGISTERS = 65536
 SM90_SHARED_PER_CTA = 227 * 1024
 
-gate_jobs.register_module(__file__, "wgmma", [["ptx_gate_wgmma_worker.py"]])
+gate_jobs.register_module(__file__, "wgmma", [["ptx_gate_wgmma_worker.py", part]
+                                              for part in ("backward", "forward", "forward-scores", "probe")])
 
 
 @pytest.fixture(scope="module")

@@ -523,7 +523,10 @@ def _build_dkdv(spec):
                                 x = s[idx] * scale_log2 - row_lse
                             if BIAS:  # query column 8j + 2t + e, key row key_local + 8 half
                                 x += bias_f32(bias_words[2 * jm + half], e) * float32(LOG2E)
-                            if j % 4 < EXP2_FMA:  # off the MUFU, which softcap's tanh and lg2 also load
+                            # (the test of the compile-time EXP2_FMA first: a run-time test left
+                            # in a kernel without it kept LLVM from unrolling the loop at d64,
+                            # and the unrolled loop's registers went to the stack)
+                            if EXP2_FMA and j % 4 < EXP2_FMA:  # off the MUFU, which softcap's tanh and lg2 also load
                                 s[idx] = ptx.ex2_fma(x)
                             else:
                                 s[idx] = ptx.ex2(x)
