@@ -176,8 +176,8 @@ def choose_forward_spec(problem: _Problem, causal: bool, with_lse: bool, views=N
     On sm_90 (tuning.wgmma_tiles; NBFLASH_WGMMA=0 turns it off), attention at head_dim 64,
     128, 192 and 256 runs the Hopper wgmma kernel instead: plain, or at head_dim 64 and 128
     also with window / softcap / ALiBi and a staged 16-bit bias / mask where their stages
-    fit (tuning.wgmma_variant; others and dropout stay on mma); ``wgmma=False`` keeps the mma kernel (varlen callers pass
-    tuning.wgmma_varlen's answer)."""
+    fit (tuning.wgmma_variant; others and dropout stay on mma); ``wgmma=False`` keeps the
+    mma kernel (varlen callers pass tuning.wgmma_varlen's answer)."""
     dtype = arrays.short_name(problem.dtype)
     tiles = tuning.mma_tiles(problem.head_dim, device.SIMULATOR, device.compute_capability(), causal)
     if variant and tiles is not None:

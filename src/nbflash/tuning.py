@@ -498,10 +498,16 @@ def wgmma_exp2_fma(head_dim: int, variant=None) -> int:
     """How many of every four 8-key blocks take exp2 on the FMA pipe in the wgmma forward
     at head_dim with this spec.Variant (spec.ForwardSpec.exp2_fma): softcap's count,
     else none."""
+    return _softcap_exp2_fma(EXP2_FMA_SOFTCAP, _EXP2_FMA_VARIABLE, head_dim, variant)
+
+
+def _softcap_exp2_fma(counts: dict, variable: str, head_dim: int, variant) -> int:
+    """A softcap variant's count from ``counts`` (by head_dim; 0 where absent), or the
+    environment ``variable``'s (0-4); 0 without softcap."""
     if variant is None or not variant.softcap:
         return 0
-    override = os.environ.get(_EXP2_FMA_VARIABLE, "")
-    return int(override) if override in ("0", "1", "2", "3", "4") else EXP2_FMA_SOFTCAP.get(head_dim, 0)
+    override = os.environ.get(variable, "")
+    return int(override) if override in ("0", "1", "2", "3", "4") else counts.get(head_dim, 0)
 
 
 # The same emulation in the fused wgmma backward's softcap path (spec.BackwardMmaSpec.
@@ -517,10 +523,7 @@ _EXP2_FMA_BWD_VARIABLE = "NBFLASH_EXP2_FMA_BWD"
 def wgmma_bwd_exp2_fma(head_dim: int, variant=None) -> int:
     """How many of every four 8-query blocks of P take exp2 on the FMA pipe in the fused
     wgmma backward at head_dim with this spec.Variant: softcap's count, else none."""
-    if variant is None or not variant.softcap:
-        return 0
-    override = os.environ.get(_EXP2_FMA_BWD_VARIABLE, "")
-    return int(override) if override in ("0", "1", "2", "3", "4") else EXP2_FMA_BWD_SOFTCAP.get(head_dim, 0)
+    return _softcap_exp2_fma(EXP2_FMA_BWD_SOFTCAP, _EXP2_FMA_BWD_VARIABLE, head_dim, variant)
 
 
 # K/V buffers of the wgmma forward. With two, every tile ends in a CTA-wide barrier (the

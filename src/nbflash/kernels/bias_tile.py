@@ -276,8 +276,8 @@ def make_transposed_bias_reader(dtype: str, block_n: int):
 
 def make_fragment_bias_reader(dtype: str, block_n: int):
     """The wgmma forward's reader of a swizzled 16-bit bias stage (make_issue_tile with
-    swizzle; rows queries, columns keys: the S accumulator's orientation). Returns
-    (lane_offset, ROW_BYTES, to_f32):
+    swizzle; rows queries, columns keys: the S accumulator's orientation; rows
+    block_n / 2 words apart). Returns (lane_offset, to_f32):
 
     ``lane_offset(lane, pair)``: the byte offset, from the first of the warp's 16 rows
     (a multiple of 8 rows into the stage), of the row this lane addresses in one
@@ -297,7 +297,7 @@ def make_fragment_bias_reader(dtype: str, block_n: int):
         c = pair * np.int32(2) + (lane >> np.int32(4))
         return uint32(4 * (row * np.int32(RW) + swizzled_chunk(row, c) * np.int32(4)))
 
-    return lane_offset, 4 * RW, make_half_to_f32(dtype)
+    return lane_offset, make_half_to_f32(dtype)
 
 
 def make_fragment_mask_reader(block_n: int):

@@ -224,7 +224,7 @@ def build(spec: ForwardSpec):
     # (built either way, the kernel closes over them; without a bias for a 64-key stand-in:
     # a swizzled row is whole 128 bytes, which d192's 112 keys are not)
     issue_bias = bias_tile.make_issue_tile(BM, BN if BIAS else 64, 2, T, swizzle=True)
-    bias_lane_offset, _, bias_f32 = bias_tile.make_fragment_bias_reader(VAR.bias or "fp16", BN if BIAS else 64)
+    bias_lane_offset, bias_f32 = bias_tile.make_fragment_bias_reader(VAR.bias or "fp16", BN if BIAS else 64)
     assert not BIAS or BN * 2 % 128 == 0, spec.key
     issue_mask = bias_tile.make_issue_tile(BM, BN, 1, T)
     mask_lane_offset, MASK_ROW_BYTES = bias_tile.make_fragment_mask_reader(BN)
@@ -241,6 +241,12 @@ def build(spec: ForwardSpec):
             issue_bias(bias, smem, base + BIAS_OFF + stage * BIAS_STAGE, b, h, row0, seqlen_q, n0, seqlen_k, tid)
         if MASK:
             issue_mask(mask, smem, base + MASK_OFF + stage * MASK_STAGE, b, h, row0, seqlen_q, n0, seqlen_k, tid)
+
+    @cuda.jit(device=True, inline=True)
+    def stage_addresses(smem, base, stage, warp_row):
+        """Shared addresses of the warp's first row in the bias and mask tiles of a stage."""
+        return (ptx.shared_address(smem, (base + BIAS_OFF + stage * BIAS_STAGE + warp_row * (BN // 2),)),
+                ptx.shared_address(smem, (base + MASK_OFF + stage * MASK_STAGE + warp_row * MASK_ROW_WORDS,)))
 
     @cuda.jit(device=True, inline=True)
     def issue_s(s, desc_q, desc_k, n0, row0, seqlen_q, seqlen_k, t, slope_u, slope_log2):
@@ -504,8 +510,7 @@ def build(spec: ForwardSpec):
                     wg.wgmma_commit()
                 wg.wgmma_wait(1)  # S has landed; P V of the last tile may still run
                 wg.fence_operands(s, S_REGS)
-                bias_at = ptx.shared_address(smem, (base + BIAS_OFF + stage * BIAS_STAGE + warp_row * (BN // 2),))
-                mask_at = ptx.shared_address(smem, (base + MASK_OFF + stage * MASK_STAGE + warp_row * MASK_ROW_WORDS,))
+                bias_at, mask_at = stage_addresses(smem, base, stage, warp_row)
                 scores_to_p(s, m_i, l_i, alpha, n0, row0, my_row, seqlen_q, seqlen_k, t, window_left,
                             window_right, cap_in, s_log2, slope_u, slope_log2, row_g, bias_at, mask_at,
                             np.int32(lane), bias_u)
@@ -545,8 +550,7 @@ def build(spec: ForwardSpec):
                         slope_u, slope_log2)
                 wg.wgmma_wait(0)
                 wg.fence_operands(s, S_REGS)
-                bias_at = ptx.shared_address(smem, (base + BIAS_OFF + stage * BIAS_STAGE + warp_row * (BN // 2),))
-                mask_at = ptx.shared_address(smem, (base + MASK_OFF + stage * MASK_STAGE + warp_row * MASK_ROW_WORDS,))
+                bias_at, mask_at = stage_addresses(smem, base, stage, warp_row)
                 scores_to_p(s, m_i, l_i, alpha, n0, row0, my_row, seqlen_q, seqlen_k, t, window_left,
                             window_right, cap_in, s_log2, slope_u, slope_log2, row_g, bias_at, mask_at,
                             np.int32(lane), bias_u)
